@@ -1,0 +1,5 @@
+import sys
+
+from grokstudy.cli import main
+
+sys.exit(main())
