@@ -1,0 +1,45 @@
+# grokstudy: `make quickstart` sets up and runs the quickstart study; `make test` sets up and runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup quickstart demo test test-fast lint format bench ui clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml cluster/constraints.txt cluster/install.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	PYTHON=$(BIN)/python cluster/install.sh
+	touch $@
+
+quickstart: setup  ## the main job: a real study ending in phase diagrams and MLflow runs
+	$(BIN)/grokstudy run studies/quickstart.yaml
+
+demo: setup  ## one grokking trial, in the terminal
+	$(BIN)/grokstudy train --study studies/quickstart.yaml --set optimizer.weight_decay=1 --set data.fraction=0.5
+
+test: setup  ## everything, the integration tests included (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: setup  ## skip real clusters and servers
+	$(BIN)/python -m pytest -m "not integration and not slow"
+
+lint: setup
+	$(BIN)/ruff check grokstudy tests bench
+	$(BIN)/ruff format --check grokstudy tests bench
+
+format: setup
+	$(BIN)/ruff format grokstudy tests bench
+	$(BIN)/ruff check --fix grokstudy tests bench
+
+bench: setup  ## speed ratios (not tests): see bench/README.md
+	$(BIN)/python bench/step_efficiency.py
+	$(BIN)/python bench/tracking_overhead.py
+	$(BIN)/python bench/orchestration_overhead.py
+
+ui: setup  ## browse the quickstart study in the MLflow UI
+	$(BIN)/grokstudy ui runs/quickstart
+
+clean:
+	rm -rf runs test-artifacts .pytest_cache

@@ -1,0 +1,343 @@
+"""The `grokstudy` command: parse, validate, call one library function, print, exit.
+
+The only module that prints for humans or chooses an exit code: 0 success,
+1 a study finished with failed trials, 2 bad input (one line per problem,
+naming its dotted path; never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from grokstudy import __version__
+from grokstudy.errors import StudyError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+RUN_EPILOG = """examples:
+  grokstudy run studies/quickstart.yaml
+  grokstudy run studies/smoke.yaml --set train.max_steps=200 --out /tmp/smoke
+  grokstudy run studies/wd_vs_frac_transformer.yaml --address 10.0.0.5:6379 --tracking-uri http://mlflow:5000
+  ray job submit --working-dir . -- grokstudy run studies/quickstart.yaml --out /shared/runs/quickstart
+Re-running the same command resumes the study: finished trials are kept."""
+
+TRAIN_EPILOG = """examples:
+  grokstudy train
+  grokstudy train --set task.p=47 --set optimizer.weight_decay=0 --json
+  grokstudy train --study studies/quickstart.yaml --set data.fraction=0.3"""
+
+PLOT_EPILOG = """examples:
+  grokstudy plot runs/quickstart
+  grokstudy plot runs/quickstart/trials.parquet --x optimizer.weight_decay --y data.fraction --format png,svg
+  grokstudy plot quickstart --tracking-uri sqlite:///$PWD/runs/quickstart/mlflow.db"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line and exit 2 (no usage dump)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _fail(f"{self.prog}: error: {message}")
+
+
+def _fail(message: str) -> None:
+    for line in message.splitlines():
+        print(line, file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="grokstudy",
+        description="Distributed phase-diagram studies of grokking (Ray Tune + Optuna + MLflow).",
+        epilog="Run `grokstudy COMMAND --help` for each command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"grokstudy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("run", help="run (or resume) a study on Ray", epilog=RUN_EPILOG, formatter_class=fmt)
+    p.add_argument("study", type=Path, help="study file, e.g. studies/quickstart.yaml")
+    _add_set(p)
+    p.add_argument("--out", type=Path, help="output directory (default: run.out or runs/<name>)")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)")
+    p.add_argument("--format", default="png,pdf", help="figure formats, comma-separated (png, svg, pdf)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+
+    p = sub.add_parser("train", help="train one trial locally (no Ray, no MLflow)", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    p.add_argument("--study", type=Path, help="take the base trial from this study file")
+    _add_set(p)
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
+
+    p = sub.add_parser("validate", help="check a study file and print the resolved study")
+    p.add_argument("study", type=Path)
+    _add_set(p)
+
+    p = sub.add_parser("plot", help="export phase diagrams and learning curves", epilog=PLOT_EPILOG, formatter_class=fmt)
+    p.add_argument("source", help="study output dir, trials.parquet, or MLflow experiment name/id")
+    p.add_argument("--x", help="x axis (default: the study's diagram.x)")
+    p.add_argument("--y", help="y axis (default: the study's diagram.y)")
+    p.add_argument("--facet", help="a third column: one panel per value")
+    p.add_argument("--format", default="png,pdf", help="comma-separated: png, svg, pdf")
+    p.add_argument("--out", type=Path, help="where to write figures (default: <source>/figures)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
+
+    p = sub.add_parser("export", help="rebuild trials.parquet and curves.parquet from MLflow or a Ray Tune experiment")
+    p.add_argument("source", help="MLflow experiment name/id, or a Ray Tune experiment directory")
+    p.add_argument("--out", type=Path, required=True, help="directory for the two tables")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+
+    p = sub.add_parser("ui", help="open the MLflow UI on a study's local tracking store")
+    p.add_argument("study_dir", type=Path, help="a study output directory, e.g. runs/quickstart")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted key, e.g. --set optimizer.weight_decay=0.1 (repeatable)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handler = {
+        "run": _cmd_run,
+        "train": _cmd_train,
+        "validate": _cmd_validate,
+        "plot": _cmd_plot,
+        "export": _cmd_export,
+        "ui": _cmd_ui,
+    }[args.command]
+    try:
+        return handler(args)
+    except StudyError as e:
+        _fail("\n".join(f"grokstudy {args.command}: error: {line}" for line in str(e).splitlines()))
+        return EXIT_USAGE  # unreachable; keeps type checkers calm
+
+
+# ---- subcommands ------------------------------------------------------------------------
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
+    if bad or not formats:
+        raise StudyError("--format", f"unknown format {bad[0] if bad else text!r}; choose from: png, svg, pdf")
+    return formats
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from grokstudy.study import describe, load_study
+
+    print(describe(load_study(args.study, args.overrides)))
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from grokstudy.study import load_study
+
+    study = load_study(args.study, args.overrides)
+    formats = _formats(args.format)
+    out_dir = (args.out or Path(study.run.out or Path("runs") / study.name)).resolve()
+    from grokstudy import runner, search
+
+    print(
+        f"grokstudy: study {study.name!r}: {search.n_points(study)} points x {study.search.seeds} seeds "
+        f"= {search.n_trials(study)} trials ({study.search.sampler}); output in {out_dir}",
+        flush=True,
+    )
+    outcome = runner.run_study(
+        study,
+        out_dir=out_dir,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        formats=formats,
+        progress=_print_progress,
+        num_cpus=args.num_cpus,
+    )
+    _print_summary(outcome)
+    return EXIT_FAILED if outcome.n_failed else EXIT_OK
+
+
+def _print_progress(p) -> None:  # runner.Progress
+    phases = ", ".join(f"{k} {v}" for k, v in sorted(p.phases.items())) or "-"
+    print(
+        f"  trials: {p.done} done, {p.running} running, {p.failed} failed, {p.pending} pending"
+        f" | phases: {phases}",
+        flush=True,
+    )
+
+
+def _print_summary(outcome) -> None:  # runner.StudyOutcome
+    rows = outcome.summary_rows
+    if rows:
+        width = max(len(r["label"]) for r in rows)
+        print(f"\n{'trial':<{width}}  {'phase':<13} {'t_train':>8} {'t_val':>8} {'stop':>11}")
+        for r in sorted(rows, key=lambda r: r["label"]):
+            v = r["verdict"]
+            print(
+                f"{r['label']:<{width}}  {v.phase:<13} {_steps(v.t_train):>8} {_steps(v.t_val):>8}"
+                f" {r['stop_reason']:>11}"
+            )
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.phase_counts.items()))
+    print(f"\nphases: {counts or 'none'}" + (" (resumed study)" if outcome.resumed else ""))
+    if outcome.n_failed:
+        print(f"FAILED trials: {outcome.n_failed} (beyond run.max_failures retries)")
+    print(f"trials table:  {outcome.trials_path}")
+    print(f"curves table:  {outcome.curves_path}")
+    for path in outcome.figures:
+        print(f"figure:        {path}")
+    print(f"MLflow:        {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        print(f"browse:        grokstudy ui {outcome.out_dir}")
+
+
+def _steps(v: int | None) -> str:
+    return "-" if v is None else str(v)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from grokstudy import phases, train
+    from grokstudy.config import PhaseConfig
+    from grokstudy.study import load_study, trial_from_overrides
+
+    cfg = trial_from_overrides(args.overrides, args.study)
+    phase_cfg = load_study(args.study).phases if args.study else PhaseConfig()
+    state = train.init_state(cfg)
+    steps, train_acc, val_acc, records = [], [], [], []
+    tty = sys.stdout.isatty()
+    print(
+        f"grokstudy train: {cfg.task.op} mod {cfg.task.p}, {cfg.model.kind}, "
+        f"{cfg.optimizer.name} lr={cfg.optimizer.lr:g} wd={cfg.optimizer.weight_decay:g}, "
+        f"fraction={cfg.data.fraction:g}, {cfg.train.max_steps} steps",
+        flush=True,
+    )
+    for rec in train.run(cfg, state):
+        records.append(rec)
+        steps.append(rec.step)
+        train_acc.append(rec.train_acc)
+        val_acc.append(rec.val_acc)
+        so_far = phases.classify(steps, train_acc, val_acc, phase_cfg, cfg.train.max_steps)
+        line = (
+            f"step {rec.step:>7}/{cfg.train.max_steps}  train/acc {rec.train_acc:6.3f}  "
+            f"val/acc {rec.val_acc:6.3f}  val/loss {rec.val_loss:9.4f}  phase so far: {so_far.phase}"
+        )
+        if tty:
+            print("\r" + line, end="", flush=True)
+        elif rec.step % (cfg.train.eval_every * 10) == 0 or rec.step == cfg.train.max_steps:
+            print(line, flush=True)
+    if tty:
+        print()
+    verdict = phases.classify(steps, train_acc, val_acc, phase_cfg, cfg.train.max_steps)
+    last = records[-1]
+    print(
+        f"phase: {verdict.phase}  t_train: {_steps(verdict.t_train)}  t_val: {_steps(verdict.t_val)}  "
+        f"final train/acc {last.train_acc:.3f}  val/acc {last.val_acc:.3f}  ({last.elapsed_s:.1f} s training)"
+    )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "phase": verdict.phase,
+                    "t_train": verdict.t_train,
+                    "t_val": verdict.t_val,
+                    "delay": verdict.delay,
+                    "steps": last.step,
+                    "final_train_acc": last.train_acc,
+                    "final_val_acc": last.val_acc,
+                    "final_train_loss": last.train_loss,
+                    "final_val_loss": last.val_loss,
+                    "elapsed_s": last.elapsed_s,
+                }
+            )
+        )
+    return EXIT_OK
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from grokstudy import figures
+
+    formats = _formats(args.format)
+    trials, curves, default_out, diagram = _load_results(args.source, args.tracking_uri)
+    x = args.x or diagram.get("x") or "data.fraction"
+    y = args.y or diagram.get("y") or "optimizer.weight_decay"
+    facet = args.facet or diagram.get("facet")
+    out = (args.out or default_out).resolve()
+    paths = figures.render_study(trials, curves, out, x=x, y=y, facet=facet, formats=formats)
+    for path in paths:
+        print(f"figure: {path}")
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from grokstudy import results
+
+    trials, curves, _, _ = _load_results(args.source, args.tracking_uri, prefer_rebuild=True)
+    trials_path, curves_path = results.write_tables(trials, curves, args.out.resolve())
+    print(f"trials table: {trials_path} ({trials.num_rows} trials)")
+    print(f"curves table: {curves_path} ({curves.num_rows} rows)")
+    return EXIT_OK
+
+
+def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = False):
+    """(trials, curves, default figure dir, diagram axes) from any kind of SOURCE."""
+    from grokstudy import results
+
+    path = Path(source)
+    diagram: dict[str, str] = {}
+    if path.exists():
+        study_file = (path if path.is_dir() else path.parent) / "study.yaml"
+        if study_file.exists():
+            import yaml
+
+            diagram = (yaml.safe_load(study_file.read_text()) or {}).get("diagram") or {}
+        if path.is_dir() and (path / "trials.parquet").exists() and not prefer_rebuild:
+            trials, curves = results.load_source(path)
+            return trials, curves, path / "figures", diagram
+        if path.suffix == ".parquet":
+            trials, curves = results.load_source(path)
+            return trials, curves, path.parent / "figures", diagram
+        if path.is_dir():
+            from grokstudy import runner
+
+            trials, curves = runner.tables_from_tune_dir(path)
+            return trials, curves, path / "figures", diagram
+        raise StudyError("SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment")
+    from grokstudy import tracking
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise StudyError(
+            "SOURCE",
+            f"{source!r} is not a file or directory; to read an MLflow experiment pass --tracking-uri "
+            "(or set MLFLOW_TRACKING_URI)",
+        )
+    trials, curves, diagram = tracking.fetch_tables(uri, source)
+    return trials, curves, Path("runs") / source / "figures", diagram
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    from grokstudy import tracking
+
+    db = args.study_dir.resolve() / "mlflow.db"
+    if not db.exists():
+        raise StudyError("STUDY_DIR", f"no MLflow store at {db}; run the study first or pass its output directory")
+    cmd = tracking.ui_command(f"sqlite:///{db}", port=args.port)
+    print(f"grokstudy ui: serving {db} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    os.execvp(cmd[0], cmd)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
