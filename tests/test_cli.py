@@ -1,0 +1,93 @@
+"""The command line: exit codes, one-line errors naming the dotted path, real trials."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grokstudy.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "studies" / "smoke.yaml"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh interpreter, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "grokstudy", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+BAD_INPUT = [
+    # (arguments, dotted path the error must name)
+    (["train", "--set", "task.op=x/y", "--set", "task.p=48"], "task.p"),
+    (["train", "--set", "data.fraction=1.5"], "data.fraction"),
+    (["train", "--set", "data.fraction=0"], "data.fraction"),
+    (["train", "--set", "task.op=x**y"], "task.op"),
+    (["train", "--set", "model.kind=rnn"], "model.kind"),
+    (["train", "--set", "optimizer.name=lion"], "optimizer.name"),
+    (["train", "--set", "optimizer.weight_decy=0.1"], "optimizer.weight_decy"),
+    (["train", "--set", "train.max_steps=lots"], "train.max_steps"),
+    (["train", "--set", "nonsense"], "--set"),
+    (["validate", "no/such/study.yaml"], "no/such/study.yaml"),
+    (["plot", "runs/never-ran", "--format", "png"], "SOURCE"),
+]
+
+
+@pytest.mark.parametrize(("args", "path"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_gives_one_line_naming_the_key_and_exit_code_2(
+    args: list[str], path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert path in err
+
+
+def test_misspelt_key_in_a_study_file_suggests_the_right_one(tmp_path: Path) -> None:
+    study = tmp_path / "typo.yaml"
+    study.write_text(SMOKE.read_text().replace("weight_decay:", "weight_decy:", 1))
+    result = run_cli("validate", str(study))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "weight_decy" in result.stderr and "did you mean" in result.stderr
+    assert result.stdout == ""
+
+
+def test_validate_prints_the_resolved_study_and_trial_count(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(SMOKE)]) == 0
+    out = capsys.readouterr().out
+    assert "trials" in out and "optimizer.weight_decay" in out
+
+
+def test_train_json_ends_with_one_json_object_of_the_result() -> None:
+    result = run_cli(
+        "train",
+        "--set", "task.p=23",
+        "--set", "model.embed_dim=16",
+        "--set", "model.width=32",
+        "--set", "train.max_steps=100",
+        "--set", "train.eval_every=50",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"phase", "t_train", "t_val", "steps", "final_train_acc", "final_val_acc"} <= summary.keys()
+    assert summary["steps"] == 100
+    assert 0.0 <= summary["final_val_acc"] <= 1.0
+
+
+def test_help_of_every_subcommand_shows_examples() -> None:
+    for command in ("run", "train", "plot"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert "examples:" in result.stdout
+    top = run_cli("--help")
+    assert all(c in top.stdout for c in ("run", "train", "validate", "plot", "export", "ui"))
