@@ -140,7 +140,7 @@ def _start_tracker(
         # A trial that failed before its first checkpoint re-attaches to its run
         # instead of creating a duplicate; repeated steps are skipped by the tracker.
         existing = tracking.find_trial_runs(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)
-        run_id = existing.get(trial_id)
+        run_id = existing.get(_trial_key(point))
     return tracking.MlflowTrialTracker.start(
         ctx.tracking_uri,
         ctx.experiment_id,
@@ -148,13 +148,20 @@ def _start_tracker(
         run_name=search.point_label(point),
         params=flatten(cfg),
         tags={
-            "grokstudy.trial_key": trial_id,
+            # Point and seed, not Tune's trial id: a trial a killed driver lost and
+            # the resumed study runs again under a new id re-attaches to its run.
+            "grokstudy.trial_key": _trial_key(point),
             "grokstudy.point_id": search.point_id(point),
             "ray.trial_id": trial_id,
             "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
         },
         run_id=run_id,
     )
+
+
+def _trial_key(point: dict[str, Any]) -> str:
+    """A trial's identity across Tune restarts: its point and seed."""
+    return f"{search.point_id(point)}/seed={point.get(search.SEED, 0)}"
 
 
 def _report_metrics(
@@ -359,6 +366,7 @@ def run_study(
         )
         resumed = tune.Tuner.can_restore(experiment_path)
         if resumed:
+            _requeue_lost_trials(study, experiment_path)
             tuner = tune.Tuner.restore(
                 experiment_path, trainable, resume_unfinished=True, resume_errored=True
             )
@@ -422,6 +430,40 @@ def _new_tuner(
             verbose=0,
         ),
     )
+
+
+def _requeue_lost_trials(study: Study, experiment_path: str) -> None:
+    """Give Optuna back the trials a killed driver asked for after Tune's last
+    experiment checkpoint (see `search.requeue_lost_trials`).
+
+    Tune saves its trials and the pickled searcher together every few seconds;
+    what the driver asked between that save and its death is RUNNING for ever
+    in the Optuna storage and unknown to the restored Tuner. Read the same
+    searcher state `Tuner.restore` will load, and requeue what it does not know,
+    so the restored searcher proposes those point x seeds again before any new one.
+    """
+    with tempfile.TemporaryDirectory() as local:
+        source = experiment_path
+        if "://" in experiment_path:
+            # Remote storage (s3://, gs://): Searcher.restore_from_dir reads a local directory.
+            import pyarrow.fs
+
+            fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
+            for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
+                name = info.base_name
+                if name.startswith("searcher-state-") and name.endswith(".pkl"):
+                    pyarrow.fs.copy_files(info.path, str(Path(local) / name), source_filesystem=fs)
+            source = local
+        searcher = OptunaSearch()
+        try:
+            searcher.restore_from_dir(source)
+        except (FileNotFoundError, RuntimeError):
+            return  # nothing saved yet: Tune restores no searcher either
+        # OptunaSearch keeps {Tune trial id: Optuna trial} in `_ot_trials` (ray 2.60.0).
+        known = {t.number for t in searcher._ot_trials.values()}
+        lost = search.requeue_lost_trials(study, searcher._ot_study, known)
+    if lost:
+        print(f"requeued {len(lost)} trial(s) the interrupted driver had started but not recorded")
 
 
 def _searches_budget(study: Study) -> bool:

@@ -1,0 +1,814 @@
+"""Figures from result tables: phase diagrams, delay heatmaps, learning curves.
+
+Reads only the tables of `results.py` and the phase names of `phases.py`.
+Matplotlib (checked against 3.11.2) is used through `matplotlib.figure.Figure`
+and the Agg canvas, never `pyplot`: nothing global is switched (a notebook's
+backend stays as it was), no figure registry grows, and rendering is
+thread-safe. PNG goes through Agg; PDF and SVG through matplotlib's vector
+backends, with TrueType fonts embedded in PDFs and text kept as text in SVGs.
+
+Conventions shared by every figure:
+
+- Phase colours (`PHASE_COLORS`) come from the Okabe–Ito palette, which stays
+  distinguishable under the common colour-vision deficiencies: comprehension
+  blue, grokking vermillion, memorization reddish purple, confusion dark grey,
+  unstable yellow. A cell or panel without finished trials is white with grey
+  hatching.
+- Trials that ended in an error (`stop_reason == "error"`) are left out: their
+  curve stopped for a reason other than the science.
+- Axes are labelled with the dotted column names. A numeric axis is drawn in
+  log10 space when its positive values span ≥ 2 decades (override with
+  `log_x`/`log_y`); a zero on a log axis gets its own slot one grid step
+  below the smallest positive value, ticked "0". Non-numeric columns
+  (optimizer.name, ...) become categorical axes.
+- A "grid" study (the (x, y) points fill most of a small lattice) is drawn as
+  cells. Otherwise (sobol, random, tpe samples) points are scattered over
+  regions shaded by their nearest sample in (log-)axis space, each axis scaled
+  to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, to_rgb
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+
+from grokstudy.errors import StudyError
+from grokstudy.phases import PHASE_DEFINITIONS, PHASES
+
+PHASE_COLORS: dict[str, str] = {
+    "comprehension": "#0072B2",  # Okabe–Ito blue
+    "grokking": "#D55E00",  # vermillion
+    "memorization": "#CC79A7",  # reddish purple
+    "confusion": "#3B3B3B",  # near black
+    "unstable": "#F0E442",  # yellow
+}
+"""One colour per phase, the same in every figure."""
+
+TRAIN_COLOR, VAL_COLOR = "#1A1A1A", "#009E73"  # Okabe–Ito black and bluish green
+NEVER_COLOR = "#D4D4D4"
+MISSING_HATCH = dict(facecolor="white", edgecolor="#BBBBBB", hatch="////", linewidth=0)
+FORMATS = ("png", "svg", "pdf")
+MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
+
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9.5,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8,
+    "legend.title_fontsize": 8.5,
+    "figure.titlesize": 10.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.linewidth": 0.8,
+    "savefig.dpi": 200,
+    "pdf.fonttype": 42,
+    "svg.fonttype": "none",
+    "hatch.linewidth": 0.6,
+}
+
+
+# ---- public figures ----------------------------------------------------------------------
+
+
+@mpl.rc_context(STYLE)
+def phase_diagram(
+    trials: pa.Table,
+    x: str,
+    y: str,
+    *,
+    facet: str | None = None,
+    log_x: bool | None = None,
+    log_y: bool | None = None,
+    ax: Any = None,
+) -> Figure:
+    """Majority phase over seeds at each (x, y) point, one panel per `facet` value.
+
+    Grid studies: a coloured cell per point, opacity = share of seeds in the
+    majority phase, and where seeds disagree "k/n" plus one dot per other
+    seed in that seed's phase colour (ties go to the phase listed first in
+    `PHASES`). Other searched keys not on an axis are pooled into the cell,
+    and the title says so. Sampled studies: points coloured by majority phase
+    over nearest-neighbour phase regions. `ax` draws a single panel (no
+    facet) into an existing Axes; the legend then goes beside that Axes.
+    """
+    data = _Data.build(trials, x, y, facet, log_x, log_y)
+    fig, axes = _panels(data, ax)
+    for axis, value in zip(axes, data.facet_values, strict=True):
+        cells = data.cells(value)
+        if data.grid:
+            _draw_phase_cells(axis, data, cells)
+        else:
+            _draw_phase_scatter(axis, data, cells)
+        _finish_axes(axis, data, value)
+    present = [p for p in PHASES if p in set(data.phase)]
+    handles = [Patch(facecolor=PHASE_COLORS[p], label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
+    if data.grid and data.has_missing():
+        handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
+    unit = "trials" if data.aggregated else "seeds"
+    agreement = (
+        f"cell: majority phase over {unit} (k/n and opacity: its share)\ndot: one disagreeing {unit[:-1]}"
+        if data.max_per_cell > 1 and data.grid
+        else (f"marker opacity: share of {unit} in the majority phase" if data.max_per_cell > 1 else None)
+    )
+    _legend(fig, axes, handles, title=agreement, own_axes=ax is not None)
+    if ax is None:
+        _suptitle(fig, f"{data.study}: phase diagram", data.seeds_text())
+    return fig
+
+
+@mpl.rc_context(STYLE)
+def delay_heatmap(
+    trials: pa.Table,
+    x: str,
+    y: str,
+    *,
+    value: str = "delay",
+    facet: str | None = None,
+    log_x: bool | None = None,
+    log_y: bool | None = None,
+) -> Figure:
+    """Median over seeds of `delay` (t_val − t_train) or `t_val`, on a log10 colour scale in steps.
+
+    A seed that never generalized (no t_val) counts as infinitely late, so a
+    cell shows a finite median only when most seeds generalized, and "k/n"
+    when only k of n did. Cells whose median is infinite are grey with "×",
+    never zero. Delays ≤ 0 (validation first) are clipped to the scale's
+    bottom; the colourbar then has an arrow at that end.
+    """
+    if value not in ("delay", "t_val"):
+        raise StudyError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
+    data = _Data.build(trials, x, y, facet, log_x, log_y)
+    values = np.array(
+        [
+            math.inf if t is None else (math.nan if v is None else float(v))
+            for t, v in zip(data.t_val, data.column(value), strict=True)
+        ]
+    )
+    finite = values[np.isfinite(values)]
+    positive = finite[finite > 0]
+    lo = float(positive.min()) if positive.size else 1.0
+    hi = float(positive.max()) if positive.size else max(10.0, lo)
+    if hi <= lo * 1.5:
+        lo, hi = lo / 2, hi * 2
+    norm, cmap = LogNorm(lo, hi), mpl.colormaps["viridis"]
+
+    fig, axes = _panels(data, None)
+    for axis, fv in zip(axes, data.facet_values, strict=True):
+        cells = data.cells(fv)
+        draw = _draw_value_cells if data.grid else _draw_value_scatter
+        draw(axis, data, cells, values, norm, cmap)
+        _finish_axes(axis, data, fv)
+    label = "t_val − t_train" if value == "delay" else "t_val"
+    bar = fig.colorbar(
+        mpl.cm.ScalarMappable(norm=norm, cmap=cmap),
+        ax=axes,
+        extend="min" if (finite <= 0).any() else "neither",
+        shrink=0.9,
+        pad=0.02,
+    )
+    bar.set_label(f"{label} (steps, median over seeds)")
+    never = "most seeds never generalized"
+    handles = [
+        Patch(facecolor=NEVER_COLOR, edgecolor="#888888", label=f"× {never}")
+        if data.grid
+        else Line2D([], [], ls="", marker="x", color="#777777", markeredgewidth=1.2, label=never)
+    ]
+    if data.grid and data.has_missing():
+        handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
+    _legend(fig, axes, handles, title=None, own_axes=False)
+    what = "delay to generalize" if value == "delay" else "steps to generalize"
+    _suptitle(fig, f"{data.study}: {what}", data.seeds_text())
+    return fig
+
+
+@mpl.rc_context(STYLE)
+def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[str] | None = None) -> Figure:
+    """Train and validation accuracy against optimizer steps, one panel per trial.
+
+    By default one representative trial per phase present, in `PHASES` order:
+    the trial with the median delay (comprehension, grokking; t_val when a
+    trial has no t_train) or the median best_val_acc (the other phases). The
+    step axis is symlog (linear in [0, 1], log above), so step 0 is shown at
+    its true value without shifting any step. Dashed lines mark t_train and
+    t_val.
+    """
+    rows = {r["trial_id"]: r for r in _finished(trials).to_pylist()}
+    curve_ids = set(curves.column("trial_id").to_pylist())
+    chosen = trial_ids is not None
+    if trial_ids is None:
+        trial_ids = _representatives([r for tid, r in rows.items() if tid in curve_ids])
+    else:
+        all_rows = {r["trial_id"]: r for r in trials.to_pylist()}
+        for tid in trial_ids:
+            if tid not in all_rows or tid not in curve_ids:
+                raise StudyError("trial_ids", f"no trial {tid!r} with a curve in these tables")
+        rows = all_rows
+    if not trial_ids:
+        raise StudyError("SOURCE", "no finished trial with a curve to draw")
+
+    n = len(trial_ids)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _figure((3.5 * ncols + 0.4, 2.8 * nrows + 0.9))
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.06)
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    shown = curves.filter(pc.is_in(curves.column("trial_id"), value_set=pa.array(list(trial_ids))))
+    ids = np.asarray(shown.column("trial_id").to_pylist(), dtype=object)
+    step_col, train_col, val_col = (
+        shown.column(c).to_numpy(zero_copy_only=False).astype(float) for c in ("step", "train/acc", "val/acc")
+    )
+    for axis, tid in zip(axes, trial_ids, strict=False):
+        row = rows[tid]
+        mask = ids == tid
+        order = np.argsort(step_col[mask])
+        steps = step_col[mask][order]
+        axis.plot(steps, train_col[mask][order], color=TRAIN_COLOR, lw=1.3, label="train")
+        axis.plot(steps, val_col[mask][order], color=VAL_COLOR, lw=2.0, label="validation")
+        for t, color in ((row["t_train"], TRAIN_COLOR), (row["t_val"], VAL_COLOR)):
+            if t is not None:
+                axis.axvline(t, color=color, lw=0.9, ls=(0, (4, 3)), alpha=0.8)
+        axis.set_xscale("symlog", linthresh=1, linscale=0.5)
+        top = max(float(steps.max()) if steps.size else 1.0, row.get("max_steps") or 1)
+        axis.set_xticks([0] + [10.0**k for k in range(1, int(math.log10(top)) + 1)])
+        axis.set_xlim(0, top * 1.1)
+        axis.set_ylim(-0.03, 1.05)
+        axis.grid(axis="y", color="#E6E6E6", lw=0.6)
+        axis.set_xlabel("optimizer step")
+        color = PHASE_COLORS.get(row["phase"], "#999999")
+        axis.spines["top"].set_visible(True)
+        axis.spines["top"].set_color(color)
+        axis.spines["top"].set_linewidth(5)
+        # Mathtext bolds the phase name inside an otherwise plain title.
+        title = f"$\\bf{{{row['phase']}}}$   {_timings(row)}\n{_point_text(row)}"
+        axis.set_title(title, loc="left", fontsize=8, pad=8, linespacing=1.5)
+    for axis in axes[n:]:
+        axis.set_visible(False)
+    for axis in axes[::ncols]:
+        axis.set_ylabel("accuracy")
+    handles = [
+        Line2D([], [], color=TRAIN_COLOR, lw=1.3, label="train accuracy"),
+        Line2D([], [], color=VAL_COLOR, lw=2.0, label="validation accuracy"),
+        Line2D([], [], color="#555555", lw=0.9, ls=(0, (4, 3)), label="t_train (black), t_val (green)"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    study = ", ".join(sorted(set(trials.column("study").to_pylist())))
+    which = "selected trials" if chosen else "one representative trial per phase"
+    fig.suptitle(f"{study}: learning curves ({which})")
+    return fig
+
+
+def render_study(
+    trials: pa.Table,
+    curves: pa.Table | None,
+    out_dir: Path,
+    *,
+    x: str,
+    y: str,
+    facet: str | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+    log_x: bool | None = None,
+    log_y: bool | None = None,
+) -> list[Path]:
+    """Write phase_diagram, delay_heatmap, t_val_heatmap and learning_curves in each format.
+
+    Learning curves are skipped when `curves` is None or no finished trial
+    has a curve. Returns the written paths. Raises StudyError("--format", ...)
+    for a format other than png, svg, pdf, and StudyError("--x"/"--y"/"--facet",
+    ...) for a column the tables lack, listing the study's searched axes first;
+    both before anything is drawn or written. PNGs are 200 dpi; PDFs embed
+    TrueType fonts (pdf.fonttype 42), as journals ask.
+    """
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        given = bad[0] if bad else ""
+        raise StudyError("--format", f"unknown format {given!r}; choose from: {', '.join(FORMATS)}")
+    for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
+        if name is not None:
+            _check_column(trials, name, flag)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    axes = dict(x=x, y=y, facet=facet, log_x=log_x, log_y=log_y)
+    figures: list[tuple[str, Figure]] = [
+        ("phase_diagram", phase_diagram(trials, **axes)),
+        ("delay_heatmap", delay_heatmap(trials, value="delay", **axes)),
+        ("t_val_heatmap", delay_heatmap(trials, value="t_val", **axes)),
+    ]
+    curve_ids = set(curves.column("trial_id").to_pylist()) if curves is not None else set()
+    if curve_ids & set(_finished(trials).column("trial_id").to_pylist()):
+        figures.append(("learning_curves", learning_curves(trials, curves)))
+    paths = []
+    with mpl.rc_context(STYLE):
+        for name, fig in figures:
+            for fmt in formats:
+                path = out_dir / f"{name}.{fmt}"
+                fig.savefig(path, format=fmt)  # constrained layout already fits titles and legends
+                paths.append(path)
+    return paths
+
+
+# ---- the data behind a diagram ----------------------------------------------------------
+
+
+@dataclass
+class _Axis:
+    """How one column's values map to positions on a linear matplotlib axis."""
+
+    name: str
+    kind: str  # "log" | "linear" | "category"
+    values: list[Any]  # distinct keys, in axis order
+    zero_pos: float | None = None
+
+    @classmethod
+    def build(cls, name: str, raw: list[Any], log: bool | None) -> _Axis:
+        keys = sorted({_key(v) for v in raw}, key=_sort_key)
+        # One value has no scale to show: label it like a category.
+        if len(keys) == 1 or not all(_is_number(k) for k in keys):
+            return cls(name, "category", keys)
+        pos = [k for k in keys if k > 0]
+        if log is None:
+            log = len(pos) >= 2 and all(k >= 0 for k in keys) and max(pos) / min(pos) >= 100
+        if not log or not pos or any(k < 0 for k in keys):
+            return cls(name, "linear", keys)
+        zero_pos = None
+        if 0 in keys:
+            logs = np.log10(pos)
+            gap = float(np.median(np.diff(logs))) if len(pos) > 1 else 1.0
+            zero_pos = float(logs[0]) - gap
+        return cls(name, "log", keys, zero_pos)
+
+    def for_grid(self) -> _Axis:
+        """A linear axis whose grid values are few or unevenly spaced becomes evenly spaced cells.
+
+        Cells sized by value would otherwise be lopsided, or reach below zero
+        (weight decay {0.1, 1}: cells from -0.35 to 1.45).
+        """
+        if self.kind != "linear":
+            return self
+        gaps = np.diff(self.positions())
+        if len(self.values) > 2 and gaps.max() <= 1.05 * gaps.min():
+            return self
+        return _Axis(self.name, "category", self.values)
+
+    def pos(self, key: Any) -> float:
+        if self.kind == "category":
+            return float(self.values.index(key))
+        if self.kind == "log":
+            return self.zero_pos if key == 0 else math.log10(key)
+        return float(key)
+
+    def positions(self) -> np.ndarray:
+        return np.array([self.pos(k) for k in self.values], dtype=float)
+
+    def edges(self) -> np.ndarray:
+        """Cell boundaries around each value: midpoints, half a gap beyond the ends."""
+        p = self.positions()
+        if len(p) == 1:  # defensive: build() makes a single value categorical
+            return np.array([p[0] - 0.5, p[0] + 0.5])
+        mid = (p[1:] + p[:-1]) / 2
+        return np.concatenate([[p[0] - (p[1] - p[0]) / 2], mid, [p[-1] + (p[-1] - p[-2]) / 2]])
+
+    def span(self, grid: bool) -> tuple[float, float]:
+        if grid:
+            e = self.edges()
+            return float(e[0]), float(e[-1])
+        p = self.positions()
+        if self.kind == "category":
+            return -0.5, len(p) - 0.5
+        pad = (p.max() - p.min()) * 0.05 or 0.5
+        return float(p.min() - pad), float(p.max() + pad)
+
+    def decorate(self, axis: Any, which: str, grid: bool) -> None:
+        set_lim, set_ticks = (
+            (axis.set_xlim, axis.set_xticks) if which == "x" else (axis.set_ylim, axis.set_yticks)
+        )
+        set_lim(*self.span(grid))
+        lo, hi = self.span(grid)
+        if self.kind == "category":
+            set_ticks(range(len(self.values)), [_fmt(v) for v in self.values])
+        elif self.kind == "log":
+            decades = [k for k in range(math.ceil(lo), math.floor(hi) + 1)]
+            if len(decades) < 2:  # too narrow for decade ticks: label the values themselves
+                ticks = [(self.pos(v), _fmt(v)) for v in self.values]
+            else:
+                ticks = [(float(k), f"$10^{{{k}}}$") for k in decades]
+                minor = [
+                    math.log10(m) + k
+                    for k in range(decades[0] - 1, decades[-1] + 1)
+                    for m in range(2, 10)
+                    if lo <= math.log10(m) + k <= hi
+                ]
+                if not grid:  # cells already mark the grid; minor ticks would only add noise
+                    set_ticks(minor, minor=True)
+            if self.zero_pos is not None:
+                ticks = [(self.zero_pos, "0")] + [t for t in ticks if t[0] > self.zero_pos + 0.3]
+            set_ticks([t[0] for t in ticks], [t[1] for t in ticks])
+
+
+@dataclass
+class _Data:
+    """Finished trials with their positions on the two axes and the facet."""
+
+    study: str
+    x: _Axis
+    y: _Axis
+    facet: str | None
+    facet_values: list[Any]
+    xs: list[Any]
+    ys: list[Any]
+    fs: list[Any]
+    phase: list[str]
+    t_val: list[Any]
+    table: pa.Table
+    grid: bool
+    seeds: int
+    aggregated: list[str]
+
+    @classmethod
+    def build(cls, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y) -> _Data:
+        for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
+            if name is not None:
+                _check_column(trials, name, flag)
+        study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
+        table = _finished(trials)
+        xs = [_key(v) for v in table.column(x).to_pylist()]
+        ys = [_key(v) for v in table.column(y).to_pylist()]
+        fs = [_key(v) for v in table.column(facet).to_pylist()] if facet else [None] * table.num_rows
+        # Axes span every trial, finished or not, so that failed points still show as missing cells.
+        x_axis = _Axis.build(x, [_key(v) for v in trials.column(x).to_pylist()], log_x)
+        y_axis = _Axis.build(y, [_key(v) for v in trials.column(y).to_pylist()], log_y)
+        grid = _is_grid(trials, x_axis, y_axis, x, y)
+        if grid:
+            x_axis, y_axis = x_axis.for_grid(), y_axis.for_grid()
+        facet_values = (
+            sorted({_key(v) for v in trials.column(facet).to_pylist()}, key=_sort_key) if facet else [None]
+        )
+        searched = set()
+        if "searched" in trials.column_names:
+            for s in trials.column("searched").to_pylist():
+                searched.update(s or ())
+        seeds = (
+            len(set(trials.column("train.seed").to_pylist())) if "train.seed" in trials.column_names else 1
+        )
+        return cls(
+            study=study,
+            x=x_axis,
+            y=y_axis,
+            facet=facet,
+            facet_values=facet_values,
+            xs=xs,
+            ys=ys,
+            fs=fs,
+            phase=table.column("phase").to_pylist(),
+            t_val=table.column("t_val").to_pylist() if "t_val" in table.column_names else [None] * len(xs),
+            table=table,
+            grid=grid,
+            seeds=seeds,
+            aggregated=sorted(searched - {x, y, facet, "train.seed"}),
+        )
+
+    def column(self, name: str) -> list[Any]:
+        return self.table.column(name).to_pylist()
+
+    def cells(self, facet_value: Any) -> dict[tuple[Any, Any], list[int]]:
+        """{(x key, y key): row indices} of one facet panel."""
+        out: dict[tuple[Any, Any], list[int]] = defaultdict(list)
+        for i, (xv, yv, fv) in enumerate(zip(self.xs, self.ys, self.fs, strict=True)):
+            if fv == facet_value:
+                out[(xv, yv)].append(i)
+        return out
+
+    @property
+    def max_per_cell(self) -> int:
+        return max((len(v) for fv in self.facet_values for v in self.cells(fv).values()), default=0)
+
+    def has_missing(self) -> bool:
+        full = len(self.x.values) * len(self.y.values)
+        return any(len(self.cells(fv)) < full for fv in self.facet_values)
+
+    def seeds_text(self) -> str:
+        counts = {len(v) for fv in self.facet_values for v in self.cells(fv).values()}
+        if counts == {self.seeds} and not self.aggregated:
+            text = f"{self.seeds} seed{'s' if self.seeds != 1 else ''} per point"
+        elif counts:
+            lo, hi = min(counts), max(counts)
+            text = f"{lo}{'' if lo == hi else f'–{hi}'} trials per {'cell' if self.grid else 'point'}"
+        else:
+            text = "no finished trials"
+        if self.aggregated:
+            text += f", pooled over {', '.join(self.aggregated)}"
+        budgets = set(self.column("max_steps")) if "max_steps" in self.table.column_names else set()
+        if len(budgets) == 1:
+            text += f", budget {_steps_text(budgets.pop())} steps"
+        return text
+
+
+def _is_grid(trials: pa.Table, x_axis: _Axis, y_axis: _Axis, x: str, y: str) -> bool:
+    """True when the (x, y) points fill most of the lattice of their distinct values.
+
+    A random/sobol/tpe sample has (almost) as many distinct x and y values as
+    points; a grid has many more points than values per axis.
+    """
+    nx, ny = len(x_axis.values), len(y_axis.values)
+    if nx <= 1 or ny <= 1:
+        return True
+    points = {
+        (_key(a), _key(b))
+        for a, b in zip(trials.column(x).to_pylist(), trials.column(y).to_pylist(), strict=True)
+    }
+    return len(points) >= 0.5 * nx * ny and len(points) > max(nx, ny)
+
+
+def _finished(trials: pa.Table) -> pa.Table:
+    if "stop_reason" not in trials.column_names:
+        return trials
+    keep = pc.not_equal(trials.column("stop_reason"), "error")
+    return trials.filter(pc.fill_null(keep, True))
+
+
+def _check_column(trials: pa.Table, name: str, flag: str) -> None:
+    if name in trials.column_names:
+        return
+    searched: list[str] = []
+    if "searched" in trials.column_names:
+        for s in trials.column("searched").to_pylist():
+            searched += [k for k in s or () if k not in searched]
+    rest = [c for c in trials.column_names if c not in searched]
+    raise StudyError(flag, f"unknown axis {name!r}; the study's axes are: {', '.join(searched + rest)}")
+
+
+# ---- drawing ---------------------------------------------------------------------------------
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _panels(data: _Data, ax: Any) -> tuple[Figure, list[Any]]:
+    if ax is not None:
+        if data.facet is not None:
+            raise StudyError("--facet", "a faceted diagram needs its own figure; leave ax unset")
+        return ax.figure, [ax]
+    n = len(data.facet_values)
+    fig = _figure((3.4 * n + 1.8, 5.4 if n == 1 else 4.8))
+    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False).ravel().tolist()
+    return fig, axes
+
+
+def _finish_axes(axis: Any, data: _Data, facet_value: Any) -> None:
+    data.x.decorate(axis, "x", data.grid)
+    data.y.decorate(axis, "y", data.grid)
+    axis.set_xlabel(data.x.name)
+    if axis.get_subplotspec() is None or axis.get_subplotspec().is_first_col():
+        axis.set_ylabel(data.y.name)
+    if data.facet is not None:
+        axis.set_title(f"{data.facet} = {_fmt(facet_value)}")
+    axis.tick_params(which="minor", length=2)
+    if data.grid:
+        for side in ("top", "right"):
+            axis.spines[side].set_visible(True)
+
+
+def _suptitle(fig: Figure, title: str, detail: str) -> None:
+    # Constrained layout does not shrink a suptitle, so the detail line wraps to the figure's width.
+    chars = int(fig.get_figwidth() * 13)
+    fig.suptitle("\n".join([title, *textwrap.wrap(detail, chars)]), linespacing=1.4)
+
+
+def _legend(fig: Figure, axes: list[Any], handles: list[Any], title: str | None, own_axes: bool) -> None:
+    if own_axes:
+        axes[0].legend(
+            handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False
+        )
+        return
+    ncols = 1 if len(axes) == 1 else 2
+    fig.legend(handles=handles, title=title, loc="outside lower center", ncols=ncols, frameon=False)
+
+
+def _phase_order(phase: str) -> tuple[int, str]:
+    return (PHASES.index(phase) if phase in PHASES else len(PHASES), phase)
+
+
+def _majority(phases: list[str]) -> tuple[str, int]:
+    counts = Counter(phases)
+    best = max(counts.values())
+    order = list(PHASES) + sorted(set(counts) - set(PHASES))
+    return next(p for p in order if counts.get(p) == best), best
+
+
+def _draw_phase_cells(axis: Any, data: _Data, cells: dict) -> None:
+    ex, ey = data.x.edges(), data.y.edges()
+    for i, xv in enumerate(data.x.values):
+        for j, yv in enumerate(data.y.values):
+            box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            rows = cells.get((xv, yv))
+            if not rows:
+                axis.add_patch(Rectangle(*box, **MISSING_HATCH))
+                continue
+            phase, k = _majority([data.phase[r] for r in rows])
+            share = k / len(rows)
+            rgb = _blend(PHASE_COLORS.get(phase, "#999999"), max(share, 0.25))
+            axis.add_patch(Rectangle(*box, facecolor=rgb, edgecolor="white", linewidth=0.8))
+            if share < 1:
+                cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+                axis.text(
+                    cx,
+                    ey[j] + 0.6 * h,
+                    f"{k}/{len(rows)}",
+                    ha="center",
+                    va="center",
+                    fontsize=_cell_fontsize(data),
+                    color=_ink(rgb),
+                )
+                # One dot per disagreeing seed, in its own phase's colour.
+                others = sorted((data.phase[r] for r in rows if data.phase[r] != phase), key=_phase_order)
+                if len(others) <= MAX_DOTS:
+                    xs = cx + w * 0.16 * (np.arange(len(others)) - (len(others) - 1) / 2)
+                    axis.scatter(
+                        xs,
+                        np.full(len(others), ey[j] + 0.27 * h),
+                        s=16,
+                        c=[PHASE_COLORS.get(o, "#999999") for o in others],
+                        edgecolors="white",
+                        linewidths=0.6,
+                        zorder=3,
+                    )
+
+
+def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:
+    points = [
+        (xv, yv, *_majority([data.phase[r] for r in rows]), len(rows)) for (xv, yv), rows in cells.items()
+    ]
+    if not points:
+        return
+    px = np.array([data.x.pos(p[0]) for p in points])
+    py = np.array([data.y.pos(p[1]) for p in points])
+    (x0, x1), (y0, y1) = data.x.span(False), data.y.span(False)
+    nx = ny = 200
+    gx = np.linspace(x0, x1, nx)
+    gy = np.linspace(y0, y1, ny)
+    # Nearest sample in axis space scaled to [0, 1]; categories never borrow from a neighbour.
+    sx = _scaled_distance(gx, px, data.x, x1 - x0)
+    sy = _scaled_distance(gy, py, data.y, y1 - y0)
+    nearest = np.stack([np.argmin(sx + sy[j][None, :], axis=1) for j in range(ny)])  # (ny, nx)
+    palette = np.array([_blend(PHASE_COLORS.get(p[2], "#999999"), 0.28) for p in points])
+    region = palette[nearest]
+    axis.imshow(
+        region, extent=(x0, x1, y0, y1), origin="lower", aspect="auto", interpolation="nearest", zorder=0
+    )
+    for (_, _, phase, k, n), xp, yp in zip(points, px, py, strict=True):
+        color = to_rgb(PHASE_COLORS.get(phase, "#999999"))
+        axis.scatter(
+            xp, yp, s=34, color=(*color, max(k / n, 0.35)), edgecolors="#222222", linewidths=0.6, zorder=3
+        )
+
+
+def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: _Axis, extent: float) -> np.ndarray:
+    """(len(grid), len(pts)) squared distances in [0, 1]-scaled axis units."""
+    if ax.kind == "category":
+        return np.where(np.rint(grid)[:, None] == pts[None, :], 0.0, np.inf)
+    return ((grid[:, None] - pts[None, :]) / (extent or 1.0)) ** 2
+
+
+def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap) -> None:
+    ex, ey = data.x.edges(), data.y.edges()
+    for i, xv in enumerate(data.x.values):
+        for j, yv in enumerate(data.y.values):
+            box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            rows = cells.get((xv, yv))
+            cx, cy = (ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2
+            if not rows:
+                axis.add_patch(Rectangle(*box, **MISSING_HATCH))
+                continue
+            cell = values[rows]
+            cell = cell[~np.isnan(cell)]
+            generalized = int(np.isfinite(cell).sum())
+            median = float(np.median(cell)) if cell.size else math.inf
+            fs = _cell_fontsize(data)
+            if not math.isfinite(median):
+                axis.add_patch(Rectangle(*box, facecolor=NEVER_COLOR, edgecolor="white", linewidth=0.8))
+                axis.text(cx, cy, "×", ha="center", va="center", fontsize=fs + 2, color="#6E6E6E")
+                continue
+            rgb = cmap(norm(max(median, norm.vmin)))[:3]
+            axis.add_patch(Rectangle(*box, facecolor=rgb, edgecolor="white", linewidth=0.8))
+            text = _steps_text(median) + ("" if generalized == len(cell) else f"\n{generalized}/{len(cell)}")
+            if len(data.x.values) * len(data.y.values) <= 144:
+                axis.text(
+                    cx, cy, text, ha="center", va="center", fontsize=fs, color=_ink(rgb), linespacing=0.95
+                )
+
+
+def _draw_value_scatter(axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap) -> None:
+    for (xv, yv), rows in cells.items():
+        cell = values[rows]
+        cell = cell[~np.isnan(cell)]
+        median = float(np.median(cell)) if cell.size else math.inf
+        xp, yp = data.x.pos(xv), data.y.pos(yv)
+        if math.isfinite(median):
+            rgb = cmap(norm(max(median, norm.vmin)))
+            axis.scatter(xp, yp, s=40, color=rgb, edgecolors="#222222", linewidths=0.5, zorder=3)
+        else:
+            axis.scatter(xp, yp, s=30, marker="x", color="#777777", linewidths=1.2, zorder=3)
+
+
+def _cell_fontsize(data: _Data) -> float:
+    n = max(len(data.x.values) * len(data.facet_values), len(data.y.values))
+    return 7.0 if n <= 8 else (6.0 if n <= 14 else 5.0)
+
+
+def _blend(color: str, alpha: float) -> tuple[float, float, float]:
+    """`color` at opacity `alpha` over white, as an opaque RGB (identical in PNG, PDF and SVG)."""
+    r, g, b = to_rgb(color)
+    return (1 - alpha + alpha * r, 1 - alpha + alpha * g, 1 - alpha + alpha * b)
+
+
+def _ink(rgb: Sequence[float]) -> str:
+    luminance = 0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]
+    return "#111111" if luminance > 0.5 else "white"
+
+
+# ---- learning-curve helpers --------------------------------------------------------------------
+
+
+def _representatives(rows: list[dict[str, Any]]) -> list[str]:
+    """The median trial of each phase present, in PHASES order."""
+    out = []
+    for phase in PHASES:
+        members = [r for r in rows if r["phase"] == phase]
+        if not members:
+            continue
+        if phase in ("comprehension", "grokking"):
+            members.sort(key=lambda r: (r["delay"] if r["delay"] is not None else r["t_val"], r["trial_id"]))
+        else:
+            members.sort(key=lambda r: (r["best_val_acc"], r["trial_id"]))
+        out.append(members[(len(members) - 1) // 2]["trial_id"])
+    return out
+
+
+def _timings(row: dict[str, Any]) -> str:
+    parts = []
+    for name in ("t_train", "t_val"):
+        v = row.get(name)
+        parts.append(f"{name} {'—' if v is None else _steps_text(v)}")
+    return ", ".join(parts)
+
+
+def _point_text(row: dict[str, Any]) -> str:
+    keys = [k for k in (row.get("searched") or []) if k != "train.seed"] + ["train.seed"]
+    text = ", ".join(f"{k}={_fmt(row.get(k))}" for k in keys if k in row)
+    return "\n".join(textwrap.wrap(text, 50))
+
+
+# ---- values --------------------------------------------------------------------------------------
+
+
+def _key(v: Any) -> Any:
+    """A hashable, comparable cell key: lists become tuples; ints and floats compare equal."""
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _sort_key(v: Any) -> tuple[int, Any]:
+    return (0, v) if _is_number(v) else (1, str(v))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return str(v)
+
+
+def _steps_text(v: float) -> str:
+    """Compact step counts for cells: 850, 1.2k, 35k, 1.5M."""
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:.2g}M"
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:.0f}k"
+    if abs(v) >= 1e3:
+        return f"{v / 1e3:.2g}k"
+    return f"{v:.0f}"

@@ -1,0 +1,120 @@
+"""Progress measures read off the weights: parameter norm and Fourier sparsity of the embedding.
+
+Each measure has a tensor form (`*_tensor`, stays on the device, no sync; the
+training loop batches them into one transfer per evaluation) and a float form.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from grokstudy.config import TaskConfig
+
+FOURIER_BASIS: dict[str, str] = {
+    "x+y": "additive",
+    "x-y": "additive",
+    "x*y": "multiplicative",
+    "x/y": "multiplicative",
+}
+"""Ops whose table is a group law the embedding can diagonalise. Additive: Z_p itself
+(Nanda et al. 2023). Multiplicative: Z_p^* = Z_{p-1} via the discrete log, so rows
+1..p-1 are reordered by log_g and transformed over Z_{p-1}. Polynomials and perm: NaN."""
+
+
+@torch.no_grad()
+def weights_norm_tensor(model: nn.Module) -> torch.Tensor:
+    """L2 norm of all parameters together, as a 0-d float64 tensor on the model's device."""
+    return torch.stack([p.detach().double().pow(2).sum() for p in model.parameters()]).sum().sqrt()
+
+
+def weights_norm(model: nn.Module) -> float:
+    """L2 norm of all parameters together."""
+    return float(weights_norm_tensor(model))
+
+
+def fourier_applies(task: TaskConfig) -> bool:
+    return task.op in FOURIER_BASIS and (
+        FOURIER_BASIS[task.op] == "additive" or _primitive_root(task.p) is not None
+    )
+
+
+@torch.no_grad()
+def fourier_top_k_share_tensor(model: nn.Module, task: TaskConfig, k: int = 5) -> torch.Tensor:
+    """Share of the operand embedding's (non-constant) Fourier power in its top-k frequencies.
+
+    Nanda et al. 2023 (arXiv 2301.05217) find that the generalizing circuit for
+    modular addition uses about 5 key frequencies, so this share rises from its
+    random-init level (about k/((p-1)/2)) toward 1 as the circuit forms.
+    Frequencies f and p-f are one real frequency; the constant (f = 0) is left out.
+
+    Two readings, chosen by the model (`model.fourier_per_column`):
+    - embedding models (mlp, transformer): the power spectrum summed over embedding
+      dimensions, then its top k: Nanda's key frequencies of the table as a whole;
+    - gromov: each hidden neuron's own top k, as the sum over neurons of their
+      top-k power over the total power. Gromov 2023's solution gives every neuron
+      one frequency but spreads neurons over all of them, so the summed spectrum
+      stays flat while each neuron becomes periodic (Doshi et al. 2024 measure the
+      same with a per-neuron IPR). Its random-init level is higher (about 0.5 at p=47).
+    Values are comparable along a run and across runs of one model kind, not
+    across kinds. Power is summed over the operand embeddings the model has
+    (`model.operand_embeddings()`: the shared table of the MLP/transformer, the
+    two halves of gromov's first layer). NaN where no basis applies (see FOURIER_BASIS).
+    """
+    if not fourier_applies(task) or not hasattr(model, "operand_embeddings"):
+        device = next(model.parameters()).device
+        return torch.tensor(math.nan, dtype=torch.float64, device=device)
+    per_column = getattr(model, "fourier_per_column", False)
+    top = total = None
+    for emb in model.operand_embeddings():
+        rows = emb.detach().double()  # (p, d)
+        if FOURIER_BASIS[task.op] == "multiplicative":
+            rows = rows[_log_order(task.p, rows.device)]  # (p-1, d): row j is the embedding of g^j
+        # rfft folds f and m-f into one bin; the Nyquist bin (m even) has no twin, which barely moves ranks.
+        power = torch.fft.rfft(rows, dim=0).abs().pow(2)[1:]  # (m//2, d): frequencies 1..m//2
+        k_ = min(k, power.shape[0])
+        if per_column:
+            part_top, part_total = power.topk(k_, dim=0).values.sum(), power.sum()
+        else:
+            part_top, part_total = power.sum(1), power.sum()  # spectrum so far; top k taken below
+        top = part_top if top is None else top + part_top
+        total = part_total if total is None else total + part_total
+    assert top is not None and total is not None
+    if not per_column:
+        top = top.topk(min(k, top.numel())).values.sum()
+    return (top / total.clamp_min(1e-300)).clamp(max=1.0)  # rounding can give 1 + 1e-16
+
+
+def fourier_top_k_share(model: nn.Module, task: TaskConfig, k: int = 5) -> float:
+    """`fourier_top_k_share_tensor` as a float (NaN where it does not apply)."""
+    return float(fourier_top_k_share_tensor(model, task, k))
+
+
+def _primitive_root(p: int) -> int | None:
+    """The smallest generator of Z_p^* (None when p is not prime)."""
+    if p < 3 or any(p % d == 0 for d in range(2, math.isqrt(p) + 1)):
+        return None
+    n, factors, d = p - 1, set(), 2
+    while d * d <= n:
+        while n % d == 0:
+            factors.add(d)
+            n //= d
+        d += 1
+    if n > 1:
+        factors.add(n)
+    return next(g for g in range(2, p) if all(pow(g, (p - 1) // q, p) != 1 for q in factors))
+
+
+_LOG_ORDERS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _log_order(p: int, device: torch.device) -> torch.Tensor:
+    """[g^0, g^1, ..., g^(p-2)] mod p: indexing rows by it makes multiplication a shift."""
+    key = (p, str(device))
+    if key not in _LOG_ORDERS:
+        g = _primitive_root(p)
+        assert g is not None
+        _LOG_ORDERS[key] = torch.tensor([pow(g, j, p) for j in range(p - 1)], device=device)
+    return _LOG_ORDERS[key]

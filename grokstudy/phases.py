@@ -1,0 +1,224 @@
+"""One trial's eval curve → timings (t_train, t_val, delay) and a phase label.
+
+The rule follows Liu et al. 2022, "Towards Understanding Grokking: An Effective
+Theory of Representation Learning" (NeurIPS 2022, arXiv 2205.10343): their
+code (ejmichaud/grokking-squared, `toy/Figure5.ipynb`) records the first step
+at which train and test accuracy reach a threshold and splits runs into
+comprehension, grokking, memorization and confusion by whether each was
+reached within the budget and by the gap between them. Two changes, both
+because our curves are noisier than their toy model's: generalization must
+*hold*, and the gap is relative as well as absolute (research/grokking.md §9.1).
+This docstring is the reference the docs quote.
+
+Definitions, with θ = `PhaseConfig.threshold`, m = `margin`, F =
+`grok_delay_factor`, D = `min_delay`, and only eval points with step ≤
+`max_steps` (the budget B of Liu et al.) taken into account:
+
+- **t_train**: the first eval step with train accuracy ≥ θ, or None.
+- **t_val**: the first eval step with validation accuracy ≥ θ *after which
+  validation accuracy never drops below θ − m* for the rest of the curve
+  (generalization that holds), or None.
+- **delay** = t_val − t_train when both exist, else None.
+
+Phases, exactly one per curve (`PHASES`):
+
+- **comprehension**: t_val exists and the run is not grokking. This includes
+  delay < 0 (validation crossed θ before training did, which a tiny or easy
+  validation set allows) and t_val without any t_train (validation holds ≥ θ
+  while training accuracy stays just under it, e.g. a few hard training pairs).
+- **grokking**: t_train and t_val exist, t_val ≥ F·max(t_train, 1) and
+  delay ≥ D. Fitting at step 0 counts as t_train = 0, and max(·, 1) keeps the
+  relative test meaningful there: grokking then needs t_val ≥ max(F, D).
+- **memorization**: t_train exists, no holding t_val, and validation never
+  reached θ. A budget that ends in the middle of the jump (validation rising
+  but still < θ at the last eval) is memorization too: the label says what
+  happened within the budget; `best_val_acc` shows how close it came.
+- **confusion**: t_train does not exist (the model never fits within the curve)
+  and validation never reached θ.
+- **unstable**: validation reached θ at some eval but collapsed below θ − m
+  afterwards and never re-generalized (no holding t_val). Named honestly rather
+  than forced into memorization. A collapse followed by a later recovery that
+  holds is *not* unstable: t_val is the recovery step.
+
+Further decisions:
+
+- A training fit that is lost later (train accuracy falls back under θ) does
+  not move t_train: it is the first fit, as in Liu et al.
+- Holding is judged within the curve seen so far, so a t_val at the very last
+  eval point has held for zero steps. `generalization_confirmed` is the
+  stricter test used to stop a trial early: it needs `confirm_steps` of hold.
+- t_train and t_val are eval-grid steps: the true crossing lies between the
+  previous eval step and the reported one, so timings (and delays) are
+  coarsened by `train.eval_every` (Liu et al. evaluated every step).
+
+Pure numpy; knows nothing of Ray, MLflow or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from grokstudy.config import PhaseConfig
+from grokstudy.records import EvalRecord
+
+PHASES: tuple[str, ...] = ("comprehension", "grokking", "memorization", "confusion", "unstable")
+"""Every label `classify` returns, in the display order of legends and tables."""
+
+PHASE_DEFINITIONS: dict[str, str] = {
+    "comprehension": "generalizes soon after (or before) it fits the training set",
+    "grokking": "fits, then generalizes only after a long delay",
+    "memorization": "fits the training set, never generalizes within the budget",
+    "confusion": "never fits the training set within the budget",
+    "unstable": "generalized, then collapsed and never recovered",
+}
+"""One line per phase, for figure legends and docs; the module docstring has the exact rule."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseResult:
+    """The verdict on one curve; timings are eval-grid steps (None: never reached)."""
+
+    phase: str
+    t_train: int | None
+    t_val: int | None
+    delay: int | None
+    """t_val − t_train; negative when validation crossed θ first."""
+    steps: int
+    """Last eval step taken into account (≤ max_steps)."""
+    final_train_acc: float
+    final_val_acc: float
+    best_val_acc: float
+    """Highest validation accuracy seen: how close a memorizing run came."""
+
+
+def classify(
+    steps: Sequence[int],
+    train_acc: Sequence[float],
+    val_acc: Sequence[float],
+    cfg: PhaseConfig,
+    max_steps: int,
+) -> PhaseResult:
+    """Label one curve by the rule in the module docstring.
+
+    `steps`, `train_acc` and `val_acc` have equal, non-zero length and `steps`
+    increases; eval points after `max_steps` are ignored.
+    """
+    s, tr, va = _arrays(steps, train_acc, val_acc)
+    within = s <= max_steps
+    if not within.any():
+        raise ValueError(f"no eval point at or before max_steps={max_steps} (first is {s[0]})")
+    s, tr, va = s[within], tr[within], va[within]
+
+    t_train = _first_step(s, tr >= cfg.threshold)
+    t_val = _holding_t_val(s, va, cfg)
+    delay = t_val - t_train if t_val is not None and t_train is not None else None
+
+    if t_val is not None:
+        grokked = (
+            t_train is not None
+            and t_val >= cfg.grok_delay_factor * max(t_train, 1)
+            and delay is not None
+            and delay >= cfg.min_delay
+        )
+        phase = "grokking" if grokked else "comprehension"
+    elif (va >= cfg.threshold).any():
+        phase = "unstable"
+    elif t_train is not None:
+        phase = "memorization"
+    else:
+        phase = "confusion"
+
+    return PhaseResult(
+        phase=phase,
+        t_train=t_train,
+        t_val=t_val,
+        delay=delay,
+        steps=int(s[-1]),
+        final_train_acc=float(tr[-1]),
+        final_val_acc=float(va[-1]),
+        best_val_acc=float(va.max()),
+    )
+
+
+def generalization_confirmed(
+    steps: Sequence[int],
+    train_acc: Sequence[float],
+    val_acc: Sequence[float],
+    cfg: PhaseConfig,
+) -> bool:
+    """True once the training set has been fitted and validation accuracy has held.
+
+    Held means: a holding t_val exists (accuracy ≥ θ since t_val, never below
+    θ − margin) and the last eval step is ≥ t_val + `confirm_steps`. The runner's
+    stopper calls this at every eval; after it turns True, more training can
+    only change the label if validation later collapses, which is the bet the
+    stopper makes. Never true on a plateau: grokking is a plateau.
+    """
+    if len(steps) == 0:
+        return False
+    s, tr, va = _arrays(steps, train_acc, val_acc)
+    if _first_step(s, tr >= cfg.threshold) is None:
+        return False
+    t_val = _holding_t_val(s, va, cfg)
+    return t_val is not None and int(s[-1]) - t_val >= cfg.confirm_steps
+
+
+def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps: int) -> PhaseResult:
+    """`classify` on a trial's `EvalRecord`s."""
+    return classify(
+        [r.step for r in records],
+        [r.train_acc for r in records],
+        [r.val_acc for r in records],
+        cfg,
+        max_steps,
+    )
+
+
+def rules(cfg: PhaseConfig) -> dict[str, str]:
+    """{phase: its rule with this config's numbers}, for MLflow tags and reports."""
+    th, lo = f"{cfg.threshold:g}", f"{cfg.threshold - cfg.margin:g}"
+    return {
+        "t_train": f"first eval step with train/acc >= {th}",
+        "t_val": f"first eval step with val/acc >= {th} after which val/acc stays >= {lo}",
+        "comprehension": "t_val exists and not grokking",
+        "grokking": (
+            f"t_val >= {cfg.grok_delay_factor:g} * max(t_train, 1) and t_val - t_train >= {cfg.min_delay}"
+        ),
+        "memorization": f"t_train exists; val/acc never reached {th}",
+        "confusion": f"no t_train and no t_val; val/acc never reached {th}",
+        "unstable": f"val/acc reached {th}, then fell below {lo} and never recovered",
+    }
+
+
+# ---- helpers -----------------------------------------------------------------------
+
+
+def _arrays(
+    steps: Sequence[int], train_acc: Sequence[float], val_acc: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    s = np.asarray(steps, dtype=np.int64)
+    tr = np.asarray(train_acc, dtype=np.float64)
+    va = np.asarray(val_acc, dtype=np.float64)
+    if not (s.ndim == tr.ndim == va.ndim == 1 and len(s) == len(tr) == len(va)):
+        raise ValueError(f"curve lengths differ: steps {len(s)}, train_acc {len(tr)}, val_acc {len(va)}")
+    if len(s) == 0:
+        raise ValueError("empty curve: classify needs at least one eval point")
+    if (np.diff(s) <= 0).any():
+        raise ValueError("steps must increase strictly")
+    return s, tr, va
+
+
+def _first_step(s: np.ndarray, hit: np.ndarray) -> int | None:
+    idx = np.flatnonzero(hit)
+    return int(s[idx[0]]) if len(idx) else None
+
+
+def _holding_t_val(s: np.ndarray, va: np.ndarray, cfg: PhaseConfig) -> int | None:
+    # Only crossings after the last collapse below θ − margin can hold to the end.
+    # NaN accuracies compare False on both sides: neither a crossing nor a collapse.
+    collapses = np.flatnonzero(va < cfg.threshold - cfg.margin)
+    start = collapses[-1] + 1 if len(collapses) else 0
+    return _first_step(s[start:], va[start:] >= cfg.threshold)

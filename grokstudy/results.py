@@ -1,0 +1,441 @@
+"""A study's results as two Parquet tables: one row per trial, one row per eval point.
+
+- `trials.parquet` (`TRIALS_SCHEMA`): who the trial is (`study`, `trial_id`,
+  `point_id`, `run_id`), every hyperparameter of `TrialConfig` as a typed
+  column named by its dotted path (`optimizer.weight_decay`, derived from the
+  dataclasses, so a new config field becomes a column without touching this
+  file), which keys were searched, the phase verdict of `phases.classify` and
+  how the trial ended.
+- `curves.parquet` (`CURVES_SCHEMA`): `study`, `trial_id`, `step`, one float64
+  column per `records.METRIC_KEYS` key (`val/acc`, ...; null where a measure
+  does not apply) and `elapsed_s`.
+
+Every field carries `description` (and, where it has one, `unit`) metadata, and
+each schema says which table it is and which grokstudy wrote it, so the files
+explain themselves to plain pyarrow or pandas. Pure: imports pyarrow only.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import textwrap
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from grokstudy import __version__
+from grokstudy.config import TrialConfig, flatten
+from grokstudy.errors import StudyError
+from grokstudy.phases import PhaseResult
+from grokstudy.records import METRIC_KEYS, EvalRecord
+
+TRIALS_FILE = "trials.parquet"
+CURVES_FILE = "curves.parquet"
+STOP_REASONS = ("generalized", "budget", "error")
+
+# Units of hyperparameters that have one; the rest are dimensionless or names.
+HYPERPARAMETER_UNITS = {
+    "data.fraction": "fraction of all pairs",
+    "optimizer.warmup_steps": "steps",
+    "optimizer.grokfast_window": "steps",
+    "train.max_steps": "steps",
+    "train.batch_size": "examples",
+    "train.eval_every": "steps",
+    "train.checkpoint_every": "steps",
+}
+
+# Descriptions of config fields that carry no docstring in config.py.
+HYPERPARAMETER_DOCS = {
+    "optimizer.lr": "Peak learning rate, reached after optimizer.warmup_steps.",
+    "optimizer.betas": "Adam/AdamW/RMSprop moment decay rates (beta1, beta2).",
+    "optimizer.eps": "Adam-family denominator epsilon.",
+    "optimizer.nesterov": "Nesterov momentum for SGD.",
+    "optimizer.weight_decay": "Weight-decay coefficient; how it enters is optimizer.weight_decay_form.",
+    "optimizer.grokfast_alpha": "Grokfast EMA decay of the slow gradient.",
+    "optimizer.grokfast_lamb": "Grokfast amplification of the slow gradient.",
+    "optimizer.grokfast_window": "Grokfast-MA window of past gradients.",
+}
+
+
+def _field(name: str, type_: pa.DataType, description: str, unit: str | None = None, nullable=False):
+    meta = {"description": description} | ({"unit": unit} if unit else {})
+    return pa.field(name, type_, nullable=nullable, metadata=meta)
+
+
+# ---- hyperparameter columns, derived from the config dataclasses ------------------------
+
+
+def _arrow_type(hint: Any, path: str) -> tuple[pa.DataType, bool]:
+    """(arrow type, nullable) of a config field's type hint."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and len(args) == 2:
+            return _arrow_type(inner[0], path)[0], True
+    elif typing.get_origin(hint) in (tuple, list) and args:
+        element = _arrow_type(args[0], path)[0]
+        if all(a in (args[0], Ellipsis) for a in args):
+            return _list(element), False
+    elif hint in _SCALARS:
+        return _SCALARS[hint], False
+    raise TypeError(f"config field {path}: no Parquet column type for {hint!r}; extend results._arrow_type")
+
+
+def _list(element: pa.DataType) -> pa.DataType:
+    # Parquet's list element is named "element"; naming it so keeps round trips exact.
+    return pa.list_(pa.field("element", element))
+
+
+_SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literal under each field in the class bodies (bases first)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        docs |= _class_attribute_docs(klass)
+    return docs
+
+
+def _class_attribute_docs(cls: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for stmt, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def hyperparameter_fields(trial_cls: type = TrialConfig) -> list[pa.Field]:
+    """One typed, documented column per leaf of the (nested) config dataclass, by dotted path.
+
+    Columns come in `config.flatten` order; `Optional` fields are nullable,
+    tuples are lists. Raises TypeError for a field type with no column type.
+    """
+    out: list[pa.Field] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            path, hint = prefix + f.name, hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, path + ".")
+                continue
+            type_, nullable = _arrow_type(hint, path)
+            doc = docs.get(f.name) or HYPERPARAMETER_DOCS.get(path) or f"hyperparameter {path}"
+            out.append(_field(path, type_, doc, HYPERPARAMETER_UNITS.get(path), nullable))
+
+    walk(trial_cls, "")
+    return out
+
+
+# ---- schemas ---------------------------------------------------------------------------------
+
+
+def _metadata(kind: str) -> dict[str, str]:
+    return {
+        "grokstudy.table": kind,
+        "grokstudy.version": __version__,
+        "grokstudy.description": {
+            "trials": "one row per trial: hyperparameters by dotted path, phase verdict, how it ended",
+            "curves": "one row per (trial, eval step): the metrics of records.METRIC_KEYS",
+        }[kind],
+    }
+
+
+def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
+    """The trials table's schema for a TrialConfig-shaped dataclass (`TRIALS_SCHEMA` for the real one)."""
+    steps = "steps"
+    head = [
+        _field("study", pa.string(), "study name (also the MLflow experiment and Ray Tune experiment)"),
+        _field("trial_id", pa.string(), "trial identifier, unique within the study"),
+        _field(
+            "point_id",
+            pa.string(),
+            "hash of the searched hyperparameters; the same for every seed of a point",
+        ),
+        _field("run_id", pa.string(), "MLflow run id of the trial's child run", nullable=True),
+    ]
+    tail = [
+        _field(
+            "optimizer.weight_decay_form",
+            pa.string(),
+            "how weight decay enters the update: decoupled | coupled_l2, to zero | to init",
+        ),
+        _field("searched", _list(pa.string()), "dotted keys the study searched (train.seed excluded)"),
+        _field(
+            "phase", pa.string(), "comprehension | grokking | memorization | confusion | unstable (phases.py)"
+        ),
+        _field("t_train", pa.int64(), "first eval step with train/acc >= threshold", steps, nullable=True),
+        _field(
+            "t_val", pa.int64(), "first eval step from which val/acc holds >= threshold", steps, nullable=True
+        ),
+        _field("delay", pa.int64(), "t_val - t_train (negative: validation first)", steps, nullable=True),
+        _field("final_train_acc", pa.float64(), "train/acc at the last eval point", "fraction correct"),
+        _field("final_val_acc", pa.float64(), "val/acc at the last eval point", "fraction correct"),
+        _field(
+            "final_train_loss",
+            pa.float64(),
+            "mean train/loss at the last eval point (the train.loss function)",
+        ),
+        _field(
+            "final_val_loss", pa.float64(), "mean val/loss at the last eval point (the train.loss function)"
+        ),
+        _field("best_val_acc", pa.float64(), "highest val/acc at any eval point", "fraction correct"),
+        _field("steps", pa.int64(), "last eval step taken into account (steps run)", steps),
+        _field("max_steps", pa.int64(), "step budget the phase was judged against", steps),
+        _field("stop_reason", pa.string(), "generalized (confirmed early stop) | budget | error"),
+        _field("wall_s", pa.float64(), "wall-clock time of the trial", "seconds"),
+        _field("node", pa.string(), "cluster node the trial last ran on", nullable=True),
+        _field("status", pa.string(), "final Ray Tune status: TERMINATED | ERROR | ..."),
+    ]
+    return pa.schema(head + hyperparameter_fields(trial_cls) + tail, metadata=_metadata("trials"))
+
+
+def _metric_field(key: str) -> pa.Field:
+    unit = "fraction correct" if key.endswith("/acc") else None
+    return _field(key, pa.float64(), f"metric {key} at this eval point (null: does not apply)", unit, True)
+
+
+CURVES_SCHEMA = pa.schema(
+    [
+        _field("study", pa.string(), "study name"),
+        _field("trial_id", pa.string(), "trial identifier; joins trials.trial_id"),
+        _field("step", pa.int64(), "optimizer steps taken before this evaluation (0: at init)", "steps"),
+        *(_metric_field(k) for k in METRIC_KEYS),
+        _field("elapsed_s", pa.float64(), "wall-clock training time up to this step", "seconds"),
+    ],
+    metadata=_metadata("curves"),
+)
+
+
+TRIALS_SCHEMA = trials_schema()
+
+
+# ---- rows ------------------------------------------------------------------------------------
+
+
+def trial_row(
+    study: str,
+    trial_id: str,
+    point_id: str,
+    cfg: TrialConfig,
+    searched: Sequence[str],
+    phase: PhaseResult,
+    *,
+    final_train_loss: float,
+    final_val_loss: float,
+    stop_reason: str,
+    wall_s: float,
+    node: str | None = None,
+    run_id: str | None = None,
+    status: str = "TERMINATED",
+) -> dict[str, Any]:
+    """One trials-table row: the trial's identity, its full config, its verdict."""
+    if stop_reason not in STOP_REASONS:
+        raise ValueError(f"stop_reason {stop_reason!r} is not one of {', '.join(STOP_REASONS)}")
+    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(cfg).items()}
+    return {
+        "study": study,
+        "trial_id": trial_id,
+        "point_id": point_id,
+        "run_id": run_id,
+        **hyper,
+        "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
+        "searched": list(searched),
+        "phase": phase.phase,
+        "t_train": phase.t_train,
+        "t_val": phase.t_val,
+        "delay": phase.delay,
+        "final_train_acc": phase.final_train_acc,
+        "final_val_acc": phase.final_val_acc,
+        "final_train_loss": float(final_train_loss),
+        "final_val_loss": float(final_val_loss),
+        "best_val_acc": phase.best_val_acc,
+        "steps": phase.steps,
+        "max_steps": cfg.train.max_steps,
+        "stop_reason": stop_reason,
+        "wall_s": float(wall_s),
+        "node": node,
+        "status": status,
+    }
+
+
+def curve_rows(study: str, trial_id: str, records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
+    """One curves-table row per eval record; a metric that does not apply (NaN) is null."""
+    rows = []
+    for r in records:
+        metrics = r.metrics()
+        rows.append(
+            {
+                "study": study,
+                "trial_id": trial_id,
+                "step": r.step,
+                **{k: metrics.get(k) for k in METRIC_KEYS},
+                "elapsed_s": r.elapsed_s,
+            }
+        )
+    return rows
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+
+def trials_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Rows of `trial_row` → a table with exactly `TRIALS_SCHEMA`; ValueError names a bad row and column."""
+    return _table(rows, TRIALS_SCHEMA, "trials")
+
+
+def curves_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Rows of `curve_rows` → a table with exactly `CURVES_SCHEMA`; ValueError names a bad row and column."""
+    return _table(rows, CURVES_SCHEMA, "curves")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_float(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _accepts(type_: pa.DataType) -> Callable[[Any], bool]:
+    """The per-value check behind an error message (the slow path)."""
+    if pa.types.is_list(type_):
+        element = _accepts(type_.value_type)
+        return lambda v: isinstance(v, (list, tuple)) and all(element(x) for x in v)
+    return {
+        pa.int64(): _is_int,
+        pa.float64(): _is_float,
+        pa.string(): lambda v: isinstance(v, str),
+        pa.bool_(): lambda v: isinstance(v, (bool, np.bool_)),
+    }[type_]
+
+
+def _inferred_fits(inferred: pa.DataType, target: pa.DataType) -> bool:
+    # Cast from pyarrow's own type inference rather than converting straight to
+    # the target: pyarrow 25.0.1 converts 1.5 into an int64 column as 1 and True
+    # into a float64 column as 1.0 without a word.
+    if pa.types.is_null(inferred):
+        return True
+    if pa.types.is_list(target):
+        return pa.types.is_list(inferred) and _inferred_fits(inferred.value_type, target.value_type)
+    if pa.types.is_floating(target):
+        return pa.types.is_floating(inferred) or pa.types.is_integer(inferred)
+    if pa.types.is_integer(target):
+        return pa.types.is_integer(inferred)
+    return inferred == target
+
+
+def _column(values: list[Any], field: pa.Field, kind: str) -> pa.Array:
+    try:
+        arr = pa.array(values)
+        fits = _inferred_fits(arr.type, field.type)
+    except (pa.ArrowException, TypeError, ValueError):
+        fits = False
+    if fits and (field.nullable or arr.null_count == 0):
+        return arr.cast(field.type)
+    ok = _accepts(field.type)
+    i, v = next((i, v) for i, v in enumerate(values) if not ((v is None and field.nullable) or ok(v)))
+    raise ValueError(
+        f"{kind} row {i}, column {field.name!r}: expected {field.type}"
+        f"{'' if field.nullable else ' (not null)'}, got {v!r}"
+    )
+
+
+def _table(rows: Sequence[dict[str, Any]], schema: pa.Schema, kind: str) -> pa.Table:
+    names = set(schema.names)
+    for i, row in enumerate(rows):
+        if row.keys() != names:
+            missing, extra = sorted(names - row.keys()), sorted(row.keys() - names)
+            problems = [f"missing column(s) {', '.join(missing)}"] if missing else []
+            problems += [f"unknown column(s) {', '.join(extra)}"] if extra else []
+            raise ValueError(f"{kind} row {i}: {'; '.join(problems)}")
+    arrays = [_column([row[f.name] for row in rows], f, kind) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---- files -----------------------------------------------------------------------------------
+
+
+def write_tables(trials: pa.Table, curves: pa.Table, out_dir: Path) -> tuple[Path, Path]:
+    """Write `trials.parquet` and `curves.parquet` (zstd) into out_dir; returns both paths.
+
+    Each file is written beside its final name and renamed into place, so a
+    reader never sees half a file.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for table, name in ((trials, TRIALS_FILE), (curves, CURVES_FILE)):
+        path = out_dir / name
+        tmp = path.with_name(f".{name}.tmp")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def read_trials(path: Path) -> pa.Table:
+    """A trials table written by `write_tables` (any grokstudy version)."""
+    return _read(Path(path), "trials", ("study", "trial_id", "phase"))
+
+
+def read_curves(path: Path) -> pa.Table:
+    """A curves table written by `write_tables` (any grokstudy version)."""
+    return _read(Path(path), "curves", ("trial_id", "step", "train/acc", "val/acc"))
+
+
+def _read(path: Path, kind: str, required: tuple[str, ...]) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise StudyError("SOURCE", f"cannot read {path} as Parquet: {e}") from None
+    meta = table.schema.metadata or {}
+    written_as = meta.get(b"grokstudy.table", b"").decode()
+    if written_as and written_as != kind:
+        raise StudyError("SOURCE", f"{path} is a {written_as} table, not a {kind} table")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise StudyError("SOURCE", f"{path} is not a grokstudy {kind} table: no column {', '.join(missing)}")
+    return table
+
+
+def load_source(path: Path) -> tuple[pa.Table, pa.Table | None]:
+    """(trials, curves or None) from a directory holding the two files, or from a trials.parquet.
+
+    Curves are read from `curves.parquet` beside the trials file when it exists.
+    """
+    path = Path(path)
+    if path.is_dir():
+        trials_path = path / TRIALS_FILE
+        if not trials_path.exists():
+            raise StudyError("SOURCE", f"{path} holds no {TRIALS_FILE}")
+    elif path.is_file():
+        trials_path = path
+    else:
+        raise StudyError("SOURCE", f"{path} does not exist")
+    trials = read_trials(trials_path)
+    curves_path = trials_path.with_name(CURVES_FILE)
+    curves = read_curves(curves_path) if curves_path.exists() and curves_path != trials_path else None
+    return trials, curves

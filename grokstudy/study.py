@@ -1,0 +1,898 @@
+"""The study file: YAML and `--set KEY=VALUE` text in, a validated frozen `Study` out.
+
+The only module that parses user text (STYLE.md, principle 4). The schema is
+the dataclasses of `config.py`: each section's keys are exactly its fields, so
+the accepted keys cannot drift from the configs. Validation is hand-written
+(no pydantic: the messages below are the product, and the rest of the code
+sees only frozen dataclasses).
+
+Every problem is one line, `dotted.path: what is wrong (got X); allowed: ...`,
+with a "did you mean" for misspelt keys at any level. All problems of a file
+and its overrides are collected in one pass and raised together
+(`errors.StudyErrors`); the CLI prints them and exits 2, never a traceback.
+
+YAML is read with two fixes to PyYAML's YAML 1.1 defaults: `1e-3` is a number
+(YAML 1.2; PyYAML would read the string "1e-3"), and a key repeated in one
+mapping is an error instead of silently keeping the last value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+from collections.abc import Callable, Sequence
+from itertools import product
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from grokstudy.config import (
+    TRIAL_SECTIONS,
+    DataConfig,
+    DiagramConfig,
+    ModelConfig,
+    OptimConfig,
+    PhaseConfig,
+    ResourcesConfig,
+    RunConfig,
+    SearchConfig,
+    SearchDim,
+    Study,
+    TaskConfig,
+    TrainConfig,
+    TrialConfig,
+    get_path,
+    to_dict,
+)
+from grokstudy.errors import StudyError, StudyErrors
+
+# ---- the schema ----------------------------------------------------------------------------------
+
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optimizer": OptimConfig,
+    "train": TrainConfig,
+    "phases": PhaseConfig,
+    "resources": ResourcesConfig,
+    "run": RunConfig,
+    "diagram": DiagramConfig,
+}
+TOP_LEVEL = ("name", *TRIAL_SECTIONS, "search", "phases", "resources", "run", "diagram")
+SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchConfig))
+DIM_FORMS = ("log", "range", "values", "choice")
+DIM_KEYS = (*DIM_FORMS, "points", "integer")
+
+TYPES: dict[str, Any] = {
+    f"{section}.{name}": hint
+    for section, cls in [*SECTIONS.items(), ("search", SearchConfig)]
+    for name, hint in get_type_hints(cls).items()
+}
+TRIAL_KEYS = tuple(k for k in TYPES if k.split(".")[0] in TRIAL_SECTIONS)
+"""Every dotted key of a TrialConfig: what may be searched, set for `grokstudy train`, or drawn."""
+ANY_TRIAL_KEY = "any dotted key of " + ", ".join(TRIAL_SECTIONS) + " (e.g. optimizer.lr)"
+ANY_STUDY_KEY = "name, " + ", ".join(
+    f"{s}.*" for s in (*TRIAL_SECTIONS, "search", "phases", "resources", "run", "diagram")
+)
+
+# The registries live beside their implementations (tasks.py, models.py, optim.py),
+# which import torch; validating a study must not, so the names are repeated here
+# and tests/test_study.py checks that they agree.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "task.op": ("x+y", "x-y", "x*y", "x/y", "x^2+y^2", "x^2+xy+y^2", "x^3+xy", "perm"),
+    "model.kind": ("mlp", "transformer", "gromov"),
+    "model.activation": ("relu", "gelu", "quadratic"),
+    "optimizer.name": ("adamw", "adam", "sgd", "rmsprop"),
+    "optimizer.decay_to": ("zero", "init"),
+    "optimizer.grokfast": ("none", "ema", "ma"),
+    "train.loss": ("cross_entropy", "mse", "stablemax"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "search.sampler": ("grid", "sobol", "random", "tpe"),
+    "search.objective": ("t_val",),
+}
+
+
+def _ray_quantity(v: float) -> bool:
+    # Ray accepts fractional resources only below 1 ("0.25 GPU"); above, whole units.
+    return v < 1 or float(v).is_integer()
+
+
+Rule = tuple[Callable[[Any], bool], str]
+RULES: dict[str, Rule] = {
+    # tasks.py builds at most 2**24 pairs: p <= 4096, S_6.
+    "task.p": (lambda v: 2 <= v <= 4096, "an integer, 2 <= p <= 4096"),
+    "task.n": (lambda v: 2 <= v <= 6, "an integer, 2 <= n <= 6"),
+    "data.fraction": (lambda v: 0 < v < 1, "0 < fraction < 1"),
+    "data.split_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "model.embed_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "model.width": (lambda v: v >= 1, "an integer >= 1"),
+    "model.depth": (lambda v: v >= 1, "an integer >= 1"),
+    "model.heads": (lambda v: v >= 1, "an integer >= 1"),
+    "model.init_scale": (lambda v: v > 0, "init_scale > 0"),
+    "optimizer.lr": (lambda v: v > 0, "lr > 0"),
+    "optimizer.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optimizer.eps": (lambda v: v > 0, "eps > 0"),
+    "optimizer.momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
+    "optimizer.weight_decay": (lambda v: v >= 0, "weight_decay >= 0"),
+    "optimizer.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optimizer.grokfast_alpha": (lambda v: 0 <= v < 1, "0 <= grokfast_alpha < 1"),
+    "optimizer.grokfast_lamb": (lambda v: v >= 0, "grokfast_lamb >= 0"),
+    "optimizer.grokfast_window": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v is None or v >= 1, "an integer >= 1, or full"),
+    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
+    "train.eval_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1 (a multiple of eval_every)"),
+    "phases.threshold": (lambda v: 0 < v <= 1, "0 < threshold <= 1"),
+    "phases.grok_delay_factor": (lambda v: v >= 1, "grok_delay_factor >= 1"),
+    "phases.min_delay": (lambda v: v >= 0, "an integer >= 0"),
+    "phases.margin": (lambda v: 0 <= v < 1, "0 <= margin < 1"),
+    "phases.confirm_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "resources.cpu": (lambda v: v > 0 and _ray_quantity(v), "cpu > 0; whole numbers above 1"),
+    "resources.gpu": (
+        lambda v: v >= 0 and _ray_quantity(v),
+        "gpu >= 0; a fraction below 1 or a whole number",
+    ),
+    "run.max_concurrent": (lambda v: v is None or v >= 1, "an integer >= 1, or null for no limit"),
+    "run.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 to retry forever"),
+    "search.seeds": (lambda v: v >= 1, "an integer >= 1"),
+    "search.num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
+    "search.sampler_seed": (lambda v: v >= 0, "an integer >= 0"),
+}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+"""A study name is a directory, a Ray experiment, an Optuna study and an MLflow experiment."""
+
+# ---- reading YAML --------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats (`1e-3`) and duplicate keys as errors."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Mappings as blocks, lists inline: `betas: [0.9, 0.98]`."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise StudyError(source, f"not valid YAML: {where}{e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise StudyError(source, f"not valid YAML: {e}") from None
+
+
+# ---- public API ----------------------------------------------------------------------------------
+
+
+def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
+    """Read, override and validate a study file.
+
+    `overrides` are `KEY=VALUE` strings as given to `--set` (the value is YAML:
+    `train.max_steps=2000`, `optimizer.betas=[0.9,0.99]`, `train.batch_size=full`,
+    `search.space.optimizer.weight_decay={log: [1e-3, 1], points: 5}`).
+    Raises `StudyError`/`StudyErrors` listing every problem found.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise StudyError(source, "no such study file") from None
+    except OSError as e:
+        raise StudyError(source, f"cannot read the study file: {e.strerror or e}") from None
+    data = _load_yaml(text, source)
+    if data is None:
+        raise StudyError(source, "the study file is empty; see studies/smoke.yaml for a complete example")
+    if not isinstance(data, dict):
+        raise StudyError(source, f"a study file is a mapping of sections (got {_show(data)})")
+    problems: list[StudyError] = []
+    data = _apply_overrides(data, parse_set(overrides), problems)
+    return _finish(_parse(data, problems), problems)
+
+
+def parse_study(data: dict[str, Any], source: str = "<study>") -> Study:
+    """Validate an already-parsed study mapping (the contents of a YAML file)."""
+    if not isinstance(data, dict):
+        raise StudyError(source, f"a study file is a mapping of sections (got {_show(data)})")
+    problems: list[StudyError] = []
+    return _finish(_parse(data, problems), problems)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """`["train.max_steps=2000", ...]` → `{"train.max_steps": 2000}`; values are YAML.
+
+    Only the syntax is checked here; whether a key exists is checked against
+    the study (`load_study`) or the trial (`trial_from_overrides`).
+    """
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(c.isspace() for c in key):
+            problems.append(
+                StudyError("--set", f"expected KEY=VALUE, e.g. --set train.max_steps=2000 (got {item!r})")
+            )
+            continue
+        try:
+            out[key] = _load_yaml(text, f"--set {key}") if text.strip() else None
+        except StudyError as e:
+            problems.append(e)
+    _raise(problems)
+    return out
+
+
+def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None) -> TrialConfig:
+    """One validated trial for `grokstudy train`: the study's base trial (or the
+    defaults) with `--set` keys of the trial applied (`task.op=x/y`, `optimizer.lr=1e-3`)."""
+    base = load_study(base_file).base if base_file is not None else TrialConfig()
+    items = parse_set(overrides)
+    raw = to_dict(base)
+    problems: list[StudyError] = []
+    for key, value in items.items():
+        if key not in TRIAL_KEYS:
+            problems.append(_unknown(f"--set {key}", key, TRIAL_KEYS, "a trial key: " + ANY_TRIAL_KEY))
+            continue
+        section, name = key.split(".")
+        raw[section][name] = value
+    bad: set[str] = set()
+    sections = {s: _section(s, raw[s], problems, bad) for s in TRIAL_SECTIONS}
+    trial = TrialConfig(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+    _cross_checks(trial, {}, problems, bad)
+    _raise(problems)
+    return trial
+
+
+def study_to_dict(study: Study) -> dict[str, Any]:
+    """The resolved study as plain YAML-ready data; `parse_study` reads it back equal."""
+    out: dict[str, Any] = {"name": study.name}
+    for section in TRIAL_SECTIONS:
+        out[section] = to_dict(getattr(study.base, section))
+    if out["train"]["batch_size"] is None:
+        out["train"]["batch_size"] = "full"
+    s = study.search
+    out["search"] = {
+        "sampler": s.sampler,
+        "space": {dim.key: _dim_to_dict(dim) for dim in s.space},
+        "seeds": s.seeds,
+        "num_samples": s.num_samples,
+        "objective": s.objective,
+        "sampler_seed": s.sampler_seed,
+    }
+    for section in ("phases", "resources", "run", "diagram"):
+        out[section] = to_dict(getattr(study, section))
+    return out
+
+
+def describe(study: Study) -> str:
+    """A human summary for `grokstudy validate`: the resolved YAML, the axes and the trial count."""
+    text = yaml.dump(study_to_dict(study), Dumper=_Dumper, sort_keys=False)
+    s = study.search
+    lines = [text.rstrip(), "", f"search axes ({s.sampler}):"]
+    width = max((len(d.key) for d in s.space), default=0)
+    for dim in s.space:
+        lines.append(f"  {dim.key:<{width}}  {_describe_dim(dim, s.sampler)}")
+    if not s.space:
+        lines.append("  none: every trial is the base trial")
+    if s.sampler == "grid":
+        n, how = math.prod(len(d.grid) for d in s.space), ""
+        if s.num_samples:
+            lines.append("(num_samples is ignored by the grid sampler)")
+    else:
+        n, how = s.num_samples or 0, f" ({s.sampler})"
+    lines.append(f"{n} points{how} x {s.seeds} seed{'s' * (s.seeds != 1)} = {n * s.seeds} trials")
+    return "\n".join(lines)
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
+    bad: set[str] = set()
+    for key in data:
+        if key not in TOP_LEVEL:
+            problems.append(_unknown(str(key), str(key), TOP_LEVEL))
+    name = data.get("name")
+    if name is None:
+        problems.append(StudyError("name", "missing; every study needs a name (letters, digits, _ . -)"))
+        name = "study"
+    elif not isinstance(name, str) or not NAME.fullmatch(name):
+        problems.append(
+            StudyError(
+                "name",
+                f"not a safe name (got {_show(name)}); allowed: letters, digits, _ . - "
+                "(it names directories and experiments), starting with a letter or digit",
+            )
+        )
+        name = "study"
+    sections = {s: _section(s, data.get(s), problems, bad) for s in SECTIONS}
+    base = TrialConfig(**{s: SECTIONS[s](**sections[s]) for s in TRIAL_SECTIONS})
+    search = _search(data.get("search"), problems, bad)
+    diagram = sections["diagram"]
+    for axis in ("x", "y", "facet"):
+        key = diagram.get(axis)
+        if key is not None and key not in TRIAL_KEYS:
+            problems.append(_unknown(f"diagram.{axis}", key, TRIAL_KEYS, ANY_TRIAL_KEY))
+    if diagram.get("x", DiagramConfig().x) == diagram.get("y", DiagramConfig().y):
+        problems.append(StudyError("diagram.y", "the same key as diagram.x; a phase diagram needs two axes"))
+    _cross_checks(base, {d.key: d for d in search.space}, problems, bad)
+    return Study(
+        name=name,
+        base=base,
+        search=search,
+        phases=PhaseConfig(**sections["phases"]),
+        resources=ResourcesConfig(**sections["resources"]),
+        run=RunConfig(**sections["run"]),
+        diagram=DiagramConfig(**diagram),
+    )
+
+
+def _finish(study: Study, problems: list[StudyError]) -> Study:
+    _raise(problems)
+    return study
+
+
+def _raise(problems: list[StudyError]) -> None:
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise StudyErrors(problems)
+
+
+def _section(section: str, raw: Any, problems: list[StudyError], bad: set[str]) -> dict[str, Any]:
+    """Checked keyword arguments of one section's dataclass; bad keys are left at their default."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(StudyError(section, f"expected a mapping of keys (got {_show(raw)})"))
+        bad.add(section)
+        return {}
+    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"{section}.{key}"
+        if key not in fields:
+            problems.append(_unknown(path, str(key), fields))
+            continue
+        try:
+            kwargs[key] = _value(path, value)
+        except _Bad as e:
+            problems.append(StudyError(path, str(e)))
+            bad.add(path)
+    return kwargs
+
+
+class _Bad(Exception):
+    """A value problem; the caller attaches the dotted path."""
+
+
+def _value(key: str, value: Any) -> Any:
+    """Coerce `value` to the type of `key`, then check its choices and range."""
+    value = _coerce(key, TYPES[key], value)
+    _check(key, value)
+    return value
+
+
+def _check(key: str, value: Any) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise _Bad(
+            f"unknown {key.split('.')[-1]} (got {_show(value)}){hint} allowed: {', '.join(CHOICES[key])}"
+        )
+    if key in RULES and value is not None:
+        ok, allowed = RULES[key]
+        if not ok(value):
+            raise _Bad(f"out of range (got {_show(value)}); allowed: {allowed}")
+
+
+def _coerce(key: str, hint: Any, v: Any) -> Any:
+    """Types with safe coercion only: int → float, an integral float → int, a list → tuple."""
+    if key == "train.batch_size" and (v is None or v == "full"):
+        return None
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in get_args(hint) if a is not type(None)]
+        if v is None:
+            return None
+        hint = args[0]
+    if hint is bool:
+        if isinstance(v, bool):
+            return v
+        raise _Bad(f"expected true or false (got {_show(v)})")
+    if hint is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, float) and v.is_integer():
+            return int(v)
+        extra = " or full" if key == "train.batch_size" else ""
+        raise _Bad(f"expected an integer{extra} (got {_show(v)})")
+    if hint is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return float(v)
+        raise _Bad(f"expected a number (got {_show(v)})")
+    if hint is str:
+        if isinstance(v, str) and v:
+            return v
+        raise _Bad(f"expected text (got {_show(v)})")
+    if get_origin(hint) is tuple:  # optimizer.betas: tuple[float, float]
+        n = len(get_args(hint))
+        if isinstance(v, (list, tuple)) and len(v) == n:
+            return tuple(_coerce(key, float, x) for x in v)
+        raise _Bad(f"expected a list of {n} numbers, e.g. [0.9, 0.98] (got {_show(v)})")
+    return v
+
+
+# ---- the search section --------------------------------------------------------------------------
+
+
+def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig:
+    if raw is None:
+        return SearchConfig()
+    if not isinstance(raw, dict):
+        problems.append(StudyError("search", f"expected a mapping of keys (got {_show(raw)})"))
+        return SearchConfig()
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        path = f"search.{key}"
+        if key not in SEARCH_KEYS:
+            problems.append(_unknown(path, str(key), SEARCH_KEYS))
+        elif key != "space":
+            try:
+                kwargs[key] = _value(path, value)
+            except _Bad as e:
+                problems.append(StudyError(path, str(e)))
+                bad.add(path)
+    # An unknown sampler must not add "grid needs points" noise to its own error.
+    sampler = None if "search.sampler" in bad else kwargs.get("sampler", SearchConfig().sampler)
+    space = raw.get("space")
+    dims: list[SearchDim] = []
+    if space is not None and not isinstance(space, dict):
+        problems.append(
+            StudyError("search.space", f"expected a mapping of searched keys (got {_show(space)})")
+        )
+    elif space:
+        for key, dim_raw in space.items():
+            dim = _dim(str(key), dim_raw, sampler, problems)
+            if dim is None:
+                bad.add(f"search.space.{key}")
+            else:
+                dims.append(dim)
+    kwargs["space"] = tuple(dims)
+    if sampler not in ("grid", None):
+        if kwargs.get("num_samples") is None and "search.num_samples" not in bad:
+            problems.append(
+                StudyError(
+                    "search.num_samples",
+                    f"missing; the {sampler} sampler needs how many points to draw, e.g. num_samples: 32",
+                )
+            )
+        if not space:
+            problems.append(
+                StudyError("search.space", f"empty; the {sampler} sampler needs at least one searched key")
+            )
+    return SearchConfig(**kwargs)
+
+
+def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) -> SearchDim | None:
+    """One searched key → SearchDim; every candidate value is checked like a base value."""
+    path = f"search.space.{key}"
+    n_before = len(problems)
+    if key == "train.seed":
+        problems.append(
+            StudyError(path, "seeds are replicates, not a searched key; set search.seeds: N instead")
+        )
+        return None
+    if key not in TRIAL_KEYS:
+        if key in TRIAL_SECTIONS:
+            example = f"{key}.{dataclasses.fields(SECTIONS[key])[0].name}"
+            problems.append(StudyError(path, f"a section, not a key; search a dotted key, e.g. {example}"))
+        else:
+            problems.append(_unknown(path, key, TRIAL_KEYS, ANY_TRIAL_KEY))
+        return None
+    forms_help = (
+        "{log: [low, high], points: N}, {range: [low, high], points: N}, {values: [...]} or {choice: [...]}"
+    )
+    if not isinstance(raw, dict):
+        problems.append(StudyError(path, f"expected one of {forms_help} (got {_show(raw)})"))
+        return None
+    unknown = [k for k in raw if k not in DIM_KEYS]
+    for k in unknown:
+        problems.append(_unknown(f"{path}.{k}", str(k), DIM_KEYS))
+    if unknown:  # what else looks wrong on this axis most likely follows from the typo
+        return None
+    forms = [f for f in DIM_FORMS if raw.get(f) is not None]
+    if len(forms) != 1:
+        got = ", ".join(forms) or "none"
+        problems.append(StudyError(path, f"give exactly one of log, range, values, choice (got {got})"))
+        return None
+    form = forms[0]
+    hint = TYPES[key]
+    numeric = hint in (int, float)
+    kwargs: dict[str, Any] = {"key": key}
+    if form in ("log", "range"):
+        kwargs.update(_interval(path, key, form, raw, hint, sampler, problems))
+    else:
+        for extra in ("points", "integer"):
+            if extra in raw:
+                problems.append(StudyError(f"{path}.{extra}", f"applies to log/range dimensions, not {form}"))
+        kwargs[form] = _candidates_of(path, key, form, raw[form], numeric, problems)
+    if len(problems) > n_before:
+        return None
+    dim = SearchDim(**kwargs)
+    # The searched values obey the same rules as a base value (ranges, choices).
+    if dim.values is not None or dim.choice is not None or dim.points is not None:
+        candidates = list(dim.grid)
+    else:
+        lo, hi = dim.log or dim.range
+        candidates = [math.ceil(lo), math.floor(hi)] if dim.integer else [lo, hi]
+    for value in candidates:
+        try:
+            _check(key, _coerce(key, hint, value))
+        except _Bad as e:
+            problems.append(StudyError(path, str(e)))
+            return None
+    if dim.points is not None and len(set(dim.grid)) < len(dim.grid):
+        problems.append(
+            StudyError(
+                path,
+                f"{dim.points} integer points repeat values (got {_show(list(dim.grid))}); "
+                "use fewer points or values: [...]",
+            )
+        )
+        return None
+    return dim
+
+
+def _interval(
+    path: str,
+    key: str,
+    form: str,
+    raw: dict[str, Any],
+    hint: Any,
+    sampler: str | None,
+    problems: list[StudyError],
+) -> dict[str, Any]:
+    if hint not in (int, float):
+        problems.append(
+            StudyError(path, f"{form} needs a numeric key, and {key} is not; use choice: [...] instead")
+        )
+        return {}
+    pair = raw[form]
+    if not (
+        isinstance(pair, list)
+        and len(pair) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
+    ):
+        problems.append(StudyError(path, f"{form} takes [low, high], two numbers (got {_show(pair)})"))
+        return {}
+    lo, hi = float(pair[0]), float(pair[1])
+    if not lo < hi:
+        problems.append(StudyError(path, f"{form} needs low < high (got {_show(pair)})"))
+        return {}
+    if form == "log" and lo <= 0:
+        problems.append(StudyError(path, f"log needs 0 < low < high (got {_show(pair)}); use range: for 0"))
+        return {}
+    out: dict[str, Any] = {form: (lo, hi)}
+    integer = raw.get("integer", hint is int)
+    if not isinstance(integer, bool):
+        problems.append(StudyError(f"{path}.integer", f"expected true or false (got {_show(integer)})"))
+    elif hint is int and not integer:
+        problems.append(StudyError(f"{path}.integer", f"{key} takes integers; drop integer: false"))
+    elif integer and math.ceil(lo) > math.floor(hi):
+        problems.append(StudyError(path, f"no integer lies in {form} {_show(pair)}"))
+    else:
+        out["integer"] = integer
+    points = raw.get("points")
+    if points is None:
+        if sampler == "grid":
+            problems.append(
+                StudyError(path, f"the grid sampler needs points: N on a {form} dimension, e.g. points: 5")
+            )
+    elif isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        problems.append(StudyError(f"{path}.points", f"expected an integer >= 2 (got {_show(points)})"))
+    else:
+        out["points"] = points
+    return out
+
+
+def _candidates_of(
+    path: str, key: str, form: str, items: Any, numeric: bool, problems: list[StudyError]
+) -> tuple[Any, ...]:
+    if not isinstance(items, list) or not items:
+        problems.append(StudyError(path, f"{form} takes a non-empty list (got {_show(items)})"))
+        return ()
+    if form == "values" and not numeric:
+        problems.append(StudyError(path, f"values are numbers and {key} is not; use choice: [...]"))
+        return ()
+    out = []
+    for item in items:
+        try:
+            out.append(_coerce(key, TYPES[key], item))
+        except _Bad as e:
+            problems.append(StudyError(path, str(e)))
+            return ()
+    if len({_show(v) for v in out}) < len(out):
+        problems.append(StudyError(path, f"{form} lists a value twice (got {_show(items)})"))
+        return ()
+    return tuple(out)
+
+
+def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for form in DIM_FORMS:
+        value = getattr(dim, form)
+        if value is not None:
+            out[form] = _plain(value)
+    if dim.points is not None:
+        out["points"] = dim.points
+    if dim.integer:
+        out["integer"] = True
+    return out
+
+
+def _describe_dim(dim: SearchDim, sampler: str) -> str:
+    if sampler == "grid" or dim.values is not None or dim.choice is not None:
+        grid = [_show(v) for v in dim.grid]
+        shown = grid if len(grid) <= 12 else [*grid[:5], "...", *grid[-2:]]
+        kind = "log-spaced " if dim.log is not None else ""
+        return f"{len(grid)} {kind}values: {', '.join(shown)}"
+    lo, hi = dim.log or dim.range
+    what = "integers" if dim.integer else "numbers"
+    scale = "log-uniform" if dim.log is not None else "uniform"
+    return f"{what}, {scale} on [{_show(lo)}, {_show(hi)}]"
+
+
+# ---- values that only make sense together --------------------------------------------------------
+
+
+def _cross_checks(
+    base: TrialConfig, dims: dict[str, SearchDim], problems: list[StudyError], bad: set[str]
+) -> None:
+    """Rules that tie keys together, over every value a key can take (base or searched)."""
+
+    def ok(*keys: str) -> bool:
+        return not any(k in bad or f"search.space.{k}" in bad for k in keys)
+
+    def cands(key: str, ends: bool = False) -> list[Any] | None:
+        """The values a key takes; a continuous axis gives its ends if `ends`, else None."""
+        dim = dims.get(key)
+        if dim is None:
+            return [get_path(base, key)]
+        if dim.values is not None or dim.choice is not None or dim.points is not None:
+            return list(dim.grid)
+        return list(dim.log or dim.range or ()) if ends else None
+
+    def fail(key: str, msg: str) -> None:
+        problems.append(StudyError(f"search.space.{key}" if key in dims else key, msg))
+
+    if ok("task.op", "task.p") and "x/y" in cands("task.op"):
+        ps = cands("task.p")
+        if ps is None:
+            fail("task.p", "x/y needs a prime modulus, which a range cannot guarantee; use values: [primes]")
+        bad_p = next((p for p in ps or [] if not _is_prime(p)), None)
+        if bad_p is not None:
+            nearest = " or ".join(str(q) for q in _nearest_primes(bad_p) if q)
+            fail(
+                "task.p",
+                f"not prime (got {bad_p}); task.op x/y divides mod p; allowed: a prime, e.g. {nearest}",
+            )
+
+    if ok("task.op", "task.p", "task.n", "data.fraction"):
+        for op, p, n, f in product(
+            cands("task.op", True), cands("task.p", True), cands("task.n", True), cands("data.fraction", True)
+        ):
+            pairs = math.factorial(n) ** 2 if op == "perm" else p * p
+            if not 1 <= round(f * pairs) <= pairs - 1:
+                empty = "training" if round(f * pairs) < 1 else "validation"
+                fail("data.fraction", f"leaves an empty {empty} set (got {_show(f)} of {pairs} pairs)")
+                break
+
+    if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in cands("model.kind"):
+        embeds, heads = cands("model.embed_dim"), cands("model.heads")
+        if embeds is None or heads is None:
+            if max(heads or [2]) > 1:
+                fail(
+                    "model.embed_dim" if embeds is None else "model.heads",
+                    "a range cannot keep embed_dim divisible by heads; use values: [...]",
+                )
+        elif pair := next(((e, h) for e, h in product(embeds, heads) if e % h), None):
+            e, h = pair
+            fail(
+                "model.heads" if "model.heads" in dims else "model.embed_dim",
+                f"not divisible by model.heads (got embed_dim {e}, heads {h}); the transformer splits "
+                f"embed_dim across heads; allowed: a multiple of {h}",
+            )
+
+    if ok("train.checkpoint_every", "train.eval_every"):
+        ckpts, evals = cands("train.checkpoint_every"), cands("train.eval_every")
+        if ckpts is None or evals is None:
+            fail(
+                "train.checkpoint_every" if ckpts is None else "train.eval_every",
+                "use values: [...] so that every checkpoint falls on an evaluation",
+            )
+        elif pair := next(((c, e) for c, e in product(ckpts, evals) if c % e), None):
+            c, e = pair
+            fail(
+                "train.checkpoint_every",
+                f"not a multiple of train.eval_every (got {c}, eval_every {e}); checkpoints are taken "
+                f"at evaluations; allowed: {e}, {2 * e}, {3 * e}, ...",
+            )
+
+    keys = ("optimizer.name", "optimizer.nesterov", "optimizer.momentum")
+    if ok(*keys) and "sgd" in cands("optimizer.name") and True in cands("optimizer.nesterov"):
+        if min(cands("optimizer.momentum", True)) == 0:
+            fail(
+                "optimizer.nesterov",
+                "SGD's Nesterov momentum needs optimizer.momentum > 0 (got momentum 0.0)",
+            )
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _nearest_primes(n: int) -> tuple[int | None, int]:
+    below = next((q for q in range(n - 1, 1, -1) if _is_prime(q)), None)
+    above = next(q for q in range(n + 1, 2 * n + 3) if _is_prime(q))
+    return below, above
+
+
+# ---- overrides -----------------------------------------------------------------------------------
+
+
+def _apply_overrides(
+    data: dict[str, Any], items: dict[str, Any], problems: list[StudyError]
+) -> dict[str, Any]:
+    """A copy of the raw study mapping with `--set` values written into it."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    space = data["search"].get("space") if isinstance(data.get("search"), dict) else None
+    if isinstance(space, dict):
+        data["search"]["space"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in space.items()}
+    settable = ["name", *(f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls))]
+    settable += [f"search.{k}" for k in SEARCH_KEYS]
+    trial_keys = []
+    for key, value in items.items():
+        path = f"--set {key}"
+        parts = key.split(".")
+        if key == "name":
+            data["name"] = value
+            continue
+        section = parts[0]
+        if section == "search" and len(parts) >= 3 and parts[1] == "space":
+            _set_dim(data, ".".join(parts[2:]), value, path, problems)
+            continue
+        if len(parts) != 2 or key not in settable:
+            problems.append(_unknown(path, key, settable, ANY_STUDY_KEY))
+            continue
+        target = data.get(section)
+        if target is None:
+            target = data[section] = {}
+        if not isinstance(target, dict):
+            problems.append(StudyError(path, f"cannot set a key inside {section}, which is {_show(target)}"))
+            continue
+        target[parts[1]] = value
+        if section in TRIAL_SECTIONS:
+            trial_keys.append(key)
+    search = data.get("search")
+    space = search.get("space") if isinstance(search, dict) else None
+    for key in trial_keys:
+        if isinstance(space, dict) and key in space:
+            problems.append(
+                StudyError(
+                    f"--set {key}",
+                    f"{key} is searched (search.space.{key}), so this value would be ignored; "
+                    f"to fix it, also drop the axis: --set search.space.{key}=null",
+                )
+            )
+    return data
+
+
+def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: list[StudyError]) -> None:
+    """`search.space.KEY=MAPPING|null` or `search.space.KEY.ATTR=VALUE`."""
+    search = data.get("search")
+    if search is None:
+        search = data["search"] = {}
+    if not isinstance(search, dict):
+        problems.append(StudyError(path, f"cannot set a key inside search, which is {_show(search)}"))
+        return
+    space = search.get("space")
+    if space is None:
+        space = search["space"] = {}
+    if not isinstance(space, dict):
+        problems.append(StudyError(path, f"cannot set a key inside search.space, which is {_show(space)}"))
+        return
+    key, attr = rest, None
+    if rest not in TRIAL_KEYS:
+        head, _, tail = rest.rpartition(".")
+        if head in TRIAL_KEYS:
+            key, attr = head, tail
+    if attr is None:
+        if value is None:
+            space.pop(key, None)
+        else:
+            space[key] = value
+        return
+    if attr not in DIM_KEYS:
+        problems.append(_unknown(path, attr, DIM_KEYS))
+        return
+    dim = space.get(key)
+    if not isinstance(dim, dict):
+        problems.append(
+            StudyError(
+                path,
+                f"{key} is not searched; set the whole axis, e.g. --set search.space.{key}={{values: [...]}}",
+            )
+        )
+        return
+    if value is None:
+        dim.pop(attr, None)
+    else:
+        dim[attr] = value
+
+
+# ---- small helpers -------------------------------------------------------------------------------
+
+
+def _unknown(path: str, key: str, allowed: Sequence[str], listing: str | None = None) -> StudyError:
+    """`path: unknown key 'weight_decy'; did you mean 'weight_decay'? allowed: ...`."""
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return StudyError(path, f"unknown key {key!r}{hint} allowed: {listing or ', '.join(allowed)}")
+
+
+def _show(v: Any) -> str:
+    """A value as the user wrote it in YAML."""
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return f"{v:g}" if 1e-4 <= abs(v) < 1e6 or v == 0 else repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v

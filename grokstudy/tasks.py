@@ -1,0 +1,200 @@
+"""Algorithmic datasets: the full table of a binary operation and a seeded split.
+
+The operations follow Power et al. 2022 ("Grokking: generalization beyond
+overfitting", arXiv 2201.02177): modular arithmetic over Z_p and composition in
+the symmetric group S_n. An input is a pair of operand indices; the model builds
+its own token sequence from it. The split shuffles every pair of the table with
+its own seed (`data.split_seed`), so replicates that differ in `train.seed` see
+the same training set.
+
+A new operation is one function `(TaskConfig) -> Table` plus an entry in
+`OPERATIONS`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from grokstudy.config import DataConfig, TaskConfig
+from grokstudy.errors import StudyError
+
+MAX_PAIRS = 1 << 24
+"""Largest table we build (p = 4096, or S_6 at 518,400 pairs): a bigger one is a typo, not a study."""
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """Every equation of an operation: `inputs[i] = (a, b)` and `labels[i] = a ∘ b`."""
+
+    inputs: torch.Tensor
+    """LongTensor [N, 2] of operand indices in [0, n_tokens)."""
+    labels: torch.Tensor
+    """LongTensor [N] of results in [0, n_classes)."""
+    n_tokens: int
+    n_classes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    """A table split into training pairs and their complement (validation)."""
+
+    train_x: torch.Tensor
+    """LongTensor [N_train, 2]."""
+    train_y: torch.Tensor
+    """LongTensor [N_train]."""
+    val_x: torch.Tensor
+    """LongTensor [N_val, 2]."""
+    val_y: torch.Tensor
+    """LongTensor [N_val]."""
+    n_tokens: int
+    """Operand vocabulary size (p for Z_p, n! for S_n)."""
+    n_classes: int
+
+    def to(self, device: torch.device | str) -> Dataset:
+        """The same split with every tensor on `device`."""
+        return Dataset(
+            self.train_x.to(device),
+            self.train_y.to(device),
+            self.val_x.to(device),
+            self.val_y.to(device),
+            self.n_tokens,
+            self.n_classes,
+        )
+
+
+# ---- modular arithmetic over Z_p ---------------------------------------------------
+
+
+def _modular(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> Callable[[TaskConfig], Table]:
+    """All p*p pairs (x, y) with label fn(x, y, p) in [0, p)."""
+
+    def table(task: TaskConfig) -> Table:
+        p = _check_modulus(task)
+        x, y = _all_pairs(p, p)
+        return Table(torch.stack([x, y], dim=1), fn(x, y, p) % p, p, p)
+
+    return table
+
+
+def _divide(task: TaskConfig) -> Table:
+    """x / y = x * y^-1 mod p over the p*(p-1) pairs with y != 0; needs p prime (Z_p a field)."""
+    p = _check_modulus(task)
+    if not is_prime(p):
+        below, above = nearest_primes(p)
+        near = f"{below} or {above}" if below is not None else f"{above}"
+        raise StudyError("task.p", f"x/y needs a prime modulus (got {p}); try {near}")
+    x, y = _all_pairs(p, p)
+    keep = y != 0
+    x, y = x[keep], y[keep]
+    inverse = torch.tensor([0] + [pow(v, -1, p) for v in range(1, p)])
+    return Table(torch.stack([x, y], dim=1), (x * inverse[y]) % p, p, p)
+
+
+def _check_modulus(task: TaskConfig) -> int:
+    p = task.p
+    if p < 2:
+        raise StudyError("task.p", f"must be an integer >= 2 (got {p})")
+    if p * p > MAX_PAIRS:
+        raise StudyError("task.p", f"p={p} gives {p * p:,} pairs; at most {MAX_PAIRS:,} (p <= 4096)")
+    return p
+
+
+def _all_pairs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.arange(a).repeat_interleave(b)  # (a*b,) 0,0,..,1,1,..
+    y = torch.arange(b).repeat(a)  # (a*b,) 0,1,..,0,1,..
+    return x, y
+
+
+# ---- the symmetric group S_n --------------------------------------------------------
+
+
+def permutations(n: int) -> torch.Tensor:
+    """LongTensor [n!, n]: the elements of S_n in lexicographic order (index 0 is the identity)."""
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+
+
+def _compose(task: TaskConfig) -> Table:
+    """a ∘ b for all pairs in S_n, with (a ∘ b)(i) = a(b(i)) (apply b first)."""
+    n = task.n
+    if n < 2:
+        raise StudyError("task.n", f"must be an integer >= 2 (got {n})")
+    if math.factorial(n) ** 2 > MAX_PAIRS:
+        raise StudyError("task.n", f"S_{n} has {math.factorial(n) ** 2:,} pairs; at most n=6 fits")
+    perms = permutations(n)  # (m, n)
+    m = perms.shape[0]
+    a, b = _all_pairs(m, m)
+    composed = torch.gather(perms[a], 1, perms[b])  # (m*m, n): row i is a[b[i]]
+    # Each permutation as a base-n number, looked up to its lexicographic index.
+    weights = n ** torch.arange(n - 1, -1, -1)
+    index_of = torch.full((n**n,), -1, dtype=torch.long)
+    index_of[perms @ weights] = torch.arange(m)
+    return Table(torch.stack([a, b], dim=1), index_of[composed @ weights], m, m)
+
+
+OPERATIONS: dict[str, Callable[[TaskConfig], Table]] = {
+    "x+y": _modular(lambda x, y, p: x + y),
+    "x-y": _modular(lambda x, y, p: x - y),
+    "x*y": _modular(lambda x, y, p: x * y),
+    "x/y": _divide,
+    "x^2+y^2": _modular(lambda x, y, p: x * x % p + y * y % p),
+    "x^2+xy+y^2": _modular(lambda x, y, p: x * x % p + x * y % p + y * y % p),
+    "x^3+xy": _modular(lambda x, y, p: x * x % p * x % p + x * y % p),
+    "perm": _compose,
+}
+"""op name -> full table builder. Terms are reduced mod p as they go, so int64 never overflows."""
+
+
+def build_table(task: TaskConfig) -> Table:
+    """The full table of `task.op`; StudyError for an unknown op or a bad p/n."""
+    if task.op not in OPERATIONS:
+        raise StudyError("task.op", f"unknown task.op {task.op!r}; choose one of: {', '.join(OPERATIONS)}")
+    return OPERATIONS[task.op](task)
+
+
+def build_dataset(task: TaskConfig, data: DataConfig) -> Dataset:
+    """The table split by `data.fraction`, shuffled by `data.split_seed` alone.
+
+    The first round(fraction * N) pairs of a seeded permutation train; the rest
+    (the complement) validate. Raises StudyError when either side would be empty.
+    """
+    table = build_table(task)
+    n = table.labels.shape[0]
+    if not 0.0 < data.fraction < 1.0:
+        raise StudyError("data.fraction", f"must be in (0, 1) (got {data.fraction})")
+    n_train = round(data.fraction * n)
+    if not 0 < n_train < n:
+        raise StudyError(
+            "data.fraction",
+            f"{data.fraction} of {n} pairs leaves an empty {'training' if n_train == 0 else 'validation'} set",
+        )
+    generator = torch.Generator().manual_seed(data.split_seed)
+    order = torch.randperm(n, generator=generator)
+    train, val = order[:n_train], order[n_train:]
+    return Dataset(
+        table.inputs[train],
+        table.labels[train],
+        table.inputs[val],
+        table.labels[val],
+        table.n_tokens,
+        table.n_classes,
+    )
+
+
+# ---- primes (x/y needs one) -----------------------------------------------------------
+
+
+def is_prime(n: int) -> bool:
+    """Trial division; moduli here are small."""
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def nearest_primes(n: int) -> tuple[int | None, int]:
+    """The largest prime below n (None if there is none) and the smallest above it."""
+    below = next((q for q in range(n - 1, 1, -1) if is_prime(q)), None)
+    above = next(q for q in itertools.count(n + 1) if is_prime(q))
+    return below, above

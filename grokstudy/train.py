@@ -1,0 +1,247 @@
+"""The training core: a `TrialConfig` in, `EvalRecord`s out. Torch and core modules only.
+
+    state = init_state(cfg)              # or load_state(cfg, path)
+    for record in run(cfg, state):       # state.step == record.step at each yield
+        ...                              # save_state(state, path) here resumes bit-for-bit
+
+Reproducibility contract: on one device and thread count, a run is a pure
+function of the config. The init draws from `train.seed` (in a forked RNG, so the
+caller's global RNG is untouched); minibatch k is drawn from a generator seeded
+by (train.seed, k), so there is no RNG stream to carry across a restore; the
+split depends on `data.split_seed` only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from grokstudy import measures
+from grokstudy.config import TrainConfig, TrialConfig, to_dict
+from grokstudy.errors import StudyError
+from grokstudy.models import build_model
+from grokstudy.optim import Optimizer, build_loss, build_optimizer
+from grokstudy.records import EvalRecord
+from grokstudy.tasks import Dataset, build_dataset
+
+STATE_FORMAT = 1
+EVAL_CHUNK = 1 << 16
+"""Rows per forward pass at evaluation; tables up to this size take one batched forward."""
+
+
+@dataclass
+class TrainState:
+    """Everything a run needs to continue: `save_state` writes it, `load_state` reads it back."""
+
+    cfg: TrialConfig
+    model: nn.Module
+    optimizer: Optimizer
+    """Holds the torch optimizer, Grokfast buffers and, for decay_to=init, the initial weights."""
+    data: Dataset
+    """On `device`; rebuilt from the config on load (it is a pure function of task/data)."""
+    device: torch.device
+    step: int = 0
+    """Optimizer steps taken."""
+    last_eval: int = -1
+    """Step of the last yielded record (-1: none yet); `run` never yields a step twice."""
+    elapsed_s: float = 0.0
+    """Wall-clock seconds spent training, evaluation excluded."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """`train.device`: auto -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu" or name.startswith("cuda"):
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise StudyError("train.device", f"{name!r} asked for, but this torch build sees no CUDA device")
+        return torch.device(name)
+    raise StudyError("train.device", f"unknown train.device {name!r}; choose one of: auto, cpu, cuda")
+
+
+def eval_steps(train: TrainConfig) -> list[int]:
+    """Steps at which `run` evaluates: 0, the 1-2-5 steps below eval_every, every eval_every, max_steps."""
+    early, decade = [], 1
+    while decade < train.eval_every:
+        early += [s for s in (decade, 2 * decade, 5 * decade) if s < train.eval_every]
+        decade *= 10
+    regular = range(train.eval_every, train.max_steps, train.eval_every)
+    return sorted({0, train.max_steps, *(s for s in early if s < train.max_steps), *regular})
+
+
+def init_state(cfg: TrialConfig) -> TrainState:
+    """A fresh run: split, model initialised from `train.seed`, optimizer, all on `train.device`."""
+    _check_train(cfg.train)
+    device = resolve_device(cfg.train.device)
+    build_loss(cfg.train.loss)  # fail on a bad train.loss now, not at the first step
+    data = build_dataset(cfg.task, cfg.data).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, data.n_tokens, data.n_classes)
+    model.to(device)
+    return TrainState(cfg, model, build_optimizer(cfg.optimizer, model), data, device)
+
+
+def run(cfg: TrialConfig, state: TrainState | None = None) -> Iterator[EvalRecord]:
+    """Train from `state` (default: `init_state(cfg)`) to `train.max_steps`, yielding a record
+    at each step of `eval_steps`.
+
+    Mutates `state`; at each yield `state.step == record.step`, so the caller may
+    save it there. Steps already yielded (`state.last_eval`) are not yielded again.
+    Tunes the process for small CPU models first (`_tune_process`).
+    """
+    _tune_process()
+    state = init_state(cfg) if state is None else state
+    loss_fn = build_loss(cfg.train.loss)
+    model, optimizer, data = state.model, state.optimizer, state.data
+    batch = _batches(cfg.train, data, state.device)
+    model.train()
+    for target in (s for s in eval_steps(cfg.train) if s > state.last_eval):
+        if state.step < target:
+            start = time.perf_counter()
+            while state.step < target:
+                x, y = batch(state.step)
+                loss = loss_fn(model(x), y)  # float32 logits, float64 loss
+                loss.backward()
+                optimizer.step(state.step)
+                optimizer.zero_grad()
+                state.step += 1
+            if state.device.type == "cuda":
+                torch.cuda.synchronize(state.device)  # so the clock sees the queued steps
+            state.elapsed_s += time.perf_counter() - start
+        record = evaluate(cfg, state, loss_fn)
+        state.last_eval = state.step
+        yield record
+
+
+def train_to_end(cfg: TrialConfig) -> list[EvalRecord]:
+    """Every record of a fresh run (for scripts and tests)."""
+    return list(run(cfg))
+
+
+@torch.no_grad()
+def evaluate(
+    cfg: TrialConfig, state: TrainState, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> EvalRecord:
+    """Loss and accuracy on the full train and validation sets plus the weight measures; one host sync."""
+    model, data = state.model, state.data
+    train_loss, train_acc = _loss_and_accuracy(model, data.train_x, data.train_y, loss_fn)
+    val_loss, val_acc = _loss_and_accuracy(model, data.val_x, data.val_y, loss_fn)
+    norm = measures.weights_norm_tensor(model)
+    fourier = measures.fourier_top_k_share_tensor(model, cfg.task)
+    values = torch.stack([train_loss, train_acc, val_loss, val_acc, norm, fourier]).tolist()
+    return EvalRecord(state.step, *values, elapsed_s=state.elapsed_s)
+
+
+def save_state(state: TrainState, path: str | Path) -> None:
+    """One `torch.save` file of the full state, plus `config.json` beside it (`config.to_dict`)."""
+    path = Path(path)
+    payload = {
+        "format": STATE_FORMAT,
+        "step": state.step,
+        "last_eval": state.last_eval,
+        "elapsed_s": state.elapsed_s,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+    }
+    torch.save(payload, path)
+    (path.parent / "config.json").write_text(json.dumps(to_dict(state.cfg), indent=2) + "\n")
+
+
+def load_state(cfg: TrialConfig, path: str | Path) -> TrainState:
+    """The state `save_state` wrote, on this config's device; `run` continues it bit-for-bit."""
+    state = init_state(cfg)
+    payload = torch.load(Path(path), map_location=state.device, weights_only=True)
+    if payload.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: unknown training-state format {payload.get('format')!r}")
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.step = int(payload["step"])
+    state.last_eval = int(payload["last_eval"])
+    state.elapsed_s = float(payload["elapsed_s"])
+    return state
+
+
+# ---- internals ---------------------------------------------------------------------------
+
+
+def _tune_process() -> None:
+    """Process-wide settings that make small-model CPU training fast; idempotent.
+
+    1. Flush denormal floats to zero. Large weight decay drives weights toward 0,
+       into denormals that CPU kernels handle 10x+ slower (a confusion-phase gromov
+       run took 13x longer per step); flushing changes no accuracy or phase.
+    2. Keep freed memory in glibc's heap. By default blocks over ~128 KiB-32 MiB
+       go back to the OS when freed, so each step's activations page-fault afresh:
+       ~1,400 faults and ~40% of a reference-MLP step (bench/step_efficiency.py).
+       The price is that the process keeps its peak heap until it exits.
+    """
+    torch.set_flush_denormal(True)
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+_MALLOC_TUNED = False
+
+
+def _check_train(train: TrainConfig) -> None:
+    if train.max_steps < 0:
+        raise StudyError("train.max_steps", f"must be >= 0 (got {train.max_steps})")
+    if train.eval_every < 1:
+        raise StudyError("train.eval_every", f"must be >= 1 (got {train.eval_every})")
+    if train.batch_size is not None and train.batch_size < 1:
+        raise StudyError("train.batch_size", f"must be >= 1 or full (got {train.batch_size})")
+
+
+def _batches(
+    train: TrainConfig, data: Dataset, device: torch.device
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """step -> (x, y): the full training set, or `batch_size` distinct pairs drawn for that step."""
+    n = data.train_x.shape[0]
+    if train.batch_size is None or train.batch_size >= n:
+        return lambda step: (data.train_x, data.train_y)
+    size = train.batch_size
+    generator = torch.Generator(device=device)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Seeded per step: minibatch k depends on (seed, k) only, so a restore needs no RNG state.
+        generator.manual_seed(((train.seed << 32) + step) % 2**64)
+        idx = torch.randperm(n, generator=generator, device=device)[:size]
+        return data.train_x[idx], data.train_y[idx]
+
+    return batch
+
+
+def _loss_and_accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean loss and accuracy as 0-d float64 tensors, one forward per EVAL_CHUNK rows."""
+    loss_sum = x.new_zeros((), dtype=torch.float64)
+    correct = x.new_zeros((), dtype=torch.float64)
+    for i in range(0, x.shape[0], EVAL_CHUNK):
+        xb, yb = x[i : i + EVAL_CHUNK], y[i : i + EVAL_CHUNK]
+        logits = model(xb)  # (B, n_classes)
+        loss_sum += loss_fn(logits, yb) * yb.shape[0]
+        correct += (logits.argmax(-1) == yb).sum()
+    return loss_sum / x.shape[0], correct / x.shape[0]

@@ -1,0 +1,192 @@
+"""Real servers for integration tests: an MLflow tracking server, a throwaway
+PostgreSQL cluster, headless Chromium. Plain functions; fixtures live in the
+test files. Every process starts in its own session and is stopped by killing
+that process group, so nothing outlives the test run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from grokstudy import tracking
+
+CHROMIUM = "/usr/bin/chromium"
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of `proc`, then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Children (uvicorn workers) may outlive the leader briefly.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class MlflowServer:
+    uri: str
+    """http://127.0.0.1:PORT"""
+    port: int
+    backend_uri: str
+    log: Path
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def mlflow_server(root: Path, backend_uri: str | None = None) -> Iterator[MlflowServer]:
+    """An `mlflow server` on 127.0.0.1:<free port> with a sqlite store (or
+    `backend_uri`) and its artifacts under `root`; started with the same argv
+    that `grokstudy ui` uses."""
+    root.mkdir(parents=True, exist_ok=True)
+    backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
+    port = free_port()
+    cmd = tracking.ui_command(backend_uri, port=port)
+    if "--artifacts-destination" not in cmd:
+        cmd += ["--artifacts-destination", str(root / "mlartifacts")]
+    log = root / "server.log"
+    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+        yield MlflowServer(f"http://127.0.0.1:{port}", port, backend_uri, log)
+    finally:
+        # Nothing to save: the store commits every request. uvicorn would wait on
+        # idle keep-alive connections before exiting.
+        stop_group(proc, grace_s=3)
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """A throwaway PostgreSQL 15 cluster on 127.0.0.1:<free port>; yields a SQLAlchemy URL.
+
+    Postgres refuses to run as root, so under root it runs as the `postgres`
+    user, in a directory of its own under /tmp (pytest's tmp_path is not
+    reachable by another user). The directory is removed afterwards.
+    """
+    root = Path(tempfile.mkdtemp(prefix="grokstudy-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        for path in (root, sock):
+            shutil.chown(path, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    proc = None
+    try:
+        init = subprocess.run(
+            [
+                *as_user,
+                str(POSTGRES_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "mlflow",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed:\n{init.stdout}{init.stderr}")
+        port = free_port()
+        log = root / "postgres.log"
+        cmd = [*as_user, str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(port)]
+        cmd += [
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={sock}",
+            "-c",
+            "fsync=off",
+        ]
+        with log.open("wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while subprocess.run(
+            [str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True
+        ).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"postgres did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield f"postgresql://mlflow@127.0.0.1:{port}/postgres"
+    finally:
+        if proc is not None:
+            stop_group(proc)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def chromium(url: str, profile: Path, *extra: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
+    """Run headless Chromium on `url` with `extra` flags (e.g. --dump-dom, --screenshot=...)."""
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        *extra,
+        url,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        stop_group(proc, grace_s=2)
+    return subprocess.CompletedProcess(
+        cmd, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+    )

@@ -1,0 +1,307 @@
+"""figures.py on synthetic studies: every figure, every format, grids, samples, facets, bad input.
+
+The synthetic study mimics a weight decay × training fraction sweep: the delay
+to generalize grows as weight decay and the fraction fall (Omnigrok's t ∝ 1/γ;
+Power et al.'s steep rise at small fractions), too much decay on too little
+data never fits, and curves are labelled by the real `phases.classify`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from matplotlib.image import AxesImage
+from matplotlib.patches import Rectangle
+
+from grokstudy import figures
+from grokstudy.config import PhaseConfig, TrialConfig, with_overrides
+from grokstudy.errors import StudyError
+from grokstudy.phases import PHASES, classify_records
+from grokstudy.records import EvalRecord
+from grokstudy.results import curve_rows, curves_table, trial_row, trials_table
+
+BUDGET = 20_000
+EVAL_STEPS = [0, 1, 2, 5, 10, 20, 50, 100, *range(200, BUDGET + 1, 200)]
+WDS = [0.001, 0.00464, 0.0215, 0.1, 0.464, 2.15, 10.0]
+FRACTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+def _sigmoid_curve(steps: np.ndarray, t: float | None, low: float, rng: np.random.Generator) -> np.ndarray:
+    """Accuracy rising from `low` to 1 in log-time, crossing 0.99 near step t (never if t is None)."""
+    if t is None:
+        base = np.full(steps.shape, low)
+    else:
+        z = 25 * (np.log10(steps + 1) - np.log10(t / 1.6))
+        base = low + (1 - low) / (1 + np.exp(-np.clip(z, -50, 50)))
+    return np.clip(base + rng.normal(0, 0.002, steps.shape), 0, 1)
+
+
+def synthetic_curve(
+    wd: float, frac: float, seed: int, optimizer: str = "adamw"
+) -> tuple[list[EvalRecord], str]:
+    """A plausible eval curve for one trial, and the regime it was drawn from."""
+    rng = np.random.default_rng([int(wd * 1e5), int(frac * 100), seed, len(optimizer)])
+    steps = np.array(EVAL_STEPS, dtype=float)
+    noise = math.exp(rng.normal(0, 0.35))
+    t_train = 250 * noise * (1.5 if optimizer == "adam" else 1.0)
+    # Delay to generalize: ∝ 1/wd^0.6, rising steeply as the fraction shrinks.
+    t_val = t_train + 900 * noise / max(wd, 1e-4) ** 0.6 * math.exp(6 * (0.45 - frac)) * (
+        3 if optimizer == "adam" else 1
+    )
+    if wd >= 2 and frac <= 0.2 + 0.1 * (wd >= 10):
+        regime, t_train, t_val = "confusion", None, None
+    elif wd >= 2 and frac <= 0.3 and seed == 0:
+        regime = "unstable"
+    else:
+        regime = "ok"
+    train = _sigmoid_curve(steps, t_train, 0.02, rng)
+    if regime == "confusion":
+        train = np.minimum(train + 0.6, 0.93)
+    val = _sigmoid_curve(steps, t_val if t_val is not None and t_val < 3 * BUDGET else None, 0.01, rng)
+    val = np.minimum(val + 0.02 * (steps > (t_train or 0)), 1.0)
+    if regime == "unstable":
+        val = np.where(steps > 2 * t_val, 0.35, val)
+    records = [
+        EvalRecord(
+            step=int(s),
+            train_loss=float(-np.log(max(a, 1e-3))),
+            train_acc=float(a),
+            val_loss=float(-np.log(max(b, 1e-3))),
+            val_acc=float(b),
+            weights_norm=float(40 / (1 + wd * s / 1000)),
+            elapsed_s=float(s) * 1e-3,
+        )
+        for s, a, b in zip(steps, train, val, strict=True)
+    ]
+    return records, regime
+
+
+def synthetic_study(
+    name: str = "wd-vs-frac",
+    wds: list[float] = WDS,
+    fractions: list[float] = FRACTIONS,
+    seeds: int = 3,
+    optimizers: tuple[str, ...] = ("adamw",),
+    skip: frozenset = frozenset({(0.1, 0.4), (10.0, 0.7)}),
+    points: list[tuple[float, float]] | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """Trials and curves tables of a grid (or of explicit `points`), built through results.py."""
+    searched = ["optimizer.weight_decay", "data.fraction"] + (
+        ["optimizer.name"] if len(optimizers) > 1 else []
+    )
+    grid = points if points is not None else [(w, f) for w in wds for f in fractions if (w, f) not in skip]
+    trial_rows, all_curves = [], []
+    for opt in optimizers:
+        for wd, frac in grid:
+            for seed in range(seeds):
+                cfg = with_overrides(
+                    TrialConfig(),
+                    {
+                        "optimizer.weight_decay": wd,
+                        "data.fraction": frac,
+                        "optimizer.name": opt,
+                        "train.seed": seed,
+                        "train.max_steps": BUDGET,
+                    },
+                )
+                records, _ = synthetic_curve(wd, frac, seed, opt)
+                verdict = classify_records(records, PhaseConfig(), BUDGET)
+                trial_id = f"{opt}-{wd:g}-{frac:g}-{seed}"
+                trial_rows.append(
+                    trial_row(
+                        name,
+                        trial_id,
+                        f"{opt}-{wd:g}-{frac:g}",
+                        cfg,
+                        searched,
+                        verdict,
+                        final_train_loss=records[-1].train_loss,
+                        final_val_loss=records[-1].val_loss,
+                        stop_reason="budget",
+                        wall_s=12.0,
+                    )
+                )
+                all_curves += curve_rows(name, trial_id, records)
+    return trials_table(trial_rows), curves_table(all_curves)
+
+
+@pytest.fixture(scope="module")
+def grid_study() -> tuple[pa.Table, pa.Table]:
+    return synthetic_study()
+
+
+def texts(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def tick_labels(ax, which: str) -> list[str]:
+    ax.figure.canvas.draw()
+    labels = ax.get_xticklabels() if which == "x" else ax.get_yticklabels()
+    return [t.get_text() for t in labels]
+
+
+def test_the_synthetic_study_covers_every_phase(grid_study) -> None:
+    trials, _ = grid_study
+    assert set(trials.column("phase").to_pylist()) == set(PHASES)
+
+
+def test_render_study_writes_every_figure_in_every_format(grid_study, tmp_path: Path, artifacts_dir) -> None:
+    trials, curves = grid_study
+    paths = figures.render_study(
+        trials, curves, tmp_path, x="data.fraction", y="optimizer.weight_decay", formats=("png", "svg", "pdf")
+    )
+    names = ("phase_diagram", "delay_heatmap", "t_val_heatmap", "learning_curves")
+    assert sorted(p.name for p in paths) == sorted(f"{n}.{f}" for n in names for f in ("png", "svg", "pdf"))
+    for p in paths:
+        head = p.read_bytes()[:8]
+        assert p.stat().st_size > 10_000, p
+        assert {"png": head == b"\x89PNG\r\n\x1a\n", "pdf": head[:5] == b"%PDF-", "svg": b"<?xml" in head}[
+            p.suffix[1:]
+        ], p
+        if p.suffix == ".png":
+            (artifacts_dir / f"figures_{p.name}").write_bytes(p.read_bytes())
+
+
+def test_phase_diagram_shows_disagreement_missing_cells_and_log_axes(grid_study) -> None:
+    trials, _ = grid_study
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
+    ax = fig.axes[0]
+    cells = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(cells) == len(WDS) * len(FRACTIONS)
+    assert sum(p.get_hatch() == "////" for p in cells) == 2  # the two skipped points
+    assert any(t in ("1/3", "2/3") for t in texts(fig))  # seeds disagree somewhere
+    assert "$10^{-3}$" in tick_labels(ax, "y") and "$10^{1}$" in tick_labels(ax, "y")
+    assert "0.1" in tick_labels(ax, "x")  # fraction spans < 2 decades: linear
+    assert ax.get_ylabel() == "optimizer.weight_decay" and ax.get_xlabel() == "data.fraction"
+    legend = fig.legends[0].get_texts()
+    assert any(t.get_text().startswith("grokking: ") for t in legend)
+    assert fig.get_suptitle() == "wd-vs-frac: phase diagram\n3 seeds per point, budget 20k steps"
+
+
+def test_a_single_seed_study_has_no_agreement_marks() -> None:
+    trials, _ = synthetic_study(seeds=1, wds=WDS[:4], fractions=FRACTIONS[:3], skip=frozenset())
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
+    assert not any("/" in t for t in texts(fig))
+    assert "1 seed per point" in fig.get_suptitle()
+    assert fig.legends[0].get_title().get_text() == ""
+
+
+def test_a_random_sample_is_drawn_as_points_over_nearest_neighbour_regions(artifacts_dir) -> None:
+    rng = np.random.default_rng(1)
+    points = [(float(10 ** rng.uniform(-3, 1)), float(rng.uniform(0.1, 0.7))) for _ in range(40)]
+    trials, _ = synthetic_study(name="random", points=points, seeds=1)
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
+    ax = fig.axes[0]
+    assert not [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len([im for im in ax.get_images() if isinstance(im, AxesImage)]) == 1
+    assert len(ax.collections) == 40
+    fig.savefig(artifacts_dir / "figures_random_phase_diagram.png")
+    delay = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay")
+    assert len(delay.axes[0].collections) == 40 and not delay.axes[0].patches
+
+
+def test_a_facet_draws_one_panel_per_value_with_shared_axes(artifacts_dir) -> None:
+    trials, _ = synthetic_study(
+        wds=WDS[::2], fractions=FRACTIONS[::2], seeds=2, optimizers=("adamw", "adam"), skip=frozenset()
+    )
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay", facet="optimizer.name")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["optimizer.name = adam", "optimizer.name = adamw"]
+    assert panels[0].get_ylim() == panels[1].get_ylim()
+    fig.savefig(artifacts_dir / "figures_facet_phase_diagram.png")
+    delay = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", facet="optimizer.name")
+    assert [ax.get_title() for ax in delay.axes[:2]] == ["optimizer.name = adam", "optimizer.name = adamw"]
+
+
+def test_delay_heatmap_marks_cells_that_never_generalized_and_labels_steps(grid_study) -> None:
+    trials, _ = grid_study
+    fig = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay")
+    assert "×" in texts(fig)
+    colorbar = fig.axes[-1]
+    assert "steps" in colorbar.get_ylabel()
+    never = [p for p in fig.axes[0].patches if p.get_facecolor()[:3] == pytest.approx((212 / 255,) * 3)]
+    assert len(never) == texts(fig).count("×")
+    t_val = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", value="t_val")
+    assert t_val.axes[-1].get_ylabel().startswith("t_val (steps")
+    with pytest.raises(StudyError, match="unknown heatmap value 'gap'"):
+        figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", value="gap")
+
+
+def test_a_zero_on_a_log_axis_gets_its_own_tick() -> None:
+    trials, _ = synthetic_study(seeds=1, wds=[0.0, 0.01, 0.1, 1.0], fractions=[0.3, 0.5], skip=frozenset())
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
+    assert tick_labels(fig.axes[0], "y") == ["0", "$10^{-2}$", "$10^{-1}$", "$10^{0}$"]
+
+
+def test_uneven_grid_values_on_a_linear_axis_become_evenly_spaced_cells() -> None:
+    trials, _ = synthetic_study(seeds=1, wds=[0.0, 0.01, 0.1, 1.0], fractions=[0.3, 0.5], skip=frozenset())
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay", log_y=False)
+    ax = fig.axes[0]
+    assert tick_labels(ax, "y") == ["0", "0.01", "0.1", "1"]
+    assert tick_labels(ax, "x") == ["0.3", "0.5"]  # two values: no scale to draw, and no cell below zero
+    assert ax.get_ylim() == (-0.5, 3.5)
+
+
+def test_learning_curves_show_one_median_trial_per_phase(grid_study) -> None:
+    trials, curves = grid_study
+    fig = figures.learning_curves(trials, curves)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title(loc="left").split("}")[0].removeprefix("$\\bf{") for ax in panels] == list(PHASES)
+    grokking = panels[PHASES.index("grokking")]
+    assert grokking.get_xscale() == "symlog"
+    assert len(grokking.lines) == 4  # train, validation, t_train, t_val
+    fig = figures.learning_curves(trials, curves, trial_ids=["adamw-0.001-0.5-0"])
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 1
+    with pytest.raises(StudyError, match="no trial 'nope'"):
+        figures.learning_curves(trials, curves, trial_ids=["nope"])
+
+
+def test_learning_curves_are_skipped_without_curves(tmp_path: Path) -> None:
+    trials, _ = synthetic_study(seeds=1, wds=WDS[:3], fractions=FRACTIONS[:3], skip=frozenset())
+    paths = figures.render_study(
+        trials, None, tmp_path, x="data.fraction", y="optimizer.weight_decay", formats=("svg",)
+    )
+    assert [p.name for p in paths] == ["phase_diagram.svg", "delay_heatmap.svg", "t_val_heatmap.svg"]
+
+
+def test_an_unknown_axis_is_one_line_listing_the_searched_axes_first(grid_study, tmp_path: Path) -> None:
+    trials, curves = grid_study
+    with pytest.raises(StudyError) as err:
+        figures.render_study(trials, curves, tmp_path, x="foo", y="optimizer.weight_decay")
+    assert err.value.path == "--x"
+    assert str(err.value).startswith(
+        "--x: unknown axis 'foo'; the study's axes are: optimizer.weight_decay, data.fraction, study, "
+    )
+    assert "\n" not in str(err.value)
+    with pytest.raises(StudyError, match="^--facet: unknown axis 'optimizer.nam'"):
+        figures.render_study(trials, curves, tmp_path, x="data.fraction", y="task.p", facet="optimizer.nam")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unknown_format_is_refused_before_anything_is_drawn(grid_study, tmp_path: Path) -> None:
+    trials, curves = grid_study
+    with pytest.raises(StudyError, match="^--format: unknown format 'jpg'; choose from: png, svg, pdf$"):
+        figures.render_study(
+            trials, curves, tmp_path, x="data.fraction", y="optimizer.weight_decay", formats=("png", "jpg")
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_failed_trials_are_left_out_and_their_cells_show_as_missing() -> None:
+    trials, _ = synthetic_study(seeds=1, wds=WDS[:3], fractions=FRACTIONS[:3], skip=frozenset())
+    rows = trials.to_pylist()
+    rows[0] |= {"stop_reason": "error", "status": "ERROR"}
+    fig = figures.phase_diagram(trials_table(rows), "data.fraction", "optimizer.weight_decay")
+    assert sum(p.get_hatch() == "////" for p in fig.axes[0].patches) == 1
+
+
+def test_a_categorical_axis_is_labelled_by_its_values() -> None:
+    trials, _ = synthetic_study(
+        seeds=1, wds=[0.1, 1.0], fractions=[0.3, 0.5], optimizers=("adamw", "sgd"), skip=frozenset()
+    )
+    fig = figures.phase_diagram(trials, "optimizer.name", "optimizer.weight_decay")
+    assert tick_labels(fig.axes[0], "x") == ["adamw", "sgd"]

@@ -1,0 +1,339 @@
+"""The study file: every mistake is one line naming its dotted path; valid studies round-trip."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+
+from grokstudy import study as study_mod
+from grokstudy.config import TrialConfig
+from grokstudy.errors import StudyError, StudyErrors
+from grokstudy.study import describe, load_study, parse_set, parse_study, study_to_dict, trial_from_overrides
+
+STUDY = """\
+name: test-study
+task: {op: "x+y", p: 23}
+data: {fraction: 0.5}
+model: {kind: mlp, embed_dim: 16, width: 64}
+optimizer: {name: adamw, lr: 1.0e-3, weight_decay: 1.0}
+train: {max_steps: 300, eval_every: 50, checkpoint_every: 100}
+search:
+  sampler: grid
+  space:
+    optimizer.weight_decay: {log: [1.0e-3, 10.0], points: 3}
+    data.fraction: {range: [0.2, 0.8], points: 4}
+  seeds: 2
+resources: {cpu: 1}
+diagram: {x: data.fraction, y: optimizer.weight_decay}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_lines(tmp_path: Path, text: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    with pytest.raises(StudyError) as exc:
+        load_study(write(tmp_path, text), overrides)
+    return str(exc.value).splitlines()
+
+
+# (replace this, with that) in STUDY → (the dotted path that must lead the line, a fragment of it)
+MALFORMED = {
+    "typo at top level": (("optimizer:", "optimiser:"), "optimiser", "did you mean 'optimizer'?"),
+    "typo in a section": (
+        ("weight_decay: 1.0", "weight_decy: 1.0"),
+        "optimizer.weight_decy",
+        "did you mean 'weight_decay'?",
+    ),
+    "typo in a searched key": (
+        ("optimizer.weight_decay: {log", "optimizer.weight_decy: {log"),
+        "search.space.optimizer.weight_decy",
+        "did you mean 'optimizer.weight_decay'?",
+    ),
+    "typo inside a search axis": (
+        ("points: 3", "pionts: 3"),
+        "search.space.optimizer.weight_decay.pionts",
+        "did you mean 'points'?",
+    ),
+    "fraction out of range": (
+        ("fraction: 0.5", "fraction: 1.5"),
+        "data.fraction",
+        "(got 1.5); allowed: 0 < fraction < 1",
+    ),
+    "searched fraction out of range": (
+        ("range: [0.2, 0.8]", "range: [0.1, 1.2]"),
+        "search.space.data.fraction",
+        "(got 1.2)",
+    ),
+    "non-prime modulus for x/y": (('op: "x+y", p: 23', 'op: "x/y", p: 48'), "task.p", "not prime (got 48)"),
+    "non-prime searched modulus for x/y": (
+        ("  seeds: 2", '    task.op: {choice: ["x/y"]}\n    task.p: {values: [23, 25]}\n  seeds: 2'),
+        "search.space.task.p",
+        "not prime (got 25)",
+    ),
+    "unknown op": (('op: "x+y"', 'op: "x+z"'), "task.op", "did you mean 'x+y'?"),
+    "bad sampler": (
+        ("sampler: grid", "sampler: bayes"),
+        "search.sampler",
+        "allowed: grid, sobol, random, tpe",
+    ),
+    "grid without points": (
+        (", points: 3}", "}"),
+        "search.space.optimizer.weight_decay",
+        "grid sampler needs points",
+    ),
+    "sobol without num_samples": (("sampler: grid", "sampler: sobol"), "search.num_samples", "missing"),
+    "checkpoint not a multiple of eval": (
+        ("checkpoint_every: 100", "checkpoint_every: 75"),
+        "train.checkpoint_every",
+        "not a multiple of train.eval_every",
+    ),
+    "wrong type": (
+        ("max_steps: 300", "max_steps: lots"),
+        "train.max_steps",
+        "expected an integer (got 'lots')",
+    ),
+    "log range through zero": (
+        ("log: [1.0e-3, 10.0]", "log: [0, 10.0]"),
+        "search.space.optimizer.weight_decay",
+        "0 < low < high",
+    ),
+    "two forms on one axis": (
+        ("points: 3}", "points: 3, values: [1.0]}"),
+        "search.space.optimizer.weight_decay",
+        "exactly one of",
+    ),
+    "searching the seed": (
+        ("  seeds: 2", "    train.seed: {values: [0, 1]}\n  seeds: 2"),
+        "search.space.train.seed",
+        "search.seeds",
+    ),
+    "zero seeds": (("seeds: 2", "seeds: 0"), "search.seeds", "(got 0)"),
+    "unsafe name": (("name: test-study", "name: my study/1"), "name", "not a safe name"),
+    "heads do not divide embed_dim": (
+        ("kind: mlp, embed_dim: 16", "kind: transformer, heads: 3, embed_dim: 16"),
+        "model.embed_dim",
+        "multiple of 3",
+    ),
+    "unknown diagram axis": (
+        ("x: data.fraction", "x: data.fracton"),
+        "diagram.x",
+        "did you mean 'data.fraction'?",
+    ),
+    "betas out of range": (("lr: 1.0e-3", "lr: 1.0e-3, betas: [0.9, 1.0]"), "optimizer.betas", "[0, 1)"),
+    "more than one GPU but not whole": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1, gpu: 1.5}"),
+        "resources.gpu",
+        "whole number",
+    ),
+    "modulus too large": (("p: 23", "p: 5000"), "task.p", "2 <= p <= 4096"),
+    "empty training set": (
+        ("range: [0.2, 0.8]", "range: [0.0005, 0.8]"),
+        "search.space.data.fraction",
+        "empty training set",
+    ),
+    "nesterov without momentum": (
+        ("name: adamw, lr", "name: sgd, nesterov: true, lr"),
+        "optimizer.nesterov",
+        "needs optimizer.momentum > 0",
+    ),
+    "zero batch": (("max_steps: 300", "max_steps: 300, batch_size: 0"), "train.batch_size", "or full"),
+    "repeated integer grid values": (
+        ("  seeds: 2", "    model.width: {log: [1, 4], points: 9}\n  seeds: 2"),
+        "search.space.model.width",
+        "repeat values",
+    ),
+}
+
+
+@pytest.mark.parametrize(("swap", "path", "fragment"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_each_mistake_is_one_line_naming_its_dotted_path(
+    tmp_path: Path, swap: tuple[str, str], path: str, fragment: str
+) -> None:
+    assert swap[0] in STUDY
+    lines = error_lines(tmp_path, STUDY.replace(*swap, 1))
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{path}: "), lines[0]
+    assert fragment in lines[0]
+
+
+def test_all_problems_of_a_file_are_reported_together(tmp_path: Path) -> None:
+    text = STUDY.replace("fraction: 0.5", "fraction: 2").replace("max_steps: 300", "max_steps: lots")
+    text = text.replace("sampler: grid", "sampler: bayes")
+    with pytest.raises(StudyErrors) as exc:
+        load_study(write(tmp_path, text))
+    assert {e.path for e in exc.value.errors} == {"data.fraction", "train.max_steps", "search.sampler"}
+    assert len(str(exc.value).splitlines()) == 3
+
+
+def test_yaml_syntax_errors_and_duplicate_keys_name_the_file_and_line(tmp_path: Path) -> None:
+    lines = error_lines(tmp_path, STUDY.replace("data: {fraction: 0.5}", "data: {fraction: 0.5"))
+    assert lines[0].startswith(f"{tmp_path / 'study.yaml'}: not valid YAML: line ")
+    lines = error_lines(tmp_path, STUDY + "name: again\n")
+    assert "line 15: duplicate key 'name'" in lines[0]
+
+
+def test_a_missing_file_is_named() -> None:
+    with pytest.raises(StudyError, match="no/such/study.yaml: no such study file"):
+        load_study("no/such/study.yaml")
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path: Path) -> None:
+    text = STUDY.replace("lr: 1.0e-3", "lr: 1e-3").replace("max_steps: 300", "max_steps: 3e2")
+    s = load_study(write(tmp_path, text))
+    assert s.base.optimizer.lr == 1e-3
+    assert s.base.train.max_steps == 300 and isinstance(s.base.train.max_steps, int)
+
+
+# ---- --set ---------------------------------------------------------------------------------------
+
+BAD_SET = {
+    "no equals sign": (("foo",), "--set", "expected KEY=VALUE"),
+    "unknown key": (("train.max_stepz=5",), "--set train.max_stepz", "did you mean 'train.max_steps'?"),
+    "unknown section": (("trian.max_steps=5",), "--set trian.max_steps", "did you mean 'train.max_steps'?"),
+    "unknown searched key": (
+        ("search.space.optimizer.weight_decy={values: [1]}",),
+        "search.space.optimizer.weight_decy",
+        "did you mean",
+    ),
+    "a searched key set as a base value": (
+        ("optimizer.weight_decay=0.1",),
+        "--set optimizer.weight_decay",
+        "--set search.space.optimizer.weight_decay=null",
+    ),
+    "value that is not YAML": (("optimizer.betas=[0.9,",), "--set optimizer.betas", "not valid YAML"),
+    "bad value": (("optimizer.lr=0",), "optimizer.lr", "(got 0); allowed: lr > 0"),
+}
+
+
+@pytest.mark.parametrize(("overrides", "path", "fragment"), BAD_SET.values(), ids=BAD_SET.keys())
+def test_bad_overrides_are_one_line_naming_the_key(
+    tmp_path: Path, overrides: tuple[str, ...], path: str, fragment: str
+) -> None:
+    lines = error_lines(tmp_path, STUDY, overrides)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{path}: "), lines[0]
+    assert fragment in lines[0]
+
+
+def test_overrides_set_numbers_lists_full_batches_and_search_axes(tmp_path: Path) -> None:
+    path = write(tmp_path, STUDY)
+    s = load_study(
+        path,
+        [
+            "train.max_steps=2000",
+            "optimizer.betas=[0.9, 0.99]",
+            "train.batch_size=full",
+            "search.seeds=3",
+            "search.space.data.fraction.points=2",
+            "search.space.optimizer.weight_decay=null",
+            "optimizer.weight_decay=0.1",
+            "search.space.optimizer.name={choice: [adamw, sgd]}",
+            "name=other",
+        ],
+    )
+    assert s.name == "other"
+    assert s.base.train.max_steps == 2000
+    assert s.base.optimizer.betas == (0.9, 0.99)
+    assert s.base.train.batch_size is None
+    assert s.base.optimizer.weight_decay == 0.1
+    assert s.search.seeds == 3
+    assert [(d.key, d.grid) for d in s.search.space] == [
+        ("data.fraction", (0.2, 0.8)),
+        ("optimizer.name", ("adamw", "sgd")),
+    ]
+    assert load_study(path, ["train.batch_size=64"]).base.train.batch_size == 64
+
+
+def test_parse_set_reads_values_as_yaml() -> None:
+    assert parse_set(["a.b=2000", "c.d=[0.9,0.99]", "e.f=full", "g.h=1e-3", "i.j=", "k.l=x=y"]) == {
+        "a.b": 2000,
+        "c.d": [0.9, 0.99],
+        "e.f": "full",
+        "g.h": 1e-3,
+        "i.j": None,
+        "k.l": "x=y",
+    }
+
+
+# ---- round trips and summaries -------------------------------------------------------------------
+
+
+def test_a_valid_study_round_trips_through_yaml(tmp_path: Path) -> None:
+    text = STUDY.replace(
+        "  seeds: 2",
+        "    optimizer.betas: {choice: [[0.9, 0.98], [0.9, 0.999]]}\n"
+        "    model.width: {values: [32, 64]}\n"
+        "    model.depth: {range: [1, 3], points: 3}\n"
+        "  seeds: 2",
+    )
+    s = load_study(write(tmp_path, text))
+    assert parse_study(study_to_dict(s)) == s
+    dumped = write(tmp_path, yaml.safe_dump(study_to_dict(s), sort_keys=False))
+    assert load_study(dumped) == s
+    betas = next(d for d in s.search.space if d.key == "optimizer.betas")
+    assert betas.choice == ((0.9, 0.98), (0.9, 0.999))
+    assert next(d for d in s.search.space if d.key == "model.depth").integer
+
+
+def test_describe_shows_the_axes_and_the_trial_count(tmp_path: Path) -> None:
+    text = describe(load_study(write(tmp_path, STUDY)))
+    assert "optimizer.weight_decay  3 log-spaced values: 0.001, 0.1, 10" in text
+    assert "data.fraction           4 values: 0.2, 0.4, 0.6, 0.8" in text
+    assert text.endswith("12 points x 2 seeds = 24 trials")
+    assert yaml.safe_load(text.split("\n\nsearch axes")[0])["name"] == "test-study"
+
+
+# ---- a single trial for `grokstudy train` --------------------------------------------------------
+
+
+def test_train_overrides_build_a_validated_trial(tmp_path: Path) -> None:
+    assert trial_from_overrides([]) == TrialConfig()
+    cfg = trial_from_overrides(["task.op=x/y", "task.p=97", "optimizer.lr=3e-3", "train.batch_size=full"])
+    assert (cfg.task.op, cfg.task.p, cfg.optimizer.lr, cfg.train.batch_size) == ("x/y", 97, 3e-3, None)
+    from_study = trial_from_overrides(["data.fraction=0.7"], write(tmp_path, STUDY))
+    assert from_study.task.p == 23 and from_study.data.fraction == 0.7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path", "fragment"),
+    [
+        (["task.op=x/y", "task.p=48"], "task.p", "e.g. 47 or 53"),
+        (["search.seeds=2"], "--set search.seeds", "a trial key"),
+        (
+            ["optimizer.weight_decy=0.1"],
+            "--set optimizer.weight_decy",
+            "did you mean 'optimizer.weight_decay'?",
+        ),
+        (["model.kind=rnn"], "model.kind", "allowed: mlp, transformer, gromov"),
+    ],
+)
+def test_bad_train_overrides_name_the_key(overrides: list[str], path: str, fragment: str) -> None:
+    with pytest.raises(StudyError) as exc:
+        trial_from_overrides(overrides)
+    line = str(exc.value)
+    assert line.startswith(f"{path}: ") and fragment in line and "\n" not in line
+
+
+# ---- the names study.py repeats from the registries ----------------------------------------------
+
+REGISTRIES = [
+    ("task.op", "grokstudy.tasks", "OPERATIONS"),
+    ("model.kind", "grokstudy.models", "MODELS"),
+    ("model.activation", "grokstudy.models", "ACTIVATIONS"),
+    ("optimizer.name", "grokstudy.optim", "OPTIMIZERS"),
+]
+
+
+@pytest.mark.parametrize(("key", "module", "registry"), REGISTRIES)
+def test_the_choices_study_accepts_are_the_registered_ones(key: str, module: str, registry: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not written yet")
+    registered = getattr(importlib.import_module(module), registry)
+    assert set(study_mod.CHOICES[key]) == set(registered)
