@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup quickstart demo test test-fast lint format bench ui clean
+.PHONY: setup quickstart demo test test-fast lint format bench gallery ui clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench: setup  ## speed ratios (not tests): see bench/README.md
 	$(BIN)/python bench/step_efficiency.py
 	$(BIN)/python bench/tracking_overhead.py
 	$(BIN)/python bench/orchestration_overhead.py
+
+gallery: setup  ## docs/gallery/: the quickstart's figures (runs the quickstart first if it has not run)
+	[ -f runs/quickstart/trials.parquet ] || $(BIN)/grokstudy run studies/quickstart.yaml
+	$(BIN)/grokstudy plot runs/quickstart --out docs/gallery --format png
 
 ui: setup  ## browse the quickstart study in the MLflow UI
 	$(BIN)/grokstudy ui runs/quickstart

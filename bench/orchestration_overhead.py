@@ -42,15 +42,15 @@ def _direct_trial(cfg) -> int:
 
     torch.set_num_threads(1)
     state = train.init_state(cfg)
-    last = None
-    for last in train.run(cfg, state):
-        pass
-    return last.step
+    records = list(train.run(cfg, state))
+    return records[-1].step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1500, help="steps per trial (weight decay 0: no early stop)")
+    parser.add_argument(
+        "--steps", type=int, default=1500, help="steps per trial (weight decay 0: no early stop)"
+    )
     args = parser.parse_args()
 
     from grokstudy import runner, search
@@ -60,7 +60,11 @@ def main() -> None:
     study_file = workdir / "study.yaml"
     study_file.write_text(STUDY.format(steps=args.steps))
     study = load_study(study_file)
-    configs = [study.trial(p | {"train.seed": s}) for p in search.grid_points(study) for s in range(study.search.seeds)]
+    configs = [
+        study.trial(p | {"train.seed": s})
+        for p in search.grid_points(study)
+        for s in range(study.search.seeds)
+    ]
     cores = os.cpu_count() or 1
     print(f"{len(configs)} trials x {args.steps} steps, {cores} cores")
 
@@ -80,7 +84,9 @@ def main() -> None:
 
     ray.shutdown()
     assert outcome.n_trials == len(configs) and outcome.n_failed == 0
-    print(f"(b) grokstudy run on embedded Ray:         {study_s + startup_s:7.1f} s (Ray start-up {startup_s:.1f} s)")
+    print(
+        f"(b) grokstudy run on embedded Ray:         {study_s + startup_s:7.1f} s (Ray start-up {startup_s:.1f} s)"
+    )
     print(f"ratio b/a including start-up: {(study_s + startup_s) / direct_s:.3f}")
     print(f"ratio b/a excluding start-up: {study_s / direct_s:.3f}  (target <= 1.15)")
 

@@ -65,11 +65,15 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.add_argument("--out", type=Path, help="output directory (default: run.out or runs/<name>)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)"
+    )
     p.add_argument("--format", default="png,pdf", help="figure formats, comma-separated (png, svg, pdf)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
 
-    p = sub.add_parser("train", help="train one trial locally (no Ray, no MLflow)", epilog=TRAIN_EPILOG, formatter_class=fmt)
+    p = sub.add_parser(
+        "train", help="train one trial locally (no Ray, no MLflow)", epilog=TRAIN_EPILOG, formatter_class=fmt
+    )
     p.add_argument("--study", type=Path, help="take the base trial from this study file")
     _add_set(p)
     p.add_argument("--json", action="store_true", help="end with one JSON line of the result")
@@ -78,7 +82,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("study", type=Path)
     _add_set(p)
 
-    p = sub.add_parser("plot", help="export phase diagrams and learning curves", epilog=PLOT_EPILOG, formatter_class=fmt)
+    p = sub.add_parser(
+        "plot", help="export phase diagrams and learning curves", epilog=PLOT_EPILOG, formatter_class=fmt
+    )
     p.add_argument("source", help="study output dir, trials.parquet, or MLflow experiment name/id")
     p.add_argument("--x", help="x axis (default: the study's diagram.x)")
     p.add_argument("--y", help="y axis (default: the study's diagram.y)")
@@ -87,7 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to write figures (default: <source>/figures)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
 
-    p = sub.add_parser("export", help="rebuild trials.parquet and curves.parquet from MLflow or a Ray Tune experiment")
+    p = sub.add_parser(
+        "export", help="rebuild trials.parquet and curves.parquet from MLflow or a Ray Tune experiment"
+    )
     p.add_argument("source", help="MLflow experiment name/id, or a Ray Tune experiment directory")
     p.add_argument("--out", type=Path, required=True, help="directory for the two tables")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
@@ -133,7 +141,9 @@ def _formats(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
-        raise StudyError("--format", f"unknown format {bad[0] if bad else text!r}; choose from: png, svg, pdf")
+        raise StudyError(
+            "--format", f"unknown format {bad[0] if bad else text!r}; choose from: png, svg, pdf"
+        )
     return formats
 
 
@@ -313,7 +323,9 @@ def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = 
 
             trials, curves = runner.tables_from_tune_dir(path)
             return trials, curves, path / "figures", diagram
-        raise StudyError("SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment")
+        raise StudyError(
+            "SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment"
+        )
     from grokstudy import tracking
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -332,7 +344,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     db = args.study_dir.resolve() / "mlflow.db"
     if not db.exists():
-        raise StudyError("STUDY_DIR", f"no MLflow store at {db}; run the study first or pass its output directory")
+        raise StudyError(
+            "STUDY_DIR", f"no MLflow store at {db}; run the study first or pass its output directory"
+        )
     cmd = tracking.ui_command(f"sqlite:///{db}", port=args.port)
     print(f"grokstudy ui: serving {db} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.execvp(cmd[0], cmd)

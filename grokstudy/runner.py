@@ -339,6 +339,10 @@ def run_study(
     """Run (or resume) a study to completion and write its tables and figures."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Tune snapshots the experiment whenever a trial has checkpointed num_to_keep times
+    # since the last snapshot, and warns each time; those snapshots are what a resumed
+    # study restores from, so we keep them and silence the warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage_path = study.run.storage or str(out_dir / "ray")
     experiment_path = _join(storage_path, study.name)
     uri = tracking.resolve_tracking_uri(tracking_uri, study.run.tracking_uri, out_dir)
@@ -563,7 +567,10 @@ def tables_from_tune_dir(path: Path) -> tuple[Any, Any]:
     from grokstudy.study import load_study
 
     path = Path(path).resolve()
-    study_file = next((p / "study.yaml" for p in (path, path.parent, path.parent.parent) if (p / "study.yaml").exists()), None)
+    study_file = next(
+        (p / "study.yaml" for p in (path, path.parent, path.parent.parent) if (p / "study.yaml").exists()),
+        None,
+    )
     if study_file is None:
         from grokstudy.errors import StudyError
 
@@ -648,4 +655,3 @@ def _study_tags(study: Study) -> dict[str, str]:
         "search.seeds": str(study.search.seeds),
         "search.axes": ",".join(d.key for d in study.search.space),
     }
-

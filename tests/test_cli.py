@@ -91,3 +91,41 @@ def test_help_of_every_subcommand_shows_examples() -> None:
         assert "examples:" in result.stdout
     top = run_cli("--help")
     assert all(c in top.stdout for c in ("run", "train", "validate", "plot", "export", "ui"))
+
+
+@pytest.mark.integration
+def test_run_of_the_smoke_study_prints_and_tracks_its_tables_and_figures_and_bad_input_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "smoke"
+    result = run_cli("run", str(SMOKE), "--out", str(out), "--num-cpus", "2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = result.stdout
+    for name in ("trials.parquet", "curves.parquet", "phase_diagram.png", "phase_diagram.pdf"):
+        [line] = [ln for ln in printed.splitlines() if ln.rstrip().endswith(name)]
+        assert Path(line.split()[-1]).is_file(), line
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(runs) == 1 + 4 and parent.info.status == "FINISHED"
+    attached = {
+        a.path for folder in ("results", "figures") for a in client.list_artifacts(parent.info.run_id, folder)
+    }
+    assert {
+        "results/trials.parquet",
+        "results/curves.parquet",
+        "figures/phase_diagram.png",
+        "figures/phase_diagram.pdf",
+    } <= attached
+
+    # A typo on the next run is one line and exit 2, before anything is touched.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    typo = run_cli("run", str(SMOKE), "--out", str(out), "--set", "optimizer.weight_decy=0.1")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert len(typo.stderr.strip().splitlines()) == 1 and "optimizer.weight_decy" in typo.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert len(client.search_runs([experiment.experiment_id])) == 5

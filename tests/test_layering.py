@@ -24,10 +24,7 @@ EXTERNAL_SYSTEMS = ("ray", "mlflow", "optuna")
 
 @pytest.mark.parametrize("module", CORE_MODULES)
 def test_core_module_imports_no_external_system(module: str) -> None:
-    code = (
-        f"import sys, {module}; "
-        f"print(','.join(m for m in {EXTERNAL_SYSTEMS!r} if m in sys.modules))"
-    )
+    code = f"import sys, {module}; print(','.join(m for m in {EXTERNAL_SYSTEMS!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"{module} pulled in: {out.stdout.strip()}"
 

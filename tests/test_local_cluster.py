@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -161,6 +162,190 @@ def test_a_submitted_job_runs_its_tasks_on_the_workers_with_the_venv_and_mlflow(
     # Entrypoints find the venv's console scripts and log to the cluster's MLflow.
     assert result["grokstudy"] and Path(result["grokstudy"]).parent == Path(sys.executable).parent
     assert result["tracking_uri"] == env["MLFLOW_TRACKING_URI"]
+
+
+SUBMITTED_STUDY = """
+name: {name}
+task: {{op: "x+y", p: 23}}
+data: {{fraction: 0.5}}
+model: {{kind: mlp, embed_dim: 16, width: 64}}
+train: {{max_steps: {max_steps}, eval_every: {eval_every}, checkpoint_every: {checkpoint_every}}}
+optimizer: {{name: adamw, lr: 3.0e-3, weight_decay: 0.0, warmup_steps: 0}}
+phases: {{confirm_steps: 100}}
+search:
+  sampler: grid
+  space:
+    data.fraction: {{values: {fractions}}}
+  seeds: 1
+resources: {{cpu: 1}}
+run: {{max_failures: 3}}
+diagram: {{x: data.fraction, y: optimizer.weight_decay}}
+"""
+
+
+def _submit_study(env: dict[str, str], workdir: Path, name: str, **kw) -> subprocess.Popen:
+    """`ray job submit --working-dir DIR -- grokstudy run study.yaml`, streaming its logs."""
+    (workdir / "study.yaml").write_text(SUBMITTED_STUDY.format(name=name, **kw))
+    ray_cli = Path(sys.executable).parent / "ray"
+    cmd = [
+        str(ray_cli),
+        "job",
+        "submit",
+        "--working-dir",
+        str(workdir),
+        "--",
+        "grokstudy",
+        "run",
+        "study.yaml",
+        "--out",
+        str(workdir / "out"),
+        "--set",
+        f"run.storage={env['GROKSTUDY_STORAGE']}",
+    ]
+    return subprocess.Popen(
+        cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _nodes(env: dict[str, str]) -> dict[str, str]:
+    """{node id: node ip} of every node the cluster has known."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    _, body = _get(f"{env['RAY_API_SERVER_ADDRESS']}/api/v0/nodes?detail=true", token)
+    return {n["node_id"]: n["node_ip"] for n in json.loads(body)["data"]["result"]["result"]}
+
+
+def _child_runs(env: dict[str, str], experiment: str) -> tuple[list, list]:
+    """(parent runs, child runs) of an experiment on the cluster's MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} on the cluster's server"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return [r for r in runs if r not in children], children
+
+
+def test_a_study_submitted_with_ray_job_submit_runs_trials_on_both_workers_and_logs_to_mlflow(
+    cluster, tmp_path
+):
+    _, env = cluster
+    # Trials of a few seconds: sub-second ones may all finish on the first worker's actor
+    # (Tune reuses actors) before the second worker's actor has started.
+    job = _submit_study(
+        env,
+        tmp_path,
+        "submitted",
+        max_steps=6000,
+        eval_every=500,
+        checkpoint_every=1000,
+        fractions="[0.3, 0.4, 0.6, 0.8]",
+    )
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-4000:]
+    assert "succeeded" in output
+
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
+    assert sorted(t["data.fraction"] for t in trials) == [0.3, 0.4, 0.6, 0.8]
+    nodes = _nodes(env)
+    head_ip = env["RAY_ADDRESS"].rsplit(":", 1)[0]
+    trial_ips = {nodes[t["node"]] for t in trials}
+    assert len(trial_ips) == 2 and head_ip not in trial_ips, f"trials ran on {trial_ips}"
+
+    parents, children = _child_runs(env, "submitted")
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("phase") for r in children)
+    # The parent run carries the tables and figures, uploaded through the server's artifact proxy.
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {
+        a.path
+        for a in MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(parents[0].info.run_id, "results")
+    }
+    assert {"results/trials.parquet", "results/curves.parquet"} <= artifacts
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _kill_session(session: int) -> None:
+    """SIGKILL every process of a node's session: the node dies as a lost machine would."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session:
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_other(cluster, tmp_path):
+    # Runs after the other cluster tests, before `down`: it leaves one worker dead.
+    cluster_dir, env = cluster
+    job = _submit_study(
+        env,
+        tmp_path,
+        "node-loss",
+        max_steps=30000,
+        eval_every=500,
+        checkpoint_every=1000,
+        fractions="[0.4, 0.6]",
+    )
+    experiment = Path(env["GROKSTUDY_STORAGE"]) / "node-loss"
+    nodes: dict[str, str] = {}
+    victim_dir = None
+    deadline = time.monotonic() + 180
+    while victim_dir is None and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.5)
+        for trial_dir in experiment.glob("trial_*"):
+            results = _results(trial_dir)
+            checkpointed = list(trial_dir.glob("checkpoint_*"))
+            if results and checkpointed and results[-1]["step"] < 20000:
+                nodes = nodes or _nodes(env)
+                if nodes.get(results[-1]["node"], "").startswith("127.0.0.4"):  # worker2
+                    victim_dir = trial_dir
+    assert victim_dir is not None, "no trial checkpointed on worker2 in time"
+    sessions = dict(line.split() for line in (cluster_dir / "pids").read_text().splitlines())
+    _kill_session(int(sessions["worker2"]))
+
+    output, _ = job.communicate(timeout=400)
+    assert job.returncode == 0, output[-4000:]
+
+    import pyarrow.parquet as pq
+
+    trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
+    assert sorted(t["data.fraction"] for t in trials) == [0.4, 0.6]
+    assert all(t["steps"] == 30000 and t["stop_reason"] == "budget" for t in trials)
+
+    results = _results(victim_dir)
+    steps = [r["step"] for r in results]
+    restarts = [i for i, r in enumerate(results) if i and r["iterations_since_restore"] == 1]
+    assert restarts, f"{victim_dir.name} was never restored: {steps}"
+    first_after = steps[restarts[0]]
+    assert first_after > 0 and steps.count(0) == 1, f"{victim_dir.name} restarted from step 0: {steps}"
+    assert {nodes.get(r["node"], "") for r in results[restarts[0] :]} == {"127.0.0.3"}  # worker1
+
+    # The resumed trial continued its own MLflow run: two runs, no step logged twice.
+    from mlflow.tracking import MlflowClient
+
+    _, children = _child_runs(env, "node-loss")
+    assert len(children) == 2
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run in children:
+        logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
+        assert logged == sorted(set(logged)) and logged[-1] == 30000, logged
 
 
 def test_down_leaves_no_process_of_the_cluster_behind(cluster):

@@ -107,7 +107,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path)
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     experiment_dir = out / "ray" / "tiny"
 
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 240
     finished_before: set[str] = set()
     while time.monotonic() < deadline and driver.poll() is None:

@@ -163,6 +163,20 @@ def test_each_mistake_is_one_line_naming_its_dotted_path(
     assert fragment in lines[0]
 
 
+@pytest.mark.parametrize(("swap", "path", "fragment"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_grokstudy_run_of_a_malformed_file_exits_2_with_that_one_line(
+    tmp_path: Path, swap: tuple[str, str], path: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grokstudy.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(write(tmp_path, STUDY.replace(*swap, 1))), "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"grokstudy run: error: {path}: ") and fragment in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_all_problems_of_a_file_are_reported_together(tmp_path: Path) -> None:
     text = STUDY.replace("fraction: 0.5", "fraction: 2").replace("max_steps: 300", "max_steps: lots")
     text = text.replace("sampler: grid", "sampler: bayes")
