@@ -160,6 +160,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     study = load_study(args.study, args.overrides)
     formats = _formats(args.format)
     out_dir = (args.out or Path(study.run.out or Path("runs") / study.name)).resolve()
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # An embedded Ray: without this Ray advertises the machine's outward IP even for
+        # a node at 127.0.0.1 (ray 2.60 reads it once, when ray is first imported, so
+        # here, before the runner imports ray). Never for a cluster: there the driver's
+        # address must be reachable from other hosts.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from grokstudy import runner, search
 
     print(

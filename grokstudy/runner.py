@@ -19,13 +19,14 @@ trial ends when its phase is decided (generalization held for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from grokstudy import figures, phases, results, search, tracking, train
+from grokstudy import phases, results, search, tracking, train
 from grokstudy.config import Study, flatten, to_dict
 from grokstudy.records import EvalRecord
 
@@ -315,7 +316,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address=address or None, log_to_driver=False)
         return True
     # Embedded: loopback only, sized to the machine, a small object store (trials
-    # pass no large objects).
+    # pass no large objects). `grokstudy run` keeps the node address on loopback
+    # (see cli._cmd_run).
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
@@ -376,7 +378,8 @@ def run_study(
             )
         else:
             tuner = _new_tuner(study, trainable, storage_path, out_dir, n_trials, progress)
-        grid = tuner.fit()
+        with _pending_trials(_trial_slots(study)):
+            grid = tuner.fit()
         outcome = _collect(study, grid, out_dir, uri, parent_run_id, resumed, formats)
         study_tracker.log_artifacts([outcome.trials_path, outcome.curves_path], "results")
         study_tracker.log_artifacts(outcome.figures, "figures")
@@ -470,6 +473,40 @@ def _requeue_lost_trials(study: Study, experiment_path: str) -> None:
         print(f"requeued {len(lost)} trial(s) the interrupted driver had started but not recorded")
 
 
+def _trial_slots(study: Study) -> int:
+    """How many trials the cluster can run at once now (at least 1)."""
+    resources = ray.cluster_resources()
+    slots = []
+    if study.resources.cpu:
+        slots.append(int(resources.get("CPU", 0) // study.resources.cpu))
+    if study.resources.gpu:
+        slots.append(int(resources.get("GPU", 0) // study.resources.gpu))
+    n = max(1, min(slots, default=1))
+    return min(n, study.run.max_concurrent) if study.run.max_concurrent else n
+
+
+@contextlib.contextmanager
+def _pending_trials(n: int) -> Iterator[None]:
+    """Let Tune start `n` trials at once.
+
+    With a searcher (OptunaSearch), Tune keeps one trial pending at a time unless
+    TUNE_MAX_PENDING_TRIALS_PG says otherwise (ray 2.60, `_get_max_pending_trials`):
+    a trial is created only once the previous one is running, so the second slot of
+    a fresh study waits a whole actor start-up (seconds) before it gets work. Every
+    sampler here proposes without waiting for results (the grid, Sobol, random;
+    TPE with constant_liar), so the slots are filled at once. A value the user set
+    wins. Ray reads the variable when `fit` builds its controller.
+    """
+    if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
+        yield
+        return
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(2, n))
+    try:
+        yield
+    finally:
+        del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
+
+
 def _searches_budget(study: Study) -> bool:
     return any(d.key == "train.max_steps" for d in study.search.space)
 
@@ -484,6 +521,9 @@ def _collect(
     formats: tuple[str, ...],
 ) -> StudyOutcome:
     """Curves from Tune's stored results → phases → Parquet tables → figures."""
+    # Here, not at the top: trial workers import this module too, and need no matplotlib.
+    from grokstudy import figures
+
     entries = [
         (res.config or {}, res.metrics or {}, res.metrics_dataframe, res.error is not None, res.path)
         for res in grid
