@@ -356,12 +356,16 @@ def run_study(
     started_ray = init_ray(address, num_cpus)
     study_tracker = tracking.StudyTracker(uri)
     try:
+        resumed = tune.Tuner.can_restore(experiment_path)
+        parent_run_id = saved.get("parent_run_id")
+        if parent_run_id is None and resumed:
+            parent_run_id = tracking.find_study_run(uri, study.name, experiment_path)
         experiment_id, parent_run_id = study_tracker.open(
             study.name,
             study_yaml=_study_yaml(study),
             params=_study_params(study),
-            tags=_study_tags(study),
-            parent_run_id=saved.get("parent_run_id"),
+            tags=_study_tags(study) | {tracking.TUNE_EXPERIMENT_TAG: experiment_path},
+            parent_run_id=parent_run_id,
         )
         state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
         (out_dir / "study.yaml").write_text(_study_yaml(study))
@@ -370,7 +374,6 @@ def run_study(
             tune.with_parameters(_trial_fn, ctx=ctx),
             {"cpu": study.resources.cpu, "gpu": study.resources.gpu},
         )
-        resumed = tune.Tuner.can_restore(experiment_path)
         if resumed:
             _requeue_lost_trials(study, experiment_path)
             tuner = tune.Tuner.restore(

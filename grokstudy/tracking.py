@@ -65,6 +65,8 @@ value read from the 3.17.2 UI bundle. 3.17.2's UI itself picks its layout from
 tools that go by it."""
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 KIND_TAG = "grokstudy.kind"
+TUNE_EXPERIMENT_TAG = "grokstudy.tune_experiment"
+"""On the parent run: where the study's Ray Tune experiment lives (storage path/name)."""
 """'study' on a parent run, 'trial' on a child run."""
 TRIAL_KEY_TAG = "grokstudy.trial_key"
 """The runner's stable key of a trial; `find_trial_runs` maps it back to a run id."""
@@ -655,6 +657,26 @@ def _search_all(
         token = page.token
         if not token:
             return runs
+
+
+def find_study_run(tracking_uri: str, study_name: str, tune_experiment: str) -> str | None:
+    """The parent run of an earlier execution of this study whose Ray Tune experiment is
+    `tune_experiment` (its `grokstudy.tune_experiment` tag), latest first; None if none.
+
+    A resumed study continues that run even when the output directory that remembers
+    it is gone (a Ray job's default `--out` lies in its temporary working directory).
+    """
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is None or "'" in tune_experiment:  # a quote cannot be matched in a filter
+        return None
+    runs = _search_all(
+        client,
+        experiment.experiment_id,
+        f"tags.`{KIND_TAG}` = 'study' and tags.`{TUNE_EXPERIMENT_TAG}` = '{tune_experiment}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return runs[0].info.run_id if runs else None
 
 
 def find_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | None) -> dict[str, str]:

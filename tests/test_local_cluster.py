@@ -183,9 +183,11 @@ diagram: {{x: data.fraction, y: optimizer.weight_decay}}
 """
 
 
-def _submit_study(env: dict[str, str], workdir: Path, name: str, **kw) -> subprocess.Popen:
-    """`ray job submit --working-dir DIR -- grokstudy run study.yaml`, streaming its logs."""
-    (workdir / "study.yaml").write_text(SUBMITTED_STUDY.format(name=name, **kw))
+def _submit_study(env: dict[str, str], workdir: Path, name: str, out: str = "out", **kw) -> subprocess.Popen:
+    """`ray job submit --working-dir DIR -- grokstudy run study.yaml` (written from `kw`
+    unless empty), streaming its logs."""
+    if kw:
+        (workdir / "study.yaml").write_text(SUBMITTED_STUDY.format(name=name, **kw))
     ray_cli = Path(sys.executable).parent / "ray"
     cmd = [
         str(ray_cli),
@@ -198,7 +200,7 @@ def _submit_study(env: dict[str, str], workdir: Path, name: str, **kw) -> subpro
         "run",
         "study.yaml",
         "--out",
-        str(workdir / "out"),
+        str(workdir / out),
         "--set",
         f"run.storage={env['GROKSTUDY_STORAGE']}",
     ]
@@ -266,6 +268,17 @@ def test_a_study_submitted_with_ray_job_submit_runs_trials_on_both_workers_and_l
         for a in MlflowClient(env["MLFLOW_TRACKING_URI"]).list_artifacts(parents[0].info.run_id, "results")
     }
     assert {"results/trials.parquet", "results/curves.parquet"} <= artifacts
+
+    # Submitted again with a fresh --out (as a job whose default output dir was temporary):
+    # the study is restored from run.storage, nothing reruns, and its parent run continues.
+    again = _submit_study(env, tmp_path, "submitted", out="out-again")
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output[-4000:]
+    assert "resumed study" in output
+    assert pq.read_table(tmp_path / "out-again" / "trials.parquet").num_rows == 4
+    parents_again, children_again = _child_runs(env, "submitted")
+    assert [r.info.run_id for r in parents_again] == [parents[0].info.run_id]
+    assert sorted(r.info.run_id for r in children_again) == sorted(r.info.run_id for r in children)
 
 
 def _results(trial_dir: Path) -> list[dict]:

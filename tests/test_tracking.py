@@ -450,6 +450,11 @@ def test_the_mlflow_ui_shows_the_study_run_with_its_trials_nested_under_it(
     assert "browser-study" in text, nested.stderr[-2000:]
     assert "4 matching runs" in text
     assert not any(name in text for name in names), "trials should be folded under the study run"
+    # The study run's name cell carries the expand button of a run with children
+    # (mlflow 3.17's RunNameCellRenderer renders it only for parents).
+    name_cells = nested.stdout.split('col-id="attributes.`Run Name`"')[1:]
+    [study_cell] = [c for c in name_cells if ">browser-study</span></a>" in c.split('col-id="', 1)[0]]
+    assert "runnamecellrenderer" in study_cell.split('col-id="', 1)[0], "no expander on the study run"
 
     # Sorted by name the UI lists runs flat: every trial is there by name.
     flat = servers.chromium(
