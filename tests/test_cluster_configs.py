@@ -349,6 +349,11 @@ def test_the_dockerfile_installs_with_the_same_script_as_the_makefile():
     # is copied, so a code change does not rebuild the dependency layer.
     assert copied_before(deps) == {"pyproject.toml", "cluster/install.sh", "cluster/constraints.txt"}
     assert "grokstudy/" in copied_before(package) - copied_before(deps)
+    # CI installs through the same two stages (Makefile setup), so a broken step fails CI.
+    makefile = (REPO / "Makefile").read_text()
+    assert "GROKSTUDY_PART=deps cluster/install.sh" in makefile
+    assert "GROKSTUDY_PART=package cluster/install.sh" in makefile
+    assert makefile.index("GROKSTUDY_PART=deps") < makefile.index("GROKSTUDY_PART=package")
     # Unprivileged at build and run time; nothing secret baked in.
     users = [args for op, args in steps if op == "USER"]
     assert users and users[0] == "ray" and ops.index("USER") < deps
