@@ -84,11 +84,24 @@ def test_tiny_grid_study_runs_every_point_and_seed_exactly_once(tmp_path: Path) 
 
 
 def _finished_trials(experiment_dir: Path) -> set[str]:
+    """Trial dirs of the trials Tune's latest experiment snapshot records as finished.
+
+    That snapshot is what a restarted driver restores. A trial that finished after it
+    (seconds before the kill) is, to the restored study, unfinished: it continues from
+    its last checkpoint, which repeats at most the steps after that checkpoint.
+    """
+    snapshots = sorted(experiment_dir.glob("experiment_state-*.json"))
+    if not snapshots:
+        return set()
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return set()
     done = set()
-    for result in experiment_dir.glob("trial_*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("stop_reason"):
-            done.add(result.parent.name)
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        if trial["status"] == "TERMINATED":
+            done.add(f"trial_{trial['trial_id']}")
     return done
 
 
