@@ -41,6 +41,8 @@ from grokstudy.records import EvalRecord
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+RUN_ID_KEY = "mlflow_run_id"
+"""In each report: the trial's MLflow run, so trials.parquet links every row to it."""
 OBJECTIVE = "objective"
 """What Optuna sees: steps to generalize (t_val), or the budget if not (yet)."""
 
@@ -113,6 +115,8 @@ def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
                 curve["step"], curve["train/acc"], curve["val/acc"], study.phases, max_steps
             )
             report = _report_metrics(record, verdict, max_steps, generalized, done, node)
+            if tracker.run_id:
+                report[RUN_ID_KEY] = tracker.run_id
             if done:
                 tracker.set_tags(_final_tags(verdict, report["stop_reason"], trial_id, node))
                 tracker.finish("FINISHED")
@@ -381,7 +385,10 @@ def run_study(
             )
         else:
             tuner = _new_tuner(study, trainable, storage_path, out_dir, n_trials, progress)
-        with _pending_trials(_trial_slots(study)):
+        # Samplers that ignore results may run ahead (pending trials also make an
+        # autoscaling cluster grow); TPE gets a suggestion per free slot and no more.
+        ahead = 1 if study.search.sampler == "tpe" else 16
+        with _pending_trials(max(_trial_slots(study), ahead)):
             grid = tuner.fit()
         outcome = _collect(study, grid, out_dir, uri, parent_run_id, resumed, formats)
         study_tracker.log_artifacts([outcome.trials_path, outcome.curves_path], "results")
@@ -592,7 +599,7 @@ def _tables(study: Study, entries: list[tuple]) -> tuple[Any, Any, list[dict[str
                 stop_reason=stop_reason,
                 wall_s=float(last.get("time_total_s", 0.0)),
                 node=last.get("node"),
-                run_id=None,
+                run_id=last.get(RUN_ID_KEY),
                 status="ERROR" if errored else "TERMINATED",
             )
         )
@@ -622,7 +629,9 @@ def tables_from_tune_dir(path: Path) -> tuple[Any, Any]:
     analysis = tune.ExperimentAnalysis(str(path))
     entries = []
     for trial in analysis.trials:
-        history = analysis.trial_dataframes.get(trial.path)
+        # Keyed by trial id in ray 2.60 (by trial path in older releases).
+        frames = analysis.trial_dataframes
+        history = frames.get(trial.trial_id, frames.get(trial.path))
         last = dict(trial.last_result or {})
         entries.append((trial.config, last, history, trial.status == "ERROR", trial.path))
     trials, curves, _, _ = _tables(study, entries)

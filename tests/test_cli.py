@@ -122,6 +122,37 @@ def test_run_of_the_smoke_study_prints_and_tracks_its_tables_and_figures_and_bad
         "figures/phase_diagram.pdf",
     } <= attached
 
+    # `grokstudy export` rebuilds the runner's tables from MLflow and from Tune's experiment.
+    import pyarrow.parquet as pq
+
+    def by_trial(table) -> dict:
+        return {r["trial_id"]: r for r in table.to_pylist()}
+
+    ran = by_trial(pq.read_table(out / "trials.parquet"))
+    ran_curves = {(r["trial_id"], r["step"]): r for r in pq.read_table(out / "curves.parquet").to_pylist()}
+    assert len(ran) == 4 and all(r["run_id"] for r in ran.values())
+    sources = {
+        "mlflow": ["smoke", "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"],
+        "tune": [str(out / "ray" / "smoke")],
+    }
+    same = ("point_id", "run_id", "phase", "t_train", "t_val", "delay", "steps", "stop_reason", "status")
+    same += ("optimizer.weight_decay", "data.fraction", "train.seed", "final_train_acc", "final_val_acc")
+    for kind, source in sources.items():
+        exported = run_cli("export", *source, "--out", str(tmp_path / kind))
+        assert exported.returncode == 0, exported.stderr
+        rebuilt = by_trial(pq.read_table(tmp_path / kind / "trials.parquet"))
+        assert rebuilt.keys() == ran.keys(), kind
+        for trial_id, row in ran.items():
+            assert {k: rebuilt[trial_id][k] for k in same} == {k: row[k] for k in same}, (kind, trial_id)
+        curves = {
+            (r["trial_id"], r["step"]): r
+            for r in pq.read_table(tmp_path / kind / "curves.parquet").to_pylist()
+        }
+        assert curves.keys() == ran_curves.keys(), kind
+        for key, row in ran_curves.items():
+            assert curves[key]["val/acc"] == pytest.approx(row["val/acc"]), (kind, key)
+            assert curves[key]["train/loss"] == pytest.approx(row["train/loss"]), (kind, key)
+
     # A typo on the next run is one line and exit 2, before anything is touched.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     typo = run_cli("run", str(SMOKE), "--out", str(out), "--set", "optimizer.weight_decy=0.1")
