@@ -349,6 +349,9 @@ def run_study(
     # since the last snapshot, and warns each time; those snapshots are what a resumed
     # study restores from, so we keep them and silence the warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # grokstudy prints its own progress. Tune's new output engine prints its experiment
+    # table and a TensorBoard hint even at verbose=0; the legacy reporter is silent there.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage_path = study.run.storage or str(out_dir / "ray")
     experiment_path = _join(storage_path, study.name)
     uri = tracking.resolve_tracking_uri(tracking_uri, study.run.tracking_uri, out_dir)
