@@ -1,83 +1,269 @@
-"""Frozen configuration dataclasses: the vocabulary every module shares.
+"""Frozen configuration dataclasses: the vocabulary every module shares, and its rules.
 
 Field names are the study file's dotted paths (`optimizer.weight_decay` is
 `TrialConfig.optimizer.weight_decay`), so one name means one thing in YAML,
-Python, MLflow params and Parquet columns. Only `study.py` builds these from
-user text and validates them; here are types, defaults and derived values.
+Python, MLflow params and Parquet columns. Each field carries its own rule in
+its metadata (`setting(...)`: the doc, the allowed range or choices, the unit):
+`study.py` checks study files and `--set` against it, `validate_trial` checks a
+built trial against the same rules (the training core calls it once), and the
+Parquet schemas take their column docs and units from it. Rules that tie
+fields together are `cross_problems`, shared the same way.
+
 Standard library only: importing this costs nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import product
 from typing import Any
 
-# ---- one trial ---------------------------------------------------------------
+from grokstudy.errors import StudyError, raise_all
+
+# ---- the rule of one field -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What a field holds and which values are allowed (read by `check_value`)."""
+
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    """True: the value must be > lo (else >= lo)."""
+    hi_open: bool = False
+    choices: tuple[str, ...] | None = None
+    unit: str | None = None
+    allowed: str | None = None
+    """The rule in words, when the range alone does not say it."""
+    whole_above_one: bool = False
+    """Ray resources: fractions only below 1, whole units above."""
+
+
+def setting(default: Any, doc: str, **rule: Any) -> Any:
+    """A dataclass field with its rule: `weight_decay: float = setting(1.0, "...", lo=0)`."""
+    return field(default=default, metadata={"spec": Spec(doc, **rule)})
+
+
+def spec_of(cls: type, name: str) -> Spec | None:
+    """The rule of field `name` of dataclass `cls` (None: no rule)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("spec")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def allowed_text(name: str, spec: Spec, integer: bool) -> str:
+    """The allowed range in words: `0 < fraction < 1`, `an integer, 1 <= seeds <= 1000`."""
+    if spec.allowed:
+        return spec.allowed
+    low = None if spec.lo is None else f"{_num(spec.lo)} {'<' if spec.lo_open else '<='} "
+    high = None if spec.hi is None else f" {'<' if spec.hi_open else '<='} {_num(spec.hi)}"
+    if low and high:
+        text = f"{low}{name}{high}"
+    elif low:
+        text = f"{name} {'>' if spec.lo_open else '>='} {_num(spec.lo)}"
+    elif high:
+        text = f"{name}{high}"
+    else:
+        return "any value"
+    return f"an integer, {text}" if integer else text
+
+
+def check_value(name: str, spec: Spec, value: Any) -> str | None:
+    """Why `value` breaks `spec` (one line, without the path), or None when it is allowed.
+
+    Numbers are checked against the range (tuples element-wise); strings against
+    the choices. None passes (a nullable field's "unset"); types are the caller's.
+    """
+    if value is None:
+        return None
+    if spec.choices is not None:
+        if value in spec.choices:
+            return None
+        return f"unknown {name} (got {show(value)}){_did_you_mean(str(value), spec.choices)} allowed: " + (
+            ", ".join(spec.choices)
+        )
+    items = value if isinstance(value, tuple) else (value,)
+    integer = all(isinstance(v, int) and not isinstance(v, bool) for v in items)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        bad = (
+            (spec.lo is not None and (v <= spec.lo if spec.lo_open else v < spec.lo))
+            or (spec.hi is not None and (v >= spec.hi if spec.hi_open else v > spec.hi))
+            or (spec.whole_above_one and v > 1 and not float(v).is_integer())
+        )
+        if bad:
+            return f"out of range (got {show(value)}); allowed: {allowed_text(name, spec, integer)}"
+    return None
+
+
+def _num(v: float) -> str:
+    if float(v).is_integer() and abs(v) >= 2**20:
+        exp = math.log2(v + 1) if v > 0 else 0
+        if exp.is_integer():
+            return f"2**{int(exp)} - 1"
+        return f"{v:.0e}".replace("e+0", "e").replace("e+", "e")
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def show(v: Any, limit: int = 80) -> str:
+    """A value as the user wrote it in YAML, cut to `limit` characters (error lines stay short)."""
+    text = _show(v, [limit * 2])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(v: Any, budget: list[int]) -> str:
+    # `budget` stops the walk of a huge (or alias-bombed) structure early.
+    budget[0] -= 1
+    if budget[0] < 0:
+        return "..."
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, float):
+        return f"{v:g}" if 1e-4 <= abs(v) < 1e6 or v == 0 else repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_show(x, budget) for x in v[:20]) + (", ..." if len(v) > 20 else "") + "]"
+    if isinstance(v, dict):
+        items = list(v.items())[:20]
+        return "{" + ", ".join(f"{k}: {_show(x, budget)}" for k, x in items) + "}"
+    return str(v)
+
+
+SEED_MAX = 2**32 - 1
+STEPS_MAX = 10**9
+"""The largest step count anywhere (budgets, intervals): a bigger one is a typo."""
+
+OPS = ("x+y", "x-y", "x*y", "x/y", "x^2+y^2", "x^2+xy+y^2", "x^3+xy", "perm")
+"""`task.op`; tasks.OPERATIONS implements each (tests/test_study.py checks they agree)."""
+
+# ---- one trial ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class TaskConfig:
     """The algorithmic table to learn (Power et al. 2022)."""
 
-    op: str = "x+y"
-    """Binary operation: x+y, x-y, x*y, x/y, x^2+y^2, x^2+xy+y^2, x^3+xy, or perm (composition in S_n)."""
-    p: int = 97
-    """Modulus of the arithmetic operations (x/y needs a prime)."""
-    n: int = 5
-    """Degree of the symmetric group for op=perm (S_5 has 120 elements, 14,400 pairs)."""
+    op: str = setting("x+y", "binary operation; perm is composition in S_n", choices=OPS)
+    # tasks.py builds at most 2**24 pairs: p <= 4096.
+    p: int = setting(97, "modulus of the arithmetic operations (x/y needs a prime)", lo=2, hi=4096)
+    n: int = setting(5, "degree of the symmetric group for op=perm (S_5: 120 elements)", lo=2, hi=6)
 
 
 @dataclass(frozen=True, slots=True)
 class DataConfig:
-    fraction: float = 0.3
-    """Share of all pairs of the table used for training; the rest is validation."""
-    split_seed: int = 0
-    """Seed of the train/validation split, separate from `train.seed` (the init seed)."""
+    fraction: float = setting(
+        0.3,
+        "share of all pairs of the table used for training; the rest is validation",
+        lo=0,
+        hi=1,
+        lo_open=True,
+        hi_open=True,
+        unit="fraction of all pairs",
+    )
+    split_seed: int = setting(
+        0, "seed of the train/validation split, separate from train.seed (the init seed)", lo=0, hi=SEED_MAX
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    kind: str = "mlp"
-    """mlp | transformer | gromov (one-hot operands, quadratic activation, no biases)."""
-    embed_dim: int = 128
-    """Token embedding size (the transformer's d_model); unused by gromov."""
-    width: int = 512
-    """Hidden width of the MLP and gromov models; MLP width inside each transformer block."""
-    depth: int = 1
-    """Hidden layers of the MLP; blocks of the transformer."""
-    heads: int = 4
-    """Attention heads of the transformer (embed_dim must divide by it)."""
-    activation: str = "relu"
-    """relu | gelu | quadratic (gromov always uses quadratic)."""
-    layer_norm: bool = False
-    """Pre-LN blocks in the transformer; Nanda et al.'s model has none."""
-    init_scale: float = 1.0
-    """Multiplier on every initial weight (Omnigrok's alpha; > 1 induces grokking)."""
+    kind: str = setting(
+        "mlp",
+        "mlp | transformer | gromov (one-hot operands, quadratic activation, no biases)",
+        choices=("mlp", "transformer", "gromov"),
+    )
+    embed_dim: int = setting(
+        128, "token embedding size (the transformer's d_model); unused by gromov", lo=1, hi=8192
+    )
+    width: int = setting(
+        512,
+        "hidden width of the MLP and gromov models; MLP width inside each transformer block",
+        lo=1,
+        hi=65536,
+    )
+    depth: int = setting(1, "hidden layers of the MLP; blocks of the transformer", lo=1, hi=64)
+    heads: int = setting(4, "attention heads of the transformer (embed_dim must divide by it)", lo=1, hi=256)
+    activation: str = setting(
+        "relu",
+        "relu | gelu | quadratic (gromov always uses quadratic)",
+        choices=("relu", "gelu", "quadratic"),
+    )
+    layer_norm: bool = setting(False, "pre-LN blocks in the transformer; Nanda et al.'s model has none")
+    init_scale: float = setting(
+        1.0,
+        "multiplier on every initial weight (Omnigrok's alpha; > 1 induces grokking)",
+        lo=0,
+        hi=1e6,
+        lo_open=True,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class OptimConfig:
-    name: str = "adamw"
-    """adamw (decoupled decay) | adam (coupled L2) | sgd (coupled L2) | rmsprop (coupled L2)."""
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    momentum: float = 0.0
-    """SGD and RMSprop momentum."""
-    nesterov: bool = False
-    weight_decay: float = 1.0
-    decay_to: str = "zero"
-    """zero | init: pull weights toward the origin or toward their initial values."""
-    warmup_steps: int = 10
-    """Linear learning-rate warm-up from lr/warmup_steps to lr (Power et al. use 10)."""
-    grokfast: str = "none"
-    """none | ema | ma: Grokfast slow-gradient amplification (Lee et al. 2024)."""
-    grokfast_alpha: float = 0.98
-    grokfast_lamb: float = 2.0
-    grokfast_window: int = 100
-    orthograd: bool = False
-    """Project each gradient orthogonal to its weights (Prieto et al. 2025's ⊥Grad)."""
+    name: str = setting(
+        "adamw",
+        "adamw (decoupled decay) | adam (coupled L2) | sgd (coupled L2) | rmsprop (coupled L2)",
+        choices=("adamw", "adam", "sgd", "rmsprop"),
+    )
+    lr: float = setting(
+        1e-3, "peak learning rate, reached after optimizer.warmup_steps", lo=0, hi=1e3, lo_open=True
+    )
+    betas: tuple[float, float] = setting(
+        (0.9, 0.98),
+        "Adam/AdamW/RMSprop moment decay rates (beta1, beta2)",
+        lo=0,
+        hi=1,
+        hi_open=True,
+        allowed="two numbers in [0, 1)",
+    )
+    eps: float = setting(1e-8, "Adam-family denominator epsilon", lo=0, hi=1, lo_open=True)
+    momentum: float = setting(0.0, "SGD and RMSprop momentum", lo=0, hi=1, hi_open=True)
+    nesterov: bool = setting(False, "Nesterov momentum for SGD")
+    weight_decay: float = setting(
+        1.0, "weight-decay coefficient; how it enters is optimizer.weight_decay_form", lo=0, hi=1e6
+    )
+    decay_to: str = setting(
+        "zero",
+        "zero | init: pull weights toward the origin or toward their initial values",
+        choices=("zero", "init"),
+    )
+    warmup_steps: int = setting(
+        10,
+        "linear learning-rate warm-up from lr/warmup_steps to lr (Power et al. use 10)",
+        lo=0,
+        hi=STEPS_MAX,
+        unit="steps",
+    )
+    grokfast: str = setting(
+        "none",
+        "none | ema | ma: Grokfast slow-gradient amplification (Lee et al. 2024)",
+        choices=("none", "ema", "ma"),
+    )
+    grokfast_alpha: float = setting(0.98, "Grokfast EMA decay of the slow gradient", lo=0, hi=1, hi_open=True)
+    grokfast_lamb: float = setting(2.0, "Grokfast amplification of the slow gradient", lo=0, hi=1e6)
+    grokfast_window: int = setting(
+        100, "Grokfast-MA window of past gradients", lo=1, hi=100_000, unit="steps"
+    )
+    orthograd: bool = setting(
+        False, "project each gradient orthogonal to its weights (Prieto et al. 2025's ⊥Grad)"
+    )
 
     @property
     def weight_decay_form(self) -> str:
@@ -88,20 +274,38 @@ class OptimConfig:
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    max_steps: int = 10_000
-    """Budget in optimizer steps."""
-    batch_size: int | None = None
-    """None (YAML `full`) trains full-batch; otherwise minibatches drawn by `seed`."""
-    loss: str = "cross_entropy"
-    """cross_entropy (float64 log-softmax) | mse (one-hot targets) | stablemax."""
-    seed: int = 0
-    """Init seed (and minibatch order); replicates of a study point differ only here."""
-    eval_every: int = 100
-    """Evaluate every this many steps, plus a few log-spaced early steps."""
-    checkpoint_every: int = 1000
-    """Save the full training state every this many steps (a multiple of eval_every)."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
+    max_steps: int = setting(10_000, "budget in optimizer steps", lo=1, hi=STEPS_MAX, unit="steps")
+    batch_size: int | None = setting(
+        None,
+        "None (YAML `full`) trains full-batch; otherwise minibatches drawn by train.seed",
+        lo=1,
+        hi=2**24,
+        unit="examples",
+        allowed="an integer, 1 <= batch_size <= 2**24, or full",
+    )
+    loss: str = setting(
+        "cross_entropy",
+        "cross_entropy (float64 log-softmax) | mse (one-hot targets) | stablemax",
+        choices=("cross_entropy", "mse", "stablemax"),
+    )
+    seed: int = setting(
+        0, "init seed (and minibatch order); replicates of a point differ only here", lo=0, hi=SEED_MAX
+    )
+    eval_every: int = setting(
+        100,
+        "evaluate every this many steps, plus a few log-spaced early steps",
+        lo=1,
+        hi=STEPS_MAX,
+        unit="steps",
+    )
+    checkpoint_every: int = setting(
+        1000,
+        "save the full training state every this many steps (a multiple of eval_every)",
+        lo=1,
+        hi=STEPS_MAX,
+        unit="steps",
+    )
+    device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,26 +319,29 @@ class TrialConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# ---- how a curve is read ------------------------------------------------------
+# ---- how a curve is read -----------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class PhaseConfig:
     """Parameters of the phase rule in `phases.py` (after Liu et al. 2022)."""
 
-    threshold: float = 0.99
-    """Accuracy that counts as fitted (train) or generalized (validation)."""
-    grok_delay_factor: float = 5.0
-    """Grokking needs t_val >= factor * t_train ..."""
-    min_delay: int = 500
-    """... and t_val - t_train >= min_delay steps; otherwise it is comprehension."""
-    margin: float = 0.05
-    """Generalization holds while val accuracy stays >= threshold - margin."""
-    confirm_steps: int = 1000
-    """A trial may stop early once generalization has held this many steps."""
+    threshold: float = setting(
+        0.99, "accuracy that counts as fitted (train) or generalized (validation)", lo=0, hi=1, lo_open=True
+    )
+    grok_delay_factor: float = setting(5.0, "grokking needs t_val >= factor * t_train ...", lo=1, hi=1e6)
+    min_delay: int = setting(
+        500, "... and t_val - t_train >= min_delay steps; otherwise it is comprehension", lo=0, hi=STEPS_MAX
+    )
+    margin: float = setting(
+        0.05, "generalization holds while val accuracy stays >= threshold - margin", lo=0, hi=1, hi_open=True
+    )
+    confirm_steps: int = setting(
+        1000, "a trial may stop early once generalization has held this many steps", lo=0, hi=STEPS_MAX
+    )
 
 
-# ---- a study -------------------------------------------------------------------
+# ---- a study -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,14 +369,11 @@ class SearchDim:
         if self.choice is not None:
             return self.choice
         assert self.points is not None, f"{self.key} has no grid points"
+        lo, hi = self.log or self.range or (0.0, 0.0)
+        n = self.points
         if self.log is not None:
-            lo, hi = self.log
-            n = self.points
             out = [lo * (hi / lo) ** (i / (n - 1)) if n > 1 else lo for i in range(n)]
         else:
-            assert self.range is not None
-            lo, hi = self.range
-            n = self.points
             out = [lo + (hi - lo) * i / (n - 1) if n > 1 else lo for i in range(n)]
         if self.integer:
             return tuple(int(round(v)) for v in out)
@@ -177,7 +381,8 @@ class SearchDim:
 
     @property
     def is_log(self) -> bool:
-        """True when the axis is best drawn on a log scale."""
+        """The one rule of an axis's scale, for sampling and figures alike: a log:
+        dimension, or numeric values > 0 spanning at least two decades."""
         if self.log is not None:
             return True
         vals = self.values
@@ -186,39 +391,61 @@ class SearchDim:
         return False
 
 
+SAMPLERS = ("grid", "sobol", "random", "tpe")
+
+
 @dataclass(frozen=True, slots=True)
 class SearchConfig:
-    sampler: str = "grid"
-    """grid | sobol | random | tpe."""
+    sampler: str = setting("grid", "grid | sobol | random | tpe", choices=SAMPLERS)
     space: tuple[SearchDim, ...] = ()
-    seeds: int = 1
-    """Replicates per point: train.seed takes 0 .. seeds-1."""
-    num_samples: int | None = None
-    """Points drawn by sobol/random/tpe (grid: the grid's size)."""
-    objective: str = "t_val"
-    """What tpe minimizes: t_val (steps to generalize; the budget if never)."""
-    sampler_seed: int = 0
+    seeds: int = setting(1, "replicates per point: train.seed takes 0 .. seeds-1", lo=1, hi=1000)
+    num_samples: int | None = setting(
+        None, "points drawn by sobol/random/tpe (grid: the grid's size)", lo=1, hi=10**6
+    )
+    objective: str = setting(
+        "t_val", "what tpe minimizes: t_val (steps to generalize; the budget if never)", choices=("t_val",)
+    )
+    sampler_seed: int = setting(0, "seed of the sampler", lo=0, hi=SEED_MAX)
 
 
 @dataclass(frozen=True, slots=True)
 class ResourcesConfig:
-    cpu: float = 1.0
-    gpu: float = 0.0
+    cpu: float = setting(
+        1.0,
+        "CPUs per trial",
+        lo=0,
+        hi=1024,
+        lo_open=True,
+        whole_above_one=True,
+        allowed="0 < cpu <= 1024; whole numbers above 1",
+    )
+    gpu: float = setting(
+        0.0,
+        "GPUs per trial",
+        lo=0,
+        hi=64,
+        whole_above_one=True,
+        allowed="0 <= gpu <= 64; a fraction below 1 or a whole number",
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class RunConfig:
-    max_concurrent: int | None = None
-    max_failures: int = 3
-    """Retries of a failed trial, each from its last checkpoint."""
-    out: str | None = None
-    """Output directory; default runs/<name>."""
-    storage: str | None = None
-    """Ray Tune storage_path (s3://, gs://, an NFS path); default <out>/ray."""
-    tracking_uri: str | None = None
-    """MLflow tracking URI; default sqlite:///<out>/mlflow.db (absolute)."""
-    optuna_storage: str | None = None
-    """SQLAlchemy URL of the Optuna study; default sqlite:///<out>/optuna.db."""
+    max_concurrent: int | None = setting(
+        None,
+        "trials running at once (null: as many as the cluster fits)",
+        lo=1,
+        hi=10**6,
+        allowed="an integer >= 1, or null for no limit",
+    )
+    max_failures: int = setting(3, "retries of a failed trial, each from its last checkpoint", lo=0, hi=100)
+    out: str | None = setting(None, "output directory; default runs/<name>")
+    storage: str | None = setting(
+        None, "Ray Tune storage_path (s3://, gs://, an NFS path); default <out>/ray"
+    )
+    tracking_uri: str | None = setting(
+        None, "MLflow tracking URI; default sqlite:///<out>/mlflow.db (absolute)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,10 +472,159 @@ class Study:
         return with_overrides(self.base, point)
 
 
-TRIAL_SECTIONS = ("task", "data", "model", "optimizer", "train")
+TRIAL_SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optimizer": OptimConfig,
+    "train": TrainConfig,
+}
+"""The sections of a TrialConfig, by name: the one section-to-class map."""
+STUDY_SECTIONS: dict[str, type] = {
+    **TRIAL_SECTIONS,
+    "search": SearchConfig,
+    "phases": PhaseConfig,
+    "resources": ResourcesConfig,
+    "run": RunConfig,
+    "diagram": DiagramConfig,
+}
+"""Every section of a study file, by name."""
 
 
-# ---- dotted paths ----------------------------------------------------------------
+# ---- rules that tie fields together ------------------------------------------------------------
+
+
+def is_prime(n: int) -> bool:
+    """Trial division; moduli here are small."""
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def nearest_primes(n: int) -> tuple[int | None, int]:
+    """The largest prime below n (None if there is none) and the smallest above it."""
+    below = next((q for q in range(n - 1, 1, -1) if is_prime(q)), None)
+    above = next(q for q in range(n + 1, 2 * n + 3) if is_prime(q))
+    return below, above
+
+
+MAX_EVALS = 10**6
+"""Eval points of one trial: max_steps / eval_every above this is a typo (the schedule is a list)."""
+
+
+def cross_problems(
+    values: Callable[[str, bool], list[Any] | None], skip: set[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """(key, message) for every rule that ties trial keys together and is broken.
+
+    `values(key, ends)` gives the values a key takes: one base value, a searched
+    axis's grid, or for a continuous axis its two ends if `ends`, else None.
+    Rules touching a key in `skip` (already reported) are not checked.
+    """
+    out: list[tuple[str, str]] = []
+
+    def ok(*keys: str) -> bool:
+        return not skip.intersection(keys)
+
+    if ok("task.op", "task.p") and "x/y" in values("task.op", False):
+        ps = values("task.p", False)
+        if ps is None:
+            out.append(
+                ("task.p", "x/y needs a prime modulus, which a range cannot guarantee; use values: [primes]")
+            )
+        bad = next((p for p in ps or [] if not is_prime(p)), None)
+        if bad is not None:
+            nearest = " or ".join(str(q) for q in nearest_primes(bad) if q)
+            out.append(
+                (
+                    "task.p",
+                    f"not prime (got {bad}); task.op x/y divides mod p; allowed: a prime, e.g. {nearest}",
+                )
+            )
+
+    if ok("task.op", "task.p", "task.n", "data.fraction"):
+        keys = ("task.op", "task.p", "task.n", "data.fraction")
+        for op, p, n, f in product(*(values(k, True) for k in keys)):
+            pairs = math.factorial(n) ** 2 if op == "perm" else p * (p - 1 if op == "x/y" else p)
+            if not 1 <= round(f * pairs) <= pairs - 1:
+                empty = "training" if round(f * pairs) < 1 else "validation"
+                out.append(("data.fraction", f"leaves an empty {empty} set (got {show(f)} of {pairs} pairs)"))
+                break
+
+    if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in values("model.kind", False):
+        embeds, heads = values("model.embed_dim", False), values("model.heads", False)
+        if embeds is None or heads is None:
+            if max(heads or [2]) > 1:
+                key = "model.embed_dim" if embeds is None else "model.heads"
+                out.append((key, "a range cannot keep embed_dim divisible by heads; use values: [...]"))
+        elif pair := next(((e, h) for e, h in product(embeds, heads) if e % h), None):
+            e, h = pair
+            out.append(
+                (
+                    "model.embed_dim",
+                    f"not divisible by model.heads (got embed_dim {e}, heads {h}); the transformer splits "
+                    f"embed_dim across heads; allowed: a multiple of {h}",
+                )
+            )
+
+    if ok("train.checkpoint_every", "train.eval_every"):
+        ckpts, evals = values("train.checkpoint_every", False), values("train.eval_every", False)
+        if ckpts is None or evals is None:
+            key = "train.checkpoint_every" if ckpts is None else "train.eval_every"
+            out.append((key, "use values: [...] so that every checkpoint falls on an evaluation"))
+        elif pair := next(((c, e) for c, e in product(ckpts, evals) if c % e), None):
+            c, e = pair
+            out.append(
+                (
+                    "train.checkpoint_every",
+                    f"not a multiple of train.eval_every (got {c}, eval_every {e}); checkpoints are taken "
+                    f"at evaluations; allowed: {e}, {2 * e}, {3 * e}, ...",
+                )
+            )
+
+    if ok("train.max_steps", "train.eval_every"):
+        for steps, every in product(values("train.max_steps", True), values("train.eval_every", True)):
+            if steps / every > MAX_EVALS:
+                out.append(
+                    (
+                        "train.eval_every",
+                        f"{steps} steps evaluated every {every} is {steps // every:,} eval points; "
+                        f"allowed: at most {MAX_EVALS:,} (raise eval_every)",
+                    )
+                )
+                break
+
+    keys = ("optimizer.name", "optimizer.nesterov", "optimizer.momentum")
+    if ok(*keys) and "sgd" in values("optimizer.name", False) and True in values("optimizer.nesterov", False):
+        if min(values("optimizer.momentum", True)) == 0:
+            out.append(
+                (
+                    "optimizer.nesterov",
+                    "SGD's Nesterov momentum needs optimizer.momentum > 0 (got momentum 0.0)",
+                )
+            )
+    return out
+
+
+def validate_trial(cfg: TrialConfig) -> None:
+    """Raise `StudyError`s (every problem, one line each) if `cfg` breaks a field or cross rule.
+
+    The training core calls this once per trial; studies were already checked
+    by `study.py` with the same rules, so for them it never fires.
+    """
+    problems: list[StudyError] = []
+    for section, cls in TRIAL_SECTIONS.items():
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            spec = f.metadata.get("spec")
+            message = spec and check_value(f.name, spec, getattr(part, f.name))
+            if message:
+                problems.append(StudyError(f"{section}.{f.name}", message))
+    flat = flatten(cfg)
+    for key, message in cross_problems(lambda key, ends: [flat[key]], {e.path for e in problems}):
+        problems.append(StudyError(key, message))
+    raise_all(problems)
+
+
+# ---- dotted paths --------------------------------------------------------------------------------
 
 
 def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
@@ -299,17 +675,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def trial_from_dict(d: dict[str, Any]) -> TrialConfig:
-    """Inverse of `to_dict` for a TrialConfig (e.g. a checkpoint's config.json)."""
-    sections = {
-        "task": TaskConfig,
-        "data": DataConfig,
-        "model": ModelConfig,
-        "optimizer": OptimConfig,
-        "train": TrainConfig,
-    }
+    """Inverse of `to_dict` for a TrialConfig (e.g. a checkpoint's config.json).
+
+    Unknown keys (another grokstudy version) are dropped; missing ones take their defaults.
+    """
     kwargs = {}
-    for name, cls in sections.items():
-        values = dict(d.get(name, {}))
+    for name, cls in TRIAL_SECTIONS.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(d.get(name, {})).items() if k in names}
         if name == "optimizer" and "betas" in values:
             values["betas"] = tuple(values["betas"])
         kwargs[name] = cls(**values)

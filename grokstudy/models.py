@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokstudy.config import ModelConfig
-from grokstudy.errors import StudyError
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -27,11 +26,6 @@ ACTIVATIONS = {
 
 
 def _activation(model: ModelConfig):
-    if model.activation not in ACTIVATIONS:
-        raise StudyError(
-            "model.activation",
-            f"unknown model.activation {model.activation!r}; choose one of: {', '.join(ACTIVATIONS)}",
-        )
     return ACTIVATIONS[model.activation]
 
 
@@ -103,10 +97,6 @@ class Transformer(nn.Module):
 
     def __init__(self, model: ModelConfig, n_tokens: int, n_classes: int) -> None:
         super().__init__()
-        if model.embed_dim % model.heads:
-            raise StudyError(
-                "model.heads", f"model.embed_dim {model.embed_dim} must divide by model.heads {model.heads}"
-            )
         d = model.embed_dim
         self.eq_token = n_tokens  # the extra "=" token
         self.embed = nn.Embedding(n_tokens + 1, d)
@@ -179,13 +169,6 @@ MODELS: dict[str, type[nn.Module]] = {
 
 def build_model(model: ModelConfig, n_tokens: int, n_classes: int) -> nn.Module:
     """A freshly initialised model (uses the global torch RNG), every weight times `init_scale`."""
-    if model.kind not in MODELS:
-        raise StudyError(
-            "model.kind", f"unknown model.kind {model.kind!r}; choose one of: {', '.join(MODELS)}"
-        )
-    for key in ("embed_dim", "width", "depth", "heads"):
-        if getattr(model, key) < 1:
-            raise StudyError(f"model.{key}", f"must be an integer >= 1 (got {getattr(model, key)})")
     net = MODELS[model.kind](model, n_tokens, n_classes)
     if model.init_scale != 1.0:
         # Omnigrok's alpha (Liu et al. 2023): scale every initial weight, LayerNorm gains included.
@@ -203,15 +186,6 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     """
     params = [p for p in model.parameters() if p.requires_grad]
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-
-
-def describe_decay(model: nn.Module) -> str:
-    """One line with the tensor and parameter counts of each decay group."""
-    decay, free = decay_groups(model)
-    return (
-        f"decayed: {len(decay)} tensors, {sum(p.numel() for p in decay):,} parameters; "
-        f"not decayed: {len(free)} tensors, {sum(p.numel() for p in free):,} parameters"
-    )
 
 
 def count_parameters(model: nn.Module) -> int:

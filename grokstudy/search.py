@@ -271,7 +271,7 @@ def study_name(study: Study) -> str:
 def optuna_storage_url(study: Study, out_dir: Path) -> str:
     """`run.optuna_storage` (any SQLAlchemy URL; a relative sqlite path made absolute),
     else `sqlite:///<absolute out_dir>/optuna.db`. Open it with `optuna-dashboard <url>`."""
-    url = study.run.optuna_storage
+    url = getattr(study.run, "optuna_storage", None)
     if url is None:
         return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
     prefix = "sqlite:///"

@@ -1,10 +1,13 @@
 """The study file: YAML and `--set KEY=VALUE` text in, a validated frozen `Study` out.
 
 The only module that parses user text (STYLE.md, principle 4). The schema is
-the dataclasses of `config.py`: each section's keys are exactly its fields, so
-the accepted keys cannot drift from the configs. Validation is hand-written
-(no pydantic: the messages below are the product, and the rest of the code
-sees only frozen dataclasses).
+the dataclasses of `config.py`: each section's keys are exactly its fields, and
+each field's range or choices is its own `config.setting` rule, so the accepted
+keys and values cannot drift from the configs or from what the training core
+checks (`config.validate_trial`). Validation is hand-written (no pydantic: the
+messages below are the product, and the rest of the code sees only frozen
+dataclasses). Values in messages are cut short (`config.show`), so even an
+alias-bombed file gives a short line.
 
 Every problem is one line, `dotted.path: what is wrong (got X); allowed: ...`,
 with a "did you mean" for misspelt keys at any level. All problems of a file
@@ -23,127 +26,69 @@ import difflib
 import math
 import re
 import types
-from collections.abc import Callable, Sequence
-from itertools import product
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from grokstudy.config import (
+    STUDY_SECTIONS,
     TRIAL_SECTIONS,
-    DataConfig,
     DiagramConfig,
-    ModelConfig,
-    OptimConfig,
     PhaseConfig,
     ResourcesConfig,
     RunConfig,
     SearchConfig,
     SearchDim,
     Study,
-    TaskConfig,
-    TrainConfig,
     TrialConfig,
+    check_value,
+    cross_problems,
     get_path,
+    show,
+    spec_of,
     to_dict,
 )
-from grokstudy.errors import StudyError, StudyErrors
+from grokstudy.errors import StudyError, raise_all
 
-# ---- the schema ----------------------------------------------------------------------------------
+# ---- the schema (read off config.py) ---------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {
-    "task": TaskConfig,
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optimizer": OptimConfig,
-    "train": TrainConfig,
-    "phases": PhaseConfig,
-    "resources": ResourcesConfig,
-    "run": RunConfig,
-    "diagram": DiagramConfig,
-}
-TOP_LEVEL = ("name", *TRIAL_SECTIONS, "search", "phases", "resources", "run", "diagram")
+SECTIONS: dict[str, type] = {k: v for k, v in STUDY_SECTIONS.items() if k != "search"}
+TOP_LEVEL = ("name", *STUDY_SECTIONS)
 SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 DIM_FORMS = ("log", "range", "values", "choice")
 DIM_KEYS = (*DIM_FORMS, "points", "integer")
+MAX_POINTS = 10_000
+"""Grid points of one log/range axis."""
+MAX_TRIALS = 10**6
+"""Trials of one study (points x seeds): more is a typo, not a study."""
 
 TYPES: dict[str, Any] = {
     f"{section}.{name}": hint
-    for section, cls in [*SECTIONS.items(), ("search", SearchConfig)]
+    for section, cls in STUDY_SECTIONS.items()
     for name, hint in get_type_hints(cls).items()
 }
 TRIAL_KEYS = tuple(k for k in TYPES if k.split(".")[0] in TRIAL_SECTIONS)
 """Every dotted key of a TrialConfig: what may be searched, set for `grokstudy train`, or drawn."""
 ANY_TRIAL_KEY = "any dotted key of " + ", ".join(TRIAL_SECTIONS) + " (e.g. optimizer.lr)"
-ANY_STUDY_KEY = "name, " + ", ".join(
-    f"{s}.*" for s in (*TRIAL_SECTIONS, "search", "phases", "resources", "run", "diagram")
-)
+ANY_STUDY_KEY = "name, " + ", ".join(f"{s}.*" for s in STUDY_SECTIONS)
+REMOVED: dict[str, str] = {
+    "run.optuna_storage": "removed: the Optuna study now travels with the Ray Tune experiment "
+    "(run.storage), so a resumed study finds it wherever it resumes; drop this key",
+}
+"""Keys earlier versions accepted, with what to do instead."""
 
-# The registries live beside their implementations (tasks.py, models.py, optim.py),
-# which import torch; validating a study must not, so the names are repeated here
-# and tests/test_study.py checks that they agree.
+
+def _spec(key: str):
+    section, name = key.split(".", 1)
+    return spec_of(STUDY_SECTIONS[section], name)
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "task.op": ("x+y", "x-y", "x*y", "x/y", "x^2+y^2", "x^2+xy+y^2", "x^3+xy", "perm"),
-    "model.kind": ("mlp", "transformer", "gromov"),
-    "model.activation": ("relu", "gelu", "quadratic"),
-    "optimizer.name": ("adamw", "adam", "sgd", "rmsprop"),
-    "optimizer.decay_to": ("zero", "init"),
-    "optimizer.grokfast": ("none", "ema", "ma"),
-    "train.loss": ("cross_entropy", "mse", "stablemax"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "search.sampler": ("grid", "sobol", "random", "tpe"),
-    "search.objective": ("t_val",),
+    key: spec.choices for key in TYPES if (spec := _spec(key)) is not None and spec.choices is not None
 }
-
-
-def _ray_quantity(v: float) -> bool:
-    # Ray accepts fractional resources only below 1 ("0.25 GPU"); above, whole units.
-    return v < 1 or float(v).is_integer()
-
-
-Rule = tuple[Callable[[Any], bool], str]
-RULES: dict[str, Rule] = {
-    # tasks.py builds at most 2**24 pairs: p <= 4096, S_6.
-    "task.p": (lambda v: 2 <= v <= 4096, "an integer, 2 <= p <= 4096"),
-    "task.n": (lambda v: 2 <= v <= 6, "an integer, 2 <= n <= 6"),
-    "data.fraction": (lambda v: 0 < v < 1, "0 < fraction < 1"),
-    "data.split_seed": (lambda v: v >= 0, "an integer >= 0"),
-    "model.embed_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "model.width": (lambda v: v >= 1, "an integer >= 1"),
-    "model.depth": (lambda v: v >= 1, "an integer >= 1"),
-    "model.heads": (lambda v: v >= 1, "an integer >= 1"),
-    "model.init_scale": (lambda v: v > 0, "init_scale > 0"),
-    "optimizer.lr": (lambda v: v > 0, "lr > 0"),
-    "optimizer.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
-    "optimizer.eps": (lambda v: v > 0, "eps > 0"),
-    "optimizer.momentum": (lambda v: 0 <= v < 1, "0 <= momentum < 1"),
-    "optimizer.weight_decay": (lambda v: v >= 0, "weight_decay >= 0"),
-    "optimizer.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "optimizer.grokfast_alpha": (lambda v: 0 <= v < 1, "0 <= grokfast_alpha < 1"),
-    "optimizer.grokfast_lamb": (lambda v: v >= 0, "grokfast_lamb >= 0"),
-    "optimizer.grokfast_window": (lambda v: v >= 1, "an integer >= 1"),
-    "train.max_steps": (lambda v: v >= 1, "an integer >= 1"),
-    "train.batch_size": (lambda v: v is None or v >= 1, "an integer >= 1, or full"),
-    "train.seed": (lambda v: v >= 0, "an integer >= 0"),
-    "train.eval_every": (lambda v: v >= 1, "an integer >= 1"),
-    "train.checkpoint_every": (lambda v: v >= 1, "an integer >= 1 (a multiple of eval_every)"),
-    "phases.threshold": (lambda v: 0 < v <= 1, "0 < threshold <= 1"),
-    "phases.grok_delay_factor": (lambda v: v >= 1, "grok_delay_factor >= 1"),
-    "phases.min_delay": (lambda v: v >= 0, "an integer >= 0"),
-    "phases.margin": (lambda v: 0 <= v < 1, "0 <= margin < 1"),
-    "phases.confirm_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "resources.cpu": (lambda v: v > 0 and _ray_quantity(v), "cpu > 0; whole numbers above 1"),
-    "resources.gpu": (
-        lambda v: v >= 0 and _ray_quantity(v),
-        "gpu >= 0; a fraction below 1 or a whole number",
-    ),
-    "run.max_concurrent": (lambda v: v is None or v >= 1, "an integer >= 1, or null for no limit"),
-    "run.max_failures": (lambda v: v >= -1, "an integer >= 0, or -1 to retry forever"),
-    "search.seeds": (lambda v: v >= 1, "an integer >= 1"),
-    "search.num_samples": (lambda v: v is None or v >= 1, "an integer >= 1"),
-    "search.sampler_seed": (lambda v: v >= 0, "an integer >= 0"),
-}
+"""The names each choice key accepts (the registries in tasks/models/optim must agree)."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 """A study name is a directory, a Ray experiment, an Optuna study and an MLflow experiment."""
 
@@ -193,7 +138,9 @@ def _load_yaml(text: str, source: str) -> Any:
         where = f"line {mark.line + 1}: " if mark else ""
         raise StudyError(source, f"not valid YAML: {where}{e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise StudyError(source, f"not valid YAML: {e}") from None
+        raise StudyError(source, f"not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except RecursionError:
+        raise StudyError(source, "not valid YAML: nested too deeply") from None
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -210,16 +157,18 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StudyError(source, "no such study file") from None
+    except UnicodeDecodeError as e:
+        raise StudyError(source, f"not UTF-8 text (byte {e.start}); save the study file as UTF-8") from None
     except OSError as e:
         raise StudyError(source, f"cannot read the study file: {e.strerror or e}") from None
     data = _load_yaml(text, source)
     if data is None:
         raise StudyError(source, "the study file is empty; see studies/smoke.yaml for a complete example")
     if not isinstance(data, dict):
-        raise StudyError(source, f"a study file is a mapping of sections (got {_show(data)})")
+        raise StudyError(source, f"a study file is a mapping of sections (got {show(data)})")
     problems: list[StudyError] = []
     data = _apply_overrides(data, parse_set(overrides), problems)
     return _finish(_parse(data, problems), problems)
@@ -228,7 +177,7 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
 def parse_study(data: dict[str, Any], source: str = "<study>") -> Study:
     """Validate an already-parsed study mapping (the contents of a YAML file)."""
     if not isinstance(data, dict):
-        raise StudyError(source, f"a study file is a mapping of sections (got {_show(data)})")
+        raise StudyError(source, f"a study file is a mapping of sections (got {show(data)})")
     problems: list[StudyError] = []
     return _finish(_parse(data, problems), problems)
 
@@ -253,7 +202,7 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
             out[key] = _load_yaml(text, f"--set {key}") if text.strip() else None
         except StudyError as e:
             problems.append(e)
-    _raise(problems)
+    raise_all(problems)
     return out
 
 
@@ -274,7 +223,7 @@ def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None
     sections = {s: _section(s, raw[s], problems, bad) for s in TRIAL_SECTIONS}
     trial = TrialConfig(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
     _cross_checks(trial, {}, problems, bad)
-    _raise(problems)
+    raise_all(problems)
     return trial
 
 
@@ -335,7 +284,7 @@ def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
         problems.append(
             StudyError(
                 "name",
-                f"not a safe name (got {_show(name)}); allowed: letters, digits, _ . - "
+                f"not a safe name (got {show(name)}); allowed: letters, digits, _ . - "
                 "(it names directories and experiments), starting with a letter or digit",
             )
         )
@@ -363,15 +312,8 @@ def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
 
 
 def _finish(study: Study, problems: list[StudyError]) -> Study:
-    _raise(problems)
+    raise_all(problems)
     return study
-
-
-def _raise(problems: list[StudyError]) -> None:
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        raise StudyErrors(problems)
 
 
 def _section(section: str, raw: Any, problems: list[StudyError], bad: set[str]) -> dict[str, Any]:
@@ -379,13 +321,16 @@ def _section(section: str, raw: Any, problems: list[StudyError], bad: set[str]) 
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        problems.append(StudyError(section, f"expected a mapping of keys (got {_show(raw)})"))
+        problems.append(StudyError(section, f"expected a mapping of keys (got {show(raw)})"))
         bad.add(section)
         return {}
     fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         path = f"{section}.{key}"
+        if path in REMOVED:
+            problems.append(StudyError(path, REMOVED[path]))
+            continue
         if key not in fields:
             problems.append(_unknown(path, str(key), fields))
             continue
@@ -409,16 +354,10 @@ def _value(key: str, value: Any) -> Any:
 
 
 def _check(key: str, value: Any) -> None:
-    if key in CHOICES and value not in CHOICES[key]:
-        close = difflib.get_close_matches(str(value), CHOICES[key], n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise _Bad(
-            f"unknown {key.split('.')[-1]} (got {_show(value)}){hint} allowed: {', '.join(CHOICES[key])}"
-        )
-    if key in RULES and value is not None:
-        ok, allowed = RULES[key]
-        if not ok(value):
-            raise _Bad(f"out of range (got {_show(value)}); allowed: {allowed}")
+    spec = _spec(key)
+    message = spec and check_value(key.split(".")[-1], spec, value)
+    if message:
+        raise _Bad(message)
 
 
 def _coerce(key: str, hint: Any, v: Any) -> Any:
@@ -433,27 +372,27 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
     if hint is bool:
         if isinstance(v, bool):
             return v
-        raise _Bad(f"expected true or false (got {_show(v)})")
+        raise _Bad(f"expected true or false (got {show(v)})")
     if hint is int:
         if isinstance(v, int) and not isinstance(v, bool):
             return v
         if isinstance(v, float) and v.is_integer():
             return int(v)
         extra = " or full" if key == "train.batch_size" else ""
-        raise _Bad(f"expected an integer{extra} (got {_show(v)})")
+        raise _Bad(f"expected an integer{extra} (got {show(v)})")
     if hint is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             return float(v)
-        raise _Bad(f"expected a number (got {_show(v)})")
+        raise _Bad(f"expected a number (got {show(v)})")
     if hint is str:
         if isinstance(v, str) and v:
             return v
-        raise _Bad(f"expected text (got {_show(v)})")
+        raise _Bad(f"expected text (got {show(v)})")
     if get_origin(hint) is tuple:  # optimizer.betas: tuple[float, float]
         n = len(get_args(hint))
         if isinstance(v, (list, tuple)) and len(v) == n:
             return tuple(_coerce(key, float, x) for x in v)
-        raise _Bad(f"expected a list of {n} numbers, e.g. [0.9, 0.98] (got {_show(v)})")
+        raise _Bad(f"expected a list of {n} numbers, e.g. [0.9, 0.98] (got {show(v)})")
     return v
 
 
@@ -464,7 +403,7 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
     if raw is None:
         return SearchConfig()
     if not isinstance(raw, dict):
-        problems.append(StudyError("search", f"expected a mapping of keys (got {_show(raw)})"))
+        problems.append(StudyError("search", f"expected a mapping of keys (got {show(raw)})"))
         return SearchConfig()
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
@@ -483,7 +422,7 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
     dims: list[SearchDim] = []
     if space is not None and not isinstance(space, dict):
         problems.append(
-            StudyError("search.space", f"expected a mapping of searched keys (got {_show(space)})")
+            StudyError("search.space", f"expected a mapping of searched keys (got {show(space)})")
         )
     elif space:
         for key, dim_raw in space.items():
@@ -505,7 +444,35 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
             problems.append(
                 StudyError("search.space", f"empty; the {sampler} sampler needs at least one searched key")
             )
-    return SearchConfig(**kwargs)
+    config = SearchConfig(**kwargs)
+    if not bad.intersection({"search.seeds", "search.num_samples", "search.sampler"}) and len(dims) == len(
+        space or {}
+    ):
+        _check_size(config, problems)
+    return config
+
+
+def _check_size(search: SearchConfig, problems: list[StudyError]) -> None:
+    """The study's trial count is sane, and a sampler can draw as many distinct points as asked."""
+    discrete = all(d.values is not None or d.choice is not None or d.points is not None for d in search.space)
+    grid_size = math.prod(len(d.grid) for d in search.space) if discrete else None
+    points = grid_size if search.sampler == "grid" else search.num_samples
+    if points is not None and points * search.seeds > MAX_TRIALS:
+        problems.append(
+            StudyError(
+                "search",
+                f"{points:,} points x {search.seeds} seeds = {points * search.seeds:,} trials; "
+                f"allowed: at most {MAX_TRIALS:,}",
+            )
+        )
+    elif search.sampler == "random" and grid_size is not None and points is not None and points > grid_size:
+        problems.append(
+            StudyError(
+                "search.num_samples",
+                f"{points} points from a space of only {grid_size} distinct points would repeat points "
+                f"(got {points}); allowed: at most {grid_size}, or sampler: grid for all of them",
+            )
+        )
 
 
 def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) -> SearchDim | None:
@@ -528,7 +495,7 @@ def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) ->
         "{log: [low, high], points: N}, {range: [low, high], points: N}, {values: [...]} or {choice: [...]}"
     )
     if not isinstance(raw, dict):
-        problems.append(StudyError(path, f"expected one of {forms_help} (got {_show(raw)})"))
+        problems.append(StudyError(path, f"expected one of {forms_help} (got {show(raw)})"))
         return None
     unknown = [k for k in raw if k not in DIM_KEYS]
     for k in unknown:
@@ -570,7 +537,7 @@ def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) ->
         problems.append(
             StudyError(
                 path,
-                f"{dim.points} integer points repeat values (got {_show(list(dim.grid))}); "
+                f"{dim.points} integer points repeat values (got {show(list(dim.grid))}); "
                 "use fewer points or values: [...]",
             )
         )
@@ -598,23 +565,23 @@ def _interval(
         and len(pair) == 2
         and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
     ):
-        problems.append(StudyError(path, f"{form} takes [low, high], two numbers (got {_show(pair)})"))
+        problems.append(StudyError(path, f"{form} takes [low, high], two numbers (got {show(pair)})"))
         return {}
     lo, hi = float(pair[0]), float(pair[1])
     if not lo < hi:
-        problems.append(StudyError(path, f"{form} needs low < high (got {_show(pair)})"))
+        problems.append(StudyError(path, f"{form} needs low < high (got {show(pair)})"))
         return {}
     if form == "log" and lo <= 0:
-        problems.append(StudyError(path, f"log needs 0 < low < high (got {_show(pair)}); use range: for 0"))
+        problems.append(StudyError(path, f"log needs 0 < low < high (got {show(pair)}); use range: for 0"))
         return {}
     out: dict[str, Any] = {form: (lo, hi)}
     integer = raw.get("integer", hint is int)
     if not isinstance(integer, bool):
-        problems.append(StudyError(f"{path}.integer", f"expected true or false (got {_show(integer)})"))
+        problems.append(StudyError(f"{path}.integer", f"expected true or false (got {show(integer)})"))
     elif hint is int and not integer:
         problems.append(StudyError(f"{path}.integer", f"{key} takes integers; drop integer: false"))
     elif integer and math.ceil(lo) > math.floor(hi):
-        problems.append(StudyError(path, f"no integer lies in {form} {_show(pair)}"))
+        problems.append(StudyError(path, f"no integer lies in {form} {show(pair)}"))
     else:
         out["integer"] = integer
     points = raw.get("points")
@@ -623,8 +590,12 @@ def _interval(
             problems.append(
                 StudyError(path, f"the grid sampler needs points: N on a {form} dimension, e.g. points: 5")
             )
-    elif isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        problems.append(StudyError(f"{path}.points", f"expected an integer >= 2 (got {_show(points)})"))
+    elif isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_POINTS:
+        problems.append(
+            StudyError(
+                f"{path}.points", f"expected an integer, 2 <= points <= {MAX_POINTS} (got {show(points)})"
+            )
+        )
     else:
         out["points"] = points
     return out
@@ -634,7 +605,7 @@ def _candidates_of(
     path: str, key: str, form: str, items: Any, numeric: bool, problems: list[StudyError]
 ) -> tuple[Any, ...]:
     if not isinstance(items, list) or not items:
-        problems.append(StudyError(path, f"{form} takes a non-empty list (got {_show(items)})"))
+        problems.append(StudyError(path, f"{form} takes a non-empty list (got {show(items)})"))
         return ()
     if form == "values" and not numeric:
         problems.append(StudyError(path, f"values are numbers and {key} is not; use choice: [...]"))
@@ -646,8 +617,8 @@ def _candidates_of(
         except _Bad as e:
             problems.append(StudyError(path, str(e)))
             return ()
-    if len({_show(v) for v in out}) < len(out):
-        problems.append(StudyError(path, f"{form} lists a value twice (got {_show(items)})"))
+    if len({show(v) for v in out}) < len(out):
+        problems.append(StudyError(path, f"{form} lists a value twice (got {show(items)})"))
         return ()
     return tuple(out)
 
@@ -667,14 +638,14 @@ def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
 
 def _describe_dim(dim: SearchDim, sampler: str) -> str:
     if sampler == "grid" or dim.values is not None or dim.choice is not None:
-        grid = [_show(v) for v in dim.grid]
+        grid = [show(v) for v in dim.grid]
         shown = grid if len(grid) <= 12 else [*grid[:5], "...", *grid[-2:]]
         kind = "log-spaced " if dim.log is not None else ""
         return f"{len(grid)} {kind}values: {', '.join(shown)}"
     lo, hi = dim.log or dim.range
     what = "integers" if dim.integer else "numbers"
     scale = "log-uniform" if dim.log is not None else "uniform"
-    return f"{what}, {scale} on [{_show(lo)}, {_show(hi)}]"
+    return f"{what}, {scale} on [{show(lo)}, {show(hi)}]"
 
 
 # ---- values that only make sense together --------------------------------------------------------
@@ -683,13 +654,9 @@ def _describe_dim(dim: SearchDim, sampler: str) -> str:
 def _cross_checks(
     base: TrialConfig, dims: dict[str, SearchDim], problems: list[StudyError], bad: set[str]
 ) -> None:
-    """Rules that tie keys together, over every value a key can take (base or searched)."""
+    """`config.cross_problems` over every value a key can take (base or searched)."""
 
-    def ok(*keys: str) -> bool:
-        return not any(k in bad or f"search.space.{k}" in bad for k in keys)
-
-    def cands(key: str, ends: bool = False) -> list[Any] | None:
-        """The values a key takes; a continuous axis gives its ends if `ends`, else None."""
+    def values(key: str, ends: bool) -> list[Any] | None:
         dim = dims.get(key)
         if dim is None:
             return [get_path(base, key)]
@@ -697,79 +664,9 @@ def _cross_checks(
             return list(dim.grid)
         return list(dim.log or dim.range or ()) if ends else None
 
-    def fail(key: str, msg: str) -> None:
-        problems.append(StudyError(f"search.space.{key}" if key in dims else key, msg))
-
-    if ok("task.op", "task.p") and "x/y" in cands("task.op"):
-        ps = cands("task.p")
-        if ps is None:
-            fail("task.p", "x/y needs a prime modulus, which a range cannot guarantee; use values: [primes]")
-        bad_p = next((p for p in ps or [] if not _is_prime(p)), None)
-        if bad_p is not None:
-            nearest = " or ".join(str(q) for q in _nearest_primes(bad_p) if q)
-            fail(
-                "task.p",
-                f"not prime (got {bad_p}); task.op x/y divides mod p; allowed: a prime, e.g. {nearest}",
-            )
-
-    if ok("task.op", "task.p", "task.n", "data.fraction"):
-        for op, p, n, f in product(
-            cands("task.op", True), cands("task.p", True), cands("task.n", True), cands("data.fraction", True)
-        ):
-            pairs = math.factorial(n) ** 2 if op == "perm" else p * p
-            if not 1 <= round(f * pairs) <= pairs - 1:
-                empty = "training" if round(f * pairs) < 1 else "validation"
-                fail("data.fraction", f"leaves an empty {empty} set (got {_show(f)} of {pairs} pairs)")
-                break
-
-    if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in cands("model.kind"):
-        embeds, heads = cands("model.embed_dim"), cands("model.heads")
-        if embeds is None or heads is None:
-            if max(heads or [2]) > 1:
-                fail(
-                    "model.embed_dim" if embeds is None else "model.heads",
-                    "a range cannot keep embed_dim divisible by heads; use values: [...]",
-                )
-        elif pair := next(((e, h) for e, h in product(embeds, heads) if e % h), None):
-            e, h = pair
-            fail(
-                "model.heads" if "model.heads" in dims else "model.embed_dim",
-                f"not divisible by model.heads (got embed_dim {e}, heads {h}); the transformer splits "
-                f"embed_dim across heads; allowed: a multiple of {h}",
-            )
-
-    if ok("train.checkpoint_every", "train.eval_every"):
-        ckpts, evals = cands("train.checkpoint_every"), cands("train.eval_every")
-        if ckpts is None or evals is None:
-            fail(
-                "train.checkpoint_every" if ckpts is None else "train.eval_every",
-                "use values: [...] so that every checkpoint falls on an evaluation",
-            )
-        elif pair := next(((c, e) for c, e in product(ckpts, evals) if c % e), None):
-            c, e = pair
-            fail(
-                "train.checkpoint_every",
-                f"not a multiple of train.eval_every (got {c}, eval_every {e}); checkpoints are taken "
-                f"at evaluations; allowed: {e}, {2 * e}, {3 * e}, ...",
-            )
-
-    keys = ("optimizer.name", "optimizer.nesterov", "optimizer.momentum")
-    if ok(*keys) and "sgd" in cands("optimizer.name") and True in cands("optimizer.nesterov"):
-        if min(cands("optimizer.momentum", True)) == 0:
-            fail(
-                "optimizer.nesterov",
-                "SGD's Nesterov momentum needs optimizer.momentum > 0 (got momentum 0.0)",
-            )
-
-
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
-
-
-def _nearest_primes(n: int) -> tuple[int | None, int]:
-    below = next((q for q in range(n - 1, 1, -1) if _is_prime(q)), None)
-    above = next(q for q in range(n + 1, 2 * n + 3) if _is_prime(q))
-    return below, above
+    skip = {k for k in TRIAL_KEYS if k in bad or f"search.space.{k}" in bad}
+    for key, message in cross_problems(values, skip):
+        problems.append(StudyError(f"search.space.{key}" if key in dims else key, message))
 
 
 # ---- overrides -----------------------------------------------------------------------------------
@@ -803,7 +700,7 @@ def _apply_overrides(
         if target is None:
             target = data[section] = {}
         if not isinstance(target, dict):
-            problems.append(StudyError(path, f"cannot set a key inside {section}, which is {_show(target)}"))
+            problems.append(StudyError(path, f"cannot set a key inside {section}, which is {show(target)}"))
             continue
         target[parts[1]] = value
         if section in TRIAL_SECTIONS:
@@ -828,13 +725,13 @@ def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: l
     if search is None:
         search = data["search"] = {}
     if not isinstance(search, dict):
-        problems.append(StudyError(path, f"cannot set a key inside search, which is {_show(search)}"))
+        problems.append(StudyError(path, f"cannot set a key inside search, which is {show(search)}"))
         return
     space = search.get("space")
     if space is None:
         space = search["space"] = {}
     if not isinstance(space, dict):
-        problems.append(StudyError(path, f"cannot set a key inside search.space, which is {_show(space)}"))
+        problems.append(StudyError(path, f"cannot set a key inside search.space, which is {show(space)}"))
         return
     key, attr = rest, None
     if rest not in TRIAL_KEYS:
@@ -873,23 +770,6 @@ def _unknown(path: str, key: str, allowed: Sequence[str], listing: str | None = 
     close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return StudyError(path, f"unknown key {key!r}{hint} allowed: {listing or ', '.join(allowed)}")
-
-
-def _show(v: Any) -> str:
-    """A value as the user wrote it in YAML."""
-    if isinstance(v, str):
-        return repr(v)
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "null"
-    if isinstance(v, float):
-        return f"{v:g}" if 1e-4 <= abs(v) < 1e6 or v == 0 else repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_show(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}: {_show(x)}" for k, x in v.items()) + "}"
-    return str(v)
 
 
 def _plain(v: Any) -> Any:

@@ -14,17 +14,12 @@ A new operation is one function `(TaskConfig) -> Table` plus an entry in
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from grokstudy.config import DataConfig, TaskConfig
-from grokstudy.errors import StudyError
-
-MAX_PAIRS = 1 << 24
-"""Largest table we build (p = 4096, or S_6 at 518,400 pairs): a bigger one is a typo, not a study."""
+from grokstudy.config import DataConfig, TaskConfig, is_prime
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +69,7 @@ def _modular(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> C
     """All p*p pairs (x, y) with label fn(x, y, p) in [0, p)."""
 
     def table(task: TaskConfig) -> Table:
-        p = _check_modulus(task)
+        p = task.p
         x, y = _all_pairs(p, p)
         return Table(torch.stack([x, y], dim=1), fn(x, y, p) % p, p, p)
 
@@ -83,25 +78,13 @@ def _modular(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> C
 
 def _divide(task: TaskConfig) -> Table:
     """x / y = x * y^-1 mod p over the p*(p-1) pairs with y != 0; needs p prime (Z_p a field)."""
-    p = _check_modulus(task)
-    if not is_prime(p):
-        below, above = nearest_primes(p)
-        near = f"{below} or {above}" if below is not None else f"{above}"
-        raise StudyError("task.p", f"x/y needs a prime modulus (got {p}); try {near}")
+    p = task.p
+    assert is_prime(p), "config.validate_trial admits x/y only with a prime p"
     x, y = _all_pairs(p, p)
     keep = y != 0
     x, y = x[keep], y[keep]
     inverse = torch.tensor([0] + [pow(v, -1, p) for v in range(1, p)])
     return Table(torch.stack([x, y], dim=1), (x * inverse[y]) % p, p, p)
-
-
-def _check_modulus(task: TaskConfig) -> int:
-    p = task.p
-    if p < 2:
-        raise StudyError("task.p", f"must be an integer >= 2 (got {p})")
-    if p * p > MAX_PAIRS:
-        raise StudyError("task.p", f"p={p} gives {p * p:,} pairs; at most {MAX_PAIRS:,} (p <= 4096)")
-    return p
 
 
 def _all_pairs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +104,6 @@ def permutations(n: int) -> torch.Tensor:
 def _compose(task: TaskConfig) -> Table:
     """a ∘ b for all pairs in S_n, with (a ∘ b)(i) = a(b(i)) (apply b first)."""
     n = task.n
-    if n < 2:
-        raise StudyError("task.n", f"must be an integer >= 2 (got {n})")
-    if math.factorial(n) ** 2 > MAX_PAIRS:
-        raise StudyError("task.n", f"S_{n} has {math.factorial(n) ** 2:,} pairs; at most n=6 fits")
     perms = permutations(n)  # (m, n)
     m = perms.shape[0]
     a, b = _all_pairs(m, m)
@@ -150,9 +129,7 @@ OPERATIONS: dict[str, Callable[[TaskConfig], Table]] = {
 
 
 def build_table(task: TaskConfig) -> Table:
-    """The full table of `task.op`; StudyError for an unknown op or a bad p/n."""
-    if task.op not in OPERATIONS:
-        raise StudyError("task.op", f"unknown task.op {task.op!r}; choose one of: {', '.join(OPERATIONS)}")
+    """The full table of `task.op` (a task `config.validate_trial` admitted)."""
     return OPERATIONS[task.op](task)
 
 
@@ -160,18 +137,11 @@ def build_dataset(task: TaskConfig, data: DataConfig) -> Dataset:
     """The table split by `data.fraction`, shuffled by `data.split_seed` alone.
 
     The first round(fraction * N) pairs of a seeded permutation train; the rest
-    (the complement) validate. Raises StudyError when either side would be empty.
+    (the complement) validate; `config.validate_trial` keeps both non-empty.
     """
     table = build_table(task)
     n = table.labels.shape[0]
-    if not 0.0 < data.fraction < 1.0:
-        raise StudyError("data.fraction", f"must be in (0, 1) (got {data.fraction})")
     n_train = round(data.fraction * n)
-    if not 0 < n_train < n:
-        raise StudyError(
-            "data.fraction",
-            f"{data.fraction} of {n} pairs leaves an empty {'training' if n_train == 0 else 'validation'} set",
-        )
     generator = torch.Generator().manual_seed(data.split_seed)
     order = torch.randperm(n, generator=generator)
     train, val = order[:n_train], order[n_train:]
@@ -183,18 +153,3 @@ def build_dataset(task: TaskConfig, data: DataConfig) -> Dataset:
         table.n_tokens,
         table.n_classes,
     )
-
-
-# ---- primes (x/y needs one) -----------------------------------------------------------
-
-
-def is_prime(n: int) -> bool:
-    """Trial division; moduli here are small."""
-    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
-
-
-def nearest_primes(n: int) -> tuple[int | None, int]:
-    """The largest prime below n (None if there is none) and the smallest above it."""
-    below = next((q for q in range(n - 1, 1, -1) if is_prime(q)), None)
-    above = next(q for q in itertools.count(n + 1) if is_prime(q))
-    return below, above

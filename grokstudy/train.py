@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from grokstudy import measures
-from grokstudy.config import TrainConfig, TrialConfig, to_dict
+from grokstudy.config import TrainConfig, TrialConfig, to_dict, validate_trial
 from grokstudy.errors import StudyError
 from grokstudy.models import build_model
 from grokstudy.optim import Optimizer, build_loss, build_optimizer
@@ -57,14 +57,14 @@ class TrainState:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`train.device`: auto -> cuda when available, else cpu."""
+    """`train.device`: auto -> cuda when available, else cpu; StudyError for cuda without a GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu" or name.startswith("cuda"):
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise StudyError("train.device", f"{name!r} asked for, but this torch build sees no CUDA device")
-        return torch.device(name)
-    raise StudyError("train.device", f"unknown train.device {name!r}; choose one of: auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StudyError(
+            "train.device", "cuda asked for, but this torch build sees no CUDA device; use auto or cpu"
+        )
+    return torch.device(name)
 
 
 def eval_steps(train: TrainConfig) -> list[int]:
@@ -78,10 +78,13 @@ def eval_steps(train: TrainConfig) -> list[int]:
 
 
 def init_state(cfg: TrialConfig) -> TrainState:
-    """A fresh run: split, model initialised from `train.seed`, optimizer, all on `train.device`."""
-    _check_train(cfg.train)
+    """A fresh run: split, model initialised from `train.seed`, optimizer, all on `train.device`.
+
+    Raises `StudyError` (every problem, by dotted path) for a config the rules of
+    `config.py` do not admit.
+    """
+    validate_trial(cfg)
     device = resolve_device(cfg.train.device)
-    build_loss(cfg.train.loss)  # fail on a bad train.loss now, not at the first step
     data = build_dataset(cfg.task, cfg.data).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -96,9 +99,8 @@ def run(cfg: TrialConfig, state: TrainState | None = None) -> Iterator[EvalRecor
 
     Mutates `state`; at each yield `state.step == record.step`, so the caller may
     save it there. Steps already yielded (`state.last_eval`) are not yielded again.
-    Tunes the process for small CPU models first (`_tune_process`).
+    Entry points call `configure_process()` once before training.
     """
-    _tune_process()
     state = init_state(cfg) if state is None else state
     loss_fn = build_loss(cfg.train.loss)
     model, optimizer, data = state.model, state.optimizer, state.data
@@ -170,11 +172,14 @@ def load_state(cfg: TrialConfig, path: str | Path) -> TrainState:
     return state
 
 
-# ---- internals ---------------------------------------------------------------------------
+# ---- the process ---------------------------------------------------------------------------
 
 
-def _tune_process() -> None:
+def configure_process() -> None:
     """Process-wide settings that make small-model CPU training fast; idempotent.
+
+    Called by the entry points (`grokstudy train`, each Ray trial, the benchmarks),
+    never by the training functions, which stay free of process-wide side effects.
 
     1. Flush denormal floats to zero. Large weight decay drives weights toward 0,
        into denormals that CPU kernels handle 10x+ slower (a confusion-phase gromov
@@ -200,15 +205,6 @@ def _tune_process() -> None:
 
 
 _MALLOC_TUNED = False
-
-
-def _check_train(train: TrainConfig) -> None:
-    if train.max_steps < 0:
-        raise StudyError("train.max_steps", f"must be >= 0 (got {train.max_steps})")
-    if train.eval_every < 1:
-        raise StudyError("train.eval_every", f"must be >= 1 (got {train.eval_every})")
-    if train.batch_size is not None and train.batch_size < 1:
-        raise StudyError("train.batch_size", f"must be >= 1 or full (got {train.batch_size})")
 
 
 def _batches(

@@ -11,13 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from grokstudy.config import ModelConfig, OptimConfig
-from grokstudy.errors import StudyError
 from grokstudy.models import build_model, decay_groups
 from grokstudy.optim import (
     LOSSES,
     GrokfastEMA,
     GrokfastMA,
-    build_loss,
     build_optimizer,
     cross_entropy,
     mse,
@@ -281,25 +279,3 @@ def test_optimizer_state_round_trips_through_a_weights_only_load(cfg: OptimConfi
     assert_same_params(model, twin)
 
 
-@pytest.mark.parametrize(
-    ("cfg", "path", "words"),
-    [
-        (OptimConfig(name="lion"), "optimizer.name", "choose one of: adamw, adam, sgd, rmsprop"),
-        (OptimConfig(grokfast="fft"), "optimizer.grokfast", "choose one of: none, ema, ma"),
-        (OptimConfig(decay_to="one"), "optimizer.decay_to", "zero, init"),
-        (OptimConfig(name="sgd", nesterov=True), "optimizer.nesterov", "momentum"),
-        (OptimConfig(grokfast="ma", grokfast_window=0), "optimizer.grokfast_window", ">= 1"),
-    ],
-)
-def test_bad_optimizer_config_raises_study_error_at_its_path(cfg: OptimConfig, path: str, words: str) -> None:
-    with pytest.raises(StudyError) as err:
-        build_optimizer(cfg, tiny())
-    assert err.value.path == path
-    assert words in err.value.msg
-
-
-def test_unknown_loss_lists_the_choices() -> None:
-    with pytest.raises(
-        StudyError, match="train.loss: unknown train.loss 'hinge'; choose one of: cross_entropy"
-    ):
-        build_loss("hinge")

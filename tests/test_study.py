@@ -144,6 +144,48 @@ MALFORMED = {
         "needs optimizer.momentum > 0",
     ),
     "zero batch": (("max_steps: 300", "max_steps: 300, batch_size: 0"), "train.batch_size", "or full"),
+    "checkpoint every 1e20 steps": (
+        ("checkpoint_every: 100", "checkpoint_every: 1e20"),
+        "train.checkpoint_every",
+        "(got 100000000000000000000)",
+    ),
+    "a batch of 1e30": (
+        ("max_steps: 300", "max_steps: 300, batch_size: 1e30"),
+        "train.batch_size",
+        "or full",
+    ),
+    "a budget of 1e300 steps": (("max_steps: 300", "max_steps: 1e300"), "train.max_steps", "<= 1e9"),
+    "sampler seed beyond 32 bits": (
+        ("seeds: 2", "seeds: 2\n  sampler_seed: 4294967296"),
+        "search.sampler_seed",
+        "2**32 - 1",
+    ),
+    "init seed beyond 64 bits": (
+        ("max_steps: 300", "max_steps: 300, seed: 18446744073709551616"),
+        "train.seed",
+        "2**32 - 1",
+    ),
+    "a billion seeds": (("seeds: 2", "seeds: 1e9"), "search.seeds", "1 <= seeds <= 1000"),
+    "a trillion grid trials": (
+        ("points: 4}", "points: 10000}\n    model.width: {range: [1, 10000], points: 10000}"),
+        "search",
+        "at most 1,000,000",
+    ),
+    "random sampler asked for more points than its space has": (
+        ("sampler: grid", "sampler: random\n  num_samples: 20"),
+        "search.num_samples",
+        "only 12 distinct points",
+    ),
+    "retry forever": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1}\nrun: {max_failures: -1}"),
+        "run.max_failures",
+        "0 <= max_failures",
+    ),
+    "an Optuna storage of earlier versions": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1}\nrun: {optuna_storage: 'sqlite:///x.db'}"),
+        "run.optuna_storage",
+        "travels with the Ray Tune experiment",
+    ),
     "repeated integer grid values": (
         ("  seeds: 2", "    model.width: {log: [1, 4], points: 9}\n  seeds: 2"),
         "search.space.model.width",
@@ -193,6 +235,31 @@ def test_yaml_syntax_errors_and_duplicate_keys_name_the_file_and_line(tmp_path: 
     assert "line 15: duplicate key 'name'" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"name: caf\xe9\n", "not UTF-8 text (byte 9)"),
+        (b"[" * 3000, "not valid YAML"),
+        (
+            b"a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+            b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+            b"e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+            b"name: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n",
+            "name: not a safe name",
+        ),
+    ],
+    ids=["non-UTF-8 byte", "3000 open brackets", "YAML alias bomb"],
+)
+def test_hostile_files_get_one_short_line(tmp_path: Path, content: bytes, fragment: str) -> None:
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    with pytest.raises(StudyError) as exc:
+        load_study(path)
+    lines = str(exc.value).splitlines()
+    assert any(fragment in line for line in lines), lines
+    assert all(len(line) < 400 for line in lines), [len(line) for line in lines]
+
+
 def test_a_missing_file_is_named() -> None:
     with pytest.raises(StudyError, match="no/such/study.yaml: no such study file"):
         load_study("no/such/study.yaml")
@@ -222,7 +289,7 @@ BAD_SET = {
         "--set search.space.optimizer.weight_decay=null",
     ),
     "value that is not YAML": (("optimizer.betas=[0.9,",), "--set optimizer.betas", "not valid YAML"),
-    "bad value": (("optimizer.lr=0",), "optimizer.lr", "(got 0); allowed: lr > 0"),
+    "bad value": (("optimizer.lr=0",), "optimizer.lr", "(got 0); allowed: 0 < lr <= 1000"),
 }
 
 

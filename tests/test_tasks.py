@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from grokstudy.config import DataConfig, TaskConfig, TrainConfig, TrialConfig
-from grokstudy.errors import StudyError
-from grokstudy.tasks import OPERATIONS, build_dataset, build_table, nearest_primes, permutations
+from grokstudy.tasks import OPERATIONS, build_dataset, build_table, permutations
 from grokstudy.train import init_state
 
 P = 7
@@ -86,30 +85,3 @@ def test_split_depends_on_split_seed_and_not_on_the_init_seed() -> None:
     assert not torch.equal(states[0].model.embed.weight, states[1].model.embed.weight)
 
 
-def test_division_by_a_non_prime_modulus_names_task_p_and_suggests_primes() -> None:
-    with pytest.raises(StudyError) as err:
-        build_table(TaskConfig(op="x/y", p=96))
-    assert err.value.path == "task.p"
-    assert "prime" in err.value.msg and "89" in err.value.msg and "97" in err.value.msg
-    assert nearest_primes(96) == (89, 97)
-
-
-@pytest.mark.parametrize(
-    ("task", "data", "path", "words"),
-    [
-        (TaskConfig(op="x**y"), DataConfig(), "task.op", "choose one of: x+y, x-y"),
-        (TaskConfig(p=1), DataConfig(), "task.p", ">= 2"),
-        (TaskConfig(p=5000), DataConfig(), "task.p", "at most"),
-        (TaskConfig(op="perm", n=7), DataConfig(), "task.n", "n=6"),
-        (TaskConfig(p=7), DataConfig(fraction=1.0), "data.fraction", "(0, 1)"),
-        (TaskConfig(p=7), DataConfig(fraction=0.001), "data.fraction", "empty training set"),
-        (TaskConfig(p=7), DataConfig(fraction=0.999), "data.fraction", "empty validation set"),
-    ],
-)
-def test_bad_task_or_fraction_raises_study_error_at_its_path(
-    task: TaskConfig, data: DataConfig, path: str, words: str
-) -> None:
-    with pytest.raises(StudyError) as err:
-        build_dataset(task, data)
-    assert err.value.path == path
-    assert words in err.value.msg
