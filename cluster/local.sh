@@ -28,7 +28,11 @@
 # clusters included, so it is never used. Each node runs as `ray start --block` in a
 # session of its own; `down` sends SIGTERM to each recorded `ray start` (which then stops
 # its node's processes), SIGKILLs whatever is left in that session after a grace period,
-# then kills by PID any process that still names this cluster's private temp dir.
+# then kills by PID any process that still names this cluster's private temp dir. It
+# signals a recorded PID only while that process's command line is still the one `up`
+# started (PIDs get reused), and deletes the temp dir only if it is the one `up` made.
+#
+# The token file DIR/auth_token is created with mode 0600.
 #
 # Several raylets on one host: every node gets random ports for everything but the GCS
 # and dashboard (node manager, object manager, dashboard agent, metrics, worker
@@ -205,7 +209,10 @@ cmd_up() {
     ln -sfn "$RAY_TMP" "$DIR/ray-tmp"
 
     # The token: a fresh 256-bit secret in DIR, never in ~/.ray (other clusters' token).
-    (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/auth_token")
+    # Mode 0600 from the moment it exists: a new file (noclobber opens it O_EXCL, so an
+    # old, perhaps world-readable one cannot be reused) created under umask 077.
+    rm -f "$DIR/auth_token"
+    (umask 077 && set -o noclobber && "$PY" -c 'import secrets; print(secrets.token_hex(32))' >"$DIR/auth_token")
 
     read -r GCS_PORT DASH_PORT CLIENT_PORT MLFLOW_PORT <<<"$(free_ports 4)"
     DASHBOARD_URL=http://127.0.0.1:$DASH_PORT
@@ -338,6 +345,61 @@ cmd_status() {
 }
 
 # ---- down ------------------------------------------------------------------------------
+#
+# `down` acts on what `up` recorded, and a recorded PID may belong to another process by
+# now (the node died long ago, the machine rebooted), so nothing recorded is taken on
+# trust. A recorded process is signalled only while its command line is still the one
+# `up` started: `.../ray start ... --temp-dir RAY_TMP/NAME` for a node, `.../mlflow server
+# ... --artifacts-destination DIR/mlartifacts` for MLflow. The temp dir is deleted (and
+# processes naming it killed) only if it is the one `up` made for this cluster.
+
+running() {
+    # running PID: the process exists and is not a zombie.
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) } # the fields after "(command name)"
+    [ "${stat%% *}" != Z ]
+}
+
+cmdline_of() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null; }
+
+started_here() {
+    # started_here NAME PID: is PID still the session leader `up` started as NAME?
+    local args
+    args=" $(cmdline_of "$2") " || return 1
+    case $1 in
+        mlflow) [[ $args == *"/mlflow server "* && $args == *" --artifacts-destination $DIR/mlartifacts "* ]] ;;
+        head | worker*) [[ -n $RAY_TMP && $args == *"/ray start "* && $args == *" --temp-dir $RAY_TMP/$1 "* ]] ;;
+        *) return 1 ;;
+    esac
+}
+
+kill_leftovers() {
+    # kill_leftovers SID: the leader of session SID is gone, so its command line can no
+    # longer vouch for the session; SIGKILL only the members that carry this cluster's
+    # environment (every node, MLflow and Ray worker inherits RAY_AUTH_TOKEN_PATH).
+    local p
+    for p in $(pgrep -s "$1" 2>/dev/null || true); do
+        if tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -Fxq "RAY_AUTH_TOKEN_PATH=$DIR/auth_token"; then
+            kill -KILL "$p" 2>/dev/null || true
+        fi
+    done
+}
+
+checked_ray_tmp() {
+    # checked_ray_tmp RECORDED: print RECORDED resolved if it is this cluster's private
+    # Ray temp dir, i.e. what `up` made: a /tmp/gsray-XXXXXX directory that DIR/ray-tmp
+    # links to. That excludes /, $HOME, relative paths and anything a link leads elsewhere.
+    local real
+    real=$(realpath -m -- "$1")
+    if [[ $1 == /* && $real == "$(realpath -m -- "$DIR/ray-tmp")" &&
+        $(dirname "$real") == "$(realpath -m /tmp)" && $(basename "$real") == gsray-?????? ]]; then
+        echo "$real"
+    else
+        echo "local.sh: refusing to stop the cluster: $STATE_FILE names RAY_TMP=$1, not this cluster's temp dir (a /tmp/gsray-XXXXXX that $DIR/ray-tmp links to); nothing was killed or deleted" >&2
+        return 1
+    fi
+}
 
 cmd_down() {
     [ -f "$PIDS_FILE" ] || {
@@ -346,18 +408,41 @@ cmd_down() {
     }
     local RAY_TMP=
     [ -f "$STATE_FILE" ] && RAY_TMP=$(sed -n 's/^RAY_TMP=//p' "$STATE_FILE")
+    if [ -n "$RAY_TMP" ]; then
+        RAY_TMP=$(checked_ray_tmp "$RAY_TMP") || exit 1
+    fi
 
-    # Workers first (newest first), then the head and MLflow: SIGTERM each session leader.
-    local sessions
-    sessions=$(tac "$PIDS_FILE" | awk '{print $2}')
-    local pid
-    for pid in $sessions; do
+    # Workers first (newest first), then the head and MLflow.
+    local name pid stop=() gone=()
+    while read -r name pid; do
+        case $pid in
+            '' | *[!0-9]* | 0* | 1)
+                echo "local.sh: skipping '$name $pid' in $PIDS_FILE: not a process id" >&2
+                ;;
+            *)
+                if ! running "$pid"; then
+                    gone+=("$pid")
+                elif started_here "$name" "$pid"; then
+                    stop+=("$pid")
+                else
+                    echo "local.sh: not stopping $name: pid $pid is no longer the process local.sh started (now: $(cmdline_of "$pid" | cut -c1-120))" >&2
+                fi
+                ;;
+        esac
+    done < <(tac "$PIDS_FILE")
+
+    # SIGTERM each session leader (a node's `ray start --block` then stops its node),
+    # SIGKILL what is left of its session after a grace period.
+    for pid in "${stop[@]}"; do
         kill -TERM "$pid" 2>/dev/null || true
     done
     local deadline=$((SECONDS + 10))
-    for pid in $sessions; do
+    for pid in "${stop[@]}"; do
         while session_alive "$pid" && [ $SECONDS -lt $deadline ]; do sleep 0.2; done
         pkill -KILL -s "$pid" 2>/dev/null || true
+    done
+    for pid in "${gone[@]}"; do
+        kill_leftovers "$pid"
     done
     # Anything that left its session but still names this cluster's temp dir (the temp
     # dir is unique to this cluster, so this never touches another cluster).
@@ -368,7 +453,7 @@ cmd_down() {
             [ "$pid" = $$ ] || kill -KILL "$pid" 2>/dev/null || true
         done
     fi
-    for pid in $sessions; do
+    for pid in "${stop[@]}"; do
         local t=$((SECONDS + 5))
         while session_alive "$pid" && [ $SECONDS -lt $t ]; do sleep 0.2; done
         session_alive "$pid" && die "processes of session $pid survived SIGKILL"

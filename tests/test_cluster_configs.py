@@ -7,15 +7,23 @@
 - Versions may not drift: Ray, Python and MLflow agree across the Dockerfile,
   cluster/constraints.txt and every image and rayVersion under cluster/.
 - The image installs with the same script as the Makefile (and so CI).
+- Security of the kit: MLflow runs its basic auth with credentials from Secrets or the
+  environment, never gets the object store's root credentials, and NetworkPolicies let
+  only the Ray pods reach it; `local.sh down` kills and deletes only what `up` started.
 """
 
 from __future__ import annotations
 
+import configparser
 import copy
+import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -82,6 +90,11 @@ def _schema_validator(api_version: str, kind: str) -> Draft202012Validator:
         ("apps/v1", "StatefulSet"): f"{core['$id']}#/$defs/io.k8s.api.apps.v1.StatefulSet",
         ("v1", "Service"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.Service",
         ("v1", "Secret"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.Secret",
+        ("v1", "ConfigMap"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.ConfigMap",
+        (
+            "networking.k8s.io/v1",
+            "NetworkPolicy",
+        ): f"{core['$id']}#/$defs/io.k8s.api.networking.v1.NetworkPolicy",
     }
     assert (api_version, kind) in roots, f"no vendored schema for {api_version} {kind}"
     return Draft202012Validator({"$ref": roots[api_version, kind]}, registry=registry)
@@ -106,6 +119,20 @@ def _env(container: dict) -> dict[str, dict]:
 
 def _ray_up(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _compose() -> dict:
+    return yaml.safe_load((CLUSTER / "mlflow-compose.yaml").read_text())
+
+
+def _ini(text: str) -> configparser.SectionProxy:
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    return parser["mlflow"]
+
+
+# A URI with a password in it: scheme://user:password@host
+PASSWORD_IN_URI = re.compile(r"[a-z0-9+]+://[^/\s:@]+:[^/\s@]+@")
 
 
 # ---- ray up ------------------------------------------------------------------------------
@@ -176,6 +203,13 @@ def test_the_vendored_schemas_reject_misspelled_and_invalid_fields():
     deployment["spec"]["replica"] = 2
     assert any("'replica' was unexpected" in e for e in _schema_errors(deployment))
 
+    policy = copy.deepcopy(_doc("NetworkPolicy", "mlflow"))
+    policy["spec"]["ingress"][0]["from"][0]["podSelectors"] = {}
+    policy["spec"]["policyTypes"] = "Ingress"
+    errors = _schema_errors(policy)
+    assert any("'podSelectors' was unexpected" in e for e in errors)
+    assert any("is not of type 'array'" in e for e in errors)
+
 
 def test_raycluster_has_token_auth_a_cpu_only_head_and_a_gpu_group_that_tolerates_gpu_nodes():
     spec = _doc("RayCluster", "grokstudy")["spec"]
@@ -232,11 +266,146 @@ def test_kubernetes_manifests_reference_secrets_and_never_inline_them():
         assert doc["kind"] != "Secret", f"{label}: secrets are created by the user, not shipped"
         text = yaml.safe_dump(doc)
         assert not re.search(r"\b[0-9a-f]{64}\b", text)
-        pod = doc["spec"].get("template") or doc["spec"].get("headGroupSpec", {}).get("template")
+        assert not PASSWORD_IN_URI.search(text), f"{label}: a URI carries a password"
+        spec = doc.get("spec", {})
+        pod = spec.get("template") or spec.get("headGroupSpec", {}).get("template")
         for container in _containers(pod) if pod else []:
             for name, var in _env(container).items():
                 if re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", name):
                     assert "valueFrom" in var and "value" not in var, f"{label}: {name} is inlined"
+
+
+def _mlflow_entrypoint() -> list[str]:
+    [entrypoint] = [a for op, a in _dockerfile(CLUSTER / "mlflow.Dockerfile") if op == "ENTRYPOINT"]
+    return json.loads(entrypoint)
+
+
+def test_mlflow_on_kubernetes_runs_basic_auth_with_credentials_from_secrets(tmp_path, monkeypatch):
+    # The image turns basic auth on for every deployment, with the `auth` extra installed.
+    assert _mlflow_entrypoint()[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    [install] = [a for op, a in _dockerfile(CLUSTER / "mlflow.Dockerfile") if op == "RUN" and "pip" in a]
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in install
+
+    pod = _doc("Deployment", "mlflow")["spec"]["template"]
+    [container] = _containers(pod)
+    env = _env(container)
+    secret_keys = {
+        "MLFLOW_AUTH_ADMIN_USERNAME": ("mlflow-auth", "admin-username"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ("mlflow-auth", "admin-password"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": ("mlflow-auth", "flask-secret-key"),
+        "PGPASSWORD": ("mlflow-postgres", "password"),
+    }
+    for var, (secret, key) in secret_keys.items():
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}, var
+
+    # MLFLOW_AUTH_CONFIG_PATH is a file of the ConfigMap mounted into the container.
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    [mount] = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == config_path.parent]
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    config_map = _doc("ConfigMap", volume["configMap"]["name"])
+    ini_text = config_map["data"][config_path.name]
+    assert _ini(ini_text)["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert "admin_password" not in _ini(ini_text)
+    host = _ini(ini_text)["database_uri"].split("@")[1].split(":")[0]
+    assert (
+        _doc("Service", host)["spec"]["selector"]
+        == _doc("StatefulSet", host)["spec"]["selector"]["matchLabels"]
+    )
+
+    # The installed MLflow reads this file and the pod's environment as intended. Its
+    # config reader is loaded by path: the package mlflow.server.auth needs Flask-WTF
+    # (the `auth` extra of the server image), which the development environment lacks.
+    import mlflow
+
+    reader = Path(mlflow.__file__).parent / "server" / "auth" / "config.py"
+    module_spec = importlib.util.spec_from_file_location("_mlflow_auth_config", reader)
+    auth_config = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(auth_config)
+    (tmp_path / config_path.name).write_text(ini_text)
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / config_path.name))
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "admin-from-secret")
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", "password-from-secret")
+    config = auth_config.read_auth_config()
+    assert config.database_uri == env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert (config.admin_username, config.admin_password) == ("admin-from-secret", "password-from-secret")
+    assert config.default_permission == "READ"
+
+
+def test_ray_pods_log_to_mlflow_with_credentials_from_a_secret():
+    spec = _doc("RayCluster", "grokstudy")["spec"]
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        for container in _containers(pod):
+            refs = [e["secretRef"] for e in container.get("envFrom", []) if "secretRef" in e]
+            assert {"name": "grokstudy-mlflow", "optional": True} in refs, container["name"]
+            assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & set(_env(container))
+    # Never in a RayJob's runtime env, which `ray job list` shows.
+    runtime_env = yaml.safe_load(_doc("RayJob", "grokstudy-quickstart")["spec"]["runtimeEnvYAML"])
+    assert not any(re.search(r"PASSWORD|TOKEN|SECRET", k) for k in runtime_env["env_vars"])
+
+
+def test_mlflow_on_kubernetes_gets_no_root_credentials_of_the_object_store():
+    [container] = _containers(_doc("Deployment", "mlflow")["spec"]["template"])
+    for name, var in _env(container).items():
+        assert not re.search(r"ROOT|ADMIN", name) or name.startswith("MLFLOW_AUTH_ADMIN_"), name
+        ref = var.get("valueFrom", {}).get("secretKeyRef", {})
+        assert ref.get("name") in (None, "mlflow-auth", "mlflow-postgres"), name
+    # The bucket key comes from mlflow-artifacts only, which the README has you create
+    # from a key scoped to the artifact bucket.
+    assert [e["secretRef"]["name"] for e in container["envFrom"]] == ["mlflow-artifacts"]
+    readme = (CLUSTER / "README.md").read_text()
+    assert "secret generic mlflow-artifacts" in readme and "bucket-scoped" in readme
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are evaluated here"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def _pod_labels() -> dict[str, dict]:
+    """The labels of every kind of pod the kit creates, KubeRay's own labels included."""
+    pods = {}
+    for label, doc in _k8s_docs():
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            pods[label] = doc["spec"]["template"]["metadata"]["labels"]
+        elif doc["kind"] == "RayCluster":
+            spec = doc["spec"]
+            # KubeRay labels every pod of a RayCluster ray.io/cluster=<name>.
+            for group, template in [
+                ("head", spec["headGroupSpec"]["template"]),
+                *((g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]),
+            ]:
+                own = template.get("metadata", {}).get("labels", {})
+                pods[f"{label}:{group}"] = {**own, "ray.io/cluster": doc["metadata"]["name"]}
+    return pods
+
+
+def test_network_policies_let_only_the_ray_pods_reach_mlflow_and_only_mlflow_reach_postgres():
+    pods = _pod_labels()
+    mlflow_pod = _doc("Deployment", "mlflow")["spec"]["template"]
+    postgres_pod = _doc("StatefulSet", "mlflow-postgres")["spec"]["template"]
+    cases = {
+        # policy: (the pod it guards, the port, the pods allowed in)
+        "mlflow": (mlflow_pod, "http", {p for p in pods if p.startswith("raycluster.yaml:RayCluster/")}),
+        "mlflow-postgres": (postgres_pod, "postgres", {"mlflow.yaml:Deployment/mlflow"}),
+    }
+    for name, (guarded, port_name, allowed) in cases.items():
+        policy = _doc("NetworkPolicy", name)
+        assert policy["metadata"]["namespace"] == "grokstudy"
+        spec = policy["spec"]
+        guarded_label = next(k for k, v in pods.items() if v == guarded["metadata"]["labels"])
+        assert {p for p, labels in pods.items() if _selects(spec["podSelector"], labels)} == {guarded_label}
+        assert spec["policyTypes"] == ["Ingress"]
+        [rule] = spec["ingress"]
+        [port] = [p for c in _containers(guarded) for p in c["ports"] if p["name"] == port_name]
+        assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
+        for peer in rule["from"]:
+            assert set(peer) == {"podSelector"}, "same namespace, by pod labels only"
+        admitted = {
+            p for p, labels in pods.items() if any(_selects(f["podSelector"], labels) for f in rule["from"])
+        }
+        assert admitted == allowed, name
+    assert len(cases["mlflow"][2]) == 2  # the head and the GPU worker group
 
 
 # ---- Docker Compose ----------------------------------------------------------------------
@@ -271,12 +440,82 @@ def test_compose_services_are_health_checked_and_started_in_order():
 
 def test_compose_takes_every_credential_from_the_environment():
     text = (CLUSTER / "mlflow-compose.yaml").read_text()
-    for var in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"):
+    for var in (
+        "POSTGRES_PASSWORD",
+        "MINIO_ROOT_USER",
+        "MINIO_ROOT_PASSWORD",
+        "MLFLOW_MINIO_ACCESS_KEY",
+        "MLFLOW_MINIO_SECRET_KEY",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    ):
         assert f"${{{var}:?" in text
+    assert not PASSWORD_IN_URI.search(text), "a URI carries a password"
     for service in yaml.safe_load(text)["services"].values():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|SECRET", key):
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
                 assert str(value).startswith("${"), f"{key} is written in the file"
+
+
+def test_compose_publishes_nothing_beyond_loopback():
+    for name, service in _compose()["services"].items():
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports", []):
+            # Short syntax only ("HOST_IP:HOST_PORT:CONTAINER_PORT"): a long-syntax port
+            # without host_ip would publish on 0.0.0.0.
+            assert isinstance(port, str) and port.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def _bucket_script() -> str:
+    """The create-bucket service's shell script, as the container runs it ($$ -> $)."""
+    entrypoint = _compose()["services"]["create-bucket"]["entrypoint"]
+    assert entrypoint[:2] == ["sh", "-ec"]
+    return entrypoint[2].replace("$$", "$")
+
+
+def test_compose_gives_mlflow_a_bucket_scoped_minio_user_not_the_root_credentials():
+    services = _compose()["services"]
+    env = services["mlflow"]["environment"]
+    assert not any("MINIO_ROOT" in str(value) for value in env.values()), "MLflow gets MinIO's root key"
+    assert env["AWS_ACCESS_KEY_ID"] == "${MLFLOW_MINIO_ACCESS_KEY:?set MLFLOW_MINIO_ACCESS_KEY}"
+    assert env["AWS_SECRET_ACCESS_KEY"] == "${MLFLOW_MINIO_SECRET_KEY:?set MLFLOW_MINIO_SECRET_KEY}"
+    bucket = env["MLFLOW_ARTIFACTS_DESTINATION"].removeprefix("s3://").split("/")[0]
+
+    # create-bucket (the only service with the root credentials besides MinIO itself)
+    # makes that user and attaches a policy that reaches the artifact bucket only.
+    script = _bucket_script()
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    lines = [line.strip() for line in script.splitlines()]
+    assert f"mc mb --ignore-existing local/{bucket}" in lines
+    assert 'mc admin user add local "$MLFLOW_MINIO_ACCESS_KEY" "$MLFLOW_MINIO_SECRET_KEY"' in lines
+    [create] = [line for line in lines if line.startswith("mc admin policy create local ")]
+    _, _, _, _, _, policy_name, policy_file = create.split()
+    assert f'mc admin policy attach local {policy_name} --user "$MLFLOW_MINIO_ACCESS_KEY"' in lines
+    [policy_text] = re.findall(rf"echo '(.*?)' >{re.escape(policy_file)}", script, re.S)
+    statements = json.loads(policy_text)["Statement"]
+    for statement in statements:
+        assert statement["Effect"] == "Allow"
+        assert all(a.startswith("s3:") and "*" not in a for a in statement["Action"]), statement
+        for resource in statement["Resource"]:
+            assert resource in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"), resource
+    actions = {a for s in statements for a in s["Action"]}
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= actions
+
+
+def test_compose_runs_mlflow_with_basic_auth_and_its_users_in_postgres():
+    compose = _compose()
+    mlflow = compose["services"]["mlflow"]
+    env = mlflow["environment"]
+    assert _mlflow_entrypoint()[:4] == ["mlflow", "server", "--app-name", "basic-auth"]
+    assert "--app-name" not in mlflow["command"], "the image turns basic auth on"
+    for var in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "PGPASSWORD"):
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env[var]), f"{var} must come from the environment"
+    [config] = [c for c in mlflow["configs"] if c["target"] == env["MLFLOW_AUTH_CONFIG_PATH"]]
+    ini = _ini(compose["configs"][config["source"]]["content"])
+    # The users live in the PostgreSQL database of the runs (tables of their own).
+    assert ini["database_uri"] == env["MLFLOW_BACKEND_STORE_URI"]
+    assert ini["database_uri"].split("@")[1].split(":")[0] in compose["services"]
+    assert "admin_password" not in ini
 
 
 # ---- versions ----------------------------------------------------------------------------
@@ -399,3 +638,117 @@ def test_the_install_script_refuses_an_unknown_stage():
 def test_the_build_context_leaves_out_local_state_and_tokens():
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", "runs", "**/auth_token", "**/.env"} <= ignored
+
+
+# ---- local.sh down, without Ray ------------------------------------------------------------
+# A cluster directory as `local.sh up` leaves it (pids, state, the ray-tmp link), written by
+# hand and pointing at live processes and directories that are not the cluster's.
+
+
+def _stand_in(*args: str) -> subprocess.Popen:
+    """A live process that sleeps, a session leader like a node, with `args` in its command
+    line. Reaped as soon as it exits, as init reaps a node's `ray start` (a zombie would
+    still count as a member of its session)."""
+    code = "import time; time.sleep(300)"
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+def _gsray_dir() -> Path:
+    """A private Ray temp dir made the way `local.sh up` makes one."""
+    made = subprocess.run(["mktemp", "-d", "/tmp/gsray-XXXXXX"], check=True, capture_output=True, text=True)
+    return Path(made.stdout.strip())
+
+
+def _fake_cluster(root: Path, ray_tmp: str, link: Path | None, pids: dict[str, int]) -> Path:
+    cluster = root / "cluster"
+    cluster.mkdir()
+    (cluster / "pids").write_text("".join(f"{name} {pid}\n" for name, pid in pids.items()))
+    (cluster / "state").write_text(f"RAY_TMP={ray_tmp}\n")
+    if link is not None:
+        (cluster / "ray-tmp").symlink_to(link)
+    return cluster
+
+
+def _down(cluster: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(CLUSTER / "local.sh"), "down", "--dir", str(cluster)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _stop(*procs: subprocess.Popen) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_down_stops_only_the_recorded_processes_that_are_still_what_up_started(tmp_path):
+    ray_tmp = _gsray_dir()
+    # `up` started this head: its command line is `.../ray start ... --temp-dir RAY_TMP/head`.
+    head = _stand_in("/venv/bin/ray", "start", "--head", "--temp-dir", f"{ray_tmp}/head")
+    # The other recorded PIDs now belong to processes that are not this cluster's: a node of
+    # another cluster, another MLflow, and an unrelated program.
+    other_node = _stand_in("/venv/bin/ray", "start", "--temp-dir", "/tmp/gsray-0ther0/worker1")
+    other_mlflow = _stand_in(
+        "/venv/bin/mlflow", "server", "--artifacts-destination", "/elsewhere/mlartifacts"
+    )
+    unrelated = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        pids = {
+            "mlflow": other_mlflow.pid,
+            "head": head.pid,
+            "worker1": other_node.pid,
+            "worker2": unrelated.pid,
+            "worker3": 0,
+        }
+        cluster = _fake_cluster(tmp_path, str(ray_tmp), ray_tmp, pids)
+        down = _down(cluster)
+        assert down.returncode == 0, down.stderr
+        output = down.stdout + down.stderr
+
+        assert head.wait(timeout=10) == -15  # SIGTERM, as `down` stops a node
+        for name, proc in (("mlflow", other_mlflow), ("worker1", other_node), ("worker2", unrelated)):
+            assert proc.poll() is None, f"{name}: down killed a process that is not the cluster's"
+            assert f"not stopping {name}: pid {proc.pid} is no longer the process local.sh started" in output
+        assert "skipping 'worker3 0'" in output
+        assert "local cluster in" in output and "stopped" in output
+        assert not ray_tmp.exists() and not (cluster / "pids").exists()
+    finally:
+        _stop(head, other_node, other_mlflow, unrelated)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["a directory elsewhere", "another cluster's temp dir", "a path through .."])
+def test_down_refuses_a_temp_dir_that_is_not_this_clusters_and_touches_nothing(tmp_path, case):
+    ours, theirs = _gsray_dir(), _gsray_dir()
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    recorded, link = {
+        # Even with the link agreeing, only a /tmp/gsray-XXXXXX directory qualifies.
+        "a directory elsewhere": (str(elsewhere), elsewhere),
+        "another cluster's temp dir": (str(theirs), ours),
+        "a path through ..": (f"{ours}/../{theirs.name}", ours),
+    }[case]
+    target = Path(os.path.realpath(recorded))
+    (target / "keep").write_text("not the cluster's")
+    # A process that names the recorded dir the way a node names its temp dir: `down`
+    # would SIGTERM it as the head and sweep it as a stray if it trusted the state file.
+    named = _stand_in("/venv/bin/ray", "start", "--head", "--temp-dir", f"{recorded}/head")
+    try:
+        cluster = _fake_cluster(tmp_path, recorded, link, {"head": named.pid})
+        down = _down(cluster)
+        assert down.returncode == 1
+        [line] = down.stderr.splitlines()
+        assert line.startswith("local.sh: refusing to stop the cluster:") and f"RAY_TMP={recorded}," in line
+        assert (target / "keep").read_text() == "not the cluster's"
+        assert named.poll() is None
+        assert (cluster / "pids").exists() and (cluster / "state").exists()
+    finally:
+        _stop(named)
+        for d in (ours, theirs):
+            shutil.rmtree(d, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -85,6 +86,9 @@ def _live_in_sessions(sessions: set[int]) -> list[str]:
 def cluster(tmp_path_factory):
     """(cluster dir, env file contents) of a running head + 2 x 1-CPU workers."""
     cluster_dir = tmp_path_factory.mktemp("local-cluster")
+    # A world-readable token left by an earlier cluster: `up` must not reuse the file.
+    (cluster_dir / "auth_token").write_text("stale\n")
+    (cluster_dir / "auth_token").chmod(0o644)
     up = _local_sh("up", "--workers", "2", "--cpus-per-worker", "1", "--dir", str(cluster_dir))
     try:
         assert up.returncode == 0, f"local.sh up failed:\n{up.stdout}\n{up.stderr}"
@@ -95,7 +99,10 @@ def cluster(tmp_path_factory):
 
 def test_up_starts_a_head_without_resources_and_two_one_cpu_workers_behind_the_token(cluster):
     _, env = cluster
-    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    token_path = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert stat.S_IMODE(os.stat(token_path).st_mode) == 0o600
+    token = token_path.read_text().strip()
+    assert len(token) == 64 and token != "stale"
     nodes_url = f"{env['RAY_API_SERVER_ADDRESS']}/api/v0/nodes?detail=true"
 
     status, _ = _get(nodes_url)
@@ -370,6 +377,9 @@ def test_down_leaves_no_process_of_the_cluster_behind(cluster):
 
     down = _local_sh("down", "--dir", str(cluster_dir), timeout=120)
     assert down.returncode == 0, down.stderr
+    # Every live recorded process was recognised as the one `up` started (worker2 was
+    # killed by the node-loss test, so its PID names no process at all).
+    assert "not stopping" not in down.stderr and "refusing" not in down.stderr, down.stderr
 
     # Everything a node started stays in its session, Ray's worker processes included
     # (they rename themselves ray::..., so no command line would find them).
