@@ -1,23 +1,29 @@
 """The `grokstudy` command: parse, validate, call one library function, print, exit.
 
 The only module that prints for humans or chooses an exit code: 0 success,
-1 a study finished with failed trials, 2 bad input (one line per problem,
-naming its dotted path; never a traceback).
+1 a study finished with failed trials (named), 2 bad input (one line per
+problem, naming its dotted path or flag; never a traceback), 3 the study
+crashed or was stopped (SIGTERM from `ray job stop`, MLflow down too long: one
+line; a crash's traceback goes to `<out>/crash.log`), 130 interrupted (Ctrl-C).
+A study stopped by 3 or 130 resumes when the same command runs again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from grokstudy import __version__
-from grokstudy.errors import StudyError
+from grokstudy.errors import StudyError, UsageError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
 
 RUN_EPILOG = """examples:
   grokstudy run studies/quickstart.yaml
@@ -129,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         return handler(args)
-    except StudyError as e:
+    except (StudyError, UsageError) as e:
         _fail("\n".join(f"grokstudy {args.command}: error: {line}" for line in str(e).splitlines()))
         return EXIT_USAGE  # unreachable; keeps type checkers calm
 
@@ -141,7 +147,7 @@ def _formats(text: str) -> tuple[str, ...]:
     formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
     bad = [f for f in formats if f not in ("png", "svg", "pdf")]
     if bad or not formats:
-        raise StudyError(
+        raise UsageError(
             "--format", f"unknown format {bad[0] if bad else text!r}; choose from: png, svg, pdf"
         )
     return formats
@@ -168,48 +174,95 @@ def _cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from grokstudy import runner, search
 
+    n = search.n_trials(study)
+    count = f"{search.n_points(study)} points x {study.search.seeds} seeds = {n} trials" if n else "adaptive"
     print(
-        f"grokstudy: study {study.name!r}: {search.n_points(study)} points x {study.search.seeds} seeds "
-        f"= {search.n_trials(study)} trials ({study.search.sampler}); output in {out_dir}",
+        f"grokstudy: study {study.name!r}: {count} ({study.search.sampler}, packs of up to "
+        f"{runner.pack_size(study)}); output in {out_dir}",
         flush=True,
     )
-    outcome = runner.run_study(
-        study,
-        out_dir=out_dir,
-        address=args.address,
-        tracking_uri=args.tracking_uri,
-        formats=formats,
-        progress=_print_progress,
-        num_cpus=args.num_cpus,
-    )
+    # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
+    # end the parent run FAILED and exit 3.
+    previous = signal.signal(signal.SIGTERM, lambda *_: runner.request_stop("SIGTERM"))
+    try:
+        outcome = runner.run_study(
+            study,
+            out_dir=out_dir,
+            address=args.address,
+            tracking_uri=args.tracking_uri,
+            formats=formats,
+            progress=_print_progress,
+            num_cpus=args.num_cpus,
+            stop_on_sigterm=True,
+        )
+    except (StudyError, UsageError):
+        raise
+    except (KeyboardInterrupt, runner.Interrupted) as e:
+        if runner.stop_reason():
+            why = f"stopped by {runner.stop_reason()}"
+            print(f"grokstudy run: {why}; run the same command again to resume", file=sys.stderr)
+            return EXIT_CRASHED
+        why = f"interrupted: {e or 'Ctrl-C'}"
+        print(f"grokstudy run: {why}; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except runner.TrackingUnavailable as e:
+        print(f"grokstudy run: stopped: {e}", file=sys.stderr)
+        return EXIT_CRASHED
+    except Exception as e:
+        log = _crash_log(out_dir)
+        line = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        print(
+            f"grokstudy run: crashed: {line}; traceback in {log}; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_summary(outcome)
-    return EXIT_FAILED if outcome.n_failed else EXIT_OK
+    return EXIT_FAILED if outcome.failed else EXIT_OK
+
+
+def _crash_log(out_dir: Path) -> Path:
+    import traceback
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = out_dir / "crash.log"
+    log.write_text(traceback.format_exc())
+    return log
 
 
 def _print_progress(p) -> None:  # runner.Progress
     phases = ", ".join(f"{k} {v}" for k, v in sorted(p.phases.items())) or "-"
+    pending = "" if p.pending is None else f", {p.pending} pending"
     print(
-        f"  trials: {p.done} done, {p.running} running, {p.failed} failed, {p.pending} pending"
-        f" | phases: {phases}",
+        f"  trials: {p.done} done, {p.running} running, {p.failed} failed{pending} | phases: {phases}",
         flush=True,
     )
+    if p.warning:
+        print(f"  warning: {p.warning}", flush=True)
 
 
 def _print_summary(outcome) -> None:  # runner.StudyOutcome
-    rows = outcome.summary_rows
+    from grokstudy import results
+
+    rows = results.read_trials(outcome.trials_path).to_pylist()
     if rows:
-        width = max(len(r["label"]) for r in rows)
+        labels = {r["trial_id"]: _label(r) for r in rows}
+        width = max(len(v) for v in labels.values())
         print(f"\n{'trial':<{width}}  {'phase':<13} {'t_train':>8} {'t_val':>8} {'stop':>11}")
-        for r in sorted(rows, key=lambda r: r["label"]):
-            v = r["verdict"]
+        for r in sorted(rows, key=lambda r: labels[r["trial_id"]]):
             print(
-                f"{r['label']:<{width}}  {v.phase:<13} {_steps(v.t_train):>8} {_steps(v.t_val):>8}"
-                f" {r['stop_reason']:>11}"
+                f"{labels[r['trial_id']]:<{width}}  {r['phase'] or '-':<13} {_steps(r['t_train']):>8} "
+                f"{_steps(r['t_val']):>8} {r['stop_reason']:>11}"
             )
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.phase_counts.items()))
     print(f"\nphases: {counts or 'none'}" + (" (resumed study)" if outcome.resumed else ""))
-    if outcome.n_failed:
-        print(f"FAILED trials: {outcome.n_failed} (beyond run.max_failures retries)")
+    if outcome.lost:
+        print(f"requeued {outcome.lost} trial(s) the interrupted driver had started but not recorded")
+    if outcome.failed:
+        print(
+            f"FAILED trials ({len(outcome.failed)}, beyond run.max_failures retries): {', '.join(outcome.failed)}"
+        )
     print(f"trials table:  {outcome.trials_path}")
     print(f"curves table:  {outcome.curves_path}")
     for path in outcome.figures:
@@ -217,6 +270,13 @@ def _print_summary(outcome) -> None:  # runner.StudyOutcome
     print(f"MLflow:        {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"browse:        grokstudy ui {outcome.out_dir}")
+
+
+def _label(row: dict) -> str:
+    keys = [k for k in row["searched"] if k != "train.seed"] + ["train.seed"]
+    from grokstudy.search import point_label
+
+    return point_label({k: tuple(row[k]) if isinstance(row[k], list) else row[k] for k in keys})
 
 
 def _steps(v: int | None) -> str:
@@ -230,8 +290,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = trial_from_overrides(args.overrides, args.study)
     phase_cfg = load_study(args.study).phases if args.study else PhaseConfig()
+    train.configure_process()
     state = train.init_state(cfg)
-    steps, train_acc, val_acc, records = [], [], [], []
+    curve = []
     tty = sys.stdout.isatty()
     print(
         f"grokstudy train: {cfg.task.op} mod {cfg.task.p}, {cfg.model.kind}, "
@@ -240,11 +301,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     for rec in train.run(cfg, state):
-        records.append(rec)
-        steps.append(rec.step)
-        train_acc.append(rec.train_acc)
-        val_acc.append(rec.val_acc)
-        so_far = phases.classify(steps, train_acc, val_acc, phase_cfg, cfg.train.max_steps)
+        curve.append(rec)
+        so_far = phases.classify_records(curve, phase_cfg, cfg.train.max_steps)
         line = (
             f"step {rec.step:>7}/{cfg.train.max_steps}  train/acc {rec.train_acc:6.3f}  "
             f"val/acc {rec.val_acc:6.3f}  val/loss {rec.val_loss:9.4f}  phase so far: {so_far.phase}"
@@ -253,31 +311,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print("\r" + line, end="", flush=True)
         elif rec.step % (cfg.train.eval_every * 10) == 0 or rec.step == cfg.train.max_steps:
             print(line, flush=True)
+        if phases.diverged(rec):
+            break
     if tty:
         print()
-    verdict = phases.classify(steps, train_acc, val_acc, phase_cfg, cfg.train.max_steps)
-    last = records[-1]
+    verdict = phases.classify_records(curve, phase_cfg, cfg.train.max_steps)
+    last = curve[-1]
     print(
         f"phase: {verdict.phase}  t_train: {_steps(verdict.t_train)}  t_val: {_steps(verdict.t_val)}  "
         f"final train/acc {last.train_acc:.3f}  val/acc {last.val_acc:.3f}  ({last.elapsed_s:.1f} s training)"
     )
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "phase": verdict.phase,
-                    "t_train": verdict.t_train,
-                    "t_val": verdict.t_val,
-                    "delay": verdict.delay,
-                    "steps": last.step,
-                    "final_train_acc": last.train_acc,
-                    "final_val_acc": last.val_acc,
-                    "final_train_loss": last.train_loss,
-                    "final_val_loss": last.val_loss,
-                    "elapsed_s": last.elapsed_s,
-                }
-            )
-        )
+        result = {
+            "phase": verdict.phase,
+            "t_train": verdict.t_train,
+            "t_val": verdict.t_val,
+            "delay": verdict.delay,
+            "steps": last.step,
+            "final_train_acc": last.train_acc,
+            "final_val_acc": last.val_acc,
+            "final_train_loss": last.train_loss,
+            "final_val_loss": last.val_loss,
+            "elapsed_s": last.elapsed_s,
+        }
+        # Strict JSON: a non-finite number (a diverged loss) is null, never NaN.
+        finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.items()}
+        print(json.dumps(finite, allow_nan=False))
     return EXIT_OK
 
 
@@ -285,12 +344,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from grokstudy import figures
 
     formats = _formats(args.format)
-    trials, curves, default_out, diagram = _load_results(args.source, args.tracking_uri)
-    x = args.x or diagram.get("x") or "data.fraction"
-    y = args.y or diagram.get("y") or "optimizer.weight_decay"
-    facet = args.facet or diagram.get("facet")
+    trials, curves, default_out = _load_results(args.source, args.tracking_uri)
     out = (args.out or default_out).resolve()
-    paths = figures.render_study(trials, curves, out, x=x, y=y, facet=facet, formats=formats)
+    paths = figures.render_study(trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats)
     for path in paths:
         print(f"figure: {path}")
     return EXIT_OK
@@ -299,7 +355,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from grokstudy import results
 
-    trials, curves, _, _ = _load_results(args.source, args.tracking_uri, prefer_rebuild=True)
+    trials, curves, _ = _load_results(args.source, args.tracking_uri, prefer_rebuild=True)
     trials_path, curves_path = results.write_tables(trials, curves, args.out.resolve())
     print(f"trials table: {trials_path} ({trials.num_rows} trials)")
     print(f"curves table: {curves_path} ({curves.num_rows} rows)")
@@ -307,42 +363,43 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = False):
-    """(trials, curves, default figure dir, diagram axes) from any kind of SOURCE."""
+    """(trials, curves, default figure dir) from any kind of SOURCE: a study output
+    directory, a trials.parquet, a Ray Tune experiment directory, or an MLflow experiment."""
     from grokstudy import results
 
     path = Path(source)
-    diagram: dict[str, str] = {}
     if path.exists():
-        study_file = (path if path.is_dir() else path.parent) / "study.yaml"
-        if study_file.exists():
-            import yaml
-
-            diagram = (yaml.safe_load(study_file.read_text()) or {}).get("diagram") or {}
-        if path.is_dir() and (path / "trials.parquet").exists() and not prefer_rebuild:
+        if path.is_dir() and (path / results.TRIALS_FILE).exists() and not prefer_rebuild:
             trials, curves = results.load_source(path)
-            return trials, curves, path / "figures", diagram
+            return trials, curves, path / "figures"
         if path.suffix == ".parquet":
             trials, curves = results.load_source(path)
-            return trials, curves, path.parent / "figures", diagram
+            return trials, curves, path.parent / "figures"
         if path.is_dir():
             from grokstudy import runner
 
-            trials, curves = runner.tables_from_tune_dir(path)
-            return trials, curves, path / "figures", diagram
-        raise StudyError(
+            study, histories = runner.histories_from_tune_dir(path)
+            trials, curves = results.build_tables(study, histories)
+            return trials, curves, path / "figures"
+        raise UsageError(
             "SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment"
         )
+    import yaml
+
     from grokstudy import tracking
+    from grokstudy.study import parse_study
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise StudyError(
+        raise UsageError(
             "SOURCE",
             f"{source!r} is not a file or directory; to read an MLflow experiment pass --tracking-uri "
             "(or set MLFLOW_TRACKING_URI)",
         )
-    trials, curves, diagram = tracking.fetch_tables(uri, source)
-    return trials, curves, Path("runs") / source / "figures", diagram
+    study_yaml, histories = tracking.fetch_histories(uri, source)
+    study = parse_study(yaml.safe_load(study_yaml), f"{source}/{tracking.STUDY_ARTIFACT}")
+    trials, curves = results.build_tables(study, histories)
+    return trials, curves, Path("runs") / source / "figures"
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
@@ -350,7 +407,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     db = args.study_dir.resolve() / "mlflow.db"
     if not db.exists():
-        raise StudyError(
+        raise UsageError(
             "STUDY_DIR", f"no MLflow store at {db}; run the study first or pass its output directory"
         )
     cmd = tracking.ui_command(f"sqlite:///{db}", port=args.port)

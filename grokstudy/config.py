@@ -381,14 +381,20 @@ class SearchDim:
 
     @property
     def is_log(self) -> bool:
-        """The one rule of an axis's scale, for sampling and figures alike: a log:
-        dimension, or numeric values > 0 spanning at least two decades."""
-        if self.log is not None:
-            return True
-        vals = self.values
-        if vals and all(isinstance(v, (int, float)) and v > 0 for v in vals) and len(vals) > 2:
-            return max(vals) / min(vals) >= 100
+        """Is this axis drawn (and its figure cells spaced) on a log scale: a log: dimension,
+        or `values` that `is_log_scale` calls so."""
+        return self.log is not None or (self.values is not None and is_log_scale(self.values))
+
+
+def is_log_scale(values: Sequence[Any]) -> bool:
+    """The one rule of a numeric axis's scale, for studies and figures alike: more than two
+    values, all > 0 (a 0 may join them: figures give it its own slot), spanning at least
+    two decades."""
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    positive = [v for v in nums if v > 0]
+    if len(nums) != len(values) or any(v < 0 for v in nums) or len(positive) < 2 or len(nums) <= 2:
         return False
+    return max(positive) / min(positive) >= 100
 
 
 SAMPLERS = ("grid", "sobol", "random", "tpe")
@@ -427,6 +433,14 @@ class ResourcesConfig:
         whole_above_one=True,
         allowed="0 <= gpu <= 64; a fraction below 1 or a whole number",
     )
+    pack: int | None = setting(
+        None,
+        "trials trained together as one stacked model in one process (packed.py); null: "
+        "16 where trials use a GPU, 1 (no packing) on CPUs",
+        lo=1,
+        hi=4096,
+        allowed="an integer, 1 <= pack <= 4096, or null for the default",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +459,14 @@ class RunConfig:
     )
     tracking_uri: str | None = setting(
         None, "MLflow tracking URI; default sqlite:///<out>/mlflow.db (absolute)"
+    )
+    tracking_outage_s: float = setting(
+        600.0,
+        "how long trials keep training while MLflow cannot be reached before the study stops "
+        "(checkpoints kept: run it again to resume)",
+        lo=1,
+        hi=10**6,
+        unit="seconds",
     )
 
 

@@ -17,14 +17,17 @@ Conventions shared by every figure:
 - Trials that ended in an error (`stop_reason == "error"`) are left out: their
   curve stopped for a reason other than the science.
 - Axes are labelled with the dotted column names. A numeric axis is drawn in
-  log10 space when its positive values span ≥ 2 decades (override with
-  `log_x`/`log_y`); a zero on a log axis gets its own slot one grid step
-  below the smallest positive value, ticked "0". Non-numeric columns
+  log10 space as the study drew it: the scale of each searched axis is in the
+  trials table's metadata (`results.AXES_META`, from `SearchDim.is_log`); an
+  axis the study did not search follows the same rule (`config.is_log_scale`);
+  `log_x`/`log_y` override. A zero on a log axis gets its own slot one grid
+  step below the smallest positive value, ticked "0". Non-numeric columns
   (optimizer.name, ...) become categorical axes.
-- A "grid" study (the (x, y) points fill most of a small lattice) is drawn as
-  cells. Otherwise (sobol, random, tpe samples) points are scattered over
-  regions shaded by their nearest sample in (log-)axis space, each axis scaled
-  to [0, 1].
+- The table's metadata also names the study's sampler (`results.SAMPLER_META`):
+  a grid study is drawn as cells; sobol, random and tpe samples as points
+  scattered over regions shaded by their nearest sample in (log-)axis space,
+  each axis scaled to [0, 1]. The x, y and facet axes default to the study's
+  `diagram` (`results.DIAGRAM_META`).
 """
 
 from __future__ import annotations
@@ -47,8 +50,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from grokstudy.errors import StudyError
+from grokstudy.config import is_log_scale
+from grokstudy.errors import UsageError
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES
+from grokstudy.results import table_info
 
 PHASE_COLORS: dict[str, str] = {
     "comprehension": "#0072B2",  # Okabe–Ito blue
@@ -63,6 +68,8 @@ TRAIN_COLOR, VAL_COLOR = "#1A1A1A", "#009E73"  # Okabe–Ito black and bluish gr
 NEVER_COLOR = "#D4D4D4"
 MISSING_HATCH = dict(facecolor="white", edgecolor="#BBBBBB", hatch="////", linewidth=0)
 FORMATS = ("png", "svg", "pdf")
+GRID_SAMPLERS = ("grid",)
+"""Samplers whose trials lie on a lattice: drawn as cells; the others as points over regions."""
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
 
 STYLE = {
@@ -153,7 +160,7 @@ def delay_heatmap(
     bottom; the colourbar then has an arrow at that end.
     """
     if value not in ("delay", "t_val"):
-        raise StudyError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
+        raise UsageError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
     data = _Data.build(trials, x, y, facet, log_x, log_y)
     values = np.array(
         [
@@ -218,10 +225,10 @@ def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[s
         all_rows = {r["trial_id"]: r for r in trials.to_pylist()}
         for tid in trial_ids:
             if tid not in all_rows or tid not in curve_ids:
-                raise StudyError("trial_ids", f"no trial {tid!r} with a curve in these tables")
+                raise UsageError("trial_ids", f"no trial {tid!r} with a curve in these tables")
         rows = all_rows
     if not trial_ids:
-        raise StudyError("SOURCE", "no finished trial with a curve to draw")
+        raise UsageError("SOURCE", "no finished trial with a curve to draw")
 
     n = len(trial_ids)
     ncols = min(n, 3)
@@ -279,8 +286,8 @@ def render_study(
     curves: pa.Table | None,
     out_dir: Path,
     *,
-    x: str,
-    y: str,
+    x: str | None = None,
+    y: str | None = None,
     facet: str | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     log_x: bool | None = None,
@@ -288,9 +295,10 @@ def render_study(
 ) -> list[Path]:
     """Write phase_diagram, delay_heatmap, t_val_heatmap and learning_curves in each format.
 
-    Learning curves are skipped when `curves` is None or no finished trial
-    has a curve. Returns the written paths. Raises StudyError("--format", ...)
-    for a format other than png, svg, pdf, and StudyError("--x"/"--y"/"--facet",
+    `x`, `y` and `facet` default to the study's diagram axes (the table's
+    metadata; else data.fraction and optimizer.weight_decay). Learning curves are skipped when `curves` is None or no finished trial
+    has a curve. Returns the written paths. Raises UsageError("--format", ...)
+    for a format other than png, svg, pdf, and UsageError("--x"/"--y"/"--facet",
     ...) for a column the tables lack, listing the study's searched axes first;
     both before anything is drawn or written. PNGs are 200 dpi; PDFs embed
     TrueType fonts (pdf.fonttype 42), as journals ask.
@@ -298,7 +306,11 @@ def render_study(
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         given = bad[0] if bad else ""
-        raise StudyError("--format", f"unknown format {given!r}; choose from: {', '.join(FORMATS)}")
+        raise UsageError("--format", f"unknown format {given!r}; choose from: {', '.join(FORMATS)}")
+    diagram = table_info(trials)[2]
+    x = x or diagram.get("x") or "data.fraction"
+    y = y or diagram.get("y") or "optimizer.weight_decay"
+    facet = facet or diagram.get("facet")
     for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
         if name is not None:
             _check_column(trials, name, flag)
@@ -343,7 +355,7 @@ class _Axis:
             return cls(name, "category", keys)
         pos = [k for k in keys if k > 0]
         if log is None:
-            log = len(pos) >= 2 and all(k >= 0 for k in keys) and max(pos) / min(pos) >= 100
+            log = is_log_scale(keys)
         if not log or not pos or any(k < 0 for k in keys):
             return cls(name, "linear", keys)
         zero_pos = None
@@ -445,6 +457,11 @@ class _Data:
         for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
             if name is not None:
                 _check_column(trials, name, flag)
+        sampler, scales, _ = table_info(trials)
+        if log_x is None and x in scales:
+            log_x = scales[x] == "log"
+        if log_y is None and y in scales:
+            log_y = scales[y] == "log"
         study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
         table = _finished(trials)
         xs = [_key(v) for v in table.column(x).to_pylist()]
@@ -453,7 +470,7 @@ class _Data:
         # Axes span every trial, finished or not, so that failed points still show as missing cells.
         x_axis = _Axis.build(x, [_key(v) for v in trials.column(x).to_pylist()], log_x)
         y_axis = _Axis.build(y, [_key(v) for v in trials.column(y).to_pylist()], log_y)
-        grid = _is_grid(trials, x_axis, y_axis, x, y)
+        grid = sampler in (None, *GRID_SAMPLERS)
         if grid:
             x_axis, y_axis = x_axis.for_grid(), y_axis.for_grid()
         facet_values = (
@@ -519,22 +536,6 @@ class _Data:
         return text
 
 
-def _is_grid(trials: pa.Table, x_axis: _Axis, y_axis: _Axis, x: str, y: str) -> bool:
-    """True when the (x, y) points fill most of the lattice of their distinct values.
-
-    A random/sobol/tpe sample has (almost) as many distinct x and y values as
-    points; a grid has many more points than values per axis.
-    """
-    nx, ny = len(x_axis.values), len(y_axis.values)
-    if nx <= 1 or ny <= 1:
-        return True
-    points = {
-        (_key(a), _key(b))
-        for a, b in zip(trials.column(x).to_pylist(), trials.column(y).to_pylist(), strict=True)
-    }
-    return len(points) >= 0.5 * nx * ny and len(points) > max(nx, ny)
-
-
 def _finished(trials: pa.Table) -> pa.Table:
     if "stop_reason" not in trials.column_names:
         return trials
@@ -550,7 +551,7 @@ def _check_column(trials: pa.Table, name: str, flag: str) -> None:
         for s in trials.column("searched").to_pylist():
             searched += [k for k in s or () if k not in searched]
     rest = [c for c in trials.column_names if c not in searched]
-    raise StudyError(flag, f"unknown axis {name!r}; the study's axes are: {', '.join(searched + rest)}")
+    raise UsageError(flag, f"unknown axis {name!r}; the study's axes are: {', '.join(searched + rest)}")
 
 
 # ---- drawing ---------------------------------------------------------------------------------
@@ -565,7 +566,7 @@ def _figure(size: tuple[float, float]) -> Figure:
 def _panels(data: _Data, ax: Any) -> tuple[Figure, list[Any]]:
     if ax is not None:
         if data.facet is not None:
-            raise StudyError("--facet", "a faceted diagram needs its own figure; leave ax unset")
+            raise UsageError("--facet", "a faceted diagram needs its own figure; leave ax unset")
         return ax.figure, [ax]
     n = len(data.facet_values)
     fig = _figure((3.4 * n + 1.8, 5.4 if n == 1 else 4.8))

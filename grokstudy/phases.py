@@ -39,6 +39,9 @@ Phases, exactly one per curve (`PHASES`):
   afterwards and never re-generalized (no holding t_val). Named honestly rather
   than forced into memorization. A collapse followed by a later recovery that
   holds is *not* unstable: t_val is the recovery step.
+- **diverged**: the training loss became non-finite (NaN or ±inf) at an eval
+  point (`classify_records` checks; a learning rate far too large, say). The
+  timings are those of the curve before it; the trial stops there.
 
 Further decisions:
 
@@ -56,6 +59,8 @@ Pure numpy; knows nothing of Ray, MLflow or torch.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,7 +69,7 @@ import numpy as np
 from grokstudy.config import PhaseConfig
 from grokstudy.records import EvalRecord
 
-PHASES: tuple[str, ...] = ("comprehension", "grokking", "memorization", "confusion", "unstable")
+PHASES: tuple[str, ...] = ("comprehension", "grokking", "memorization", "confusion", "unstable", "diverged")
 """Every label `classify` returns, in the display order of legends and tables."""
 
 PHASE_DEFINITIONS: dict[str, str] = {
@@ -73,6 +78,7 @@ PHASE_DEFINITIONS: dict[str, str] = {
     "memorization": "fits the training set, never generalizes within the budget",
     "confusion": "never fits the training set within the budget",
     "unstable": "generalized, then collapsed and never recovered",
+    "diverged": "the training loss became non-finite",
 }
 """One line per phase, for figure legends and docs; the module docstring has the exact rule."""
 
@@ -167,14 +173,22 @@ def generalization_confirmed(
 
 
 def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps: int) -> PhaseResult:
-    """`classify` on a trial's `EvalRecord`s."""
-    return classify(
-        [r.step for r in records],
-        [r.train_acc for r in records],
-        [r.val_acc for r in records],
-        cfg,
-        max_steps,
+    """`classify` on a trial's `EvalRecord`s, with divergence: a non-finite train/loss at
+    an eval point within the budget makes the phase "diverged" (timings from the curve before it)."""
+    within = [r for r in records if r.step <= max_steps]
+    bad = next((i for i, r in enumerate(within) if not math.isfinite(r.train_loss)), None)
+    kept = within if bad is None else within[: max(bad, 1)]
+    result = classify(
+        [r.step for r in kept], [r.train_acc for r in kept], [r.val_acc for r in kept], cfg, max_steps
     )
+    if bad is None:
+        return result
+    return dataclasses.replace(result, phase="diverged", steps=within[bad].step)
+
+
+def diverged(record: EvalRecord) -> bool:
+    """True when a record's training loss is non-finite: the trial should stop."""
+    return not math.isfinite(record.train_loss)
 
 
 def rules(cfg: PhaseConfig) -> dict[str, str]:
@@ -190,6 +204,7 @@ def rules(cfg: PhaseConfig) -> dict[str, str]:
         "memorization": f"t_train exists; val/acc never reached {th}",
         "confusion": f"no t_train and no t_val; val/acc never reached {th}",
         "unstable": f"val/acc reached {th}, then fell below {lo} and never recovered",
+        "diverged": "train/loss non-finite at an eval point",
     }
 
 

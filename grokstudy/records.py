@@ -1,4 +1,11 @@
-"""What the training core emits: one `EvalRecord` per evaluation point.
+"""What the training core emits, and the one shape of a trial's curve everywhere else.
+
+- `EvalRecord`: one evaluation point; a curve is `list[EvalRecord]`, in flight
+  and at rest. Its one serialisation is `to_dicts`/`from_dicts` (checkpoint
+  metadata); MLflow and Parquet hold the same keys as columns or metrics.
+- `TrialHistory`: a finished (or failed) trial as the table builder wants it,
+  whichever source it was read from (the runner's checkpoints, a Ray Tune
+  experiment, MLflow).
 
 Metric keys are the same in MLflow, Parquet and figures (STYLE.md, principle 13).
 Standard library only, so phases/results/figures can use it without torch.
@@ -7,7 +14,11 @@ Standard library only, so phases/results/figures can use it without torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from grokstudy.config import TrialConfig
 
 METRIC_KEYS: tuple[str, ...] = (
     "train/loss",
@@ -18,6 +29,10 @@ METRIC_KEYS: tuple[str, ...] = (
     "fourier/top_k_share",
 )
 """Every metric a curve may carry, in display order. Accuracies are in [0, 1]."""
+ELAPSED_KEY = "time/elapsed_s"
+"""Wall-clock seconds spent training up to a step: the same key in MLflow and Parquet."""
+CURVE_KEYS: tuple[str, ...] = (*METRIC_KEYS, ELAPSED_KEY)
+"""Every value of a record but its step, under its metric key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +48,91 @@ class EvalRecord:
     fourier_top_k_share: float = math.nan
     """Share of the embedding's Fourier power in its top-k frequencies (modular ops only; NaN otherwise)."""
     elapsed_s: float = 0.0
-    """Wall-clock seconds spent training (not evaluating) up to this step."""
+    """Wall-clock seconds spent training (not evaluating) up to this step; a packed
+    member's is its pack's."""
 
     def metrics(self) -> dict[str, float]:
-        """{metric key: value}, skipping NaNs (the measure does not apply)."""
-        values = {
+        """{metric key: value} of METRIC_KEYS, skipping NaNs (the measure does not apply)."""
+        values = (
+            self.train_loss,
+            self.train_acc,
+            self.val_loss,
+            self.val_acc,
+            self.weights_norm,
+            self.fourier_top_k_share,
+        )
+        return {k: float(v) for k, v in zip(METRIC_KEYS, values, strict=True) if not math.isnan(v)}
+
+    def values(self) -> dict[str, float]:
+        """{key: value} of CURVE_KEYS, NaN kept: the record as a row (without its step)."""
+        return {
             "train/loss": self.train_loss,
             "train/acc": self.train_acc,
             "val/loss": self.val_loss,
             "val/acc": self.val_acc,
             "weights/norm": self.weights_norm,
             "fourier/top_k_share": self.fourier_top_k_share,
+            ELAPSED_KEY: self.elapsed_s,
         }
-        return {k: float(v) for k, v in values.items() if not math.isnan(v)}
+
+    @classmethod
+    def from_values(cls, step: int, values: Mapping[str, float]) -> EvalRecord:
+        """Inverse of `values`; a key that is missing is NaN (0 for the elapsed time)."""
+        nan = math.nan
+        return cls(
+            step=int(step),
+            train_loss=float(values.get("train/loss", nan)),
+            train_acc=float(values.get("train/acc", nan)),
+            val_loss=float(values.get("val/loss", nan)),
+            val_acc=float(values.get("val/acc", nan)),
+            weights_norm=float(values.get("weights/norm", nan)),
+            fourier_top_k_share=float(values.get("fourier/top_k_share", nan)),
+            elapsed_s=float(values.get(ELAPSED_KEY, 0.0)),
+        )
+
+
+def to_dicts(records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
+    """A curve as JSON-ready dicts `{"step": s, key: value, ...}`; NaN becomes None (strict JSON)."""
+    return [
+        {"step": r.step, **{k: (None if math.isnan(v) else v) for k, v in r.values().items()}}
+        for r in records
+    ]
+
+
+def from_dicts(rows: Iterable[Mapping[str, Any]]) -> list[EvalRecord]:
+    """Inverse of `to_dicts`: records sorted by step, one per step (a repeated step keeps its last)."""
+    by_step: dict[int, EvalRecord] = {}
+    for row in rows:
+        values = {k: (math.nan if v is None else v) for k, v in row.items() if k != "step"}
+        by_step[int(row["step"])] = EvalRecord.from_values(row["step"], values)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def merge(*curves: Sequence[EvalRecord]) -> list[EvalRecord]:
+    """Curves joined by step; where two carry a step, the later curve's record wins."""
+    by_step = {r.step: r for curve in curves for r in curve}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+STOP_REASONS = ("generalized", "budget", "diverged", "error")
+"""Why a trial stopped: its generalization held for phases.confirm_steps, its
+step budget was spent, its loss went non-finite, or it failed (beyond retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TrialHistory:
+    """One trial of a study, as read back from any source: what the table builder takes."""
+
+    trial_id: str
+    """`<point_id>-s<seed>`: the trial's identity across retries, restores and packs."""
+    point_id: str
+    cfg: TrialConfig
+    records: tuple[EvalRecord, ...]
+    """Its curve, by increasing step (empty when it failed before its first checkpoint)."""
+    stop_reason: str
+    """One of STOP_REASONS."""
+    node: str | None = None
+    run_id: str | None = None
+    """The trial's MLflow run (None when untracked)."""
+    error: str | None = None
+    """Why it failed, when stop_reason is "error"."""

@@ -3,25 +3,27 @@
 - `trials.parquet` (`TRIALS_SCHEMA`): who the trial is (`study`, `trial_id`,
   `point_id`, `run_id`), every hyperparameter of `TrialConfig` as a typed
   column named by its dotted path (`optimizer.weight_decay`, derived from the
-  dataclasses, so a new config field becomes a column without touching this
-  file), which keys were searched, the phase verdict of `phases.classify` and
-  how the trial ended.
+  dataclasses, with the doc and unit of its `config.setting` rule, so a new
+  config field becomes a column without touching this file), which keys were
+  searched, the phase verdict of `phases.classify_records` and how the trial ended.
 - `curves.parquet` (`CURVES_SCHEMA`): `study`, `trial_id`, `step`, one float64
-  column per `records.METRIC_KEYS` key (`val/acc`, ...; null where a measure
-  does not apply) and `elapsed_s`.
+  column per `records.CURVE_KEYS` key (`val/acc`, ..., `time/elapsed_s`; null
+  where a measure does not apply).
 
-Every field carries `description` (and, where it has one, `unit`) metadata, and
-each schema says which table it is and which grokstudy wrote it, so the files
-explain themselves to plain pyarrow or pandas. Pure: imports pyarrow only.
+`build_tables(study, histories)` is the one builder of both, whatever the
+histories were read from (the runner's checkpoints, a Ray Tune experiment,
+MLflow). Every field carries `description` (and, where it has one, `unit`)
+metadata, and each table says which table it is, which grokstudy wrote it and,
+for trials, the study's sampler and the scale of each searched axis, so the
+files explain themselves to plain pyarrow or pandas and `figures` needs no
+guessing. Pure: pyarrow, numpy and the core's stdlib modules.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
+import json
 import os
-import textwrap
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -33,37 +35,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grokstudy import __version__
-from grokstudy.config import TrialConfig, flatten
-from grokstudy.errors import StudyError
-from grokstudy.phases import PhaseResult
-from grokstudy.records import METRIC_KEYS, EvalRecord
+from grokstudy.config import Study, TrialConfig, flatten
+from grokstudy.errors import UsageError
+from grokstudy.phases import PhaseResult, classify_records
+from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, STOP_REASONS, EvalRecord, TrialHistory
 
 TRIALS_FILE = "trials.parquet"
 CURVES_FILE = "curves.parquet"
-STOP_REASONS = ("generalized", "budget", "error")
-
-# Units of hyperparameters that have one; the rest are dimensionless or names.
-HYPERPARAMETER_UNITS = {
-    "data.fraction": "fraction of all pairs",
-    "optimizer.warmup_steps": "steps",
-    "optimizer.grokfast_window": "steps",
-    "train.max_steps": "steps",
-    "train.batch_size": "examples",
-    "train.eval_every": "steps",
-    "train.checkpoint_every": "steps",
-}
-
-# Descriptions of config fields that carry no docstring in config.py.
-HYPERPARAMETER_DOCS = {
-    "optimizer.lr": "Peak learning rate, reached after optimizer.warmup_steps.",
-    "optimizer.betas": "Adam/AdamW/RMSprop moment decay rates (beta1, beta2).",
-    "optimizer.eps": "Adam-family denominator epsilon.",
-    "optimizer.nesterov": "Nesterov momentum for SGD.",
-    "optimizer.weight_decay": "Weight-decay coefficient; how it enters is optimizer.weight_decay_form.",
-    "optimizer.grokfast_alpha": "Grokfast EMA decay of the slow gradient.",
-    "optimizer.grokfast_lamb": "Grokfast amplification of the slow gradient.",
-    "optimizer.grokfast_window": "Grokfast-MA window of past gradients.",
-}
+SAMPLER_META = "grokstudy.sampler"
+"""Trials-table metadata: the study's sampler (figures draw a grid as cells, a sample as points)."""
+AXES_META = "grokstudy.axes"
+"""Trials-table metadata: JSON {searched key: "log" | "linear" | "category"} (`SearchDim.is_log`)."""
+DIAGRAM_META = "grokstudy.diagram"
+"""Trials-table metadata: JSON {"x": key, "y": key, "facet": key or null}, the study's diagram."""
 
 
 def _field(name: str, type_: pa.DataType, description: str, unit: str | None = None, nullable=False):
@@ -98,52 +82,26 @@ def _list(element: pa.DataType) -> pa.DataType:
 _SCALARS = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """{field: docstring} from the string literal under each field in the class bodies (bases first)."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        docs |= _class_attribute_docs(klass)
-    return docs
-
-
-def _class_attribute_docs(cls: type) -> dict[str, str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    docs = {}
-    for stmt, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(stmt, ast.AnnAssign)
-            and isinstance(stmt.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def hyperparameter_fields(trial_cls: type = TrialConfig) -> list[pa.Field]:
     """One typed, documented column per leaf of the (nested) config dataclass, by dotted path.
 
     Columns come in `config.flatten` order; `Optional` fields are nullable,
-    tuples are lists. Raises TypeError for a field type with no column type.
+    tuples are lists; doc and unit come from each field's `config.setting` rule.
+    Raises TypeError for a field type with no column type.
     """
     out: list[pa.Field] = []
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
-        docs = _attribute_docs(cls)
         for f in dataclasses.fields(cls):
             path, hint = prefix + f.name, hints[f.name]
             if dataclasses.is_dataclass(hint):
                 walk(hint, path + ".")
                 continue
             type_, nullable = _arrow_type(hint, path)
-            doc = docs.get(f.name) or HYPERPARAMETER_DOCS.get(path) or f"hyperparameter {path}"
-            out.append(_field(path, type_, doc, HYPERPARAMETER_UNITS.get(path), nullable))
+            spec = f.metadata.get("spec")
+            doc = spec.doc if spec is not None else f"hyperparameter {path}"
+            out.append(_field(path, type_, doc, spec.unit if spec is not None else None, nullable))
 
     walk(trial_cls, "")
     return out
@@ -158,7 +116,7 @@ def _metadata(kind: str) -> dict[str, str]:
         "grokstudy.version": __version__,
         "grokstudy.description": {
             "trials": "one row per trial: hyperparameters by dotted path, phase verdict, how it ended",
-            "curves": "one row per (trial, eval step): the metrics of records.METRIC_KEYS",
+            "curves": "one row per (trial, eval step): the values of records.CURVE_KEYS",
         }[kind],
     }
 
@@ -168,7 +126,7 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
     steps = "steps"
     head = [
         _field("study", pa.string(), "study name (also the MLflow experiment and Ray Tune experiment)"),
-        _field("trial_id", pa.string(), "trial identifier, unique within the study"),
+        _field("trial_id", pa.string(), "<point_id>-s<train.seed>: the trial, unique within the study"),
         _field(
             "point_id",
             pa.string(),
@@ -184,35 +142,52 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
         ),
         _field("searched", _list(pa.string()), "dotted keys the study searched (train.seed excluded)"),
         _field(
-            "phase", pa.string(), "comprehension | grokking | memorization | confusion | unstable (phases.py)"
+            "phase",
+            pa.string(),
+            "comprehension | grokking | memorization | confusion | unstable | diverged (phases.py); "
+            "null: failed before its first eval point was saved",
+            nullable=True,
         ),
         _field("t_train", pa.int64(), "first eval step with train/acc >= threshold", steps, nullable=True),
         _field(
             "t_val", pa.int64(), "first eval step from which val/acc holds >= threshold", steps, nullable=True
         ),
         _field("delay", pa.int64(), "t_val - t_train (negative: validation first)", steps, nullable=True),
-        _field("final_train_acc", pa.float64(), "train/acc at the last eval point", "fraction correct"),
-        _field("final_val_acc", pa.float64(), "val/acc at the last eval point", "fraction correct"),
+        _field("final_train_acc", pa.float64(), "train/acc at the last eval point", "fraction correct", True),
+        _field("final_val_acc", pa.float64(), "val/acc at the last eval point", "fraction correct", True),
         _field(
             "final_train_loss",
             pa.float64(),
             "mean train/loss at the last eval point (the train.loss function)",
+            nullable=True,
         ),
         _field(
-            "final_val_loss", pa.float64(), "mean val/loss at the last eval point (the train.loss function)"
+            "final_val_loss",
+            pa.float64(),
+            "mean val/loss at the last eval point (the train.loss function)",
+            nullable=True,
         ),
-        _field("best_val_acc", pa.float64(), "highest val/acc at any eval point", "fraction correct"),
+        _field("best_val_acc", pa.float64(), "highest val/acc at any eval point", "fraction correct", True),
         _field("steps", pa.int64(), "last eval step taken into account (steps run)", steps),
         _field("max_steps", pa.int64(), "step budget the phase was judged against", steps),
-        _field("stop_reason", pa.string(), "generalized (confirmed early stop) | budget | error"),
-        _field("wall_s", pa.float64(), "wall-clock time of the trial", "seconds"),
+        _field("stop_reason", pa.string(), " | ".join(STOP_REASONS) + " (records.STOP_REASONS)"),
+        _field(
+            "wall_s",
+            pa.float64(),
+            "wall-clock seconds the trial spent training: its curve's last time/elapsed_s "
+            "(a packed trial's is its pack's)",
+            "seconds",
+        ),
         _field("node", pa.string(), "cluster node the trial last ran on", nullable=True),
-        _field("status", pa.string(), "final Ray Tune status: TERMINATED | ERROR | ..."),
+        _field("status", pa.string(), "TERMINATED, or ERROR when it failed beyond run.max_failures retries"),
+        _field("error", pa.string(), "why it failed (status ERROR)", nullable=True),
     ]
     return pa.schema(head + hyperparameter_fields(trial_cls) + tail, metadata=_metadata("trials"))
 
 
-def _metric_field(key: str) -> pa.Field:
+def _curve_field(key: str) -> pa.Field:
+    if key == ELAPSED_KEY:
+        return _field(key, pa.float64(), "wall-clock training seconds up to this step", "seconds")
     unit = "fraction correct" if key.endswith("/acc") else None
     return _field(key, pa.float64(), f"metric {key} at this eval point (null: does not apply)", unit, True)
 
@@ -222,8 +197,7 @@ CURVES_SCHEMA = pa.schema(
         _field("study", pa.string(), "study name"),
         _field("trial_id", pa.string(), "trial identifier; joins trials.trial_id"),
         _field("step", pa.int64(), "optimizer steps taken before this evaluation (0: at init)", "steps"),
-        *(_metric_field(k) for k in METRIC_KEYS),
-        _field("elapsed_s", pa.float64(), "wall-clock training time up to this step", "seconds"),
+        *(_curve_field(k) for k in CURVE_KEYS),
     ],
     metadata=_metadata("curves"),
 )
@@ -232,82 +206,118 @@ CURVES_SCHEMA = pa.schema(
 TRIALS_SCHEMA = trials_schema()
 
 
-# ---- rows ------------------------------------------------------------------------------------
+# ---- the one table builder -----------------------------------------------------------------------
 
 
-def trial_row(
-    study: str,
-    trial_id: str,
-    point_id: str,
-    cfg: TrialConfig,
-    searched: Sequence[str],
-    phase: PhaseResult,
-    *,
-    final_train_loss: float,
-    final_val_loss: float,
-    stop_reason: str,
-    wall_s: float,
-    node: str | None = None,
-    run_id: str | None = None,
-    status: str = "TERMINATED",
-) -> dict[str, Any]:
-    """One trials-table row: the trial's identity, its full config, its verdict."""
-    if stop_reason not in STOP_REASONS:
-        raise ValueError(f"stop_reason {stop_reason!r} is not one of {', '.join(STOP_REASONS)}")
-    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(cfg).items()}
+def build_tables(study: Study, histories: Iterable[TrialHistory]) -> tuple[pa.Table, pa.Table]:
+    """(trials, curves) of a study's trials, phases classified afresh with the study's rule.
+
+    The trials table's metadata names the study's sampler, the scale of each
+    searched axis and the diagram axes (`SAMPLER_META`, `AXES_META`, `DIAGRAM_META`).
+    """
+    searched = tuple(d.key for d in study.search.space)
+    trial_rows, curve_rows = [], []
+    for history in histories:
+        trial_rows.append(_trial_row(study.name, history, searched, study))
+        curve_rows.extend(_curve_rows(study.name, history.trial_id, history.records))
+    trials = trials_table(trial_rows)
+    trials = trials.replace_schema_metadata(trials.schema.metadata | study_metadata(study))
+    return trials, curves_table(curve_rows)
+
+
+def study_metadata(study: Study) -> dict[bytes, bytes]:
+    """What figures need to know of a study, as trials-table schema metadata."""
+    axes = {d.key: _scale(d) for d in study.search.space}
+    diagram = {"x": study.diagram.x, "y": study.diagram.y, "facet": study.diagram.facet}
     return {
-        "study": study,
-        "trial_id": trial_id,
-        "point_id": point_id,
-        "run_id": run_id,
-        **hyper,
-        "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
-        "searched": list(searched),
-        "phase": phase.phase,
-        "t_train": phase.t_train,
-        "t_val": phase.t_val,
-        "delay": phase.delay,
-        "final_train_acc": phase.final_train_acc,
-        "final_val_acc": phase.final_val_acc,
-        "final_train_loss": float(final_train_loss),
-        "final_val_loss": float(final_val_loss),
-        "best_val_acc": phase.best_val_acc,
-        "steps": phase.steps,
-        "max_steps": cfg.train.max_steps,
-        "stop_reason": stop_reason,
-        "wall_s": float(wall_s),
-        "node": node,
-        "status": status,
+        SAMPLER_META.encode(): study.search.sampler.encode(),
+        AXES_META.encode(): json.dumps(axes).encode(),
+        DIAGRAM_META.encode(): json.dumps(diagram).encode(),
     }
 
 
-def curve_rows(study: str, trial_id: str, records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
-    """One curves-table row per eval record; a metric that does not apply (NaN) is null."""
-    rows = []
-    for r in records:
-        metrics = r.metrics()
-        rows.append(
-            {
-                "study": study,
-                "trial_id": trial_id,
-                "step": r.step,
-                **{k: metrics.get(k) for k in METRIC_KEYS},
-                "elapsed_s": r.elapsed_s,
-            }
-        )
-    return rows
+def _scale(dim: Any) -> str:
+    if dim.choice is not None:
+        return "category"
+    return "log" if dim.is_log else "linear"
+
+
+def table_info(trials: pa.Table) -> tuple[str | None, dict[str, str], dict[str, str | None]]:
+    """(sampler, {axis: scale}, diagram) from a trials table's metadata; (None, {}, {}) when absent."""
+    meta = trials.schema.metadata or {}
+    sampler = meta.get(SAMPLER_META.encode())
+    axes = meta.get(AXES_META.encode())
+    diagram = meta.get(DIAGRAM_META.encode())
+    return (
+        sampler.decode() if sampler else None,
+        json.loads(axes) if axes else {},
+        json.loads(diagram) if diagram else {},
+    )
+
+
+def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Study) -> dict[str, Any]:
+    """One trials-table row: the trial's identity, its full config, its verdict."""
+    if h.stop_reason not in STOP_REASONS:
+        raise ValueError(f"stop_reason {h.stop_reason!r} is not one of {', '.join(STOP_REASONS)}")
+    verdict: PhaseResult | None = (
+        classify_records(h.records, config.phases, h.cfg.train.max_steps) if h.records else None
+    )
+    last = h.records[-1] if h.records else None
+    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(h.cfg).items()}
+    return {
+        "study": study,
+        "trial_id": h.trial_id,
+        "point_id": h.point_id,
+        "run_id": h.run_id,
+        **hyper,
+        "optimizer.weight_decay_form": h.cfg.optimizer.weight_decay_form,
+        "searched": list(searched),
+        "phase": verdict.phase if verdict else None,
+        "t_train": verdict.t_train if verdict else None,
+        "t_val": verdict.t_val if verdict else None,
+        "delay": verdict.delay if verdict else None,
+        "final_train_acc": verdict.final_train_acc if verdict else None,
+        "final_val_acc": verdict.final_val_acc if verdict else None,
+        "final_train_loss": _finite_or_none(last.train_loss) if last else None,
+        "final_val_loss": _finite_or_none(last.val_loss) if last else None,
+        "best_val_acc": verdict.best_val_acc if verdict else None,
+        "steps": verdict.steps if verdict else 0,
+        "max_steps": h.cfg.train.max_steps,
+        "stop_reason": h.stop_reason,
+        "wall_s": float(last.elapsed_s) if last else 0.0,
+        "node": h.node,
+        "status": "ERROR" if h.stop_reason == "error" else "TERMINATED",
+        "error": h.error,
+    }
+
+
+def _finite_or_none(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _curve_rows(study: str, trial_id: str, records: Iterable[EvalRecord]) -> list[dict[str, Any]]:
+    """One curves-table row per eval record; a value that does not apply (NaN) is null."""
+    return [
+        {
+            "study": study,
+            "trial_id": trial_id,
+            "step": r.step,
+            **{k: (None if np.isnan(v) else v) for k, v in r.values().items()},
+        }
+        for r in records
+    ]
 
 
 # ---- tables ----------------------------------------------------------------------------------
 
 
 def trials_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """Rows of `trial_row` → a table with exactly `TRIALS_SCHEMA`; ValueError names a bad row and column."""
+    """Rows → a table with exactly `TRIALS_SCHEMA`; ValueError names a bad row and column."""
     return _table(rows, TRIALS_SCHEMA, "trials")
 
 
 def curves_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """Rows of `curve_rows` → a table with exactly `CURVES_SCHEMA`; ValueError names a bad row and column."""
+    """Rows → a table with exactly `CURVES_SCHEMA`; ValueError names a bad row and column."""
     return _table(rows, CURVES_SCHEMA, "curves")
 
 
@@ -410,14 +420,14 @@ def _read(path: Path, kind: str, required: tuple[str, ...]) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as e:
-        raise StudyError("SOURCE", f"cannot read {path} as Parquet: {e}") from None
+        raise UsageError("SOURCE", f"cannot read {path} as Parquet: {e}") from None
     meta = table.schema.metadata or {}
     written_as = meta.get(b"grokstudy.table", b"").decode()
     if written_as and written_as != kind:
-        raise StudyError("SOURCE", f"{path} is a {written_as} table, not a {kind} table")
+        raise UsageError("SOURCE", f"{path} is a {written_as} table, not a {kind} table")
     missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise StudyError("SOURCE", f"{path} is not a grokstudy {kind} table: no column {', '.join(missing)}")
+        raise UsageError("SOURCE", f"{path} is not a grokstudy {kind} table: no column {', '.join(missing)}")
     return table
 
 
@@ -430,11 +440,11 @@ def load_source(path: Path) -> tuple[pa.Table, pa.Table | None]:
     if path.is_dir():
         trials_path = path / TRIALS_FILE
         if not trials_path.exists():
-            raise StudyError("SOURCE", f"{path} holds no {TRIALS_FILE}")
+            raise UsageError("SOURCE", f"{path} holds no {TRIALS_FILE}")
     elif path.is_file():
         trials_path = path
     else:
-        raise StudyError("SOURCE", f"{path} does not exist")
+        raise UsageError("SOURCE", f"{path} does not exist")
     trials = read_trials(trials_path)
     curves_path = trials_path.with_name(CURVES_FILE)
     curves = read_curves(curves_path) if curves_path.exists() and curves_path != trials_path else None

@@ -1,297 +1,579 @@
 """Runs a study on Ray Tune: the only module that imports ray.
 
-Checked against ray 2.60.0 (Tune's function-trainable API: `tune.report`,
-`tune.get_checkpoint`, `tune.get_context`; `Tuner.can_restore/restore`).
+Flow: `run_study` takes the output directory's lock and the study's lease,
+starts (or joins) Ray, opens the study's MLflow parent run, and fits a `Tuner`
+whose searcher (`_Searcher`) hands out work from the study's `search.Ledger`,
+or restores the same experiment when its storage already holds one. One Tune
+trial trains a *pack*: one or more point x seeds (`resources.pack`; one
+member trains through `train.run`, several as one stacked model through
+`packed.run_pack`). Each member is its own Optuna trial, its own MLflow child
+run (`tracking.Sender`) and its own row in the tables. A trial checkpoints
+every `train.checkpoint_every` steps: the training state and, in
+`meta.json`, every member's curve (`records.to_dicts`), run id and outcome.
+It reports to Tune at checkpoints, when a member finishes, and at least every
+`REPORT_EVERY_S`; the curves themselves never go through Tune. When all
+trials are done the driver reads each trial's last checkpoint into
+`records.TrialHistory`s, and `results.build_tables` writes the tables.
 
-Flow: `run_study` starts (or joins) Ray, opens the study's MLflow parent run,
-builds an `OptunaSearch` from `search.py`, and fits a `Tuner` over
-`_trial_fn`, or restores the same experiment when its directory already holds
-one. Each trial wraps the pure training core (`train.run`), reports to Tune
-only at eval points, checkpoints every `train.checkpoint_every` steps and logs
-its curve to its own nested MLflow run. When all trials are done the driver
-reads the curves back from Tune's storage, labels phases, writes the Parquet
-tables and figures and attaches them to the parent run.
+Scheduling follows the science (DESIGN.md): FIFO, never a plateau rule; a
+member stops when its generalization has held for `phases.confirm_steps`, its
+loss diverges, or its budget is spent, and a trial ends itself when all its
+members have (no Tune stopper).
 
-Scheduling follows the science (DESIGN.md): FIFO, never a plateau rule. A
-trial ends when its phase is decided (generalization held for
-`phases.confirm_steps`) or its step budget is spent.
+Ray and Tune internals this module relies on, checked against ray 2.60.0:
+- `TUNE_MAX_PENDING_TRIALS_PG` (read when `fit` builds its controller): with
+  a searcher, Tune keeps one trial pending unless told otherwise (`_pending_trials`).
+- `RAY_AIR_NEW_OUTPUT=0`: the legacy reporter prints nothing at verbose=0;
+  the new engine prints its own table and a TensorBoard hint.
+- `tuner._local_tuner.get_run_config().callbacks`: a restored Tuner keeps the
+  first run's callbacks (pickled in `tuner.pkl`); this run's progress callback
+  replaces them there.
+- `TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0`: silences a
+  warning on every checkpoint; the snapshots it warns of are what a resume uses.
+- `Searcher.suggest` returning None (nothing now, ask again) or
+  `Searcher.FINISHED`, and `TuneConfig(num_samples=-1)`: the searcher alone
+  decides when the study is complete.
+- `Tuner.restore` rebuilds the searcher from the first run's `tuner.pkl` and
+  then `Searcher.restore` loads its newest state; `_Searcher.restore` settles
+  the ledger against the trials Tune restored (read with `ExperimentAnalysis`).
+- Tune catches the first SIGINT itself, saves the experiment and returns from
+  `fit` with unfinished trials; `run_study` reports that as an interruption.
+- `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (set by the CLI before ray is imported)
+  keeps an embedded Ray on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import pickle
+import signal
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
-from grokstudy import phases, results, search, tracking, train
-from grokstudy.config import Study, flatten, to_dict
-from grokstudy.records import EvalRecord
+from grokstudy import phases, records, results, search, storage, tracking, train
+from grokstudy.config import Study, TrialConfig, flatten, to_dict
+from grokstudy.errors import StudyError
+from grokstudy.records import EvalRecord, TrialHistory
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-RUN_ID_KEY = "mlflow_run_id"
-"""In each report: the trial's MLflow run, so trials.parquet links every row to it."""
-OBJECTIVE = "objective"
-"""What Optuna sees: steps to generalize (t_val), or the budget if not (yet)."""
-
-PLATEAU_SCHEDULERS = ("asha", "hyperband", "median", "pbt", "pb2", "plateau")
-PLATEAU_REFUSAL = (
-    "grokstudy refuses plateau/early-stopping schedulers: a grokking trial sits on a "
-    "validation plateau for thousands of steps before it generalizes, so stopping on a "
-    "plateau kills exactly the late grokkers and biases the phase diagram. Trials stop "
-    "when their phase is decided or their step budget is spent."
-)
+STUDY_FILE = "grokstudy-study.yaml"
+"""Beside the Tune experiment: the resolved study it runs (a resume must match it)."""
+OUTCOMES = "outcomes"
+"""In each report: the outcome of every member finished so far (Tune keeps "done" for itself)."""
+REPORT_EVERY_S = 30.0
+"""A trial reports at least this often (progress, MLflow health) even between checkpoints."""
+FLUSH_BEFORE_CHECKPOINT_S = 10.0
+CLOSE_TIMEOUT_S = 30.0
+DEFAULT_GPU_PACK = 16
 
 
-# ---- what the driver hands to every trial ------------------------------------------
+class TrackingUnavailable(Exception):
+    """MLflow stayed unreachable longer than `run.tracking_outage_s`: the study stops, resumably."""
+
+
+class Interrupted(Exception):
+    """The study stopped before all its trials finished (Ctrl-C, or `request_stop`); run it
+    again to resume."""
+
+
+_stop_reason: str | None = None
+
+
+def request_stop(reason: str) -> None:
+    """Stop the running study as Ctrl-C does (Tune saves the experiment and returns), but end
+    its parent run FAILED with `reason` (the CLI's SIGTERM handler: `ray job stop`)."""
+    global _stop_reason
+    _stop_reason = reason
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def stop_reason() -> str | None:
+    """Why `request_stop` stopped the study (None: it was not asked to)."""
+    return _stop_reason
+
+
+# ---- one Tune trial: a pack of members ------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class TrialContext:
-    """Plain values a trial needs on any node (no live objects)."""
+    """Plain values every trial needs on any node (no live objects)."""
 
     study: Study
-    searched: tuple[str, ...]
-    tracking_uri: str | None
-    experiment_id: str | None
-    parent_run_id: str | None
+    where: tracking.Where
+
+
+class _Trainer:
+    """One member through `train.run`, or several through `packed.run_pack`; yields, per
+    eval step, the (member index, record) of every member evaluated there."""
+
+    def __init__(self, cfgs: Sequence[TrialConfig], directory: Path | None) -> None:
+        self.cfgs = list(cfgs)
+        self.single = len(cfgs) == 1
+        path = None if directory is None else directory / STATE_FILE
+        if self.single:
+            self.state = train.init_state(cfgs[0]) if path is None else train.load_state(cfgs[0], path)
+        else:
+            from grokstudy import packed
+
+            self._packed = packed
+            self.state = packed.init_pack(cfgs) if path is None else packed.load_pack(cfgs, path)
+        self.retired: set[int] = set()
+        self._schedules = [set(train.eval_steps(c.train)) for c in cfgs]
+
+    def retire(self, i: int) -> None:
+        self.retired.add(i)
+        if not self.single:
+            self.state.retire(i)
+
+    def save(self, directory: Path) -> None:
+        if self.single:
+            train.save_state(self.state, directory / STATE_FILE)
+        else:
+            self._packed.save_pack(self.state, directory / STATE_FILE)
+
+    def steps(self) -> Iterator[list[tuple[int, EvalRecord]]]:
+        if self.single:
+            for record in train.run(self.cfgs[0], self.state):
+                yield [(0, record)]
+                if 0 in self.retired:
+                    return
+            return
+        group: list[tuple[int, EvalRecord]] = []
+        for i, record in self._packed.run_pack(self.state):
+            if group and record.step != group[0][1].step:
+                yield group  # a step whose members were not all evaluated (should not happen)
+                group = []
+            group.append((i, record))
+            if self._complete(group):
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _complete(self, group: list[tuple[int, EvalRecord]]) -> bool:
+        step = group[0][1].step
+        seen = {i for i, _ in group}
+        expected = {
+            i
+            for i, sched in enumerate(self._schedules)
+            if step in sched and (i not in self.retired or i in seen)
+        }
+        return expected <= seen
 
 
 def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
-    """One Ray Tune trial: the training core plus checkpoints, reports and tracking."""
+    """One Ray Tune trial: its members trained to their ends, checkpointed, reported and tracked."""
     import torch
 
+    train.configure_process()
     study = ctx.study
-    point = {k: config[k] for k in (*ctx.searched, "train.seed") if k in config}
-    cfg = study.trial(point)
+    ids = [m["trial_id"] for m in config["members"]]
+    points = [search.point_from_config(study, m["point"]) for m in config["members"]]
+    cfgs = [study.trial(p) for p in points]
     tune_ctx = tune.get_context()
-    trial_id = tune_ctx.get_trial_id()
     resources = tune_ctx.get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", study.resources.cpu))))
-    gpu_share = resources.get("GPU", 0.0)
-    if gpu_share and torch.cuda.is_available():
+    if resources.get("GPU", 0.0) and torch.cuda.is_available():
         # Fractional GPUs only share Ray's bookkeeping; cap this process's memory
-        # ourselves so packed trials cannot starve each other.
-        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_share))
+        # ourselves so trials sharing a GPU cannot starve each other.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, resources["GPU"]))
 
+    meta: dict[str, Any] = {}
     checkpoint = tune.get_checkpoint()
-    run_id: str | None = None
-    curve: dict[str, list[float]] = {"step": [], "train/acc": [], "val/acc": []}
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = train.load_state(cfg, Path(d) / STATE_FILE)
-            meta = json.loads((Path(d) / META_FILE).read_text())
-        run_id = meta.get("run_id")
-        curve = meta["curve"]
+    if checkpoint is None:
+        trainer = _Trainer(cfgs, None)
     else:
-        state = train.init_state(cfg)
+        with checkpoint.as_directory() as d:
+            meta = json.loads((Path(d) / META_FILE).read_text())
+            trainer = _Trainer(cfgs, Path(d))
+    saved = meta.get("members", {})
+    curves = {tid: records.from_dicts(saved.get(tid, {}).get("records", [])) for tid in ids}
+    outcomes: dict[str, dict[str, Any]] = {
+        tid: saved[tid]["outcome"] for tid in ids if saved.get(tid, {}).get("outcome")
+    }
+    for i, tid in enumerate(ids):
+        if tid in outcomes:
+            trainer.retire(i)
 
-    tracker = _start_tracker(ctx, cfg, point, trial_id, run_id)
     node = ray.get_runtime_context().get_node_id()
-    max_steps = cfg.train.max_steps
+    sender = tracking.Sender(ctx.where)
+    runs = {
+        tid: sender.open(
+            tid,
+            search.point_label(point),
+            params=flatten(cfg),
+            tags={
+                "grokstudy.point_id": search.point_id(point),
+                "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
+                "grokstudy.pack_size": str(len(ids)),
+            },
+            run_id=saved.get(tid, {}).get("run_id"),
+        )
+        for tid, point, cfg in zip(ids, points, cfgs, strict=True)
+    }
+    for tid in ids:
+        runs[tid].sync(curves[tid])  # after a restore: replay what MLflow lost since its last step
+
+    def report(step: int, with_checkpoint: bool) -> None:
+        metrics = {
+            "step": step,
+            "members": len(ids),
+            "members_done": len(outcomes),
+            # JSON text, not a list: Tune's CSV and TensorBoard loggers keep a string as it is.
+            OUTCOMES: json.dumps(
+                [
+                    {"trial_id": tid, **outcomes[tid], "run_id": runs[tid].run_id}
+                    for tid in ids
+                    if tid in outcomes
+                ]
+            ),
+            "tracking_down_s": round(sender.down_s, 1),
+            "tracking_error": sender.last_error or "",
+            "node": node,
+        }
+        if not with_checkpoint:
+            tune.report(metrics)
+            return
+        sender.flush(FLUSH_BEFORE_CHECKPOINT_S)
+        with tempfile.TemporaryDirectory() as d:
+            trainer.save(Path(d))
+            members = {
+                tid: {
+                    "records": records.to_dicts(curves[tid]),
+                    "run_id": runs[tid].run_id,
+                    "outcome": outcomes.get(tid),
+                }
+                for tid in ids
+            }
+            (Path(d) / META_FILE).write_text(json.dumps({"format": 1, "members": members}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
     try:
-        for record in train.run(cfg, state):
-            tracker.log_records([record])
-            curve["step"].append(record.step)
-            curve["train/acc"].append(record.train_acc)
-            curve["val/acc"].append(record.val_acc)
-            generalized = phases.generalization_confirmed(
-                curve["step"], curve["train/acc"], curve["val/acc"], study.phases
-            )
-            done = generalized or record.step >= max_steps
-            verdict = phases.classify(
-                curve["step"], curve["train/acc"], curve["val/acc"], study.phases, max_steps
-            )
-            report = _report_metrics(record, verdict, max_steps, generalized, done, node)
-            if tracker.run_id:
-                report[RUN_ID_KEY] = tracker.run_id
-            if done:
-                tracker.set_tags(_final_tags(verdict, report["stop_reason"], trial_id, node))
-                tracker.finish("FINISHED")
-            if done or record.step % cfg.train.checkpoint_every == 0:
-                with tempfile.TemporaryDirectory() as d:
-                    train.save_state(state, Path(d) / STATE_FILE)
-                    meta = {"run_id": tracker.run_id, "curve": curve}
-                    (Path(d) / META_FILE).write_text(json.dumps(meta))
-                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
-            else:
-                tune.report(report)
-            if done:
+        last_report = time.monotonic()
+        if len(outcomes) == len(ids):  # restored after its last member finished
+            report(trainer.state.step, with_checkpoint=True)
+            return
+        for group in trainer.steps():
+            step = group[0][1].step
+            finished_now = False
+            for i, record in group:
+                tid = ids[i]
+                if curves[tid] and record.step <= curves[tid][-1].step:
+                    continue
+                curves[tid].append(record)
+                runs[tid].sync(curves[tid])
+                outcome = _outcome(curves[tid], cfgs[i], study)
+                if outcome is not None:
+                    outcomes[tid] = outcome
+                    trainer.retire(i)
+                    runs[tid].set_tags(_final_tags(outcome, node))
+                    runs[tid].finish("FINISHED")
+                    finished_now = True
+            everyone = len(outcomes) == len(ids)
+            checkpoint_due = everyone or step % cfgs[0].train.checkpoint_every == 0
+            if checkpoint_due or finished_now or time.monotonic() - last_report > REPORT_EVERY_S:
+                report(step, with_checkpoint=checkpoint_due)
+                last_report = time.monotonic()
+            if everyone:
                 return
-    except BaseException:
-        # The run stays resumable: a retry from the checkpoint continues it.
-        tracker.finish("FAILED")
+    except BaseException as err:
+        # The runs stay resumable: a retry from the checkpoint re-opens them.
+        for tid in ids:
+            if tid not in outcomes:
+                runs[tid].finish("FAILED", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        sender.close(CLOSE_TIMEOUT_S)
 
 
-def _start_tracker(
-    ctx: TrialContext, cfg: Any, point: dict[str, Any], trial_id: str, run_id: str | None
-) -> tracking.Tracker:
-    if not ctx.tracking_uri or not ctx.experiment_id:
-        return tracking.NullTracker()
-    if run_id is None:
-        # A trial that failed before its first checkpoint re-attaches to its run
-        # instead of creating a duplicate; repeated steps are skipped by the tracker.
-        existing = tracking.find_trial_runs(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id)
-        run_id = existing.get(_trial_key(point))
-    return tracking.MlflowTrialTracker.start(
-        ctx.tracking_uri,
-        ctx.experiment_id,
-        ctx.parent_run_id,
-        run_name=search.point_label(point),
-        params=flatten(cfg),
-        tags={
-            # Point and seed, not Tune's trial id: a trial a killed driver lost and
-            # the resumed study runs again under a new id re-attaches to its run.
-            "grokstudy.trial_key": _trial_key(point),
-            "grokstudy.point_id": search.point_id(point),
-            "ray.trial_id": trial_id,
-            "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
-        },
-        run_id=run_id,
+def _outcome(curve: list[EvalRecord], cfg: TrialConfig, study: Study) -> dict[str, Any] | None:
+    """A member's outcome once it should stop (generalization confirmed, diverged, or budget), else None."""
+    last = curve[-1]
+    diverged = phases.diverged(last)
+    generalized = not diverged and phases.generalization_confirmed(
+        [r.step for r in curve], [r.train_acc for r in curve], [r.val_acc for r in curve], study.phases
     )
-
-
-def _trial_key(point: dict[str, Any]) -> str:
-    """A trial's identity across Tune restarts: its point and seed."""
-    return f"{search.point_id(point)}/seed={point.get(search.SEED, 0)}"
-
-
-def _report_metrics(
-    record: EvalRecord,
-    verdict: phases.PhaseResult,
-    max_steps: int,
-    generalized: bool,
-    done: bool,
-    node: str,
-) -> dict[str, Any]:
-    t_val = verdict.t_val if verdict.t_val is not None else max_steps
-    stop_reason = "generalized" if generalized else ("budget" if done else "")
+    if not (diverged or generalized or last.step >= cfg.train.max_steps):
+        return None
+    verdict = phases.classify_records(curve, study.phases, cfg.train.max_steps)
     return {
-        "step": record.step,
-        **record.metrics(),
-        "time/elapsed_s": record.elapsed_s,
-        OBJECTIVE: float(t_val),
         "phase": verdict.phase,
-        "t_train": -1 if verdict.t_train is None else verdict.t_train,
-        "t_val": -1 if verdict.t_val is None else verdict.t_val,
-        "generalized": generalized,
-        "stop_reason": stop_reason,
-        "node": node,
+        "t_train": verdict.t_train,
+        "t_val": verdict.t_val,
+        "objective": float(verdict.t_val if verdict.t_val is not None else cfg.train.max_steps),
+        "stop_reason": "diverged" if diverged else ("generalized" if generalized else "budget"),
     }
 
 
-def _final_tags(verdict: phases.PhaseResult, stop_reason: str, trial_id: str, node: str) -> dict[str, str]:
-    def fmt(v: int | None) -> str:
-        return "" if v is None else str(v)
-
+def _final_tags(outcome: dict[str, Any], node: str) -> dict[str, str]:
     return {
-        "phase": verdict.phase,
-        "t_train": fmt(verdict.t_train),
-        "t_val": fmt(verdict.t_val),
-        "delay": fmt(verdict.delay),
-        "stop_reason": stop_reason,
+        "phase": outcome["phase"],
+        "t_train": "" if outcome["t_train"] is None else str(outcome["t_train"]),
+        "t_val": "" if outcome["t_val"] is None else str(outcome["t_val"]),
+        "stop_reason": outcome["stop_reason"],
         "ray.node": node,
-        "ray.trial_id": trial_id,
     }
 
 
-# ---- the stopper ---------------------------------------------------------------------
+# ---- the searcher: packs of members from the ledger ------------------------------------------------
 
 
-class GrokStopper(tune.Stopper):
-    """Stop a trial once its phase is decided or its budget is spent; nothing else.
+class _Searcher(Searcher):
+    """Ray Tune's view of the study's `search.Ledger`: each suggestion is a pack of up to
+    `pack_size` compatible members (`packed.pack_key`); results are told member by member
+    as trials report them. The ledger pickles with this searcher into every experiment
+    snapshot, and `restore` settles it against the trials Tune restored."""
 
-    The trial reports `generalized` when validation accuracy has held above the
-    threshold for `phases.confirm_steps`; a plateau is never a reason to stop.
-    """
+    experiment_path_now: str | None = None
+    """Set by `run_study` before a restore: where the restored experiment lives now
+    (the pickled searcher remembers where it lived when it was first built)."""
 
-    def __init__(self, max_steps: int) -> None:
-        self.max_steps = max_steps
+    def __init__(self, study: Study, pack_size: int, slots: int, experiment_path: str) -> None:
+        super().__init__()
+        self.study = study
+        self.ledger = search.Ledger(study)
+        self.pack_size = pack_size
+        self.slots = slots
+        self.experiment_path = experiment_path
+        self.packs: dict[str, list[str]] = {}
+        """Tune trial id -> its members' trial ids."""
+        self.told: set[str] = set()
+        self.held: list[search.Member] = []
+        """Members asked for but not yet packed (they did not fit the pack being formed)."""
+        self.lost: list[str] = []
 
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return bool(result.get("generalized")) or result.get("step", 0) >= self.max_steps
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        pack = self._next_pack()
+        if pack:
+            self.packs[trial_id] = [m.trial_id for m in pack]
+            return {"members": [{"trial_id": m.trial_id, "point": _jsonable(m.point)} for m in pack]}
+        if not self.held and self.ledger.finished():
+            return Searcher.FINISHED
+        return None
 
-    def stop_all(self) -> bool:
-        return False
+    def _next_pack(self) -> list[search.Member]:
+        if self.pack_size == 1:
+            member = self.held.pop(0) if self.held else self.ledger.ask()
+            return [member] if member else []
+        from grokstudy import packed
+
+        remaining = self.ledger.remaining()
+        size = self.pack_size
+        if remaining is not None:  # spread what is left over every slot rather than one full pack
+            size = max(1, min(size, math.ceil((remaining + len(self.held)) / max(1, self.slots))))
+        pack: list[search.Member] = []
+        key = None
+        for m in list(self.held):
+            k = packed.pack_key(self.study.trial(m.point))
+            if len(pack) < size and (key is None or k == key):
+                key = k
+                pack.append(m)
+                self.held.remove(m)
+        while len(pack) < size and len(self.held) < size:
+            m = self.ledger.ask()
+            if m is None:
+                break
+            k = packed.pack_key(self.study.trial(m.point))
+            if key is None or k == key:
+                key = k
+                pack.append(m)
+            else:
+                self.held.append(m)
+        return pack
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._tell(result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        if result:
+            self._tell(result)
+        for tid in self.packs.get(trial_id, []):
+            if tid not in self.told:
+                why = "failed beyond run.max_failures retries" if error else "ended without an outcome"
+                self.ledger.fail(tid, why)
+                self.told.add(tid)
+
+    def _tell(self, result: dict[str, Any]) -> None:
+        for outcome in _outcomes(result):
+            tid = outcome["trial_id"]
+            if tid not in self.told:
+                self.ledger.tell(tid, outcome["objective"], outcome["phase"])
+                self.told.add(tid)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        if _Searcher.experiment_path_now:
+            self.experiment_path = _Searcher.experiment_path_now
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        """Settle the ledger against the trials Tune restored (see `search.Ledger.reconcile`)."""
+        known = restored_members(self.study, self.experiment_path)
+        self.lost = self.ledger.reconcile(known)
+        self.packs = {tune_id: [k.trial_id for k in members] for tune_id, members in _by_trial(known).items()}
+        self.told = {tid for tid, k in known.items() if k.status != "running"}
+        self.held = []
 
 
-# ---- live progress ---------------------------------------------------------------------
+def _by_trial(known: dict[str, search.Known]) -> dict[str, list[search.Known]]:
+    out: dict[str, list[search.Known]] = {}
+    for k in known.values():
+        out.setdefault(k.tune_trial_id, []).append(k)
+    return out
+
+
+def restored_members(study: Study, experiment_path: str) -> dict[str, search.Known]:
+    """{member trial id: what Tune's saved experiment says of it} (running, done or failed)."""
+    analysis = tune.ExperimentAnalysis(experiment_path)
+    known: dict[str, search.Known] = {}
+    for trial in analysis.trials:
+        last = trial.last_result or {}
+        done = {o["trial_id"]: o for o in _outcomes(last) if "trial_id" in o}
+        for m in (trial.config or {}).get("members", []):
+            tid = m["trial_id"]
+            point = search.point_from_config(study, m["point"])
+            if tid in done:
+                o = done[tid]
+                known[tid] = search.Known(tid, trial.trial_id, point, "done", o["objective"], o["phase"])
+            elif trial.status == "ERROR":
+                known[tid] = search.Known(tid, trial.trial_id, point, "failed")
+            else:
+                known[tid] = search.Known(tid, trial.trial_id, point, "running")
+    return known
+
+
+def _outcomes(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The member outcomes a trial's report carries (JSON text under OUTCOMES)."""
+    text = result.get(OUTCOMES)
+    return json.loads(text) if isinstance(text, str) and text else []
+
+
+def _jsonable(point: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in point.items()}
+
+
+# ---- live progress ---------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class Progress:
-    """A snapshot for the live progress line."""
+    """A snapshot for the live progress line: counts of trials (pack members)."""
 
-    total: int
+    total: int | None
+    """Trials the study will run (None: the sampler decides as it goes)."""
     done: int = 0
     running: int = 0
     failed: int = 0
     phases: Counter = field(default_factory=Counter)
+    warning: str | None = None
+    """A problem the trials report (MLflow unreachable), shown once per change."""
 
     @property
-    def pending(self) -> int:
-        return max(0, self.total - self.done - self.running - self.failed)
+    def pending(self) -> int | None:
+        return None if self.total is None else max(0, self.total - self.done - self.running - self.failed)
 
 
 class _ProgressCallback(tune.Callback):
-    def __init__(self, total: int, emit: Callable[[Progress], None], every_s: float = 2.0) -> None:
+    """Counts members from trial reports; stops the study when MLflow stays down too long."""
+
+    def __init__(
+        self,
+        total: int | None,
+        emit: Callable[[Progress], None] | None,
+        outage_limit_s: float,
+        tracking_uri: str,
+        already: dict[str, str],
+        every_s: float = 2.0,
+    ) -> None:
         self.total, self.emit, self.every_s = total, emit, every_s
-        self.states: dict[str, str] = {}
-        self.trial_phase: dict[str, str] = {}
+        self.outage_limit_s, self.tracking_uri = outage_limit_s, tracking_uri
+        self.done: dict[str, str] = dict(already)  # member trial id -> phase
+        self.running: dict[str, int] = {}  # Tune trial id -> members still training
+        self.failed: dict[str, int] = {}
+        self.warning: str | None = None
         self.last_emit = 0.0
         self.last_line: tuple | None = None
 
     def _snapshot(self) -> Progress:
-        p = Progress(total=self.total)
-        for tid, state in self.states.items():
-            if state == "done":
-                p.done += 1
-                p.phases[self.trial_phase.get(tid, "?")] += 1
-            elif state == "failed":
-                p.failed += 1
-            else:
-                p.running += 1
-        return p
+        return Progress(
+            total=self.total,
+            done=len(self.done),
+            running=sum(self.running.values()),
+            failed=sum(self.failed.values()),
+            phases=Counter(self.done.values()),
+            warning=self.warning,
+        )
 
     def _maybe_emit(self, force: bool = False) -> None:
+        if self.emit is None:
+            return
         p = self._snapshot()
-        key = (p.done, p.running, p.failed, tuple(sorted(p.phases.items())))
+        key = (p.done, p.running, p.failed, tuple(sorted(p.phases.items())), p.warning)
         now = time.monotonic()
         if key != self.last_line and (force or now - self.last_emit >= self.every_s):
             self.last_emit, self.last_line = now, key
             self.emit(p)
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.states[trial.trial_id] = "running"
+        self.running[trial.trial_id] = len(trial.config.get("members", [])) - sum(
+            1 for m in trial.config.get("members", []) if m["trial_id"] in self.done
+        )
         self._maybe_emit()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        self.trial_phase[trial.trial_id] = result.get("phase", "?")
+        for o in _outcomes(result):
+            self.done[o["trial_id"]] = o["phase"]
+        members = trial.config.get("members", [])
+        self.running[trial.trial_id] = sum(1 for m in members if m["trial_id"] not in self.done)
+        down = float(result.get("tracking_down_s") or 0.0)
+        warning = None
+        if down > 0:
+            warning = f"MLflow at {self.tracking_uri} unreachable for {down:.0f} s ({result.get('tracking_error')}); trials keep training"
+        if warning != self.warning and (warning is None or self.warning is None):
+            self.warning = warning
+            self._maybe_emit(force=True)
+        if down > self.outage_limit_s:
+            raise TrackingUnavailable(
+                f"MLflow at {self.tracking_uri} was unreachable for {down:.0f} s, longer than "
+                f"run.tracking_outage_s ({self.outage_limit_s:g} s); checkpoints are kept: run the same command "
+                "again to resume"
+            )
         self._maybe_emit()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.states[trial.trial_id] = "done"
+        self.running.pop(trial.trial_id, None)
         self._maybe_emit(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.states[trial.trial_id] = "failed"
+        members = trial.config.get("members", [])
+        self.running.pop(trial.trial_id, None)
+        self.failed[trial.trial_id] = sum(1 for m in members if m["trial_id"] not in self.done)
         self._maybe_emit(force=True)
 
 
-# ---- the driver ------------------------------------------------------------------------
+# ---- the driver ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,12 +583,14 @@ class StudyOutcome:
     curves_path: Path
     figures: list[Path]
     n_trials: int
-    n_failed: int
+    failed: list[str]
+    """Trial ids that failed beyond run.max_failures retries."""
     phase_counts: dict[str, int]
     tracking_uri: str
     parent_run_id: str | None
     resumed: bool
-    summary_rows: list[dict[str, Any]]
+    lost: int
+    """Trials a killed driver had started but not recorded, run again by this resume."""
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -319,9 +603,9 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, log_to_driver=False)
         return True
+    _private_token_file()
     # Embedded: loopback only, sized to the machine, a small object store (trials
-    # pass no large objects). `grokstudy run` keeps the node address on loopback
-    # (see cli._cmd_run).
+    # pass no large objects).
     ray.init(
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
@@ -329,7 +613,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         object_store_memory=256 * 1024 * 1024,
         _node_ip_address="127.0.0.1",
     )
+    _private_token_file()
     return True
+
+
+def _private_token_file() -> None:
+    """Ray >= 2.59 writes its token to ~/.ray/auth_token for a local cluster; keep it 0600."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    with contextlib.suppress(OSError):
+        if token.exists() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+
+
+def pack_size(study: Study) -> int:
+    """`resources.pack`, or its default: DEFAULT_GPU_PACK where trials use a GPU, 1 on CPUs."""
+    if study.resources.pack is not None:
+        return study.resources.pack
+    return DEFAULT_GPU_PACK if study.resources.gpu > 0 else 1
 
 
 def run_study(
@@ -341,149 +641,363 @@ def run_study(
     formats: tuple[str, ...] = ("png", "pdf"),
     progress: Callable[[Progress], None] | None = None,
     num_cpus: int | None = None,
+    stop_on_sigterm: bool = False,
 ) -> StudyOutcome:
-    """Run (or resume) a study to completion and write its tables and figures."""
+    """Run (or resume) a study to completion and write its tables and figures.
+
+    With `stop_on_sigterm`, SIGTERM (`ray job stop`) stops the study as `request_stop` does.
+
+    Raises StudyError/UsageError for what can be refused before anything runs
+    (a changed study on resume, cuda without a GPU, a locked output), Interrupted
+    when Ctrl-C stopped it, TrackingUnavailable when MLflow stayed down too long;
+    the parent run then ends KILLED or FAILED and the study resumes when run again.
+    """
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Tune snapshots the experiment whenever a trial has checkpointed num_to_keep times
-    # since the last snapshot, and warns each time; those snapshots are what a resumed
-    # study restores from, so we keep them and silence the warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # grokstudy prints its own progress. Tune's new output engine prints its experiment
-    # table and a TensorBoard hint even at verbose=0; the legacy reporter is silent there.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     storage_path = study.run.storage or str(out_dir / "ray")
-    experiment_path = _join(storage_path, study.name)
+    experiment_path = storage.join(storage_path, study.name)
     uri = tracking.resolve_tracking_uri(tracking_uri, study.run.tracking_uri, out_dir)
-    searched = tuple(d.key for d in study.search.space)
-    n_trials = search.n_trials(study)
 
-    state_file = out_dir / "study-state.json"
-    saved = json.loads(state_file.read_text()) if state_file.exists() else {}
-    started_ray = init_ray(address, num_cpus)
-    study_tracker = tracking.StudyTracker(uri)
+    with storage.OutputLock(out_dir), storage.Lease(experiment_path):
+        resumed = _check_same_study(study, experiment_path)
+        state_file = out_dir / "study-state.json"
+        saved = storage.read_json(state_file, "STUDY_DIR")
+        started_ray = init_ray(address, num_cpus)
+        if stop_on_sigterm:
+            # After ray.init: Ray installs its own SIGTERM handler there, which aborts the process.
+            signal.signal(signal.SIGTERM, lambda *_: request_stop("SIGTERM"))
+        try:
+            _check_devices(study)
+            study_tracker = tracking.StudyTracker(uri)
+            parent_run_id = saved.get("parent_run_id")
+            if parent_run_id is None and resumed:
+                parent_run_id = tracking.find_study_run(uri, study.name, experiment_path)
+            experiment_id, parent_run_id = _open_parent(
+                study_tracker, study, uri, experiment_path, parent_run_id
+            )
+            storage.write_atomic(state_file, json.dumps({"parent_run_id": parent_run_id}))
+            storage.write_atomic(out_dir / "study.yaml", _study_yaml(study))
+            try:
+                return _fit(
+                    study, out_dir, storage_path, experiment_path, uri, experiment_id, parent_run_id,
+                    resumed, formats, progress, study_tracker,
+                )  # fmt: skip
+            except (Interrupted, KeyboardInterrupt):
+                _best_effort(study_tracker.finish, "FAILED" if _stop_reason else "KILLED")
+                raise
+            except BaseException:
+                _best_effort(study_tracker.finish, "FAILED")
+                raise
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+
+def _fit(
+    study: Study,
+    out_dir: Path,
+    storage_path: str,
+    experiment_path: str,
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    resumed: bool,
+    formats: tuple[str, ...],
+    progress: Callable[[Progress], None] | None,
+    study_tracker: tracking.StudyTracker,
+) -> StudyOutcome:
+    ctx = TrialContext(study, tracking.Where(uri, experiment_id, parent_run_id))
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_fn, ctx=ctx), {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
+    )
+    total = search.n_trials(study)
+    already: dict[str, str] = {}
+    if resumed:
+        already = {
+            t: k.phase or "?"
+            for t, k in restored_members(study, experiment_path).items()
+            if k.status == "done"
+        }
+    callback = _ProgressCallback(total, progress, study.run.tracking_outage_s, uri, already)
+    slots = _trial_slots(study)
+    if resumed:
+        _Searcher.experiment_path_now = experiment_path
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        searcher = _Searcher(study, pack_size(study), slots, experiment_path)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                num_samples=-1,  # the searcher says when the study is complete
+                max_concurrent_trials=study.run.max_concurrent,
+                # Function trainables reuse their actor between trials: this saves
+                # a Python + torch start-up per trial (seconds each on a small CPU).
+                reuse_actors=True,
+                trial_name_creator=lambda t: f"pack_{t.trial_id}",
+                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=study.name,
+                storage_path=storage_path,
+                failure_config=tune.FailureConfig(max_failures=study.run.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                callbacks=[callback],
+                verbose=0,
+            ),
+        )
+    if resumed:
+        # The restored RunConfig holds the first run's callback; this run's replaces it.
+        tuner._local_tuner.get_run_config().callbacks = [callback]
+    # Samplers that ignore results may run ahead (pending trials also make an
+    # autoscaling cluster grow); TPE gets a suggestion per free slot and no more.
+    ahead = 1 if study.search.sampler == "tpe" else 16
+    with _pending_trials(max(slots, ahead)):
+        try:
+            grid = tuner.fit()
+        except Exception as err:  # Tune wraps what a callback raised in its own TuneError
+            cause = _cause(err, TrackingUnavailable)
+            raise cause or err from None
+    histories, unfinished = _histories(study, grid)
+    if unfinished:
+        raise Interrupted(
+            f"{unfinished} trial(s) did not finish (interrupted); run the same command again to resume"
+        )
+    searcher = _find_searcher(tuner)
+    lost = 0
+    if isinstance(searcher, _Searcher):
+        searcher.ledger.export(out_dir / "optuna.db")
+        lost = len(searcher.lost)
+    return _write_results(
+        study, out_dir, histories, uri, parent_run_id, resumed, formats, study_tracker, lost
+    )
+
+
+def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """`err` or the first exception of type `kind` in its cause/context chain."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _find_searcher(tuner: Any) -> Any:
+    """The searcher Tune ran with (`tuner._local_tuner._tune_config.search_alg`, ray 2.60)."""
+    with contextlib.suppress(AttributeError):
+        alg = tuner._local_tuner._tune_config.search_alg
+        return getattr(alg, "searcher", alg)
+    return None
+
+
+def _write_results(
+    study: Study,
+    out_dir: Path,
+    histories: list[TrialHistory],
+    uri: str,
+    parent_run_id: str,
+    resumed: bool,
+    formats: tuple[str, ...],
+    study_tracker: tracking.StudyTracker,
+    lost: int,
+) -> StudyOutcome:
+    from grokstudy import figures  # here: trial workers import this module too, and need no matplotlib
+
+    histories = _with_run_ids(histories, study_tracker)
+    trials, curves = results.build_tables(study, histories)
+    trials_path, curves_path = results.write_tables(trials, curves, out_dir)
+    figure_paths = (
+        figures.render_study(trials, curves, out_dir / "figures", formats=formats) if trials.num_rows else []
+    )
+    failed = [h.trial_id for h in histories if h.stop_reason == "error"]
+    for h in histories:
+        if h.stop_reason == "error" and h.run_id:
+            _best_effort(study_tracker.fail_trial_run, h.run_id, h.error or "failed")
+    _best_effort(study_tracker.log_artifacts, [trials_path, curves_path], "results")
+    _best_effort(study_tracker.log_artifacts, figure_paths, "figures")
+    phase_counts = dict(Counter(p for p in trials.column("phase").to_pylist() if p))
+    _best_effort(
+        study_tracker.set_tags,
+        {f"phases.{k}": str(v) for k, v in phase_counts.items()} | {"trials.failed": str(len(failed))},
+    )
+    _best_effort(study_tracker.finish, "FAILED" if failed else "FINISHED")
+    return StudyOutcome(
+        out_dir=out_dir,
+        trials_path=trials_path,
+        curves_path=curves_path,
+        figures=figure_paths,
+        n_trials=trials.num_rows,
+        failed=failed,
+        phase_counts=phase_counts,
+        tracking_uri=uri,
+        parent_run_id=parent_run_id,
+        resumed=resumed,
+        lost=lost,
+    )
+
+
+def _with_run_ids(histories: list[TrialHistory], study_tracker: tracking.StudyTracker) -> list[TrialHistory]:
+    """Histories whose run id their checkpoint did not hold (a trial lost before its first
+    checkpoint) get it from MLflow by trial key, so every row links to its run."""
+    if all(h.run_id for h in histories):
+        return histories
     try:
-        resumed = tune.Tuner.can_restore(experiment_path)
-        parent_run_id = saved.get("parent_run_id")
-        if parent_run_id is None and resumed:
-            parent_run_id = tracking.find_study_run(uri, study.name, experiment_path)
-        experiment_id, parent_run_id = study_tracker.open(
+        runs = tracking.find_trial_runs(
+            study_tracker.tracking_uri, study_tracker.experiment_id, study_tracker.run_id
+        )
+    except Exception:  # best effort: MLflow may be down at the very end
+        return histories
+    return [h if h.run_id else dataclasses.replace(h, run_id=runs.get(h.trial_id)) for h in histories]
+
+
+def _histories(study: Study, grid: Any) -> tuple[list[TrialHistory], int]:
+    """(one history per member of every Tune trial, number of members left unfinished)."""
+    out: list[TrialHistory] = []
+    unfinished = 0
+    for result in grid:
+        members, saved = (result.config or {}).get("members", []), _checkpoint_meta(result.checkpoint)
+        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000]
+        node = (result.metrics or {}).get("node")
+        for m in members:
+            h = _history(study, m, saved.get(m["trial_id"], {}), node, error)
+            if h is None:
+                unfinished += 1
+            else:
+                out.append(h)
+    return out, unfinished
+
+
+def _history(
+    study: Study, member: dict[str, Any], saved: dict[str, Any], node: str | None, error: str | None
+) -> TrialHistory | None:
+    point = search.point_from_config(study, member["point"])
+    outcome = saved.get("outcome")
+    if outcome is None and error is None:
+        return None
+    return TrialHistory(
+        trial_id=member["trial_id"],
+        point_id=search.point_id(point),
+        cfg=study.trial(point),
+        records=tuple(records.from_dicts(saved.get("records", []))),
+        stop_reason=outcome["stop_reason"] if outcome else "error",
+        node=node,
+        run_id=saved.get("run_id"),
+        error=None if outcome else error,
+    )
+
+
+def _checkpoint_meta(checkpoint: Any) -> dict[str, Any]:
+    """{member trial id: saved member} of a trial's checkpoint, read without downloading its state."""
+    if checkpoint is None:
+        return {}
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{META_FILE}") as f:
+        return json.loads(f.read().decode()).get("members", {})
+
+
+def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
+    """The study and trial histories of a Ray Tune experiment directory (`grokstudy export`)."""
+    from grokstudy.errors import UsageError
+    from grokstudy.study import parse_study
+
+    text = storage.read_text(storage.join(str(path), STUDY_FILE))
+    if text is None:
+        raise UsageError("SOURCE", f"{path} holds no {STUDY_FILE}: not a grokstudy Ray Tune experiment")
+    import yaml
+
+    study = parse_study(yaml.safe_load(text), f"{path}/{STUDY_FILE}")
+    analysis = tune.ExperimentAnalysis(str(path))
+    out = []
+    for trial in analysis.trials:
+        saved = _checkpoint_meta(trial.checkpoint)
+        error = "failed beyond run.max_failures retries" if trial.status == "ERROR" else None
+        node = (trial.last_result or {}).get("node")
+        for m in (trial.config or {}).get("members", []):
+            h = _history(study, m, saved.get(m["trial_id"], {}), node, error)
+            if h is not None:
+                out.append(h)
+    return study, out
+
+
+# ---- before anything runs ----------------------------------------------------------------------------
+
+
+def _check_same_study(study: Study, experiment_path: str) -> bool:
+    """True when the experiment exists (a resume): then it must be the same study."""
+    import yaml
+
+    from grokstudy.study import changes, fingerprint, parse_study
+
+    file = storage.join(experiment_path, STUDY_FILE)
+    text = storage.read_text(file)
+    # Resumable once Tune has saved an experiment snapshot; a driver killed before the
+    # first one leaves only `tuner.pkl` (enough for Tuner.can_restore, not for a restore),
+    # and nothing of it needs keeping: its trials start afresh and re-attach to their runs.
+    if not storage.has_file(experiment_path, "experiment_state-", ".json"):
+        storage.write_text(file, _study_yaml(study))
+        return False
+    if text is not None:
+        before = parse_study(yaml.safe_load(text), file)
+        diff = changes(fingerprint(before), fingerprint(study))
+        if diff:
+            raise StudyError(
+                "study",
+                f"changed since its trials started, so resuming would mislabel them: {diff}; "
+                "run the original study, or give the changed one a new name",
+            )
+    storage.write_text(file, _study_yaml(study))
+    return True
+
+
+def _check_devices(study: Study) -> None:
+    """Refuse `train.device: cuda` where no trial would get a GPU."""
+    devices = {study.base.train.device} | {
+        v for d in study.search.space if d.key == "train.device" for v in (d.choice or d.values or ())
+    }
+    if "cuda" not in devices:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if study.resources.gpu <= 0 or gpus <= 0:
+        why = "resources.gpu is 0" if study.resources.gpu <= 0 else "the Ray cluster has no GPU"
+        raise StudyError(
+            "train.device", f"cuda asked for, but {why}; use train.device: auto, or give trials a GPU"
+        )
+
+
+def _open_parent(
+    study_tracker: tracking.StudyTracker,
+    study: Study,
+    uri: str,
+    experiment_path: str,
+    parent_run_id: str | None,
+) -> tuple[str, str]:
+    try:
+        return study_tracker.open(
             study.name,
             study_yaml=_study_yaml(study),
             params=_study_params(study),
             tags=_study_tags(study) | {tracking.TUNE_EXPERIMENT_TAG: experiment_path},
             parent_run_id=parent_run_id,
         )
-        state_file.write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
-        (out_dir / "study.yaml").write_text(_study_yaml(study))
-        ctx = TrialContext(study, searched, uri, experiment_id, parent_run_id)
-        trainable = tune.with_resources(
-            tune.with_parameters(_trial_fn, ctx=ctx),
-            {"cpu": study.resources.cpu, "gpu": study.resources.gpu},
-        )
-        if resumed:
-            _requeue_lost_trials(study, experiment_path)
-            tuner = tune.Tuner.restore(
-                experiment_path, trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = _new_tuner(study, trainable, storage_path, out_dir, n_trials, progress)
-        # Samplers that ignore results may run ahead (pending trials also make an
-        # autoscaling cluster grow); TPE gets a suggestion per free slot and no more.
-        ahead = 1 if study.search.sampler == "tpe" else 16
-        with _pending_trials(max(_trial_slots(study), ahead)):
-            grid = tuner.fit()
-        outcome = _collect(study, grid, out_dir, uri, parent_run_id, resumed, formats)
-        study_tracker.log_artifacts([outcome.trials_path, outcome.curves_path], "results")
-        study_tracker.log_artifacts(outcome.figures, "figures")
-        study_tracker.set_tags(
-            {f"phases.{k}": str(v) for k, v in outcome.phase_counts.items()}
-            | {"trials.failed": str(outcome.n_failed)}
-        )
-        study_tracker.finish("FAILED" if outcome.n_failed else "FINISHED")
-        return outcome
-    except KeyboardInterrupt:
-        study_tracker.finish("KILLED")
+    except StudyError:
         raise
-    finally:
-        if started_ray:
-            ray.shutdown()
+    except Exception as err:
+        raise StudyError(
+            "run.tracking_uri",
+            f"cannot reach MLflow at {uri} ({type(err).__name__}: {' '.join(str(err).split())[:200]})",
+        ) from None
 
 
-def _new_tuner(
-    study: Study,
-    trainable: Any,
-    storage_path: str,
-    out_dir: Path,
-    n_trials: int,
-    progress: Callable[[Progress], None] | None,
-) -> tune.Tuner:
-    searcher = OptunaSearch(
-        space=search.optuna_space(study),
-        metric=OBJECTIVE,
-        mode="min",
-        sampler=search.make_sampler(study),
-        study_name=search.study_name(study),
-        storage=search.optuna_storage(study, out_dir),
-        points_to_evaluate=search.points_to_evaluate(study) or None,
-    )
-    callbacks = [_ProgressCallback(n_trials, progress)] if progress else []
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            num_samples=n_trials,
-            max_concurrent_trials=study.run.max_concurrent,
-            # Function trainables reuse their actor between trials: this saves
-            # a Python + torch start-up per trial (seconds each on a small CPU).
-            reuse_actors=True,
-            trial_name_creator=lambda t: search.point_label(t.config),
-            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
-        ),
-        run_config=tune.RunConfig(
-            name=study.name,
-            storage_path=storage_path,
-            stop=GrokStopper(study.base.train.max_steps if not _searches_budget(study) else 2**62),
-            failure_config=tune.FailureConfig(max_failures=study.run.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks,
-            verbose=0,
-        ),
-    )
+def _best_effort(fn: Callable[..., Any], *args: Any) -> None:
+    """MLflow at the end of a study is best effort: the tables are written either way."""
+    try:
+        fn(*args)
+    except Exception as err:
+        import logging
 
-
-def _requeue_lost_trials(study: Study, experiment_path: str) -> None:
-    """Give Optuna back the trials a killed driver asked for after Tune's last
-    experiment checkpoint (see `search.requeue_lost_trials`).
-
-    Tune saves its trials and the pickled searcher together every few seconds;
-    what the driver asked between that save and its death is RUNNING for ever
-    in the Optuna storage and unknown to the restored Tuner. Read the same
-    searcher state `Tuner.restore` will load, and requeue what it does not know,
-    so the restored searcher proposes those point x seeds again before any new one.
-    """
-    with tempfile.TemporaryDirectory() as local:
-        source = experiment_path
-        if "://" in experiment_path:
-            # Remote storage (s3://, gs://): Searcher.restore_from_dir reads a local directory.
-            import pyarrow.fs
-
-            fs, root = pyarrow.fs.FileSystem.from_uri(experiment_path)
-            for info in fs.get_file_info(pyarrow.fs.FileSelector(root)):
-                name = info.base_name
-                if name.startswith("searcher-state-") and name.endswith(".pkl"):
-                    pyarrow.fs.copy_files(info.path, str(Path(local) / name), source_filesystem=fs)
-            source = local
-        searcher = OptunaSearch()
-        try:
-            searcher.restore_from_dir(source)
-        except (FileNotFoundError, RuntimeError):
-            return  # nothing saved yet: Tune restores no searcher either
-        # OptunaSearch keeps {Tune trial id: Optuna trial} in `_ot_trials` (ray 2.60.0).
-        known = {t.number for t in searcher._ot_trials.values()}
-        lost = search.requeue_lost_trials(study, searcher._ot_study, known)
-    if lost:
-        print(f"requeued {len(lost)} trial(s) the interrupted driver had started but not recorded")
+        logging.getLogger(__name__).warning("MLflow: %s failed: %s", getattr(fn, "__name__", fn), err)
 
 
 def _trial_slots(study: Study) -> int:
@@ -500,16 +1014,7 @@ def _trial_slots(study: Study) -> int:
 
 @contextlib.contextmanager
 def _pending_trials(n: int) -> Iterator[None]:
-    """Let Tune start `n` trials at once.
-
-    With a searcher (OptunaSearch), Tune keeps one trial pending at a time unless
-    TUNE_MAX_PENDING_TRIALS_PG says otherwise (ray 2.60, `_get_max_pending_trials`):
-    a trial is created only once the previous one is running, so the second slot of
-    a fresh study waits a whole actor start-up (seconds) before it gets work. Every
-    sampler here proposes without waiting for results (the grid, Sobol, random;
-    TPE with constant_liar), so the slots are filled at once. A value the user set
-    wins. Ray reads the variable when `fit` builds its controller.
-    """
+    """Let Tune start `n` trials at once (a value the user set wins)."""
     if "TUNE_MAX_PENDING_TRIALS_PG" in os.environ:
         yield
         return
@@ -518,173 +1023,6 @@ def _pending_trials(n: int) -> Iterator[None]:
         yield
     finally:
         del os.environ["TUNE_MAX_PENDING_TRIALS_PG"]
-
-
-def _searches_budget(study: Study) -> bool:
-    return any(d.key == "train.max_steps" for d in study.search.space)
-
-
-def _collect(
-    study: Study,
-    grid: Any,
-    out_dir: Path,
-    uri: str,
-    parent_run_id: str | None,
-    resumed: bool,
-    formats: tuple[str, ...],
-) -> StudyOutcome:
-    """Curves from Tune's stored results → phases → Parquet tables → figures."""
-    # Here, not at the top: trial workers import this module too, and need no matplotlib.
-    from grokstudy import figures
-
-    entries = [
-        (res.config or {}, res.metrics or {}, res.metrics_dataframe, res.error is not None, res.path)
-        for res in grid
-    ]
-    trials, curves, summary, n_failed = _tables(study, entries)
-    trials_path, curves_path = results.write_tables(trials, curves, out_dir)
-    figure_paths = (
-        figures.render_study(
-            trials,
-            curves,
-            out_dir / "figures",
-            x=study.diagram.x,
-            y=study.diagram.y,
-            facet=study.diagram.facet,
-            formats=formats,
-            log_x=_axis_is_log(study, study.diagram.x),
-            log_y=_axis_is_log(study, study.diagram.y),
-        )
-        if trials.num_rows
-        else []
-    )
-    phase_counts = dict(Counter(trials.column("phase").to_pylist()))
-    return StudyOutcome(
-        out_dir=out_dir,
-        trials_path=trials_path,
-        curves_path=curves_path,
-        figures=figure_paths,
-        n_trials=trials.num_rows,
-        n_failed=n_failed,
-        phase_counts=phase_counts,
-        tracking_uri=uri,
-        parent_run_id=parent_run_id,
-        resumed=resumed,
-        summary_rows=summary,
-    )
-
-
-def _tables(study: Study, entries: list[tuple]) -> tuple[Any, Any, list[dict[str, Any]], int]:
-    """(config, last metrics, history dataframe, errored, path) per trial → tables."""
-    searched = tuple(d.key for d in study.search.space)
-    trial_rows, curve_rows, summary = [], [], []
-    n_failed = 0
-    for config, last, history, errored, path in entries:
-        point = {k: config[k] for k in (*searched, "train.seed") if k in config}
-        cfg = study.trial(point)
-        trial_id = last.get("trial_id") or Path(path).name.removeprefix("trial_")
-        records = _records_from_history(history)
-        n_failed += bool(errored)
-        if not records:
-            continue
-        verdict = phases.classify_records(records, study.phases, cfg.train.max_steps)
-        stop_reason = "error" if errored else (last.get("stop_reason") or "budget")
-        trial_rows.append(
-            results.trial_row(
-                study.name,
-                trial_id,
-                search.point_id(point),
-                cfg,
-                searched,
-                verdict,
-                final_train_loss=records[-1].train_loss,
-                final_val_loss=records[-1].val_loss,
-                stop_reason=stop_reason,
-                wall_s=float(last.get("time_total_s", 0.0)),
-                node=last.get("node"),
-                run_id=last.get(RUN_ID_KEY),
-                status="ERROR" if errored else "TERMINATED",
-            )
-        )
-        curve_rows.extend(results.curve_rows(study.name, trial_id, records))
-        summary.append({"label": search.point_label(point), "verdict": verdict, "stop_reason": stop_reason})
-    return results.trials_table(trial_rows), results.curves_table(curve_rows), summary, n_failed
-
-
-def tables_from_tune_dir(path: Path) -> tuple[Any, Any]:
-    """Rebuild both tables from a Ray Tune experiment directory (`grokstudy export`).
-
-    The resolved study is read from `study.yaml` in the experiment directory or
-    the study output directory above it.
-    """
-    from grokstudy.study import load_study
-
-    path = Path(path).resolve()
-    study_file = next(
-        (p / "study.yaml" for p in (path, path.parent, path.parent.parent) if (p / "study.yaml").exists()),
-        None,
-    )
-    if study_file is None:
-        from grokstudy.errors import StudyError
-
-        raise StudyError("SOURCE", f"no study.yaml in or above {path}; cannot interpret the Tune experiment")
-    study = load_study(study_file)
-    analysis = tune.ExperimentAnalysis(str(path))
-    entries = []
-    for trial in analysis.trials:
-        # Keyed by trial id in ray 2.60 (by trial path in older releases).
-        frames = analysis.trial_dataframes
-        history = frames.get(trial.trial_id, frames.get(trial.path))
-        last = dict(trial.last_result or {})
-        entries.append((trial.config, last, history, trial.status == "ERROR", trial.path))
-    trials, curves, _, _ = _tables(study, entries)
-    return trials, curves
-
-
-def _records_from_history(df: Any) -> list[EvalRecord]:
-    """Reported eval points, deduplicated by step (a retried trial re-reports
-    the steps after its checkpoint; training is deterministic, keep the last)."""
-    if df is None or len(df) == 0 or "step" not in df:
-        return []
-    df = df.drop_duplicates(subset="step", keep="last").sort_values("step")
-
-    def col(name: str) -> list[float]:
-        return df[name].tolist() if name in df else [math.nan] * len(df)
-
-    return [
-        EvalRecord(
-            step=int(s),
-            train_loss=float(tl),
-            train_acc=float(ta),
-            val_loss=float(vl),
-            val_acc=float(va),
-            weights_norm=float(wn),
-            fourier_top_k_share=float(fs),
-            elapsed_s=float(el),
-        )
-        for s, tl, ta, vl, va, wn, fs, el in zip(
-            col("step"),
-            col("train/loss"),
-            col("train/acc"),
-            col("val/loss"),
-            col("val/acc"),
-            col("weights/norm"),
-            col("fourier/top_k_share"),
-            col("time/elapsed_s"),
-            strict=True,
-        )
-    ]
-
-
-def _axis_is_log(study: Study, key: str) -> bool | None:
-    for dim in study.search.space:
-        if dim.key == key:
-            return dim.is_log
-    return None
-
-
-def _join(storage_path: str, name: str) -> str:
-    return f"{storage_path.rstrip('/')}/{name}" if "://" in storage_path else str(Path(storage_path) / name)
 
 
 def _study_yaml(study: Study) -> str:
@@ -706,7 +1044,8 @@ def _study_tags(study: Study) -> dict[str, str]:
     return {
         "grokstudy.study": study.name,
         "search.sampler": study.search.sampler,
-        "search.points": str(search.n_points(study)),
+        "search.points": str(search.n_points(study) or "adaptive"),
         "search.seeds": str(study.search.seeds),
         "search.axes": ",".join(d.key for d in study.search.space),
-    }
+        "resources.pack": str(pack_size(study)),
+    } | {f"phases.rule.{k}": v for k, v in phases.rules(study.phases).items()}

@@ -1,31 +1,35 @@
-"""Study → Optuna: search space, sampler and storage. The only module that imports optuna.
+"""Study → Optuna: search space, samplers, and the ledger of trials. The only module that imports optuna.
 
-Checked against optuna 5.0.0, and against how ray 2.60.0's
-`ray.tune.search.optuna.OptunaSearch` drives it (this module never imports ray):
-OptunaSearch calls `study.ask()` once per Tune trial, runs our define-by-run
-`space` on the new trial, hands the returned dict to Tune as the trial's config,
-and `tell`s the trial when Tune completes it. It pickles itself (space, sampler,
-storage) into Tune's experiment checkpoint, so everything here pickles.
+Checked against optuna 5.0.0. This module never imports ray: the runner's Tune
+searcher asks the `Ledger` for work and tells it results, and the ledger (its
+in-memory Optuna study, sampler and space) pickles into Ray Tune's experiment
+snapshots with that searcher.
 
-One Tune trial = one Optuna trial = one training run = a point and a seed.
-A point is the searched hyperparameters; seeds are replicates of a point
-(`train.seed` = 0 .. seeds-1, nothing else differs), so a phase-diagram cell
-can report how many seeds agree:
+One Optuna trial = one training run = a point and a seed (a packed Tune trial
+holds several). A point is the searched hyperparameters; seeds are replicates
+of a point (`train.seed` = 0 .. seeds-1, nothing else differs), so a
+phase-diagram cell can report how many seeds agree:
 
-- grid: `train.seed` is one more axis of the grid. GridSampler proposes every
-  point x seed exactly once (see `_GridSampler`).
+- grid: `train.seed` is one more axis of the lattice; `LatticeSampler` hands
+  out every point x seed exactly once.
 - sobol, random, tpe: the sampler proposes a point on a fresh trial, which
   trains seed 0; in the same call the space enqueues seeds 1 .. seeds-1 with
-  the very same parameters. Optuna pops its queue (kept in the storage) before
-  it samples anything new, so the next seeds-1 trials are those replicates and
-  num_samples x seeds trials are exactly num_samples points with all their
-  seeds, however many run at once. The seed never enters a sampler's space:
-  Sobol's dimensions and TPE's model see only hyperparameters.
+  the very same parameters. Optuna pops its queue before it samples anything
+  new, so the next seeds-1 trials are those replicates and num_samples x seeds
+  trials are exactly num_samples points with all their seeds, however many run
+  at once. The seed never enters a sampler's space: Sobol's dimensions and
+  TPE's model see only hyperparameters.
 
 A non-scalar choice (`optimizer.betas: {choice: [[0.9, 0.98], ...]}`) is
 stored in Optuna as its JSON text, because Optuna's categorical values must be
-None, bool, int, float or str; the space returns the decoded value to Tune, and
+None, bool, int, float or str; the space returns the decoded value, and
 `point_from_config` turns any config back into typed values.
+
+Private Optuna APIs used, each checked against optuna 5.0.0:
+- `study._storage.set_trial_system_attr` / `set_trial_user_attr` and
+  `trial._trial_id`: how a sampler's `before_trial` marks its trial (Optuna's
+  own GridSampler does the same), and how the ledger tags a trial it is about
+  to tell (a FrozenTrial has no setter).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import hashlib
 import itertools
 import json
 import math
+import os
+import random
 import warnings
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import TrialState
 
 from grokstudy.config import SearchDim, Study
 
@@ -167,46 +173,93 @@ def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
-def points_to_evaluate(study: Study) -> list[dict[str, Any]]:
-    """Points to enqueue before the sampler starts: none.
-
-    Every sampler proposes its own points (the grid through GridSampler) and
-    replicates are enqueued by `SearchSpace` as points are proposed, so there
-    is nothing to warm-start. Kept so a runner may pass it to OptunaSearch.
-    """
-    return []
-
-
 # ---- samplers ------------------------------------------------------------------------------------
 
+CELL_ATTR = "grokstudy.cell"
+"""System attribute of a lattice sampler's trial: the index of its point x seed in the lattice."""
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """Optuna's GridSampler without its auto-stop.
 
-    Exactly once (optuna 5.0, `samplers/_grid.py`, `before_trial`): trial
-    number k < grid size is given grid point k, so the first n asks of a study
-    cover the grid exactly once however many of them run at the same time;
-    OptunaSearch asks from the single Tune driver, one ask at a time. Optuna's
-    warning that concurrent workers "occasionally suggest the same parameter
-    configuration" concerns trial numbers >= n (several processes sharing one
-    study, or a study resumed with extra trials): there a point is drawn at
-    random among those neither finished nor running, and repeats only once all
-    unfinished points are running. Points whose trials a crashed driver lost
-    (RUNNING for ever in the storage) are put back by `requeue_lost_trials`.
+class LatticeSampler(optuna.samplers.BaseSampler):
+    """A sampler over a finite lattice: every grid point x seed, each at most once.
 
-    Tune, not the sampler, decides when the study ends (num_samples = n_trials).
-    GridSampler's `after_trial` calls `study.stop()` after the last point, which
-    raises RuntimeError outside `study.optimize` ("supposed to be invoked inside
-    an objective function"); OptunaSearch would log that as a warning on every
-    grid study.
+    `before_trial` gives a new trial the first point x seed of `order(study)`
+    that no trial in the storage has taken (RUNNING, COMPLETE, or failed for
+    good; a trial FAILed as lost or duplicate frees its cell), and
+    `sample_independent` returns that cell's values. What is taken is read from
+    the storage every time, so the sampler keeps no state of its own: it
+    resumes from whatever storage it is given, and exactly-once holds however
+    trials were numbered, lost, requeued or adopted (the reason it replaces
+    Optuna's GridSampler, which assigns cells by trial number and falls back to
+    random draws once numbers pass the grid's size). Trials enqueued with fixed
+    parameters (requeued or adopted ones) are left alone and take their cell.
+
+    Subclasses decide the order; this one walks a seeded shuffle of the lattice,
+    so any prefix of a grid study covers the space evenly.
     """
 
-    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-        return None
+    def __init__(self, space: dict[str, list[Any]], seed: int = 0) -> None:
+        self._names = list(space)
+        self._cells = list(itertools.product(*space.values()))
+        self._index = {cell: i for i, cell in enumerate(self._cells)}
+        self._seed = seed
 
-    def grid_point(self, grid_id: int) -> dict[str, Any]:
-        """The parameters GridSampler gives `grid_id` (a seeded shuffle of the product)."""
-        return dict(zip(self._param_names, self._all_grids[grid_id], strict=True))
+    # -- Optuna's sampler interface --
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
+        return {}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
+        return {}
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        if "fixed_params" in trial.system_attrs:
+            return
+        taken = self.taken(study)
+        cell = next((i for i in self.order(study, taken) if i not in taken), None)
+        if cell is None:  # every cell taken: the ledger does not ask then; keep Optuna consistent
+            cell = 0
+        study._storage.set_trial_system_attr(trial._trial_id, CELL_ATTR, cell)
+
+    def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+        cell = trial.system_attrs[CELL_ATTR]
+        return self._cells[cell][self._names.index(param_name)]
+
+    # -- the lattice --
+
+    def order(self, study: Any, taken: set[int]) -> list[int]:
+        """Cells in the order to run them; the first untaken one goes next."""
+        order = list(range(len(self._cells)))
+        random.Random(self._seed).shuffle(order)
+        return order
+
+    def cell_of(self, params: dict[str, Any]) -> int | None:
+        try:
+            return self._index[tuple(params[n] for n in self._names)]
+        except KeyError:
+            return None
+
+    def taken(self, study: Any) -> set[int]:
+        """Cells of the trials that hold them (`holds`)."""
+        out = set()
+        for t in study.get_trials(deepcopy=False):
+            if holds(t):
+                cell = self.cell_of(t.params) if t.params else t.system_attrs.get(CELL_ATTR)
+                if cell is not None:
+                    out.add(cell)
+        return out
+
+    def exhausted(self, study: Any) -> bool:
+        return len(self.taken(study)) >= len(self._cells)
+
+    def remaining(self, study: Any) -> int:
+        return len(self._cells) - len(self.taken(study))
+
+
+def holds(t: Any) -> bool:
+    """Does Optuna trial `t` hold its point x seed (running, done, or failed for good)?"""
+    if t.state in (TrialState.RUNNING, TrialState.COMPLETE):
+        return True
+    return t.state == TrialState.FAIL and not (t.user_attrs.get(LOST) or t.user_attrs.get(DUPLICATE))
 
 
 class _SobolSampler(optuna.samplers.QMCSampler):
@@ -227,10 +280,7 @@ class _SobolSampler(optuna.samplers.QMCSampler):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(qmc_type="sobol", scramble=True, seed=seed)
         self._space = dict(space)
-        # QMCSampler imports scipy lazily at its first sample, inside OptunaSearch's
-        # define-by-run call, which Tune warns about when it takes over a second.
-        # scipy comes with mlflow; it is no direct dependency of grokstudy.
-        import scipy.stats.qmc  # noqa: F401
+        import scipy.stats.qmc  # noqa: F401  (imported lazily by QMCSampler; here, once)
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, BaseDistribution]:
         return dict(self._space)
@@ -239,7 +289,7 @@ class _SobolSampler(optuna.samplers.QMCSampler):
 def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
     """The Optuna sampler of `search.sampler`, seeded by `search.sampler_seed`.
 
-    - grid: `_GridSampler` over every axis plus `train.seed`.
+    - grid: `LatticeSampler` over every axis plus `train.seed`.
     - sobol: the first num_samples points of a scrambled Sobol sequence (`_SobolSampler`).
     - random: independent uniform / log-uniform draws.
     - tpe: multivariate TPE minimizing `search.objective`; its first
@@ -248,86 +298,225 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
     s = study.search
     if s.sampler == "grid":
         space = {d.key: [_encode(v) for v in d.grid] for d in s.space}
-        return _GridSampler({**space, SEED: list(range(s.seeds))}, seed=s.sampler_seed)
+        return LatticeSampler({**space, SEED: list(range(s.seeds))}, seed=s.sampler_seed)
     if s.sampler == "sobol":
         return _SobolSampler(optuna_space(study).distributions, seed=s.sampler_seed)
     if s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.sampler_seed)
     if s.sampler == "tpe":
         return optuna.samplers.TPESampler(
-            seed=s.sampler_seed, multivariate=True, n_startup_trials=10 * s.seeds
+            seed=s.sampler_seed, multivariate=True, constant_liar=True, n_startup_trials=10 * s.seeds
         )
     raise AssertionError(f"study.py admits no sampler {s.sampler!r}")
 
 
-# ---- storage -------------------------------------------------------------------------------------
+# ---- the ledger: which point x seed is proposed, running, done or lost ------------------------------
+
+TRIAL_ID = "grokstudy.trial_id"
+"""User attribute of every Optuna trial the ledger hands out: its trial id."""
+LOST = "grokstudy.lost"
+"""User attribute of a trial FAILed by `Ledger.reconcile`: its driver died before Tune recorded it."""
+DUPLICATE = "grokstudy.duplicate"
+"""User attribute of a trial FAILed because its point x seed was already taken."""
+ERROR = "grokstudy.error"
+"""User attribute of a trial that failed for good (beyond run.max_failures retries)."""
+PHASE = "grokstudy.phase"
+"""User attribute of a COMPLETE trial: its phase (the boundary sampler reads it)."""
 
 
-def study_name(study: Study) -> str:
-    """The Optuna study's name in its storage: the study's name, so a resumed run continues it."""
-    return study.name
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What a restored Ray Tune experiment says of one member (`Ledger.reconcile`)."""
+
+    trial_id: str
+    tune_trial_id: str
+    point: dict[str, Any]
+    status: str
+    """running | done | failed"""
+    objective: float | None = None
+    phase: str | None = None
 
 
-def optuna_storage_url(study: Study, out_dir: Path) -> str:
-    """`run.optuna_storage` (any SQLAlchemy URL; a relative sqlite path made absolute),
-    else `sqlite:///<absolute out_dir>/optuna.db`. Open it with `optuna-dashboard <url>`."""
-    url = getattr(study.run, "optuna_storage", None)
-    if url is None:
-        return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix) :].startswith("/") and url != prefix:
-        return f"{prefix}{Path(url[len(prefix) :]).resolve()}"
-    return url
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One point x seed handed out by the ledger: one training run."""
+
+    trial_id: str
+    point: dict[str, Any]
+    """Typed searched values and `train.seed`: `study.trial(point)` is the run's config."""
 
 
-def optuna_storage(study: Study, out_dir: Path) -> optuna.storages.BaseStorage:
-    """The RDB storage behind `optuna_storage_url` (what `OptunaSearch(storage=...)` takes)."""
-    url = optuna_storage_url(study, out_dir)
-    if url.startswith("sqlite:////"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url)
+class Ledger:
+    """The study's Optuna study, the one record of which point x seed is proposed,
+    running, done or lost; the runner's searcher asks it for members and tells it results.
 
-
-def requeue_lost_trials(study: Study, ot_study: optuna.Study, known: Collection[int]) -> list[int]:
-    """After a driver crash, queue again what it lost, so every point x seed still runs once.
-
-    Tune checkpoints its searcher every so often; Optuna trials asked after the
-    last checkpoint stay RUNNING in the storage and the restored searcher never
-    tells them. Call this on resume, before Tune asks again, with `known`: the
-    Optuna trial numbers the restored searcher holds
-    (`{t.number for t in searcher._ot_trials.values()}`). Every other RUNNING
-    trial is marked FAIL, and the point x seeds it leaves missing are enqueued,
-    to be popped before anything new is sampled. Returns the lost numbers.
+    The Optuna study lives in memory and is pickled with the runner's searcher
+    into every Ray Tune experiment snapshot, so it travels with the Tune
+    experiment (wherever `run.storage` is) and a restored study starts from
+    Optuna and Tune states saved together. Tune writes the experiment state and
+    the searcher in two steps, so after a crash they can still differ by the
+    few trials between the two writes: `reconcile` settles that against the
+    trials Tune restored. Each trial is keyed by its trial id
+    (`<point_id>-s<seed>`), never by Optuna's trial number, and a point x seed
+    that is already held is never handed out twice.
     """
-    lost = [
-        t
-        for t in ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if t.number not in known
-    ]
-    numbers = [t.number for t in lost]
-    for t in lost:
-        ot_study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-    if study.search.sampler == "grid":
-        sampler = make_sampler(study)  # the same seed shuffles the grid the same way
-        assert isinstance(sampler, _GridSampler)
-        for t in lost:
-            # A trial lost before its suggest calls ended has only its grid id or queued values.
-            params = t.system_attrs.get("fixed_params") or sampler.grid_point(t.system_attrs["grid_id"])
-            ot_study.enqueue_trial(params)
-        return numbers
-    keys = set(optuna_space(study).distributions)
-    trials = ot_study.get_trials(deepcopy=False)
-    for group in dict.fromkeys(t.user_attrs.get(REPLICATE_OF, t.number) for t in lost):
-        members = [t for t in trials if group in (t.number, t.user_attrs.get(REPLICATE_OF))]
-        complete = [p for t in members if set(p := t.system_attrs.get("fixed_params") or t.params) == keys]
-        if not complete:
-            continue  # a fresh point lost before it had its values: a new point takes its place
-        # Only the lost are missing: a trial that errored under Tune is Tune's to retry.
-        alive = {t.user_attrs.get(SEED) for t in members if t.number not in numbers}
-        for seed in range(study.search.seeds):
-            if seed not in alive:
-                ot_study.enqueue_trial(complete[0], user_attrs={SEED: seed, REPLICATE_OF: group})
-    return numbers
+
+    def __init__(self, study: Study) -> None:
+        self.study = study
+        self.space = optuna_space(study)
+        self.ot = optuna.create_study(
+            storage=optuna.storages.InMemoryStorage(), sampler=make_sampler(study), direction="minimize"
+        )
+
+    # -- handing out work --
+
+    def ask(self) -> Member | None:
+        """The next point x seed to run, or None when the sampler has nothing to propose
+        now (`finished()` says whether it ever will)."""
+        for _ in range(1000):  # a sampler that keeps repeating held points is a bug; stop looking
+            if self.finished():
+                return None
+            trial = self.ot.ask()
+            point = point_from_config(self.study, self.space(trial))
+            tid = trial_id(point)
+            if self._holder(tid) is not None:
+                trial.set_user_attr(DUPLICATE, True)
+                self.ot.tell(trial, state=TrialState.FAIL)
+                continue
+            trial.set_user_attr(TRIAL_ID, tid)
+            return Member(tid, point)
+        raise RuntimeError(f"the {self.study.search.sampler} sampler proposed only held points 1000 times")
+
+    def finished(self) -> bool:
+        """True when every point x seed the study will ever run has been handed out."""
+        trials = self.ot.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return False
+        sampler = self.ot.sampler
+        if isinstance(sampler, LatticeSampler):
+            return sampler.exhausted(self.ot)
+        points = {
+            t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
+        }
+        return len(points) >= n_points(self.study)
+
+    # -- results --
+
+    def tell(self, tid: str, objective: float, phase: str | None) -> None:
+        """Record a finished trial (idempotent: a trial told before is left as it is)."""
+        number = self._number(tid)
+        if number is None:
+            return
+        trial = self.ot.trials[number]
+        if trial.state != TrialState.RUNNING:
+            return
+        if phase is not None:
+            self.ot._storage.set_trial_user_attr(trial._trial_id, PHASE, phase)
+        self.ot.tell(number, objective, skip_if_finished=True)
+
+    def fail(self, tid: str, error: str) -> None:
+        """Record a trial that failed for good (its point x seed is not run again)."""
+        number = self._number(tid)
+        if number is None or self.ot.trials[number].state != TrialState.RUNNING:
+            return
+        self.ot._storage.set_trial_user_attr(self.ot.trials[number]._trial_id, ERROR, error[:2000])
+        self.ot.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    def reconcile(self, known: dict[str, Known]) -> list[str]:
+        """Make the ledger agree with what a restored Tune experiment holds; returns the lost ids.
+
+        `known`: every member of every trial Tune restored, running, done or failed.
+        A RUNNING Optuna trial that Tune does not know is lost (the driver died
+        between the two halves of a snapshot): it is FAILed as lost and its point x
+        seed is handed out again. A member Tune knows but the ledger does not (the
+        experiment state was written after the ledger's snapshot) is adopted, and
+        what Tune saw finish or fail is told.
+        """
+        lost = []
+        for t in self.ot.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            tid = t.user_attrs.get(TRIAL_ID)
+            if tid in known:
+                continue
+            self.ot._storage.set_trial_user_attr(t._trial_id, LOST, True)
+            self.ot.tell(t.number, state=TrialState.FAIL)
+            if tid is not None:
+                lost.append(tid)
+                if not isinstance(self.ot.sampler, LatticeSampler):  # a lattice frees the cell itself
+                    self._enqueue(t.params, t.user_attrs)
+        for tid, k in known.items():
+            if self._holder(tid) is None:
+                self._adopt(tid, k.point)
+            if k.status == "done":
+                self.tell(tid, k.objective, k.phase)
+            elif k.status == "failed":
+                self.fail(tid, "failed beyond run.max_failures retries")
+        return lost
+
+    def remaining(self) -> int | None:
+        """Point x seeds still to hand out, when the sampler knows (None: it decides as it goes)."""
+        sampler = self.ot.sampler
+        if isinstance(sampler, LatticeSampler):
+            return sampler.remaining(self.ot)
+        trials = self.ot.get_trials(deepcopy=False)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        points = {
+            t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
+        }
+        return max(0, n_points(self.study) - len(points)) * self.study.search.seeds + waiting
+
+    def _adopt(self, tid: str, point: dict[str, Any] | None) -> None:
+        if point is None:
+            return
+        params = {k: _encode(v) for k, v in point.items() if k != SEED}
+        if self.space.seed_is_axis:
+            params[SEED] = point[SEED]
+            self.ot.enqueue_trial(params)
+        else:
+            self.ot.enqueue_trial(params, user_attrs={SEED: point[SEED], REPLICATE_OF: -1})
+        trial = self.ot.ask()
+        self.space(trial)
+        trial.set_user_attr(TRIAL_ID, tid)
+
+    def _enqueue(self, params: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+        attrs = {k: v for k, v in user_attrs.items() if k in (SEED, REPLICATE_OF)}
+        self.ot.enqueue_trial({k: v for k, v in params.items() if k != SEED}, user_attrs=attrs)
+
+    def _holder(self, tid: str) -> Any:
+        return next(
+            (t for t in self.ot.get_trials(deepcopy=False) if t.user_attrs.get(TRIAL_ID) == tid and holds(t)),
+            None,
+        )
+
+    def _number(self, tid: str) -> int | None:
+        holder = self._holder(tid)
+        return None if holder is None else holder.number
+
+    # -- reading it --
+
+    def phases(self) -> dict[str, str]:
+        """{trial id: phase} of every COMPLETE trial."""
+        return {
+            t.user_attrs[TRIAL_ID]: t.user_attrs.get(PHASE)
+            for t in self.ot.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if TRIAL_ID in t.user_attrs
+        }
+
+    def export(self, path: Path) -> Path:
+        """Write the Optuna study to a sqlite file (for `optuna-dashboard sqlite:///<path>`)."""
+        path = Path(path).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+        optuna.copy_study(
+            from_study_name=self.ot.study_name,
+            from_storage=self.ot._storage,
+            to_storage=storage,
+            to_study_name=self.study.name,
+        )
+        storage.engine.dispose()
+        os.replace(tmp, path)
+        return path
 
 
 # ---- points --------------------------------------------------------------------------------------
@@ -356,6 +545,11 @@ def _typed(dim: SearchDim, value: Any, grid: bool) -> Any:
                 return c
         raise ValueError(f"{dim.key}={value!r} is not a value of the study's axis")
     return int(value) if dim.integer else float(value)
+
+
+def trial_id(point: dict[str, Any]) -> str:
+    """A trial's identity across retries, restores and packs: `<point_id>-s<seed>`."""
+    return f"{point_id(point)}-s{point.get(SEED, 0)}"
 
 
 def point_id(point: dict[str, Any]) -> str:
@@ -417,17 +611,14 @@ def _fmt(v: Any) -> str:
 
 
 def dry_run(study: Study) -> list[dict[str, Any]]:
-    """The study's trials as its sampler proposes them, from an in-memory Optuna study.
+    """The study's trials as its sampler proposes them, through the runner's `Ledger`.
 
-    n_trials asks through the same space and sampler the runner uses; every
-    trial is told a constant objective, so TPE's picks here only illustrate.
+    Every trial is told a constant objective, so TPE's picks here only illustrate.
     Returns typed points, `train.seed` included, in proposal order.
     """
-    ot_study = optuna.create_study(sampler=make_sampler(study), direction="minimize")
-    space = optuna_space(study)
+    ledger = Ledger(study)
     points = []
-    for _ in range(n_trials(study)):
-        trial = ot_study.ask()
-        points.append(point_from_config(study, space(trial)))
-        ot_study.tell(trial, 0.0)
+    while (member := ledger.ask()) is not None:
+        points.append(member.point)
+        ledger.tell(member.trial_id, 0.0, None)
     return points

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -246,6 +247,37 @@ def study_to_dict(study: Study) -> dict[str, Any]:
     for section in ("phases", "resources", "run", "diagram"):
         out[section] = to_dict(getattr(study, section))
     return out
+
+
+RESUMABLE_CHANGES = ("run.", "diagram.", "resources.cpu", "resources.gpu")
+"""Keys of the resolved study a resumed run may change: where and how it runs, not what."""
+
+
+def fingerprint(study: Study) -> dict[str, str]:
+    """{dotted key: value as YAML text} of everything in a study that decides which trials
+    run and how: what a resumed study must keep (`changes`)."""
+    flat: dict[str, str] = {}
+    for section, value in study_to_dict(study).items():
+        if not isinstance(value, dict):
+            flat[section] = json.dumps(value)
+            continue
+        for key, v in value.items():
+            if section == "search" and key == "space":
+                for axis, dim in v.items():
+                    flat[f"search.space.{axis}"] = json.dumps(dim, sort_keys=True)
+            else:
+                flat[f"{section}.{key}"] = json.dumps(v)
+    return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
+
+
+def changes(old: dict[str, str], new: dict[str, str], limit: int = 4) -> str | None:
+    """`key: old -> new; ...` for what differs between two fingerprints (None if nothing)."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if not keys:
+        return None
+    shown = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys[:limit]]
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown) + more
 
 
 def describe(study: Study) -> str:

@@ -2,30 +2,39 @@
 
 Layout in MLflow: one experiment per study (named after it), one parent run
 per study, one nested child run per trial (tag `mlflow.parentRunId`, which is
-what the UI nests by). Everything a trial needs crosses process and node
-boundaries as plain strings: tracking URI, experiment id, parent run id and,
-for a restored trial, its own run id.
+what the UI nests by), keyed by its trial id (tag `grokstudy.trial_key`), so a
+trial run again after a crash, a retry or a lost driver re-attaches to its run.
+Everything a trial needs crosses process and node boundaries as plain strings:
+tracking URI, experiment id, parent run id and, for a restored trial, its run id.
 
 Only `MlflowClient` is used, never the fluent `mlflow.start_run` stack: that
 stack is per process, a reused Ray actor would inherit the previous trial's
 run, and `MLFLOW_RUN_ID` in the environment silently overrides
 `parent_run_id` (mlflow#15713). So this module never sets `MLFLOW_RUN_ID`.
 
+**MLflow is best effort; it is never the reason a trial fails.** A trial
+process has one `Sender`: one background thread and one client for all the
+runs of its trial (a packed trial has one run per member). Everything, the
+creation of a run included, happens on that thread; the training loop only
+queues. When the store cannot be reached the sender keeps what it has, retries
+with exponential backoff (0.5 s doubling to 30 s), and reports how long it has
+been down (`Sender.down_s`) and why (`Sender.last_error`), so the driver can
+show it and end a study that stays cut off longer than `run.tracking_outage_s`.
+The queue is bounded by the trial's own curve: `TrialRun.sync(records)` is
+given the whole curve (which the trial keeps anyway, in memory and in every
+checkpoint) and sends what the run does not hold yet.
+
 Crash contract of a trial run (what makes "nothing lost, nothing duplicated"):
 - metrics go out in `log_batch` requests that each carry whole records, and
   the SQL store commits one request's metrics together, so the run's highest
   logged step says exactly which records arrived;
-- a restored trial re-opens its run by id, learns that step and skips every
-  record at or below it (training is deterministic, so they are identical);
-- so that a restart from a checkpoint at step C leaves no gap when records up
-  to C were still queued at the crash, the caller either keeps the trial's
-  records in the checkpoint and passes them to `log_records` again after the
-  restore (cheap: the ones already stored are skipped), or calls `flush()`
-  before it saves the checkpoint (a synchronous request on the training
-  thread, ~0.1 s against a sqlite-backed server).
+- a restored trial re-opens its run and learns that step before it sends, so
+  it skips what is stored (training is deterministic, so the rest is identical)
+  and replays from its checkpoint's curve what a crash lost: no gap, no repeat;
+- the runner also flushes (bounded) before each checkpoint, so little is replayed.
 
 mlflow itself is imported lazily (about 2 s), so `grokstudy train`,
-`grokstudy ui` and unit tests that only need `NullTracker` do not pay for it.
+`grokstudy ui` and unit tests that track nothing do not pay for it.
 """
 
 from __future__ import annotations
@@ -37,21 +46,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grokstudy
 from grokstudy.config import TrialConfig, flatten, trial_from_dict
-from grokstudy.errors import StudyError
-from grokstudy.records import METRIC_KEYS, EvalRecord
+from grokstudy.errors import StudyError, UsageError
+from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, EvalRecord, TrialHistory
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+    from mlflow.entities import Experiment, Metric, Run
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +69,24 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CUSTOM_MODEL_DEVELOPMENT = "custom_model_development"
 """Experiment tag value that marks a model-training (not GenAI) experiment; key and
-value read from the 3.17.2 UI bundle. 3.17.2's UI itself picks its layout from
-`?workflowType=` or a browser setting (see `ui_url`); the tag is for UIs and
-tools that go by it."""
+value read from the 3.17.2 UI bundle."""
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 KIND_TAG = "grokstudy.kind"
+"""'study' on a parent run, 'trial' on a child run."""
 TUNE_EXPERIMENT_TAG = "grokstudy.tune_experiment"
 """On the parent run: where the study's Ray Tune experiment lives (storage path/name)."""
-"""'study' on a parent run, 'trial' on a child run."""
 TRIAL_KEY_TAG = "grokstudy.trial_key"
-"""The runner's stable key of a trial; `find_trial_runs` maps it back to a run id."""
-ELAPSED_KEY = "time/elapsed_s"
-TRACKED_METRICS: tuple[str, ...] = (*METRIC_KEYS, ELAPSED_KEY)
-"""Every metric key a trial run may carry."""
+"""A trial run's trial id (`<point_id>-s<seed>`); `find_trial_runs` maps it back to the run."""
+ERROR_TAG = "grokstudy.error"
+"""On a FAILED trial run: why it failed."""
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 STUDY_ARTIFACT = "study.yaml"
 
 # REST LogBatch limits (mlflow docs; mlflow/utils/validation.py in 3.17.2).
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
+BACKOFF_S = (0.5, 30.0)
+"""First and longest wait between retries of an unreachable store."""
 
 
 # ---- where the runs go ---------------------------------------------------------------
@@ -137,22 +145,35 @@ def ui_command(tracking_uri: str, port: int = 5000, host: str = "127.0.0.1", wor
     return cmd
 
 
-def ui_url(server_url: str, experiment_id: str) -> str:
-    """The runs table of an experiment in the MLflow UI at `server_url`.
-
-    MLflow 3.17's UI decides between its GenAI and model-training layouts by
-    the `workflowType` query parameter, else by a browser-local setting that
-    defaults to GenAI (the `mlflow.experimentKind` tag only counts when its
-    workflow selector is off), so the link names the layout explicitly.
-    """
-    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     path = unquote(uri.removeprefix("sqlite:///"))
     return None if not path or path == ":memory:" else Path(path)
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a missing sqlite store whole, or not at all.
+
+    MLflow builds a new store's schema through dozens of Alembic migrations; a
+    driver killed in the middle leaves a database that every later open refuses
+    ("table _alembic_tmp_tags already exists"). So the schema is built in a temp
+    file beside it, which is renamed into place only when complete.
+    """
+    db = _sqlite_path(uri)
+    if db is None or db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    tmp.unlink(missing_ok=True)
+    for stale in db.parent.glob(f".{db.name}.*.creating"):  # left by a killed driver
+        if time.time() - stale.stat().st_mtime > 600:
+            stale.unlink(missing_ok=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
+    store.engine.dispose()
+    os.replace(tmp, db)
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -162,293 +183,275 @@ def _client(tracking_uri: str) -> MlflowClient:
     # run ends; that would interleave with the CLI's own output and every trial's log.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's own HTTP retries default to 7 with backoff factor 2 (minutes per call);
+    # the sender retries by itself, so each attempt stays short.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    _create_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-# ---- one trial -------------------------------------------------------------------------
+# ---- the trials of one process -------------------------------------------------------------
 
 
-class Tracker(Protocol):
-    """Where a trial's curve goes. The runner calls these from the trial process."""
+@dataclass(frozen=True, slots=True)
+class Where:
+    """Where a trial's runs go: plain strings, picklable to any node."""
 
-    @property
-    def run_id(self) -> str | None:
-        """The trial's run (None when nothing is tracked); store it in checkpoints."""
-        ...
-
-    def log_records(self, records: Sequence[EvalRecord]) -> None:
-        """Queue eval points; returns at once. Steps at or below the last one already
-        logged are skipped, so replaying after a restore never duplicates."""
-        ...
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set string tags on the run (e.g. phase, t_train, stop_reason); may be queued,
-        but stored by the next `flush` or `finish` at the latest."""
-        ...
-
-    def flush(self) -> None:
-        """Block until everything queued is stored (see the module's crash contract)."""
-        ...
-
-    def finish(self, status: str) -> None:
-        """Flush, then end the run as FINISHED, FAILED or KILLED. Later calls do nothing."""
-        ...
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
 
 
-class NullTracker:
-    """Tracks nothing: `grokstudy train`, unit tests, studies without MLflow."""
-
-    run_id: str | None = None
-
-    def log_records(self, records: Sequence[EvalRecord]) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def finish(self, status: str) -> None:
-        pass
-
-
-class MlflowTrialTracker:
-    """A trial's nested MLflow run, logged off the training loop.
-
-    Only `start` talks to the store on the caller's thread (one request for a
-    new run). Params, tags and records are queued; a background thread sends
-    them with `MlflowClient.log_batch` every `flush_every` records or
-    `flush_interval_s` seconds, whichever comes first (and soon after
-    `set_tags`). A failed send keeps what it could not send, records with their
-    original timestamps (so a retried request that did reach the store is
-    deduplicated by MLflow's metric primary key), for the next round.
-    `flush()` and `finish()` send on the caller's thread and raise if the store
-    cannot be reached.
-
-    MLflow's own async logging (`log_batch(..., synchronous=False)`, experimental
-    in 3.17) was not used: it is one queue per process shared by all runs, and
-    its flush tears down and restarts that queue's thread pools.
-    """
+class TrialRun:
+    """One trial's run, fed by a `Sender`'s thread. The trial calls `sync`, `set_tags`
+    and `finish`; each returns at once."""
 
     def __init__(
         self,
-        client: MlflowClient,
-        run_id: str,
-        last_step: int,
-        params: dict[str, Any] | None = None,
-        tags: dict[str, str] | None = None,
-        flush_every: int = 100,
-        flush_interval_s: float = 5.0,
-    ) -> None:
-        """Use `start`; this attaches to an open run whose records up to `last_step` are
-        stored, and queues `params` and `tags` for it."""
-        self._client = client
-        self._run_id = run_id
-        self._last_step = last_step
-        self._flush_every = flush_every
-        self._flush_interval_s = flush_interval_s
-        self._outbox = _Outbox(params=_str_dict(params or {}), tags=_str_dict(tags or {}))
-        self._lock = threading.Lock()  # guards _outbox and _last_step
-        self._send_lock = threading.Lock()  # one sender at a time keeps steps in order
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._finished = False
-        self._thread = threading.Thread(target=self._loop, name=f"grokstudy-mlflow-{run_id[:8]}", daemon=True)
-        self._thread.start()
-        if self._outbox.params or self._outbox.tags:
-            self._wake.set()
-
-    @property
-    def run_id(self) -> str:
-        return self._run_id
-
-    @property
-    def last_step(self) -> int:
-        """The highest step accepted so far (queued or stored); -1 before any."""
-        return self._last_step
-
-    @classmethod
-    def start(
-        cls,
-        tracking_uri: str,
-        experiment_id: str,
-        parent_run_id: str | None,
-        run_name: str,
+        sender: Sender,
+        key: str,
+        name: str,
         params: dict[str, Any],
         tags: dict[str, str],
-        run_id: str | None = None,
-        *,
-        flush_every: int = 100,
-        flush_interval_s: float = 5.0,
-    ) -> MlflowTrialTracker:
-        """Open a trial's run: a new child of `parent_run_id`, or, given `run_id`
-        (a trial restored from a checkpoint), that same run again.
+        run_id: str | None,
+    ) -> None:
+        self._sender = sender
+        self.key = key
+        self.name = name
+        self.run_id = run_id
+        """None until the sender has found or created the run."""
+        self._params = _str_dict(params)
+        self._tags = _str_dict(tags) | {KIND_TAG: "trial", TRIAL_KEY_TAG: key}
+        self._opened = False
+        self._stored_step: int | None = None  # the run's last stored step, once known
+        self._queued: list[EvalRecord] = []  # records past the stored step, in step order
+        self._status: str | None = None
+        self._done = False
 
-        `params` is the resolved TrialConfig flattened to dotted keys (values
-        are stringified); they are sent in the background, by at most 100 per
-        request. Re-opening sets the run RUNNING, sends params and tags again
-        (identical values are a no-op in MLflow, and a crash between creating
-        the run and sending them leaves nothing missing) and reads the last
-        logged step so that `log_records` continues right after it.
-        """
-        client = _client(tracking_uri)
-        all_tags = {**tags, KIND_TAG: "trial"}
-        if parent_run_id:
-            all_tags[PARENT_TAG] = parent_run_id
-        if run_id is None:
-            run = client.create_run(experiment_id, tags=_str_dict(all_tags), run_name=run_name)
-            return cls(
-                client,
-                run.info.run_id,
-                -1,
-                params,
-                flush_every=flush_every,
-                flush_interval_s=flush_interval_s,
-            )
-        run = _get_run(client, run_id, tracking_uri)
-        if run.info.experiment_id != experiment_id:
-            raise StudyError(
-                "run.tracking_uri",
-                f"run {run_id} belongs to experiment {run.info.experiment_id}, not {experiment_id}",
-            )
-        client.update_run(run_id, status="RUNNING")
-        last_step = _last_logged_step(client, run_id)
-        return cls(
-            client,
-            run_id,
-            last_step,
-            params,
-            all_tags,
-            flush_every=flush_every,
-            flush_interval_s=flush_interval_s,
-        )
-
-    def log_records(self, records: Sequence[EvalRecord]) -> None:
-        now_ms = int(time.time() * 1000)
-        with self._lock:
-            for record in records:
-                if record.step <= self._last_step:
-                    continue
-                self._outbox.records.append((record, now_ms))
-                self._last_step = record.step
-            full = len(self._outbox.records) >= self._flush_every
-        if full:
-            self._wake.set()
+    def sync(self, records: Sequence[EvalRecord]) -> None:
+        """Make the run hold `records` (a curve by increasing step, typically the trial's
+        whole curve so far): queues those past what is queued or stored."""
+        with self._sender.lock:
+            last = self._queued[-1].step if self._queued else self._stored_step
+            if last is None:
+                last = -1
+            self._queued += [r for r in records if r.step > last]
+        self._sender.wake()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        """Queue tags; the sender sends them within moments, `flush`/`finish` for sure."""
-        if self._finished:
-            _log_tags(self._client, self._run_id, tags)
-            return
-        with self._lock:
-            self._outbox.tags |= _str_dict(tags)
-        self._wake.set()
+        with self._sender.lock:
+            self._tags |= _str_dict(tags)
+        self._sender.wake()
 
-    def flush(self) -> None:
-        self._send()
-
-    def finish(self, status: str) -> None:
+    def finish(self, status: str, error: str | None = None) -> None:
+        """End the run as FINISHED, FAILED or KILLED once everything queued is stored."""
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {RUN_STATUSES}, not {status!r}")
-        if self._finished:
-            return
-        self._stop.set()
-        self._wake.set()
-        self._thread.join()
-        # If this raises, the run stays RUNNING: a retry from the last checkpoint
-        # re-opens it and logs what is missing.
-        self._send()
-        self._client.set_terminated(self._run_id, status=status)
-        self._finished = True
+        tags = {ERROR_TAG: error[:4000]} if error else {}
+        with self._sender.lock:
+            self._tags |= tags
+            self._status = status
+        self._sender.wake()
 
-    # -- the background sender --
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._flush_interval_s)
-            self._wake.clear()
-            if self._stop.is_set():
-                return  # finish() sends the rest itself
-            try:
-                self._send()
-            except Exception as err:  # kept for the next round; flush()/finish() raise
-                log.warning("MLflow logging to run %s failed, will retry: %s", self._run_id, err)
-
-    def _send(self) -> None:
-        with self._send_lock:
-            with self._lock:
-                outbox, self._outbox = self._outbox, _Outbox()
-            requests = outbox.requests()
-            sent = 0
-            try:
-                for request in requests:
-                    self._client.log_batch(self._run_id, *request.entities())
-                    sent += 1
-            finally:
-                if sent < len(requests):
-                    unsent = _Outbox.merge(requests[sent:])
-                    with self._lock:
-                        self._outbox = unsent.then(self._outbox)
-
-
-@dataclass(slots=True)
-class _Outbox:
-    """What a trial tracker has yet to send: params, tags, (record, timestamp ms)."""
-
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    records: list[tuple[EvalRecord, int]] = field(default_factory=list)
-
-    def entities(self) -> tuple[list[Metric], list[Param], list[RunTag]]:
-        """(metrics, params, tags) as MLflow entities, the arguments of `log_batch`."""
-        from mlflow.entities import Param, RunTag
-
-        metrics = [m for record, ts in self.records for m in _record_metrics(record, ts)]
+    @property
+    def idle(self) -> bool:
+        """Nothing queued for this run (finished, if asked to)."""
         return (
-            metrics,
-            [Param(k, v) for k, v in self.params.items()],
-            [RunTag(k, v) for k, v in self.tags.items()],
+            self._opened and not self._queued and not self._params and not self._tags and self._status is None
         )
 
-    def requests(self) -> list[_Outbox]:
-        """log_batch requests within MLflow's limits (100 params, 100 tags, 1000
-        entities) that never split a record between two requests."""
-        params, tags = list(self.params.items()), list(self.tags.items())
-        out: list[_Outbox] = []
-        while params or tags or not out:
-            head = _Outbox(dict(params[:MAX_PARAMS_TAGS_PER_BATCH]), dict(tags[:MAX_PARAMS_TAGS_PER_BATCH]))
-            params, tags = params[MAX_PARAMS_TAGS_PER_BATCH:], tags[MAX_PARAMS_TAGS_PER_BATCH:]
-            out.append(head)
-        room = MAX_METRICS_PER_BATCH - len(out[-1].params) - len(out[-1].tags)
-        for record, ts in self.records:
-            size = len(record.metrics()) + 1  # + ELAPSED_KEY
-            if size > room and out[-1].records:
-                out.append(_Outbox())
-                room = MAX_METRICS_PER_BATCH
-            out[-1].records.append((record, ts))
-            room -= size
-        return [r for r in out if r.params or r.tags or r.records]
+    # -- on the sender's thread --
 
-    @staticmethod
-    def merge(parts: Sequence[_Outbox]) -> _Outbox:
-        out = _Outbox()
-        for part in parts:
-            out.params |= part.params
-            out.tags |= part.tags
-            out.records += part.records
-        return out
+    def _step(self, client: MlflowClient, where: Where, existing: Callable[[], dict[str, str]]) -> None:
+        if not self._opened:
+            self._open(client, where, existing)
+        with self._sender.lock:
+            params, tags = self._params, self._tags
+            records, status = list(self._queued), self._status
+        requests = _requests(params, tags, records)
+        for p, t, recs in requests:
+            client.log_batch(self.run_id, metrics=_metrics(recs), params=_params(p), tags=_tags(t))
+            with self._sender.lock:
+                for k in p:
+                    self._params.pop(k, None)
+                for k, v in t.items():
+                    if self._tags.get(k) == v:
+                        del self._tags[k]
+                if recs:
+                    self._stored_step = recs[-1].step
+                    self._queued = [r for r in self._queued if r.step > recs[-1].step]
+        if status is not None and not self._queued:
+            client.set_terminated(self.run_id, status=status)
+            with self._sender.lock:
+                if self._status == status:
+                    self._status = None
+                    self._done = True
 
-    def then(self, later: _Outbox) -> _Outbox:
-        """This outbox followed by `later` (later tag values win)."""
-        return _Outbox(self.params | later.params, self.tags | later.tags, self.records + later.records)
+    def _open(self, client: MlflowClient, where: Where, existing: Callable[[], dict[str, str]]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        tags = {PARENT_TAG: where.parent_run_id, **self._tags}
+        run_id = self.run_id or existing().get(self.key)
+        stored = -1
+        if run_id is not None:
+            try:
+                client.update_run(run_id, status="RUNNING")
+                stored = _last_logged_step(client, run_id)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                run_id = None  # a checkpoint from another store: start the run afresh here
+        if run_id is None:
+            run_id = client.create_run(where.experiment_id, tags=tags, run_name=self.name).info.run_id
+        with self._sender.lock:
+            self.run_id = run_id
+            self._stored_step = stored
+            self._queued = [r for r in self._queued if r.step > stored]
+            self._opened = True
 
 
-def _record_metrics(record: EvalRecord, timestamp_ms: int) -> list[Metric]:
+class Sender:
+    """One background thread that keeps a process's trial runs in step with the store.
+
+    `open` a run per trial (member), feed them through their `TrialRun`; `flush`
+    before a checkpoint and `close` at the end, both bounded by a timeout. Never
+    raises into the caller for a store that cannot be reached: see `down_s`.
+    """
+
+    def __init__(self, where: Where, *, interval_s: float = 5.0) -> None:
+        self.where = where
+        self.lock = threading.Lock()
+        self._runs: list[TrialRun] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._idle = threading.Condition(self.lock)
+        self._interval_s = interval_s
+        self._existing: dict[str, str] | None = None
+        self._down_since: float | None = None
+        self.last_error: str | None = None
+        """The last failure to reach the store (None once a request succeeds again)."""
+        self._thread = threading.Thread(target=self._loop, name="grokstudy-mlflow", daemon=True)
+        self._thread.start()
+
+    def open(
+        self, key: str, name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None
+    ) -> TrialRun:
+        """The run of trial `key`: `run_id` (from a checkpoint), else the parent's existing run
+        with that trial key, else a new child run; params and tags are (re)sent either way."""
+        run = TrialRun(self, key, name, params, tags, run_id)
+        with self.lock:
+            self._runs.append(run)
+        self.wake()
+        return run
+
+    @property
+    def down_s(self) -> float:
+        """Seconds since the store stopped answering (0 while it answers)."""
+        since = self._down_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every run holds what it was given (True), or `timeout_s` passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        self.wake()
+        with self.lock:
+            while not all(r.idle or r._done for r in self._runs):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    def close(self, timeout_s: float) -> bool:
+        """`flush(timeout_s)`, then stop the thread; what is still queued is dropped (the
+        checkpoint's curve replays it on resume). True when nothing was dropped."""
+        flushed = self.flush(timeout_s)
+        self._stop = True
+        self.wake()
+        self._thread.join(timeout=5)
+        return flushed
+
+    def _existing_runs(self) -> dict[str, str]:
+        if self._existing is None:
+            w = self.where
+            self._existing = find_trial_runs(w.tracking_uri, w.experiment_id, w.parent_run_id)
+        return self._existing
+
+    def _loop(self) -> None:
+        client = None
+        delay = BACKOFF_S[0]
+        while not self._stop:
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+            try:
+                client = client or _client(self.where.tracking_uri)
+                with self.lock:
+                    runs = [r for r in self._runs if not (r.idle or r._done)]
+                for run in runs:
+                    run._step(client, self.where, self._existing_runs)
+            except Exception as err:  # the store is down or refused: keep everything, retry later
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                self.last_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                log.warning(
+                    "MLflow at %s: %s; retrying in %.1f s", self.where.tracking_uri, self.last_error, delay
+                )
+                time.sleep(delay)
+                delay = min(2 * delay, BACKOFF_S[1])
+                self._wake.set()
+                continue
+            self._down_since, self.last_error, delay = None, None, BACKOFF_S[0]
+            with self.lock:
+                self._idle.notify_all()
+
+
+def _requests(
+    params: dict[str, str], tags: dict[str, str], records: Sequence[EvalRecord]
+) -> list[tuple[dict[str, str], dict[str, str], list[EvalRecord]]]:
+    """log_batch requests within MLflow's limits (100 params, 100 tags, 1000 entities)
+    that never split a record between two requests."""
+    p, t = list(params.items()), list(tags.items())
+    out: list[tuple[dict[str, str], dict[str, str], list[EvalRecord]]] = []
+    while p or t or not out:
+        out.append((dict(p[:MAX_PARAMS_TAGS_PER_BATCH]), dict(t[:MAX_PARAMS_TAGS_PER_BATCH]), []))
+        p, t = p[MAX_PARAMS_TAGS_PER_BATCH:], t[MAX_PARAMS_TAGS_PER_BATCH:]
+    room = MAX_METRICS_PER_BATCH - len(out[-1][0]) - len(out[-1][1])
+    for record in records:
+        size = len(record.metrics()) + 1  # + ELAPSED_KEY
+        if size > room and out[-1][2]:
+            out.append(({}, {}, []))
+            room = MAX_METRICS_PER_BATCH
+        out[-1][2].append(record)
+        room -= size
+    return [r for r in out if r[0] or r[1] or r[2]]
+
+
+def _metrics(records: Sequence[EvalRecord]) -> list[Metric]:
     from mlflow.entities import Metric
 
-    values = record.metrics() | {ELAPSED_KEY: float(record.elapsed_s)}
-    return [Metric(key, value, timestamp_ms, record.step) for key, value in values.items()]
+    now_ms = int(time.time() * 1000)
+    out = []
+    for record in records:
+        values = record.metrics() | {ELAPSED_KEY: float(record.elapsed_s)}
+        out += [Metric(key, value, now_ms, record.step) for key, value in values.items()]
+    return out
+
+
+def _params(params: dict[str, str]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, v) for k, v in params.items()]
+
+
+def _tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
 
 
 def _last_logged_step(client: MlflowClient, run_id: str) -> int:
@@ -492,9 +495,6 @@ class StudyTracker:
         grokstudy.kind=study, grokstudy.study, grokstudy.version and, when the
         working directory is a git checkout, mlflow.source.git.commit.
         """
-        db = _sqlite_path(self.tracking_uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
         experiment_id = _get_or_create_experiment(self._client, study_name, self.tracking_uri)
         all_tags = {
             KIND_TAG: "study",
@@ -536,6 +536,12 @@ class StudyTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         _log_tags(self._client, self._require_open(), tags)
+
+    def fail_trial_run(self, run_id: str, error: str) -> None:
+        """End a trial run as FAILED with its error (its trial failed beyond retries, perhaps on a
+        node that died before the trial could say so itself)."""
+        _log_tags(self._client, run_id, {ERROR_TAG: error[:4000]})
+        self._client.set_terminated(run_id, status="FAILED")
 
     def finish(self, status: str) -> None:
         """End the parent run as FINISHED, FAILED or KILLED (once; later calls do nothing)."""
@@ -783,7 +789,7 @@ def _find_experiment(client: MlflowClient, experiment: str, tracking_uri: str) -
             exp = None
     if exp is None:
         names = sorted(e.name for e in client.search_experiments())
-        raise StudyError(
+        raise UsageError(
             "SOURCE", f"no MLflow experiment {experiment!r} at {tracking_uri}; it has: {', '.join(names)}"
         )
     return exp
@@ -808,65 +814,40 @@ def _read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | N
         return Path(local).read_text()
 
 
-# ---- a study read back as result tables -------------------------------------------------------
-
-_STATUS_AS_TUNE = {"FINISHED": "TERMINATED", "FAILED": "ERROR"}
+# ---- a study read back as trial histories --------------------------------------------------------
 
 
-def fetch_tables(tracking_uri: str, experiment: str) -> tuple[Any, Any, dict[str, str]]:
-    """(trials table, curves table, diagram axes) of a study read back from MLflow,
-    for `grokstudy plot/export <experiment>`.
+def fetch_histories(tracking_uri: str, experiment: str) -> tuple[str, list[TrialHistory]]:
+    """(the study's resolved `study.yaml` text, one `TrialHistory` per trial run) of a study
+    read back from MLflow, for `grokstudy plot/export <experiment>` (`results.build_tables`
+    turns them into the tables).
 
-    The study comes from the parent run's `study.yaml`, each trial's config from
-    its params (the flattened TrialConfig), its curve from its metric histories;
-    phases are classified afresh with the study's phase rule. Trials without an
-    eval point are left out.
+    Each trial's config comes from its params (the flattened TrialConfig), its
+    curve from its metric histories, how it ended from its tags and status.
     """
-    import yaml
-
-    from grokstudy import phases, results
-    from grokstudy.study import parse_study
-
     fetched = fetch_results(tracking_uri, experiment)
     if fetched.study_yaml is None:
-        raise StudyError(
+        raise UsageError(
             "SOURCE",
             f"MLflow experiment {fetched.experiment_name!r} has no study run with a {STUDY_ARTIFACT} artifact",
         )
-    study = parse_study(yaml.safe_load(fetched.study_yaml), f"{fetched.experiment_name}/{STUDY_ARTIFACT}")
-    searched = tuple(d.key for d in study.search.space)
-    trial_rows, curve_rows = [], []
+    histories = []
     for trial in fetched.trials:
-        records = records_from_metrics(trial["metrics"])
-        if not records:
-            continue
-        cfg = trial_config_from_params(trial["params"])
         tags = trial["tags"]
-        trial_id = tags.get("ray.trial_id") or tags.get(TRIAL_KEY_TAG) or trial["run_id"]
         failed = trial["status"] == "FAILED"
-        stop_reason = "error" if failed else tags.get("stop_reason") or "budget"
-        trial_rows.append(
-            results.trial_row(
-                study.name,
-                trial_id,
-                tags.get("grokstudy.point_id", ""),
-                cfg,
-                searched,
-                phases.classify_records(records, study.phases, cfg.train.max_steps),
-                final_train_loss=records[-1].train_loss,
-                final_val_loss=records[-1].val_loss,
-                stop_reason=stop_reason if stop_reason in results.STOP_REASONS else "budget",
-                wall_s=records[-1].elapsed_s,
+        histories.append(
+            TrialHistory(
+                trial_id=tags.get(TRIAL_KEY_TAG) or trial["run_id"],
+                point_id=tags.get("grokstudy.point_id", ""),
+                cfg=trial_config_from_params(trial["params"]),
+                records=tuple(records_from_metrics(trial["metrics"])),
+                stop_reason="error" if failed else tags.get("stop_reason") or "budget",
                 node=tags.get("ray.node"),
                 run_id=trial["run_id"],
-                status=_STATUS_AS_TUNE.get(trial["status"], trial["status"]),
+                error=tags.get(ERROR_TAG),
             )
         )
-        curve_rows.extend(results.curve_rows(study.name, trial_id, records))
-    diagram = {
-        k: v for k, v in (("x", study.diagram.x), ("y", study.diagram.y), ("facet", study.diagram.facet)) if v
-    }
-    return results.trials_table(trial_rows), results.curves_table(curve_rows), diagram
+    return fetched.study_yaml, histories
 
 
 def records_from_metrics(metrics: dict[str, list[tuple[int, float]]]) -> list[EvalRecord]:
@@ -874,20 +855,11 @@ def records_from_metrics(metrics: dict[str, list[tuple[int, float]]]) -> list[Ev
     (a metric missing at a step is NaN; steps without train/acc or val/acc are dropped)."""
     by_step: dict[int, dict[str, float]] = {}
     for key, history in metrics.items():
-        for step, value in history:
-            by_step.setdefault(step, {})[key] = value
-    nan = float("nan")
+        if key in CURVE_KEYS:
+            for step, value in history:
+                by_step.setdefault(step, {})[key] = value
     return [
-        EvalRecord(
-            step=step,
-            train_loss=m.get("train/loss", nan),
-            train_acc=m["train/acc"],
-            val_loss=m.get("val/loss", nan),
-            val_acc=m["val/acc"],
-            weights_norm=m.get("weights/norm", nan),
-            fourier_top_k_share=m.get("fourier/top_k_share", nan),
-            elapsed_s=m.get(ELAPSED_KEY, 0.0),
-        )
+        EvalRecord.from_values(step, m)
         for step, m in sorted(by_step.items())
         if "train/acc" in m and "val/acc" in m
     ]

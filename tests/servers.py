@@ -78,17 +78,17 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90
 
 
 @contextmanager
-def mlflow_server(root: Path, backend_uri: str | None = None) -> Iterator[MlflowServer]:
-    """An `mlflow server` on 127.0.0.1:<free port> with a sqlite store (or
-    `backend_uri`) and its artifacts under `root`; started with the same argv
-    that `grokstudy ui` uses."""
+def mlflow_server(root: Path, backend_uri: str | None = None, port: int | None = None) -> Iterator[MlflowServer]:
+    """An `mlflow server` on 127.0.0.1:<port, default a free one> with a sqlite store
+    (or `backend_uri`) and its artifacts under `root`; started with the same argv
+    that `grokstudy ui` uses. The same root and port start the same server again."""
     root.mkdir(parents=True, exist_ok=True)
     backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
-    port = free_port()
+    port = port or free_port()
     cmd = tracking.ui_command(backend_uri, port=port)
     if "--artifacts-destination" not in cmd:
         cmd += ["--artifacts-destination", str(root / "mlartifacts")]
-    log = root / "server.log"
+    log = root / f"server-{time.monotonic_ns()}.log"
     env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(

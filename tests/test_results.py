@@ -12,19 +12,27 @@ import pyarrow.parquet as pq
 import pytest
 
 from grokstudy import __version__
-from grokstudy.config import PhaseConfig, TrainConfig, TrialConfig, flatten, with_overrides
-from grokstudy.errors import StudyError
-from grokstudy.phases import classify_records
-from grokstudy.records import METRIC_KEYS, EvalRecord
+from grokstudy.config import (
+    SearchConfig,
+    SearchDim,
+    Study,
+    TrainConfig,
+    TrialConfig,
+    flatten,
+    setting,
+    with_overrides,
+)
+from grokstudy.errors import UsageError
+from grokstudy.records import CURVE_KEYS, EvalRecord, TrialHistory
 from grokstudy.results import (
     CURVES_SCHEMA,
     TRIALS_SCHEMA,
-    curve_rows,
+    build_tables,
     curves_table,
     load_source,
     read_curves,
     read_trials,
-    trial_row,
+    table_info,
     trials_schema,
     trials_table,
     write_tables,
@@ -41,8 +49,7 @@ class Odd:
 # A config grown by one field (module level: type hints resolve against module globals).
 @dataclass(frozen=True, slots=True)
 class NewTrain(TrainConfig):
-    label_smoothing: float = 0.0
-    """Share of probability mass spread over wrong answers."""
+    label_smoothing: float = setting(0.0, "Share of probability mass spread over wrong answers.", lo=0, hi=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,40 +73,41 @@ def records(grok_at: int, fourier: bool = True) -> list[EvalRecord]:
     ]
 
 
-def study_rows() -> tuple[list[dict], list[dict]]:
-    trials, curves = [], []
+STUDY = Study(
+    "demo",
+    base=with_overrides(TrialConfig(), {"train.max_steps": 3000}),
+    search=SearchConfig(
+        space=(
+            SearchDim("optimizer.weight_decay", log=(0.1, 1.0), points=2),
+            SearchDim("data.fraction", values=(0.3, 0.5)),
+        )
+    ),
+)
+
+
+def histories() -> list[TrialHistory]:
+    out = []
     for i, (wd, frac, grok_at, batch) in enumerate(
         [(0.1, 0.3, 2500, None), (1.0, 0.5, 200, 512), (1.0, 0.3, 10_000, None)]
     ):
-        cfg = with_overrides(
-            TrialConfig(),
-            {
-                "optimizer.weight_decay": wd,
-                "data.fraction": frac,
-                "train.batch_size": batch,
-                "train.max_steps": 3000,
-            },
-        )
-        recs = records(grok_at, fourier=i != 1)
-        verdict = classify_records(recs, PhaseConfig(), cfg.train.max_steps)
-        trials.append(
-            trial_row(
-                "demo",
-                f"t{i}",
-                f"p{i}",
-                cfg,
-                SEARCHED,
-                verdict,
-                final_train_loss=recs[-1].train_loss,
-                final_val_loss=recs[-1].val_loss,
+        cfg = STUDY.trial({"optimizer.weight_decay": wd, "data.fraction": frac, "train.batch_size": batch})
+        out.append(
+            TrialHistory(
+                trial_id=f"t{i}",
+                point_id=f"p{i}",
+                cfg=cfg,
+                records=tuple(records(grok_at, fourier=i != 1)),
                 stop_reason="budget",
-                wall_s=1.5,
                 node="node-a" if i else None,
                 run_id=None if i == 2 else f"run{i}",
             )
         )
-        curves.extend(curve_rows("demo", f"t{i}", recs))
-    return trials, curves
+    return out
+
+
+def study_rows() -> tuple[list[dict], list[dict]]:
+    trials, curves = build_tables(STUDY, histories())
+    return trials.to_pylist(), curves.to_pylist()
 
 
 def test_trials_columns_are_the_config_fields_between_identity_and_verdict() -> None:
@@ -148,13 +156,18 @@ def test_every_field_is_described_and_step_fields_carry_units() -> None:
 
 
 def test_curve_columns_are_the_metric_keys() -> None:
-    assert CURVES_SCHEMA.names == ["study", "trial_id", "step", *METRIC_KEYS, "elapsed_s"]
+    assert CURVES_SCHEMA.names == ["study", "trial_id", "step", *CURVE_KEYS]
+    assert CURVE_KEYS[-1] == "time/elapsed_s"  # the same key as in MLflow
 
 
 def test_tables_round_trip_through_parquet_with_schema_types_and_nulls(tmp_path: Path) -> None:
-    trial_rows_, curve_rows_ = study_rows()
-    trials, curves = trials_table(trial_rows_), curves_table(curve_rows_)
-    assert trials.schema.equals(TRIALS_SCHEMA, check_metadata=True)
+    trials, curves = build_tables(STUDY, histories())
+    assert trials.schema.equals(TRIALS_SCHEMA)
+    assert table_info(trials) == (
+        "grid",
+        {"optimizer.weight_decay": "log", "data.fraction": "linear"},
+        {"x": "data.fraction", "y": "optimizer.weight_decay", "facet": None},
+    )
     tpath, cpath = write_tables(trials, curves, tmp_path / "out")
     assert (tpath.name, cpath.name) == ("trials.parquet", "curves.parquet")
     assert pq.ParquetFile(tpath).metadata.row_group(0).column(0).compression == "ZSTD"
@@ -198,16 +211,16 @@ def test_load_source_takes_a_directory_or_a_trials_file(tmp_path: Path) -> None:
 
 
 def test_load_source_errors_name_the_problem_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(StudyError, match="holds no trials.parquet"):
+    with pytest.raises(UsageError, match="holds no trials.parquet"):
         load_source(tmp_path)
-    with pytest.raises(StudyError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         load_source(tmp_path / "nope.parquet")
     _, curve_rows_ = study_rows()
     pq.write_table(curves_table(curve_rows_), tmp_path / "c.parquet")
-    with pytest.raises(StudyError, match="is a curves table, not a trials table"):
+    with pytest.raises(UsageError, match="is a curves table, not a trials table"):
         load_source(tmp_path / "c.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
-    with pytest.raises(StudyError, match="cannot read") as err:
+    with pytest.raises(UsageError, match="cannot read") as err:
         load_source(tmp_path / "junk.parquet")
     assert "\n" not in str(err.value)
 
@@ -217,13 +230,27 @@ def test_a_wrong_row_is_reported_by_row_and_column() -> None:
     bad = dict(rows[1], **{"task.p": 97.5})  # pyarrow alone would truncate this to 97
     with pytest.raises(ValueError, match=r"trials row 1, column 'task.p': expected int64"):
         trials_table([rows[0], bad])
-    with pytest.raises(ValueError, match=r"column 'phase': expected string \(not null\), got None"):
-        trials_table([dict(rows[0], phase=None)])
+    with pytest.raises(ValueError, match=r"column 'stop_reason': expected string \(not null\), got None"):
+        trials_table([dict(rows[0], stop_reason=None)])
     with pytest.raises(ValueError, match="missing column.*delay.*unknown column.*gap"):
         trials_table([{k: v for k, v in rows[0].items() if k != "delay"} | {"gap": 1}])
     with pytest.raises(ValueError, match="stop_reason"):
-        trial_row("s", "t", "p", TrialConfig(), (), classify_records(records(0), PhaseConfig(), 3000),
-                  final_train_loss=0.0, final_val_loss=0.0, stop_reason="plateau", wall_s=0.0)  # fmt: skip
+        build_tables(STUDY, [dataclasses.replace(histories()[0], stop_reason="plateau")])
+
+
+def test_a_trial_that_failed_before_its_first_checkpoint_is_a_row_without_a_verdict() -> None:
+    failed = dataclasses.replace(histories()[0], records=(), stop_reason="error", error="RuntimeError: boom")
+    trials, curves = build_tables(STUDY, [failed])
+    [row] = trials.to_pylist()
+    assert (row["phase"], row["t_val"], row["status"], row["error"], row["wall_s"]) == (
+        None, None, "ERROR", "RuntimeError: boom", 0.0,
+    )  # fmt: skip
+    assert curves.num_rows == 0
+
+
+def test_wall_s_is_the_curves_last_elapsed_time() -> None:
+    trials, curves = build_tables(STUDY, histories())
+    assert trials.column("wall_s").to_pylist() == [3.0, 3.0, 3.0]
 
 
 def test_empty_tables_still_carry_the_schema() -> None:

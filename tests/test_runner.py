@@ -1,152 +1,141 @@
-"""The runner on a real embedded Ray: every point x seed once, phases, resume after driver death."""
+"""The runner: its pure helpers without Ray, and a tiny study on a real embedded Ray."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import math
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
+from endstate import problems
 
-from grokstudy import runner
+from grokstudy import runner, search
+from grokstudy.config import ResourcesConfig, TrialConfig, with_overrides
 from grokstudy.phases import PHASES
-from grokstudy.study import load_study
+from grokstudy.records import EvalRecord
+from grokstudy.study import parse_study
 
-pytestmark = pytest.mark.integration
-
-TINY_STUDY = """
-name: tiny
-task: {op: "x+y", p: 23}
-data: {fraction: 0.5}
-model: {kind: mlp, embed_dim: 16, width: 64}
-train: {max_steps: 300, eval_every: 50, checkpoint_every: 100}
-optimizer: {name: adamw, lr: 3.0e-3, weight_decay: 1.0, warmup_steps: 0}
-phases: {confirm_steps: 100}
-search:
-  sampler: grid
-  space:
-    optimizer.weight_decay: {values: [0.0, 1.0]}
-    data.fraction: {values: [0.4, 0.8]}
-  seeds: 1
-resources: {cpu: 1}
-diagram: {x: data.fraction, y: optimizer.weight_decay}
-"""
+TINY = {
+    "name": "tiny",
+    "task": {"op": "x+y", "p": 23},
+    "data": {"fraction": 0.5},
+    "model": {"kind": "mlp", "embed_dim": 16, "width": 64},
+    "train": {"max_steps": 300, "eval_every": 50, "checkpoint_every": 100},
+    "optimizer": {"name": "adamw", "lr": 3.0e-3, "weight_decay": 1.0, "warmup_steps": 0},
+    "phases": {"confirm_steps": 100},
+    "search": {
+        "sampler": "grid",
+        "space": {"optimizer.weight_decay": {"values": [0.0, 1.0]}, "data.fraction": {"values": [0.4, 0.8]}},
+        "seeds": 2,
+    },
+    "resources": {"cpu": 1},
+    "diagram": {"x": "data.fraction", "y": "optimizer.weight_decay"},
+}
 
 
-def write_study(tmp_path: Path, text: str = TINY_STUDY, **replace: str) -> Path:
-    for old, new in replace.items():
-        text = text.replace(old, new)
-    path = tmp_path / "study.yaml"
-    path.write_text(text)
-    return path
+def record(step: int, train_acc: float, val_acc: float, train_loss: float = 0.1) -> EvalRecord:
+    return EvalRecord(step, train_loss, train_acc, 1.0, val_acc, 10.0)
 
 
-def child_runs(tracking_uri: str, experiment: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+# ---- without Ray ---------------------------------------------------------------------------------
 
 
-def test_tiny_grid_study_runs_every_point_and_seed_exactly_once(tmp_path: Path) -> None:
-    study = load_study(write_study(tmp_path), ["search.seeds=2"])
+def test_a_member_stops_when_generalization_held_when_it_diverged_or_at_its_budget() -> None:
+    study = parse_study(TINY)
+    cfg = study.trial({})
+    running = [record(s, 1.0, 0.1) for s in (0, 50, 100)]
+    assert runner._outcome(running, cfg, study) is None
+    held = [record(0, 0.1, 0.0), *(record(s, 1.0, 1.0) for s in (50, 100, 150))]
+    outcome = runner._outcome(held, cfg, study)
+    assert outcome == {
+        "phase": "comprehension",
+        "t_train": 50,
+        "t_val": 50,
+        "objective": 50.0,
+        "stop_reason": "generalized",
+    }
+    diverged = [record(0, 0.1, 0.0), record(50, 0.04, 0.04, train_loss=math.nan)]
+    assert runner._outcome(diverged, cfg, study)["stop_reason"] == "diverged"
+    assert runner._outcome(diverged, cfg, study)["phase"] == "diverged"
+    budget = [record(s, 1.0, 0.1) for s in (0, 100, 200, 300)]
+    assert runner._outcome(budget, cfg, study) == {
+        "phase": "memorization",
+        "t_train": 0,
+        "t_val": None,
+        "objective": 300.0,
+        "stop_reason": "budget",
+    }
+
+
+def test_packs_are_on_by_default_where_trials_use_a_gpu_only() -> None:
+    study = parse_study(TINY)
+    assert runner.pack_size(study) == 1
+    gpu = with_overrides(study, {"resources": ResourcesConfig(gpu=0.5)})
+    assert runner.pack_size(gpu) == runner.DEFAULT_GPU_PACK
+    assert runner.pack_size(with_overrides(study, {"resources": ResourcesConfig(pack=4)})) == 4
+
+
+def test_the_searcher_hands_out_each_member_once_then_says_finished() -> None:
+    study = parse_study(TINY)
+    searcher = runner._Searcher(study, pack_size=1, slots=2, experiment_path="/nowhere")
+    configs = []
+    while isinstance(config := searcher.suggest(f"t{len(configs)}"), dict):
+        configs.append(config)
+    assert config == runner.Searcher.FINISHED
+    ids = [m["trial_id"] for c in configs for m in c["members"]]
+    assert sorted(ids) == sorted({search.trial_id(p) for p in search.dry_run(study)}) and len(ids) == 8
+    # A result told twice is told once; a pack that failed fails its members in the ledger.
+    outcome = {"trial_id": ids[0], "phase": "grokking", "objective": 120.0}
+    searcher.on_trial_result("t0", {runner.OUTCOMES: runner.json.dumps([outcome])})
+    searcher.on_trial_complete("t0", {runner.OUTCOMES: runner.json.dumps([outcome])})
+    searcher.on_trial_complete("t1", None, error=True)
+    trials = {t.user_attrs[search.TRIAL_ID]: t for t in searcher.ledger.ot.trials}
+    assert trials[ids[0]].state.name == "COMPLETE" and trials[ids[0]].value == 120.0
+    assert trials[ids[1]].state.name == "FAIL" and trials[ids[1]].user_attrs[search.ERROR]
+
+
+def test_a_single_member_trainer_yields_each_eval_step_and_stops_when_retired() -> None:
+    cfg = with_overrides(TrialConfig(), {"task.p": 11, "model.width": 8, "model.embed_dim": 4, "train.max_steps": 100,
+                                         "train.eval_every": 20, "train.device": "cpu"})  # fmt: skip
+    trainer = runner._Trainer([cfg], None)
+    steps = []
+    for group in trainer.steps():
+        [(i, rec)] = group
+        steps.append(rec.step)
+        if rec.step == 20:
+            trainer.retire(0)
+    assert steps == [0, 1, 2, 5, 10, 20]
+
+
+def test_a_history_is_read_from_a_members_checkpoint_meta() -> None:
+    study = parse_study(TINY)
+    point = {"optimizer.weight_decay": 1.0, "data.fraction": 0.4, "train.seed": 1}
+    member = {"trial_id": search.trial_id(point), "point": point}
+    saved = {
+        "records": [{"step": 0, "train/acc": 0.1, "val/acc": 0.0}],
+        "run_id": "r1",
+        "outcome": {"stop_reason": "budget"},
+    }
+    h = runner._history(study, member, saved, "node-1", None)
+    assert (h.trial_id, h.run_id, h.stop_reason, h.node, h.cfg.train.seed) == (
+        member["trial_id"],
+        "r1",
+        "budget",
+        "node-1",
+        1,
+    )
+    assert runner._history(study, member, {}, None, None) is None  # unfinished: not a row
+    failed = runner._history(study, member, {}, None, "RuntimeError: boom")
+    assert (failed.stop_reason, failed.error, failed.records) == ("error", "RuntimeError: boom", ())
+
+
+# ---- a real embedded Ray -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_curves(tmp_path: Path) -> None:
+    study = parse_study(TINY)
     outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
-
-    trials = pq.read_table(outcome.trials_path).to_pylist()
-    assert outcome.n_failed == 0
-    assert len(trials) == 8
-    points = sorted((t["optimizer.weight_decay"], t["data.fraction"], t["train.seed"]) for t in trials)
-    expected = sorted((wd, f, s) for wd in (0.0, 1.0) for f in (0.4, 0.8) for s in (0, 1))
-    assert points == expected
-    assert len({t["trial_id"] for t in trials}) == 8
-    for t in trials:
-        assert t["phase"] in PHASES
-        assert t["steps"] <= 300
-        assert t["stop_reason"] in ("generalized", "budget")
-    # A point with enough data and decay fits its training set within the budget.
-    assert any(t["t_train"] is not None for t in trials)
-
-    curves = pq.read_table(outcome.curves_path)
-    assert set(curves.column("trial_id").to_pylist()) == {t["trial_id"] for t in trials}
+    assert outcome.failed == [] and outcome.n_trials == 8
+    assert set(outcome.phase_counts) <= set(PHASES)
     assert outcome.figures and all(p.exists() for p in outcome.figures)
-
-    children = child_runs(outcome.tracking_uri, "tiny")
-    assert len(children) == 8
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {outcome.parent_run_id}
-    assert {r.data.tags["phase"] for r in children} <= set(PHASES)
-
-
-def _finished_trials(experiment_dir: Path) -> set[str]:
-    """Trial dirs of the trials Tune's latest experiment snapshot records as finished.
-
-    That snapshot is what a restarted driver restores. A trial that finished after it
-    (seconds before the kill) is, to the restored study, unfinished: it continues from
-    its last checkpoint, which repeats at most the steps after that checkpoint.
-    """
-    snapshots = sorted(experiment_dir.glob("experiment_state-*.json"))
-    if not snapshots:
-        return set()
-    try:
-        state = json.loads(snapshots[-1].read_text())
-    except json.JSONDecodeError:  # caught mid-write
-        return set()
-    done = set()
-    for trial_json, _ in state["trial_data"]:
-        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-        if trial["status"] == "TERMINATED":
-            done.add(f"trial_{trial['trial_id']}")
-    return done
-
-
-def _steps_reported(experiment_dir: Path, trial_dir: str) -> list[int]:
-    lines = (experiment_dir / trial_dir / "result.json").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
-
-
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
-    study_file = write_study(
-        tmp_path,
-        **{"max_steps: 300": "max_steps: 1500", "values: [0.4, 0.8]": "values: [0.3, 0.5, 0.8]"},
-    )
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "grokstudy", "run", str(study_file), "--out", str(out), "--num-cpus", "2"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    experiment_dir = out / "ray" / "tiny"
-
-    driver = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    finished_before: set[str] = set()
-    while time.monotonic() < deadline and driver.poll() is None:
-        finished_before = _finished_trials(experiment_dir) if experiment_dir.exists() else set()
-        if finished_before:
-            break
-        time.sleep(0.5)
-    assert driver.poll() is None, "the study finished before it could be interrupted"
-    assert finished_before, "no trial finished within the time limit"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    assert not (out / "trials.parquet").exists()
-
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed" in resumed.stdout
-
-    trials = pq.read_table(out / "trials.parquet").to_pylist()
-    assert len(trials) == 6
-    assert len({(t["optimizer.weight_decay"], t["data.fraction"]) for t in trials}) == 6
-    for trial_dir in finished_before:
-        steps = _steps_reported(experiment_dir, trial_dir)
-        assert steps == sorted(set(steps)), f"{trial_dir} ran again after the restart: {steps}"
-
-    children = child_runs(f"sqlite:///{out / 'mlflow.db'}", "tiny")
-    assert len(children) == 6
-    assert all(r.info.status == "FINISHED" for r in children)
+    assert problems(tmp_path / "out", study) == []

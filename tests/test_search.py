@@ -1,14 +1,12 @@
-"""Study → Optuna: every point x seed exactly once, seeds as true replicates, a persistent study."""
+"""Study → Optuna: every point x seed exactly once, seeds as true replicates, a ledger that survives any restart."""
 
 from __future__ import annotations
 
 import math
 import pickle
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 
 from grokstudy import search
@@ -45,19 +43,18 @@ def make_study(
     return parse_study({**BASE, "search": search_section | extra, "run": run or {}})
 
 
-def ask_all(study: Study, ot_study: optuna.Study, at_once: bool) -> list[dict]:
-    """n_trials asks as the runner's searcher makes them: all running together, or one by one."""
-    space = search.optuna_space(study)
-    trials, points = [], []
-    for _ in range(search.n_trials(study)):
-        trial = ot_study.ask()
-        points.append(search.point_from_config(study, space(trial)))
+def run_ledger(ledger: search.Ledger, at_once: bool, stop_after: int | None = None) -> list[dict]:
+    """Ask the ledger for every member (as the runner's searcher does), all running at once or one
+    by one, telling each a result; stop after `stop_after` asks (members then stay running)."""
+    members, points = [], []
+    while (stop_after is None or len(points) < stop_after) and (m := ledger.ask()) is not None:
+        points.append(m.point)
         if at_once:
-            trials.append(trial)
+            members.append(m)
         else:
-            ot_study.tell(trial, 1.0)
-    for trial in trials:
-        ot_study.tell(trial, 1.0)
+            ledger.tell(m.trial_id, 1.0, "grokking")
+    for m in members if stop_after is None else []:
+        ledger.tell(m.trial_id, 1.0, "grokking")
     return points
 
 
@@ -66,14 +63,14 @@ def point_and_seed(p: dict) -> tuple[str, int]:
 
 
 @pytest.mark.parametrize("at_once", [False, True], ids=["one at a time", "all running at once"])
-def test_grid_sampler_proposes_every_point_and_seed_exactly_once(at_once: bool) -> None:
+def test_grid_ledger_hands_out_every_point_and_seed_exactly_once(at_once: bool) -> None:
     study = make_study()
-    ot_study = optuna.create_study(sampler=search.make_sampler(study))
-    points = ask_all(study, ot_study, at_once)
+    ledger = search.Ledger(study)
+    points = run_ledger(ledger, at_once)
     expected = {(search.point_id(p), s) for p in search.grid_points(study) for s in range(2)}
     assert len(expected) == search.n_trials(study) == 3 * 4 * 2 * 2
-    assert Counter(map(point_and_seed, points)) == Counter(expected)
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in ot_study.trials)
+    assert sorted(map(point_and_seed, points)) == sorted(expected)
+    assert ledger.ask() is None and ledger.finished() and ledger.remaining() == 0
 
 
 def test_grid_points_are_the_product_of_the_axes_in_a_stable_order() -> None:
@@ -93,8 +90,7 @@ def test_grid_points_are_the_product_of_the_axes_in_a_stable_order() -> None:
 @pytest.mark.parametrize("sampler", ["sobol", "random", "tpe"])
 def test_seeds_of_sampled_points_are_exact_replicates(sampler: str) -> None:
     study = make_study(sampler, CONTINUOUS_SPACE, seeds=3, num_samples=8)
-    ot_study = optuna.create_study(sampler=search.make_sampler(study))
-    points = ask_all(study, ot_study, at_once=True)
+    points = run_ledger(search.Ledger(study), at_once=True)
     seeds_of: dict[str, list[int]] = defaultdict(list)
     for p in points:
         seeds_of[search.point_id(p)].append(p["train.seed"])
@@ -140,124 +136,76 @@ def test_point_label_uses_short_names_and_puts_the_seed_last() -> None:
     )
 
 
-def test_storage_url_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert search.optuna_storage_url(make_study(), Path("runs/x")) == f"sqlite:///{tmp_path}/runs/x/optuna.db"
-    relative = make_study(run={"optuna_storage": "sqlite:///db/optuna.db"})
-    assert search.optuna_storage_url(relative, Path("runs/x")) == f"sqlite:///{tmp_path}/db/optuna.db"
-    server = make_study(run={"optuna_storage": "postgresql://optuna@db:5432/optuna"})
-    assert search.optuna_storage_url(server, Path("runs/x")) == "postgresql://optuna@db:5432/optuna"
-
-
-def test_persisted_study_reloads_by_name_and_a_resumed_grid_finishes_exactly_once(tmp_path: Path) -> None:
-    study = make_study(space=SMALL_GRID, seeds=1)
-    space = search.optuna_space(study)
-
-    def open_study() -> optuna.Study:
-        return optuna.create_study(
-            study_name=search.study_name(study),
-            storage=search.optuna_storage(study, tmp_path),
-            sampler=search.make_sampler(study),
-            load_if_exists=True,
-        )
-
-    first = open_study()
-    done = []
-    for _ in range(4):
-        trial = first.ask()
-        done.append(search.point_from_config(study, space(trial)))
-        first.tell(trial, 1.0)
-
-    reloaded = optuna.load_study(study_name=study.name, storage=search.optuna_storage_url(study, tmp_path))
-    assert [search.point_from_config(study, t.params) for t in reloaded.trials] == done
-
-    resumed = open_study()
-    rest = []
-    for _ in range(search.n_trials(study) - 4):
-        trial = resumed.ask()
-        rest.append(search.point_from_config(study, space(trial)))
-        resumed.tell(trial, 1.0)
-    assert sorted(map(search.point_id, done + rest)) == sorted(
-        map(search.point_id, search.grid_points(study))
-    )
-
-
-@pytest.mark.parametrize("sampler", ["grid", "random"])
-def test_trials_lost_with_a_crashed_driver_are_requeued_and_run_once(sampler: str) -> None:
-    study = make_study(sampler, SMALL_GRID if sampler == "grid" else CONTINUOUS_SPACE, seeds=3, num_samples=4)
-    ot_study = optuna.create_study(sampler=search.make_sampler(study))
-    space = search.optuna_space(study)
-    n = search.n_trials(study)
-    # Tune's last searcher checkpoint knew trials 0-4 (0-2 finished, 3-4 running);
-    # trials 5-7 were asked after it and die with the driver, RUNNING for ever,
-    # the last one even before its space call.
-    asked = []
-    for i in range(8):  # OptunaSearch.suggest: ask, then run the space on the new trial
-        asked.append(ot_study.ask())
-        if i < 7:
-            space(asked[-1])
-    for trial in asked[:3]:
-        ot_study.tell(trial, 1.0)
-
-    assert search.requeue_lost_trials(study, ot_study, known={0, 1, 2, 3, 4}) == [5, 6, 7]
-
-    for trial in asked[3:5]:  # the restored Tune resumes the trials it knew
-        ot_study.tell(trial, 1.0)
-    for _ in range(n - 5):  # and asks for the rest
-        trial = ot_study.ask()
-        space(trial)
-        ot_study.tell(trial, 1.0)
-    done = [t for t in ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # The grid keeps the seed as a parameter, the other samplers as a user attribute.
-    points = [search.point_from_config(study, t.user_attrs | t.params) for t in done]
-    counts = Counter(map(point_and_seed, points))
-    assert len(done) == n and set(counts.values()) == {1}
-    assert len({pid for pid, _ in counts}) == search.n_points(study)
-
-
 def test_samplers_and_space_survive_pickling() -> None:
-    # Tune checkpoints OptunaSearch (space, sampler, storage) with pickle.
     for sampler in ("grid", "sobol", "random", "tpe"):
         study = make_study(sampler, GRID_SPACE if sampler == "grid" else CONTINUOUS_SPACE, num_samples=4)
         space, made = pickle.loads(pickle.dumps((search.optuna_space(study), search.make_sampler(study))))
         assert space == search.optuna_space(study) and type(made) is type(search.make_sampler(study))
 
 
-@pytest.mark.parametrize("sampler", ["grid", "tpe"])
-def test_ray_optuna_search_drives_the_space_across_a_driver_restart(tmp_path: Path, sampler: str) -> None:
-    """The wiring the runner uses, through Ray Tune's own OptunaSearch (no cluster needed)."""
-    from ray.tune.search.optuna import OptunaSearch
+@pytest.mark.parametrize("sampler", ["grid", "sobol", "tpe"])
+def test_a_pickled_ledger_finishes_the_study_exactly_once(sampler: str) -> None:
+    # What Tune saves with its experiment is a pickle of the ledger mid-study.
+    study = make_study(sampler, GRID_SPACE if sampler == "grid" else CONTINUOUS_SPACE, num_samples=6)
+    ledger = search.Ledger(study)
+    first = run_ledger(ledger, at_once=False, stop_after=7)
+    restored = pickle.loads(pickle.dumps(ledger))
+    rest = run_ledger(restored, at_once=False)
+    counts = Counter(map(point_and_seed, first + rest))
+    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}
 
-    space = (
-        SMALL_GRID
-        if sampler == "grid"
-        else CONTINUOUS_SPACE | {"optimizer.betas": SMALL_GRID["optimizer.betas"]}
-    )
-    study = make_study(sampler, space, seeds=2, num_samples=6)
-    searcher = OptunaSearch(
-        space=search.optuna_space(study),
-        metric="objective",
-        mode="min",
-        sampler=search.make_sampler(study),
-        study_name=search.study_name(study),
-        storage=search.optuna_storage(study, tmp_path),
-        points_to_evaluate=search.points_to_evaluate(study) or None,
-    )
-    n = search.n_trials(study)
-    configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(n // 2)}
-    searcher.on_trial_complete("t0", {"objective": 100.0})
-    searcher.save(str(tmp_path / "searcher.pkl"))  # what Tune's experiment checkpoint keeps
 
-    restored = OptunaSearch()
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    configs |= {f"t{i}": restored.suggest(f"t{i}") for i in range(n // 2, n)}
-    for i in range(1, n):
-        restored.on_trial_complete(f"t{i}", {"objective": float(i)})
+def known(ledger_points: list[dict], status: str, tune_id: str = "t") -> dict[str, search.Known]:
+    return {
+        search.trial_id(p): search.Known(
+            search.trial_id(p),
+            tune_id,
+            p,
+            status,
+            10.0 if status == "done" else None,
+            "grokking" if status == "done" else None,
+        )
+        for p in ledger_points
+    }
 
-    points = [search.point_from_config(study, c) for c in configs.values()]
-    assert all(isinstance(c["optimizer.betas"], tuple) for c in configs.values())
-    counts = Counter(map(point_and_seed, points))
-    assert len(counts) == n and set(counts.values()) == {1}
-    assert {s for _, s in counts} == {0, 1}
-    stored = optuna.load_study(study_name=study.name, storage=search.optuna_storage_url(study, tmp_path))
-    assert [t.state.name for t in stored.trials] == ["COMPLETE"] * n
+
+@pytest.mark.parametrize("sampler", ["grid", "sobol", "tpe"])
+def test_reconcile_requeues_lost_members_adopts_unknown_ones_and_tells_what_finished(sampler: str) -> None:
+    """The two halves of a Tune snapshot (experiment state, searcher) can differ after a kill."""
+    study = make_study(sampler, GRID_SPACE if sampler == "grid" else CONTINUOUS_SPACE, num_samples=6)
+    ledger = search.Ledger(study)
+    snapshot = None
+    asked = []
+    for i in range(9):
+        m = ledger.ask()
+        asked.append(m.point)
+        if i == 5:
+            snapshot = pickle.dumps(ledger)  # the searcher's half, saved after 6 asks
+    # Tune's half was saved after 4 asks, and says: two done, one failed, one running.
+    # Asks 5 and 6 are lost (the ledger has them running; Tune never recorded them);
+    # asks 7 to 9 happened after both halves and are forgotten by both.
+    restored = pickle.loads(snapshot)
+    tune_view = known(asked[:2], "done") | known(asked[2:3], "failed") | known(asked[3:4], "running")
+    lost = restored.reconcile(tune_view)
+    assert sorted(lost) == sorted(search.trial_id(p) for p in asked[4:6])
+    # Telling a finished member again, or a result for a failed one, changes nothing and raises nothing.
+    restored.tell(search.trial_id(asked[0]), 99.0, "memorization")
+    restored.tell(search.trial_id(asked[2]), 1.0, "grokking")
+    assert restored.phases()[search.trial_id(asked[0])] == "grokking"
+    rest = run_ledger(restored, at_once=False)
+    done = asked[:4] + rest
+    counts = Counter(map(point_and_seed, done))
+    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}, counts
+
+
+def test_reconcile_adopts_members_the_ledger_never_saw() -> None:
+    # The experiment state (Tune's half) was written after the searcher's snapshot.
+    study = make_study()
+    early = search.Ledger(study)
+    snapshot = pickle.dumps(early)
+    later = [early.ask().point for _ in range(3)]
+    restored = pickle.loads(snapshot)
+    restored.reconcile(known(later[:1], "done") | known(later[1:], "running"))
+    rest = run_ledger(restored, at_once=False)
+    counts = Counter(map(point_and_seed, later + rest))
+    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}

@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import pytest
 import servers
 import yaml
 
-from grokstudy import phases, tracking
+from grokstudy import tracking
 from grokstudy.config import OptimConfig, TrainConfig, TrialConfig, flatten
 from grokstudy.errors import StudyError
-from grokstudy.records import EvalRecord
+from grokstudy.records import ELAPSED_KEY, METRIC_KEYS, EvalRecord
 from grokstudy.study import parse_study
 
 GRID = [0, 1, 2, 5, 10, 20, *range(50, 1001, 50)]
@@ -59,7 +60,10 @@ def synthetic_record(step: int, wd: float = 1.0) -> EvalRecord:
 
 
 def tracked_value(record: EvalRecord, key: str) -> float:
-    return record.elapsed_s if key == tracking.ELAPSED_KEY else record.metrics()[key]
+    return record.values()[key]
+
+
+TRACKED = (*METRIC_KEYS, ELAPSED_KEY)
 
 
 def client(uri: str):
@@ -81,16 +85,37 @@ def open_study(uri: str, name: str, **kwargs) -> tuple[tracking.StudyTracker, st
     return study, experiment_id, parent_run_id
 
 
-def start_trial(uri, experiment_id, parent_run_id, key: str, cfg: TrialConfig, **kwargs):
-    return tracking.MlflowTrialTracker.start(
-        uri,
-        experiment_id,
-        parent_run_id,
-        run_name=key,
-        params=flatten(cfg),
-        tags={"grokstudy.trial_key": key, "grokstudy.point_id": f"p-{key}", "ray.trial_id": key},
-        **kwargs,
-    )
+class Trial:
+    """One trial as the runner drives it: a Sender of its own, one run, the curve so far."""
+
+    def __init__(self, uri, experiment_id, parent_run_id, key: str, params: dict, run_id: str | None = None):
+        self.sender = tracking.Sender(tracking.Where(uri, experiment_id, parent_run_id), interval_s=0.05)
+        self.run = self.sender.open(key, key, params, {"grokstudy.point_id": f"p-{key}"}, run_id=run_id)
+        self.curve: list[EvalRecord] = []
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.run_id
+
+    def log_records(self, records: list[EvalRecord]) -> None:
+        self.curve = sorted({r.step: r for r in [*self.curve, *records]}.values(), key=lambda r: r.step)
+        self.run.sync(self.curve)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.run.set_tags(tags)
+
+    def flush(self) -> None:
+        assert self.sender.flush(60), self.sender.last_error
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        self.run.finish(status, error)
+        assert self.sender.close(60), self.sender.last_error
+
+
+def start_trial(uri, experiment_id, parent_run_id, key: str, cfg: TrialConfig, **kwargs) -> Trial:
+    trial = Trial(uri, experiment_id, parent_run_id, key, flatten(cfg), **kwargs)
+    trial.flush()  # the run exists (as the runner's first checkpoint makes sure)
+    return trial
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +193,7 @@ def test_a_local_study_keeps_its_runs_and_artifacts_in_the_output_directory(
     assert [s for s, _ in history(uri, trial.run_id, "val/acc")] == GRID
     fetched = tracking.fetch_results(uri, "local-study")
     assert [t["run_id"] for t in fetched.trials] == [trial.run_id]
-    assert set(fetched.trials[0]["metrics"]) == set(tracking.TRACKED_METRICS)
+    assert set(fetched.trials[0]["metrics"]) == set(TRACKED)
 
 
 # ---- a real server --------------------------------------------------------------------------
@@ -221,9 +246,11 @@ def test_trials_nest_under_the_study_run_with_params_metrics_tags_and_artifacts(
             k: str(v) for k, v in flatten(TrialConfig(optimizer=OptimConfig(weight_decay=wd))).items()
         }
         assert run.data.tags["phase"] == "grokking" and run.data.tags["ray.node"] == "node-1"
-        assert run.data.tags["grokstudy.trial_key"] == f"wd={wd}"
-        assert set(run.data.metrics) == set(tracking.TRACKED_METRICS)
-        for key in tracking.TRACKED_METRICS:
+        assert (
+            run.data.tags["grokstudy.trial_key"] == f"wd={wd}" and run.data.tags["grokstudy.kind"] == "trial"
+        )
+        assert set(run.data.metrics) == set(TRACKED)
+        for key in TRACKED:
             points = history(uri, run_id, key)
             assert [s for s, _ in points] == GRID
             assert [v for _, v in points] == pytest.approx(
@@ -235,29 +262,31 @@ def test_trials_nest_under_the_study_run_with_params_metrics_tags_and_artifacts(
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("contract", ["flush_before_checkpoint", "relog_checkpointed_records"])
+@pytest.mark.parametrize("flush", [True, False], ids=["flushed before the checkpoint", "not flushed"])
 def test_a_killed_trial_continues_its_own_run_with_no_repeated_or_missing_step(
-    mlflow_server: servers.MlflowServer, contract: str
+    mlflow_server: servers.MlflowServer, flush: bool
 ) -> None:
     uri = mlflow_server.uri
-    study, experiment_id, parent_run_id = open_study(uri, f"crash-{contract}")
-    # The first attempt logs steps 0..500 with a checkpoint at 300 and is
-    # SIGKILLed: whatever was still queued is lost.
-    flush = contract == "flush_before_checkpoint"
+    study, experiment_id, parent_run_id = open_study(uri, f"crash-{flush}")
+    # The first attempt logs steps 0..500 with a checkpoint at 300 and is SIGKILLed:
+    # whatever was still queued is lost.
     script = "\n".join(
         [
             "import os, signal, sys",
             "from grokstudy import tracking",
             "from grokstudy.records import EvalRecord",
             textwrap.dedent(inspect.getsource(synthetic_record)),
-            "uri, eid, pid, grid = sys.argv[1], sys.argv[2], sys.argv[3], map(int, sys.argv[4].split(','))",
-            "t = tracking.MlflowTrialTracker.start(uri, eid, pid, 'trial', {'train.seed': 0},"
-            " {'grokstudy.trial_key': 'trial'}, flush_every=3, flush_interval_s=0.05)",
-            "print(t.run_id, flush=True)",
-            "for step in (s for s in grid if s <= 500):",
-            "    t.log_records([synthetic_record(step)])",
+            "uri, eid, pid, grid = sys.argv[1], sys.argv[2], sys.argv[3], list(map(int, sys.argv[4].split(',')))",
+            "s = tracking.Sender(tracking.Where(uri, eid, pid), interval_s=0.05)",
+            "run = s.open('trial', 'trial', {'train.seed': 0}, {})",
+            "assert s.flush(60)",
+            "print(run.run_id, flush=True)",
+            "curve = []",
+            "for step in (x for x in grid if x <= 500):",
+            "    curve.append(synthetic_record(step))",
+            "    run.sync(curve)",
             f"    if step == 300 and {flush}:",
-            "        t.flush()",
+            "        assert s.flush(60)",
             "os.kill(os.getpid(), signal.SIGKILL)",
         ]
     )
@@ -277,12 +306,10 @@ def test_a_killed_trial_continues_its_own_run_with_no_repeated_or_missing_step(
     if flush:
         assert logged[-1] >= 300
 
-    # The retry restores the step-300 checkpoint (with the records it holds, for
-    # the second contract) and trains on from there.
+    # The retry restores the step-300 checkpoint: its curve (the records it holds) and its
+    # run id. It re-opens the run, learns its last step, replays what MLflow lacks, trains on.
     trial = start_trial(uri, experiment_id, parent_run_id, "trial", TrialConfig(), run_id=run_id)
-    assert trial.last_step == (logged[-1] if logged else -1)
-    if not flush:
-        trial.log_records([synthetic_record(s) for s in GRID if s <= 300])
+    trial.log_records([synthetic_record(s) for s in GRID if s <= 300])
     for step in (s for s in GRID if s > 300):
         trial.log_records([synthetic_record(step)])
     trial.finish("FINISHED")
@@ -290,10 +317,55 @@ def test_a_killed_trial_continues_its_own_run_with_no_repeated_or_missing_step(
     children = c.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     assert [r.info.run_id for r in children] == [run_id]
     assert c.get_run(run_id).info.status == "FINISHED"
-    for key in tracking.TRACKED_METRICS:
+    for key in TRACKED:
         points = history(uri, run_id, key)
         assert [s for s, _ in points] == GRID, key
     assert [v for _, v in history(uri, run_id, "train/acc")] == [synthetic_record(s).train_acc for s in GRID]
+
+
+@pytest.mark.integration
+def test_a_trial_started_again_without_its_run_id_finds_its_run_by_trial_key(
+    mlflow_server: servers.MlflowServer,
+) -> None:
+    # A trial lost before its first checkpoint, run again by a resumed study.
+    uri = mlflow_server.uri
+    _, experiment_id, parent_run_id = open_study(uri, "by-key")
+    first = start_trial(uri, experiment_id, parent_run_id, "k", TrialConfig())
+    first.log_records([synthetic_record(s) for s in GRID[:5]])
+    first.flush()
+    again = start_trial(uri, experiment_id, parent_run_id, "k", TrialConfig())
+    again.log_records([synthetic_record(s) for s in GRID])
+    again.finish("FINISHED")
+    assert again.run_id == first.run_id
+    assert [s for s, _ in history(uri, first.run_id, "val/acc")] == GRID
+
+
+@pytest.mark.integration
+def test_an_mlflow_outage_delays_metrics_but_loses_none(tmp_path: Path) -> None:
+    """The real server stops for ~20 s while a trial logs, then comes back on the same port and store."""
+    root = tmp_path / "mlflow"
+    port = servers.free_port()
+    with servers.mlflow_server(root, port=port) as server:
+        _, experiment_id, parent_run_id = open_study(server.uri, "outage")
+        trial = start_trial(server.uri, experiment_id, parent_run_id, "t", TrialConfig())
+        trial.log_records([synthetic_record(s) for s in GRID[:10]])
+        trial.flush()
+    # Down: the trial keeps going and nothing raises.
+    start = time.monotonic()
+    for s in GRID[10:20]:
+        trial.log_records([synthetic_record(s)])
+        time.sleep(1.0)
+    assert not trial.sender.flush(3)
+    assert trial.sender.down_s > 5 and trial.sender.last_error
+    while time.monotonic() - start < 20:
+        time.sleep(0.5)
+    with servers.mlflow_server(root, port=port) as server:
+        for s in GRID[20:]:
+            trial.log_records([synthetic_record(s)])
+        trial.finish("FINISHED")
+        assert trial.sender.down_s == 0 and trial.sender.last_error is None
+        assert [s for s, _ in history(server.uri, trial.run_id, "val/acc")] == GRID
+        assert client(server.uri).get_run(trial.run_id).info.status == "FINISHED"
 
 
 @pytest.mark.integration
@@ -318,18 +390,19 @@ def test_a_resumed_study_reopens_its_parent_run_and_refuses_a_changed_study(
 
 
 @pytest.mark.integration
-def test_runs_end_with_the_status_they_are_given_and_only_once(mlflow_server: servers.MlflowServer) -> None:
+def test_runs_end_with_the_status_they_are_given(mlflow_server: servers.MlflowServer) -> None:
     uri = mlflow_server.uri
     study, experiment_id, parent_run_id = open_study(uri, "statuses")
     c = client(uri)
     for status in tracking.RUN_STATUSES:
         trial = start_trial(uri, experiment_id, parent_run_id, status, TrialConfig())
         trial.log_records([synthetic_record(0)])
-        trial.finish(status)
-        trial.finish("FAILED")  # e.g. the runner's error path after a normal end
-        assert c.get_run(trial.run_id).info.status == status
+        trial.finish(status, error="RuntimeError: boom" if status == "FAILED" else None)
+        run = c.get_run(trial.run_id)
+        assert run.info.status == status
+        assert run.data.tags.get(tracking.ERROR_TAG) == ("RuntimeError: boom" if status == "FAILED" else None)
     with pytest.raises(ValueError, match="FINISHED"):
-        trial.finish("DONE")
+        trial.run.finish("DONE")
     study.finish("KILLED")
     assert c.get_run(parent_run_id).info.status == "KILLED"
 
@@ -340,7 +413,7 @@ def test_more_than_a_request_of_params_and_metrics_all_arrive(mlflow_server: ser
     _, experiment_id, parent_run_id = open_study(uri, "limits")
     params = {f"p.k{i:03d}": i for i in range(250)}
     tags = {f"t.k{i:03d}": str(i) for i in range(150)}
-    trial = tracking.MlflowTrialTracker.start(uri, experiment_id, parent_run_id, "big", params, {})
+    trial = Trial(uri, experiment_id, parent_run_id, "big", params)
     steps = range(0, 300)  # 300 records x 7 metrics: at least three requests
     trial.log_records([synthetic_record(s) for s in steps])
     trial.set_tags(tags)
@@ -381,11 +454,13 @@ def test_fetch_results_pages_through_more_runs_than_fit_in_a_page(
 
 
 @pytest.mark.integration
-def test_a_study_read_back_from_mlflow_becomes_the_result_tables(mlflow_server: servers.MlflowServer) -> None:
+def test_a_study_read_back_from_mlflow_becomes_its_trial_histories(
+    mlflow_server: servers.MlflowServer,
+) -> None:
     from grokstudy.study import study_to_dict
 
     uri = mlflow_server.uri
-    name = "tables"
+    name = "histories"
     spec = parse_study(yaml.safe_load(STUDY.format(name=name)))
     study = tracking.StudyTracker(uri)
     experiment_id, parent_run_id = study.open(name, yaml.safe_dump(study_to_dict(spec)), {}, {})
@@ -397,22 +472,23 @@ def test_a_study_read_back_from_mlflow_becomes_the_result_tables(mlflow_server: 
         trial.log_records(records)
         trial.set_tags({"stop_reason": "budget", "ray.node": "n1"})
         trial.finish("FINISHED")
-        logged[f"wd={wd}"] = (trial.run_id, records)
+        logged[f"wd={wd}"] = (trial.run_id, cfg, records)
+    failed = start_trial(uri, experiment_id, parent_run_id, "broken", spec.trial({"train.seed": 0}))
+    failed.finish("FAILED", error="RuntimeError: boom")
     study.finish("FINISHED")
 
-    trials, curves, diagram = tracking.fetch_tables(uri, name)
-    assert diagram == {"x": "optimizer.weight_decay", "y": "data.fraction"}
-    rows = {r["trial_id"]: r for r in trials.to_pylist()}
-    assert set(rows) == set(logged)
-    for key, (run_id, records) in logged.items():
-        row = rows[key]
-        verdict = phases.classify_records(records, spec.phases, 1000)
-        assert row["run_id"] == run_id and row["status"] == "TERMINATED" and row["node"] == "n1"
-        assert row["optimizer.weight_decay"] == float(key.removeprefix("wd="))
-        assert (row["phase"], row["t_train"], row["t_val"]) == (verdict.phase, verdict.t_train, verdict.t_val)
-        curve = [r for r in curves.to_pylist() if r["trial_id"] == key]
-        assert [r["step"] for r in curve] == GRID
-        assert [r["val/loss"] for r in curve] == pytest.approx([r.val_loss for r in records])
+    study_yaml, histories = tracking.fetch_histories(uri, name)
+    assert parse_study(yaml.safe_load(study_yaml)) == spec
+    by_id = {h.trial_id: h for h in histories}
+    assert set(by_id) == {*logged, "broken"}
+    for key, (run_id, cfg, records) in logged.items():
+        h = by_id[key]
+        assert (h.run_id, h.cfg, h.stop_reason, h.node, h.error) == (run_id, cfg, "budget", "n1", None)
+        assert [r.step for r in h.records] == GRID
+        assert [r.val_loss for r in h.records] == pytest.approx([r.val_loss for r in records])
+    assert (by_id["broken"].stop_reason, by_id["broken"].error, by_id["broken"].records) == (
+        "error", "RuntimeError: boom", (),
+    )  # fmt: skip
 
 
 # ---- a real browser on the real UI ---------------------------------------------------------------
@@ -437,7 +513,8 @@ def test_the_mlflow_ui_shows_the_study_run_with_its_trials_nested_under_it(
         trial.log_records([synthetic_record(s) for s in GRID])
         trial.finish("FINISHED")
     study.finish("FINISHED")
-    url = tracking.ui_url(uri, experiment_id)
+    # MLflow 3.17's UI picks its GenAI or model-training layout by `workflowType`.
+    url = f"{uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     flags = ["--virtual-time-budget=20000", "--window-size=1400,900", "--dump-dom"]
 
     # As a user lands on it: the runs table (not the GenAI overview) with the study
@@ -490,7 +567,7 @@ def test_a_postgres_backend_store_holds_a_resumable_study(tmp_path: Path) -> Non
         study, experiment_id, parent_run_id = open_study(uri, "pg-study")
         trial = start_trial(uri, experiment_id, parent_run_id, "t0", TrialConfig())
         trial.log_records([synthetic_record(s) for s in GRID if s <= 300])
-        trial.flush()
+        trial.finish("KILLED")
         resumed = start_trial(uri, experiment_id, parent_run_id, "t0", TrialConfig(), run_id=trial.run_id)
         resumed.log_records([synthetic_record(s) for s in GRID])
         resumed.finish("FINISHED")
