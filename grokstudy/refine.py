@@ -1,0 +1,541 @@
+"""Adaptive refinement of a grid phase diagram: train the cells where phases change, infer the rest.
+
+A dense phase diagram trains every cell of a grid (weight decay × training fraction, say, 17 × 17).
+Most cells lie inside a phase region and tell nothing that their neighbours do not, so this module
+chooses which cells to train and infers the others, in the spirit of adaptive mesh refinement
+(Berger & Oliger 1984, J. Comput. Phys. 53:484): sample a coarse sub-lattice, then halve the stride
+only where the phase changes.
+
+Levels. Along an ordered axis of n points the coarse stride S is the largest power of two that keeps
+at least `COARSE_INTERVALS` = 4 intervals (17 → 4, 9 → 2, ≤ 8 → 1); the last index always belongs to
+the coarse grid, so corners are always measured. A cell's level is the finest stride s at which all its
+ordered coordinates are grid points. A cell of level s < S has, along each axis where it is not on
+the grid of stride 2s, a *pair*: the two nearest points of that grid on either side, all else equal.
+
+Inference (the line rule). From the coarsest level down, an unmeasured cell is
+- inferred as phase P when the endpoints of at least one of its pairs are both P and no pair's
+  endpoints are both some other phase (a cell between two cells of one phase is that phase);
+- in conflict when no pair agrees (the cell lies between different phases: a boundary cell), or pairs
+  agree on different phases (a saddle): it must be measured;
+- unknown while an endpoint is itself unknown or in conflict (it waits for the coarser cell).
+Each measured cell of level s thus refines the boundary by a factor of two, down to stride 1, where a
+cell between two different measured phases is always measured. A region narrower than the coarse
+stride can be missed; tests/test_refine.py shows discs of radius 3 (> S/√2 on 17 × 17) are all found,
+and bench/refine_synthetic.py gives the cost.
+
+Seeds and ties. A measured cell's phase is the majority of its seeds' labels. A tie for the most votes
+(1-1 with two seeds, 1-1-1 with three) is the phase `TIE` ("tie") with confidence = the tied share
+(0.5 for 1-1), never the first-listed label: a tie is evidence of nothing, so no cell is inferred from
+it (a pair with a tied endpoint never agrees). Any measured cell whose seeds disagree (a tie or a
+split majority) is uncertain: every unmeasured neighbour at stride 1 is then measured.
+
+Categorical axes (`ordered=False`, e.g. the optimizer) are never interpolated across: each of their
+values is an independent sheet with its own coarse grid and refinement.
+
+Speculation. With a cluster to keep busy, `next_cells` may return cells that are not needed yet but
+probably will be: for each pending cell it weighs the outcomes its finished seeds and its pair
+endpoints make likely, and ranks unmeasured cells by the chance that they become needed; only cells
+with a chance above `SPECULATE_MIN_CHANCE` are proposed (a coin flip is not enough).
+
+Every function is a pure, deterministic function of its arguments (a per-lattice cache of the grid
+structure holds no results). Pure Python and numpy: the Optuna sampler that calls it lives elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Cell = tuple[int, ...]
+
+TIE = "tie"  # the phase of a measured cell whose seeds tie for the most votes
+COARSE_INTERVALS = 4  # the coarse grid keeps at least this many intervals per ordered axis
+SPECULATE_MIN_CHANCE = 0.5  # a speculative cell must be more likely needed than not
+
+_CONFLICT = "<conflict>"  # internal estimate: unmeasured, between different phases: measure it
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lattice:
+    """A grid of cells: `shape` points per axis; `ordered[ax]` False for a categorical axis (a facet)."""
+
+    shape: tuple[int, ...]
+    ordered: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not self.shape or len(self.shape) != len(self.ordered):
+            raise ValueError(
+                f"shape {self.shape} and ordered {self.ordered} must be non-empty and of equal length"
+            )
+        if any(n < 1 for n in self.shape):
+            raise ValueError(f"every axis needs at least one point; got shape {self.shape}")
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def cells(self) -> list[Cell]:
+        """Every cell, in row-major order."""
+        return list(itertools.product(*(range(n) for n in self.shape)))
+
+    def sheet(self, cell: Cell) -> tuple[int, ...]:
+        """The categorical coordinates of `cell`: cells of one sheet are refined together."""
+        return tuple(i for i, o in zip(cell, self.ordered, strict=True) if not o)
+
+
+def majority(labels: Sequence[str]) -> tuple[str, float]:
+    """(phase, share of seeds voting for it); a tie for the most votes is (TIE, tied share); none is (TIE, 0)."""
+    if not labels:
+        return TIE, 0.0
+    counts = Counter(labels).most_common()
+    top = counts[0][1]
+    if len(counts) > 1 and counts[1][1] == top:
+        return TIE, top / len(labels)
+    return counts[0][0], top / len(labels)
+
+
+def coarse_stride(n: int) -> int:
+    """The largest power of two that leaves at least COARSE_INTERVALS intervals on an axis of n points.
+
+    On 17 points: 4 (a 5 × 5 coarse grid); on 9: 2. Every point then lies within S/√2 of a coarse
+    cell, so any island of radius > S/√2 holds one (2.83 on 17 points; tests/test_refine.py checks
+    radius 3). One step coarser (8 on 17, 4 on 9) missed whole islands in a development sweep over
+    random discs of radius 0.15-0.4 n (agreement down to 0.79, against 0.975 at worst with this
+    stride); one step finer costs 81 instead of 25 coarse cells on 17 × 17.
+    """
+    s = 1
+    while (n - 1) // (2 * s) >= COARSE_INTERVALS:
+        s *= 2
+    return s
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The grid structure of a lattice: what refines what. Independent of any result."""
+
+    top: int  # the level of the coarse cells
+    level: dict[Cell, int]
+    pairs: dict[Cell, tuple[tuple[Cell, Cell], ...]]  # () for coarse cells
+    neighbours: dict[Cell, tuple[Cell, ...]]  # stride-1 neighbours along the ordered axes
+    sources: dict[Cell, tuple[Cell, ...]]  # pair endpoints, or coarse-grid neighbours of a coarse cell
+    order: tuple[Cell, ...]  # every cell, each after the cells its pairs refer to
+    coarse: tuple[Cell, ...]  # coarse cells, spread out: any prefix covers the grid evenly
+    coarse_index: dict[Cell, int]  # position in `coarse`
+    rank: dict[Cell, float]  # a scattered tie-break, so that equal priorities do not cluster
+
+
+def _axis_grid(n: int, s: int) -> list[int]:
+    return sorted(set(range(0, n, s)) | {n - 1})
+
+
+def _bisection_depths(k: int) -> list[int]:
+    """Depth of each of k grid positions when bisecting: both ends 0, the middle 1, the quarters 2, ..."""
+    depth = [0] * k
+
+    def split(lo: int, hi: int, d: int) -> None:
+        if hi - lo >= 2:
+            mid = (lo + hi) // 2
+            depth[mid] = d
+            split(lo, mid, d + 1)
+            split(mid, hi, d + 1)
+
+    split(0, k - 1, 1)
+    return depth
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(lattice: Lattice) -> _Plan:
+    dims = range(len(lattice.shape))
+    strides = [coarse_stride(n) if o else 1 for n, o in zip(lattice.shape, lattice.ordered, strict=True)]
+    top = max(strides)
+    grid = {}  # (axis, stride) -> sorted grid points
+    for ax in dims:
+        s = 1
+        while s <= strides[ax]:
+            grid[ax, s] = _axis_grid(lattice.shape[ax], s)
+            s *= 2
+
+    def axis_level(ax: int, i: int) -> int:
+        if not lattice.ordered[ax] or i in grid[ax, strides[ax]]:
+            return top
+        s = strides[ax] // 2
+        while i % s:
+            s //= 2
+        return s
+
+    def bracket(ax: int, i: int, s: int) -> tuple[int, ...]:
+        g = grid[ax, min(s, strides[ax])]
+        lo, hi = max(x for x in g if x <= i), min(x for x in g if x >= i)
+        return (lo,) if lo == hi else (lo, hi)
+
+    def moved(c: Cell, ax: int, i: int) -> Cell:
+        return c[:ax] + (i,) + c[ax + 1 :]
+
+    cells = lattice.cells()
+    level, pairs, neighbours, sources = {}, {}, {}, {}
+    for c in cells:
+        level[c] = lv = min(axis_level(ax, i) for ax, i in enumerate(c))
+        if lv < top:
+            pairs[c] = tuple(
+                (moved(c, ax, b[0]), moved(c, ax, b[1]))
+                for ax in dims
+                if lattice.ordered[ax] and len(b := bracket(ax, c[ax], 2 * lv)) == 2
+            )
+            sources[c] = tuple(e for pr in pairs[c] for e in pr)
+        else:
+            pairs[c] = ()
+            srcs = []
+            for ax in dims:
+                if lattice.ordered[ax]:
+                    g = grid[ax, strides[ax]]
+                    k = g.index(c[ax])
+                    srcs += [moved(c, ax, g[j]) for j in (k - 1, k + 1) if 0 <= j < len(g)]
+            sources[c] = tuple(srcs)
+        neighbours[c] = tuple(
+            moved(c, ax, c[ax] + d)
+            for ax in dims
+            if lattice.ordered[ax]
+            for d in (-1, 1)
+            if 0 <= c[ax] + d < lattice.shape[ax]
+        )
+
+    rank = {c: (k * _GOLDEN) % 1.0 for k, c in enumerate(cells)}
+    depth = {}
+    for ax in dims:
+        if lattice.ordered[ax]:
+            g = grid[ax, strides[ax]]
+            depth.update(((ax, i), d) for i, d in zip(g, _bisection_depths(len(g)), strict=True))
+
+    def coarse_key(c: Cell) -> tuple[int, int, float]:
+        ds = [depth[ax, i] for ax, i in enumerate(c) if lattice.ordered[ax]] or [0]
+        return max(ds), sum(ds), rank[c]
+
+    coarse = tuple(sorted((c for c in cells if level[c] == top), key=coarse_key))
+    # coarse levels first; within a level, a pair's endpoints have fewer pairs than the cell itself
+    order = tuple(sorted(cells, key=lambda c: (-level[c], len(pairs[c]))))
+    coarse_index = {c: k for k, c in enumerate(coarse)}
+    return _Plan(top, level, pairs, neighbours, sources, order, coarse, coarse_index, rank)
+
+
+def _cell(lattice: Lattice, c: Sequence[int]) -> Cell:
+    cell = tuple(int(i) for i in c)
+    if len(cell) != len(lattice.shape) or not all(
+        0 <= i < n for i, n in zip(cell, lattice.shape, strict=True)
+    ):
+        raise ValueError(f"cell {tuple(c)} is not in a lattice of shape {lattice.shape}")
+    return cell
+
+
+def coarse_cells(lattice: Lattice) -> list[Cell]:
+    """The first cells to measure: the coarse grid of every sheet, corners first, then by bisection depth."""
+    return list(_plan(lattice).coarse)
+
+
+def _estimate(plan: _Plan, known: Mapping[Cell, str]) -> dict[Cell, str | None]:
+    """Each cell -> its measured phase (maybe TIE), an inferred phase, _CONFLICT, or None (unknown yet)."""
+    est: dict[Cell, str | None] = {}
+    for c in plan.order:
+        if c in known:
+            est[c] = known[c]
+            continue
+        ends = [(est[a], est[b]) for a, b in plan.pairs[c]]
+        if not ends or any(v is None or v == _CONFLICT for pr in ends for v in pr):
+            est[c] = None
+            continue
+        agreed = {a for a, b in ends if a == b and a != TIE}
+        est[c] = agreed.pop() if len(agreed) == 1 else _CONFLICT
+    return est
+
+
+def _needed(
+    plan: _Plan, known: Mapping[Cell, str], shaky: Mapping[Cell, float], skip: Collection[Cell]
+) -> dict[Cell, tuple]:
+    """The cells that must be measured given `known` -> a sort key, smallest first.
+
+    Unmeasured coarse cells first, then coarser levels (they unblock more cells), then the least
+    agreement among the cells that made it needed.
+    """
+    est = _estimate(plan, known)
+    out: dict[Cell, tuple] = {}
+    for c in plan.order:
+        if c in known or c in skip:
+            continue
+        if not plan.pairs[c]:
+            out[c] = (0, 0, 0.0, plan.coarse_index[c])
+        elif est[c] == _CONFLICT:
+            votes = Counter(est[e] for e in plan.sources[c])
+            agree = votes.most_common(1)[0][1] / sum(votes.values())
+            out[c] = (1, -plan.level[c], agree, plan.rank[c])
+    for c, share in shaky.items():
+        for nb in plan.neighbours[c]:
+            if nb in known or nb in skip:
+                continue
+            key = (1, -plan.level[nb], share, plan.rank[nb])
+            out[nb] = min(out.get(nb, key), key)
+    return out
+
+
+def _finished(
+    lattice: Lattice, observed: Mapping[Cell, Sequence[str]], pending: Collection[Cell], seeds: int
+) -> tuple[dict[Cell, str], dict[Cell, float], dict[Cell, list[str]]]:
+    """(finished cell -> phase, finished cells whose seeds disagree -> majority share, every observed cell -> labels).
+
+    A cell is finished when it is not pending, or when all `seeds` labels are in even if it is listed
+    as pending; a finished cell with fewer labels (failed seeds) counts with the labels it has.
+    """
+    labels = {_cell(lattice, c): list(v) for c, v in observed.items()}
+    known, shaky = {}, {}
+    for c, labs in labels.items():
+        if c in pending and len(labs) < seeds:
+            continue
+        phase, share = majority(labs)
+        known[c] = phase
+        if share < 1.0:
+            shaky[c] = share
+    return known, shaky, labels
+
+
+def next_cells(
+    lattice: Lattice,
+    observed: Mapping[Cell, Sequence[str]],
+    pending: Collection[Cell],
+    seeds: int,
+    limit: int,
+    *,
+    speculate: bool = True,
+) -> list[Cell]:
+    """Up to `limit` new cells to train (neither observed nor pending), most needed first.
+
+    `observed`: cell -> the phase label of each finished seed; `pending`: cells proposed or running
+    whose results are not all in. First the unmeasured coarse cells, then cells in conflict (between
+    different phases) and the neighbours of cells whose seeds disagree. If these run out while results
+    are pending and `speculate` is set, cells likely to be needed once they report (see the module
+    docstring). [] when nothing is left to refine given what is known.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if limit <= 0:
+        return []
+    plan = _plan(lattice)
+    pend = {_cell(lattice, c) for c in pending}
+    known, shaky, labels = _finished(lattice, observed, pend, seeds)
+    skip = set(labels) | pend
+    need = _needed(plan, known, shaky, skip)
+    chosen = sorted(need, key=need.__getitem__)[:limit]
+    waiting = sorted(pend - set(known))
+    if len(chosen) == limit or not speculate or not waiting:
+        return chosen
+    return (
+        chosen + _speculative(plan, known, shaky, labels, waiting, skip | set(chosen))[: limit - len(chosen)]
+    )
+
+
+def _speculative(
+    plan: _Plan,
+    known: Mapping[Cell, str],
+    shaky: Mapping[Cell, float],
+    labels: Mapping[Cell, Sequence[str]],
+    waiting: Sequence[Cell],
+    skip: Collection[Cell],
+) -> list[Cell]:
+    """Cells ranked by the chance that they become needed when one of the `waiting` cells reports.
+
+    Outcomes of a waiting cell: each label its finished seeds gave (weight 1 each) and, sharing a
+    weight of 1, the phases of the cells it is refined from. Each outcome is tried alone, the other
+    waiting cells staying unknown; a cell's chance is the summed weight of the outcomes that need it.
+    """
+    chance: dict[Cell, float] = Counter()
+    for p in waiting:
+        outcomes: dict[str, float] = Counter(labels.get(p, ()))
+        near = [known[s] for s in plan.sources[p] if s in known and known[s] != TIE]
+        for phase in near:
+            outcomes[phase] += 1.0 / len(near)
+        total = sum(outcomes.values())
+        for phase, w in sorted(outcomes.items()):
+            for c in _needed(plan, {**known, p: phase}, shaky, skip):
+                chance[c] += w / total
+    ranked = sorted(chance, key=lambda c: (-chance[c], -plan.level[c], plan.rank[c]))
+    return [c for c in ranked if chance[c] > SPECULATE_MIN_CHANCE]
+
+
+def is_resolved(lattice: Lattice, observed: Mapping[Cell, Sequence[str]], pending: Collection[Cell]) -> bool:
+    """True when nothing is pending and no cell is left to measure: the diagram is done."""
+    if pending:
+        return False
+    plan = _plan(lattice)
+    known, shaky, _ = _finished(lattice, observed, (), 1)
+    return not _needed(plan, known, shaky, ())
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """The phase diagram as known so far, every array of `lattice.shape`.
+
+    phase: object array; measured cells hold their seeds' majority (TIE on a tie), inferred cells the
+      phase of the pairs they lie between; an unresolved cell (study in progress) holds the vote of the
+      nearest measured cells of its sheet (TIE on a draw, None if its sheet has no measured cell).
+    measured: True where the cell was trained (at least one seed reported).
+    confidence: measured cells: the share of seeds in the majority; inferred cells: the lowest
+      confidence among the cells they were inferred from, capped by the share of any measured
+      neighbour whose seeds disagree; unresolved cells: half the share of their nearest-cell vote.
+    """
+
+    phase: np.ndarray
+    measured: np.ndarray
+    confidence: np.ndarray
+
+
+def infer(lattice: Lattice, observed: Mapping[Cell, Sequence[str]]) -> Inferred:
+    """Every cell's phase from the measured ones (cells with any label count as measured)."""
+    plan = _plan(lattice)
+    phase = np.full(lattice.shape, None, dtype=object)
+    measured = np.zeros(lattice.shape, dtype=bool)
+    confidence = np.zeros(lattice.shape, dtype=float)
+    known = {}
+    for c, labs in observed.items():
+        c = _cell(lattice, c)
+        known[c], share = majority(labs)
+        phase[c], measured[c], confidence[c] = known[c], True, share
+    est = _estimate(plan, known)
+    for c in plan.order:
+        if c in known:
+            continue
+        p = est[c]
+        if p is None or p == _CONFLICT:
+            phase[c], confidence[c] = _nearest_vote(lattice, c, known)
+            continue
+        sources = [e for a, b in plan.pairs[c] if est[a] == p == est[b] for e in (a, b)]
+        shares = [confidence[nb] for nb in plan.neighbours[c] if nb in known and confidence[nb] < 1.0]
+        phase[c], confidence[c] = p, min([confidence[e] for e in sources] + shares)
+    return Inferred(phase, measured, confidence)
+
+
+def _nearest_vote(lattice: Lattice, c: Cell, known: Mapping[Cell, str]) -> tuple[str | None, float]:
+    sheet = lattice.sheet(c)
+    dist = {k: sum(abs(a - b) for a, b in zip(k, c, strict=True)) for k in known if lattice.sheet(k) == sheet}
+    if not dist:
+        return None, 0.0
+    d0 = min(dist.values())
+    votes = Counter(known[k] for k in sorted(dist) if dist[k] == d0)
+    ranked = votes.most_common()
+    share = ranked[0][1] / sum(votes.values())
+    if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:
+        return TIE, 0.5 * share
+    return ranked[0][0], 0.5 * share
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The outcome of `simulate`: what was measured, and how long and how busy the cluster was."""
+
+    observed: dict[Cell, list[str]]
+    rounds: int  # simulated time: each round, the older half of the running cells report one seed
+    busy: float  # share of worker-rounds with a cell to run
+
+    @property
+    def trained(self) -> int:
+        return len(self.observed)
+
+
+def simulate(
+    lattice: Lattice,
+    truth: Callable[[Cell], Sequence[str]],
+    seeds: int,
+    batch: int,
+    *,
+    speculate: bool = True,
+    max_rounds: int = 100_000,
+) -> Simulation:
+    """Refine `lattice` on a simulated cluster of `batch` workers; `truth(cell)` -> one label per seed.
+
+    A cell holds a worker until all its seeds are in. Each round, free workers get `next_cells`, then
+    the older half of the running cells (at least one) report their next seed, so results arrive
+    staggered and cells are seen partly finished, as on a real cluster. Ends when nothing runs and
+    nothing is proposed.
+    """
+    observed: dict[Cell, list[str]] = {}
+    running: list[Cell] = []
+    rounds = busy = 0
+    while rounds < max_rounds:
+        running += next_cells(lattice, observed, running, seeds, batch - len(running), speculate=speculate)
+        if not running:
+            break
+        rounds += 1
+        busy += len(running)
+        for c in running[: max(1, (len(running) + 1) // 2)]:
+            got = observed.setdefault(c, [])
+            got.append(truth(c)[len(got)])
+        running = [c for c in running if len(observed.get(c, ())) < seeds]
+    return Simulation(observed, rounds, busy / max(1, rounds * batch))
+
+
+# Synthetic phase maps for tests/test_refine.py and bench/refine_synthetic.py: pure functions of the
+# cell, drawn on a 17 x 17 grid; the n x n version samples the same picture (9 x 9: every second point).
+
+
+def _disc(u: float, v: float) -> str:
+    return "grokking" if (u - 8) ** 2 + (v - 8) ** 2 <= 5.5**2 else "memorization"
+
+
+def _band(u: float, v: float) -> str:
+    d = v - u  # a band 4 cells wide along the diagonal
+    return "comprehension" if d >= 2 else "grokking" if d >= -2 else "memorization"
+
+
+def _staircase(u: float, v: float) -> str:
+    wd, fraction = int(u), int(v)  # like weight decay x training fraction: monotone steps, 4 phases
+    if wd >= 14:
+        return "confusion"
+    if fraction >= 12 - wd // 3:
+        return "comprehension"
+    if fraction >= 7 - wd // 2 and wd >= 2:
+        return "grokking"
+    return "memorization"
+
+
+SYNTHETIC_MAPS: dict[str, Callable[[float, float], str]] = {
+    "disc": _disc,
+    "band": _band,
+    "staircase": _staircase,
+}
+
+
+def synthetic_map(name: str, n: int = 17) -> Callable[[Cell], str]:
+    """The phase of each cell of an n x n grid for the map `name` (one of SYNTHETIC_MAPS)."""
+    if name not in SYNTHETIC_MAPS:
+        raise ValueError(f"unknown synthetic map {name!r}; choose one of: {', '.join(SYNTHETIC_MAPS)}")
+    draw, scale = SYNTHETIC_MAPS[name], 16 / max(1, n - 1)
+    return lambda c: draw(c[0] * scale, c[1] * scale)
+
+
+def boundary_cells(lattice: Lattice, phase_of: Callable[[Cell], str]) -> set[Cell]:
+    """Cells with a stride-1 neighbour of another phase."""
+    plan = _plan(lattice)
+    return {c for c in lattice.cells() if any(phase_of(nb) != phase_of(c) for nb in plan.neighbours[c])}
+
+
+def seeds_agree(phase_of: Callable[[Cell], str], seeds: int) -> Callable[[Cell], list[str]]:
+    """Every seed of a cell gives its true phase."""
+    return lambda c: [phase_of(c)] * seeds
+
+
+def seeds_disagree_near_boundary(
+    lattice: Lattice, phase_of: Callable[[Cell], str], seeds: int
+) -> Callable[[Cell], list[str]]:
+    """The second seed of each boundary cell gives the phase of a differing neighbour (the first by name)."""
+    plan, edge = _plan(lattice), boundary_cells(lattice, phase_of)
+
+    def labels(c: Cell) -> list[str]:
+        out = [phase_of(c)] * seeds
+        if c in edge and seeds > 1:
+            out[1] = min(phase_of(nb) for nb in plan.neighbours[c] if phase_of(nb) != out[0])
+        return out
+
+    return labels
