@@ -41,6 +41,7 @@ def _direct_trial(cfg) -> int:
     from grokstudy import train
 
     torch.set_num_threads(1)
+    train.configure_process()
     state = train.init_state(cfg)
     records = list(train.run(cfg, state))
     return records[-1].step
@@ -83,7 +84,7 @@ def main() -> None:
     import ray
 
     ray.shutdown()
-    assert outcome.n_trials == len(configs) and outcome.n_failed == 0
+    assert outcome.n_trials == len(configs) and not outcome.failed
     print(
         f"(b) grokstudy run on embedded Ray:         {study_s + startup_s:7.1f} s (Ray start-up {startup_s:.1f} s)"
     )

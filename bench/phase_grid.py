@@ -60,6 +60,7 @@ def one_point(job: tuple[TrialConfig, float, float, int]) -> dict:
     from grokstudy import phases, train
 
     torch.set_num_threads(1)
+    train.configure_process()
     cfg, wd, fraction, seed = job
     start = time.perf_counter()
     records = []

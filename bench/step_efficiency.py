@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--skip-transformer", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    train.configure_process()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {torch.backends.cpu.get_cpu_capability()}"
     )

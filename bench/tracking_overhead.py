@@ -3,11 +3,11 @@
 The reference trial is the quickstart study's base trial ((x + y) mod 47, MLP
 64/256, full batch, an eval every 50), cut to 1000 steps: many short pairs
 cancel a shared machine's drifting load better than a few long ones.
-"Tracked" runs it as the runner does: a nested child run on a local `mlflow
-server` (started here on 127.0.0.1, sqlite store), every record passed to
-`log_records`, `finish` at the end (with --flush-at-checkpoints also a
-synchronous `flush` at every checkpoint step, the other way to keep a restore
-gap-free); "untracked" uses `NullTracker`. Repetitions alternate the two (and
+"Tracked" runs it as the runner does: a `tracking.Sender` with the trial's
+nested child run on a local `mlflow server` (started here on 127.0.0.1, sqlite
+store), the curve synced after every record, `finish` and `close` at the end
+(with --flush-at-checkpoints also a bounded `flush` at every checkpoint step,
+as the runner does before it saves one); "untracked" tracks nothing. Repetitions alternate the two (and
 which goes first), so load from other processes hits both alike.
 
     .venv/bin/python bench/tracking_overhead.py [--reps 15] [--steps 1000] [--eval-every 50] [--flush-at-checkpoints]
@@ -81,7 +81,7 @@ def wait_idle(pgid: int, timeout_s: float = 60.0) -> None:
             return
 
 
-def one_trial(cfg, tracker_factory, flush_at_checkpoints: bool, server_pgid: int) -> dict[str, float]:
+def one_trial(cfg, where, name: str, flush_at_checkpoints: bool, server_pgid: int) -> dict[str, float]:
     """Seconds: wall (opening the tracker to finishing it), open, finish, in optimizer
     steps, CPU of this process (all threads) and CPU the tracking server spent meanwhile."""
     from grokstudy import train
@@ -89,18 +89,28 @@ def one_trial(cfg, tracker_factory, flush_at_checkpoints: bool, server_pgid: int
     server_cpu = group_cpu_s(server_pgid)
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    tracker = tracker_factory()
+    from grokstudy import tracking
+    from grokstudy.config import flatten
+
+    sender = run = None
+    if where is not None:
+        sender = tracking.Sender(where)
+        run = sender.open(name, name, flatten(cfg), {})
     t_open = time.perf_counter() - t0
     state = train.init_state(cfg)
-    last = None
+    curve = []
     for record in train.run(cfg, state):
-        tracker.log_records([record])
-        if flush_at_checkpoints and record.step % cfg.train.checkpoint_every == 0:
-            tracker.flush()
-        last = record
+        curve.append(record)
+        if run is not None:
+            run.sync(curve)
+            if flush_at_checkpoints and record.step % cfg.train.checkpoint_every == 0:
+                sender.flush(10)
     t1 = time.perf_counter()
-    tracker.finish("FINISHED")
+    if run is not None:
+        run.finish("FINISHED")
+        assert sender.close(60), sender.last_error
     end = time.perf_counter()
+    last = curve[-1]
     return {
         "wall": end - t0,
         "open": t_open,
@@ -126,10 +136,11 @@ def main() -> None:
     import torch
 
     from grokstudy import tracking, train
-    from grokstudy.config import flatten, with_overrides
+    from grokstudy.config import with_overrides
     from grokstudy.study import load_study
 
     torch.set_num_threads(1)
+    train.configure_process()
     # As in the tests: no usage telemetry from this client or the server it starts
     # (on a machine without a network its retries would be measured too).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -141,18 +152,11 @@ def main() -> None:
     try:
         driver = tracking.StudyTracker(uri)
         experiment_id, parent_run_id = driver.open("bench-tracking", QUICKSTART.read_text(), {}, {})
-        counter = iter(range(10**6))
-
-        def mlflow_tracker() -> tracking.Tracker:
-            i = next(counter)
-            return tracking.MlflowTrialTracker.start(
-                uri, experiment_id, parent_run_id, f"rep{i}", flatten(cfg), {"grokstudy.trial_key": f"rep{i}"}
-            )
-
-        modes = {"untracked": tracking.NullTracker, "tracked": mlflow_tracker}
+        where = tracking.Where(uri, experiment_id, parent_run_id)
+        modes = {"untracked": None, "tracked": where}
         flush = args.flush_at_checkpoints
-        one_trial(cfg, tracking.NullTracker, flush, proc.pid)  # warm-up: imports, allocator, server
-        one_trial(cfg, mlflow_tracker, flush, proc.pid)
+        one_trial(cfg, None, "warm-up", flush, proc.pid)  # warm-up: imports, allocator, server
+        one_trial(cfg, where, "warm-up", flush, proc.pid)
         wait_idle(proc.pid)  # the server finishes lazy start-up work after its first requests
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         n_records = len(train.eval_steps(cfg.train))
@@ -163,7 +167,7 @@ def main() -> None:
         for rep in range(args.reps):
             order = list(modes) if rep % 2 == 0 else list(reversed(modes))
             for mode in order:
-                t = one_trial(cfg, modes[mode], flush, proc.pid)
+                t = one_trial(cfg, modes[mode], f"rep{rep}", flush, proc.pid)
                 runs[mode].append(t)
                 print(
                     f"  rep {rep} {mode:>9}: {t['wall']:6.2f} s wall, {t['train']:5.2f} s in optimizer steps,"

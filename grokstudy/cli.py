@@ -344,9 +344,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from grokstudy import figures
 
     formats = _formats(args.format)
+    from grokstudy import results
+
     trials, curves, default_out = _load_results(args.source, args.tracking_uri)
+    cells_file = Path(args.source) / results.CELLS_FILE
+    cells = results.read_cells(cells_file) if cells_file.exists() else None
     out = (args.out or default_out).resolve()
-    paths = figures.render_study(trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats)
+    paths = figures.render_study(
+        trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats, cells=cells
+    )
     for path in paths:
         print(f"figure: {path}")
     return EXIT_OK

@@ -397,12 +397,16 @@ def is_log_scale(values: Sequence[Any]) -> bool:
     return max(positive) / min(positive) >= 100
 
 
-SAMPLERS = ("grid", "sobol", "random", "tpe")
+SAMPLERS = ("grid", "sobol", "random", "tpe", "boundary")
 
 
 @dataclass(frozen=True, slots=True)
 class SearchConfig:
-    sampler: str = setting("grid", "grid | sobol | random | tpe", choices=SAMPLERS)
+    sampler: str = setting(
+        "grid",
+        "grid | sobol | random | tpe | boundary (the grid's phase diagram, trained only where phases change)",
+        choices=SAMPLERS,
+    )
     space: tuple[SearchDim, ...] = ()
     seeds: int = setting(1, "replicates per point: train.seed takes 0 .. seeds-1", lo=1, hi=1000)
     num_samples: int | None = setting(
@@ -412,6 +416,13 @@ class SearchConfig:
         "t_val", "what tpe minimizes: t_val (steps to generalize; the budget if never)", choices=("t_val",)
     )
     sampler_seed: int = setting(0, "seed of the sampler", lo=0, hi=SEED_MAX)
+    budget: int | None = setting(
+        None,
+        "boundary sampler: hand out at most this many trials (null: until no boundary is left unresolved)",
+        lo=1,
+        hi=10**6,
+        allowed="an integer >= 1, or null",
+    )
 
 
 @dataclass(frozen=True, slots=True)

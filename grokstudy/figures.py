@@ -36,7 +36,7 @@ import math
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +67,12 @@ PHASE_COLORS: dict[str, str] = {
 TRAIN_COLOR, VAL_COLOR = "#1A1A1A", "#009E73"  # Okabe–Ito black and bluish green
 NEVER_COLOR = "#D4D4D4"
 MISSING_HATCH = dict(facecolor="white", edgecolor="#BBBBBB", hatch="////", linewidth=0)
+INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
+"""A cell a boundary study did not train: its inferred phase, lighter and dotted."""
+TIE = "tie"
+"""The verdict of a cell whose seeds tie: drawn as one stripe per tied phase."""
 FORMATS = ("png", "svg", "pdf")
-GRID_SAMPLERS = ("grid",)
+GRID_SAMPLERS = ("grid", "boundary")
 """Samplers whose trials lie on a lattice: drawn as cells; the others as points over regions."""
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
 
@@ -104,28 +108,38 @@ def phase_diagram(
     log_x: bool | None = None,
     log_y: bool | None = None,
     ax: Any = None,
+    cells: pa.Table | None = None,
 ) -> Figure:
     """Majority phase over seeds at each (x, y) point, one panel per `facet` value.
 
     Grid studies: a coloured cell per point, opacity = share of seeds in the
     majority phase, and where seeds disagree "k/n" plus one dot per other
-    seed in that seed's phase colour (ties go to the phase listed first in
-    `PHASES`). Other searched keys not on an axis are pooled into the cell,
-    and the title says so. Sampled studies: points coloured by majority phase
-    over nearest-neighbour phase regions. `ax` draws a single panel (no
-    facet) into an existing Axes; the legend then goes beside that Axes.
+    seed in that seed's phase colour. A tie between phases is drawn as one
+    stripe per tied phase and labelled "tie", never as one of them. Other
+    searched keys not on an axis are pooled into the cell, and the title says
+    so. With `cells` (a boundary study's cells.parquet), a cell that was not
+    trained shows its inferred phase, lighter and dotted. Sampled studies:
+    points coloured by majority phase over nearest-neighbour phase regions.
+    `ax` draws a single panel (no facet) into an existing Axes; the legend
+    then goes beside that Axes.
     """
-    data = _Data.build(trials, x, y, facet, log_x, log_y)
+    data = _Data.build(trials, x, y, facet, log_x, log_y, cells)
     fig, axes = _panels(data, ax)
+    drew_inferred = False
     for axis, value in zip(axes, data.facet_values, strict=True):
-        cells = data.cells(value)
+        cells_here = data.cells(value)
         if data.grid:
-            _draw_phase_cells(axis, data, cells)
+            drew_inferred |= _draw_phase_cells(axis, data, cells_here, value)
         else:
-            _draw_phase_scatter(axis, data, cells)
+            _draw_phase_scatter(axis, data, cells_here)
         _finish_axes(axis, data, value)
-    present = [p for p in PHASES if p in set(data.phase)]
+    shown = set(data.phase) | {p for p, _ in data.inferred.values()}
+    present = [p for p in PHASES if p in shown]
     handles = [Patch(facecolor=PHASE_COLORS[p], label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
+    if drew_inferred:
+        handles.append(
+            Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
+        )
     if data.grid and data.has_missing():
         handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
     unit = "trials" if data.aggregated else "seeds"
@@ -292,8 +306,12 @@ def render_study(
     formats: Sequence[str] = ("png", "pdf"),
     log_x: bool | None = None,
     log_y: bool | None = None,
+    cells: pa.Table | None = None,
 ) -> list[Path]:
     """Write phase_diagram, delay_heatmap, t_val_heatmap and learning_curves in each format.
+
+    `cells` (a grid study's cells.parquet) adds the inferred phase of untrained cells to the
+    phase diagram.
 
     `x`, `y` and `facet` default to the study's diagram axes (the table's
     metadata; else data.fraction and optimizer.weight_decay). Learning curves are skipped when `curves` is None or no finished trial
@@ -318,7 +336,7 @@ def render_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = dict(x=x, y=y, facet=facet, log_x=log_x, log_y=log_y)
     figures: list[tuple[str, Figure]] = [
-        ("phase_diagram", phase_diagram(trials, **axes)),
+        ("phase_diagram", phase_diagram(trials, **axes, cells=cells)),
         ("delay_heatmap", delay_heatmap(trials, value="delay", **axes)),
         ("t_val_heatmap", delay_heatmap(trials, value="t_val", **axes)),
     ]
@@ -452,8 +470,13 @@ class _Data:
     seeds: int
     aggregated: list[str]
 
+    inferred: dict[tuple[Any, Any, Any], tuple[str, float]] = field(default_factory=dict)
+    """(x, y, facet) of a cell that was not trained -> (inferred phase, confidence)."""
+
     @classmethod
-    def build(cls, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y) -> _Data:
+    def build(
+        cls, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y, cells: pa.Table | None = None
+    ) -> _Data:
         for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
             if name is not None:
                 _check_column(trials, name, flag)
@@ -467,14 +490,24 @@ class _Data:
         xs = [_key(v) for v in table.column(x).to_pylist()]
         ys = [_key(v) for v in table.column(y).to_pylist()]
         fs = [_key(v) for v in table.column(facet).to_pylist()] if facet else [None] * table.num_rows
-        # Axes span every trial, finished or not, so that failed points still show as missing cells.
-        x_axis = _Axis.build(x, [_key(v) for v in trials.column(x).to_pylist()], log_x)
-        y_axis = _Axis.build(y, [_key(v) for v in trials.column(y).to_pylist()], log_y)
+        # Axes span every trial, finished or not, so that failed points still show as missing
+        # cells, and every point of the grid a boundary study inferred.
+        inferred = _inferred(cells, x, y, facet)
+        x_axis = _Axis.build(
+            x, [_key(v) for v in trials.column(x).to_pylist()] + [k[0] for k in inferred], log_x
+        )
+        y_axis = _Axis.build(
+            y, [_key(v) for v in trials.column(y).to_pylist()] + [k[1] for k in inferred], log_y
+        )
         grid = sampler in (None, *GRID_SAMPLERS)
         if grid:
             x_axis, y_axis = x_axis.for_grid(), y_axis.for_grid()
         facet_values = (
-            sorted({_key(v) for v in trials.column(facet).to_pylist()}, key=_sort_key) if facet else [None]
+            sorted(
+                {_key(v) for v in trials.column(facet).to_pylist()} | {k[2] for k in inferred}, key=_sort_key
+            )
+            if facet
+            else [None]
         )
         searched = set()
         if "searched" in trials.column_names:
@@ -498,6 +531,7 @@ class _Data:
             grid=grid,
             seeds=seeds,
             aggregated=sorted(searched - {x, y, facet, "train.seed"}),
+            inferred=inferred,
         )
 
     def column(self, name: str) -> list[Any]:
@@ -517,7 +551,9 @@ class _Data:
 
     def has_missing(self) -> bool:
         full = len(self.x.values) * len(self.y.values)
-        return any(len(self.cells(fv)) < full for fv in self.facet_values)
+        return any(
+            len(self.cells(fv)) + sum(k[2] == fv for k in self.inferred) < full for fv in self.facet_values
+        )
 
     def seeds_text(self) -> str:
         counts = {len(v) for fv in self.facet_values for v in self.cells(fv).values()}
@@ -609,27 +645,71 @@ def _phase_order(phase: str) -> tuple[int, str]:
 
 
 def _majority(phases: list[str]) -> tuple[str, int]:
+    """(the phase most seeds share, how many); `TIE` when two or more share the most votes."""
+    tied = _tied(phases)
+    return (tied[0] if len(tied) == 1 else TIE), Counter(phases)[tied[0]]
+
+
+def _tied(phases: list[str]) -> list[str]:
+    """The phases with the most votes, in PHASES order (one unless seeds tie)."""
     counts = Counter(phases)
     best = max(counts.values())
-    order = list(PHASES) + sorted(set(counts) - set(PHASES))
-    return next(p for p in order if counts.get(p) == best), best
+    return sorted((p for p, n in counts.items() if n == best), key=_phase_order)
 
 
-def _draw_phase_cells(axis: Any, data: _Data, cells: dict) -> None:
+def _inferred(
+    cells: pa.Table | None, x: str, y: str, facet: str | None
+) -> dict[tuple[Any, Any, Any], tuple[str, float]]:
+    """(x, y, facet) -> (phase, confidence) of the inferred (untrained) cells of a cells table,
+    when the grid's axes are the diagram's (a pooled diagram has no single inferred cell)."""
+    if cells is None:
+        return {}
+    axes = {f.name for f in cells.schema} - {"study", "phase", "measured", "confidence", "seeds"}
+    if not axes <= {x, y, facet} or x not in axes or y not in axes:
+        return {}
+    out = {}
+    for row in cells.to_pylist():
+        if not row["measured"] and row["phase"] is not None:
+            key = (_key(row[x]), _key(row[y]), _key(row[facet]) if facet else None)
+            out[key] = (row["phase"], row["confidence"])
+    return out
+
+
+def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> bool:
+    """Draw one panel's cells; True when an inferred (untrained) cell was drawn."""
     ex, ey = data.x.edges(), data.y.edges()
+    drew_inferred = False
     for i, xv in enumerate(data.x.values):
         for j, yv in enumerate(data.y.values):
             box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
             rows = cells.get((xv, yv))
             if not rows:
-                axis.add_patch(Rectangle(*box, **MISSING_HATCH))
+                guess = data.inferred.get((xv, yv, facet_value))
+                if guess is None or guess[0] not in PHASE_COLORS:
+                    axis.add_patch(Rectangle(*box, **MISSING_HATCH))
+                    continue
+                rgb = _blend(PHASE_COLORS[guess[0]], 0.35)
+                axis.add_patch(Rectangle(*box, facecolor=rgb, **INFERRED_STYLE))
+                drew_inferred = True
                 continue
-            phase, k = _majority([data.phase[r] for r in rows])
+            phases = [data.phase[r] for r in rows]
+            phase, k = _majority(phases)
             share = k / len(rows)
+            cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            if phase == TIE:
+                tied = _tied(phases)
+                for n, p in enumerate(tied):  # one stripe per tied phase: a tie is not a verdict
+                    stripe = (ex[i] + n * w / len(tied), ey[j]), w / len(tied), h
+                    axis.add_patch(
+                        Rectangle(*stripe, facecolor=_blend(PHASE_COLORS.get(p, "#999999"), 0.6), linewidth=0)
+                    )
+                axis.add_patch(Rectangle(*box, facecolor="none", edgecolor="white", linewidth=0.8))
+                axis.text(cx, ey[j] + 0.5 * h, f"tie {k}/{len(rows)}", ha="center", va="center",
+                          fontsize=_cell_fontsize(data), color="#111111")  # fmt: skip
+                continue
             rgb = _blend(PHASE_COLORS.get(phase, "#999999"), max(share, 0.25))
             axis.add_patch(Rectangle(*box, facecolor=rgb, edgecolor="white", linewidth=0.8))
             if share < 1:
-                cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
                 axis.text(
                     cx,
                     ey[j] + 0.6 * h,
@@ -652,6 +732,7 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict) -> None:
                         linewidths=0.6,
                         zorder=3,
                     )
+    return drew_inferred
 
 
 def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:

@@ -7,7 +7,9 @@ at which train and test accuracy reach a threshold and splits runs into
 comprehension, grokking, memorization and confusion by whether each was
 reached within the budget and by the gap between them. Two changes, both
 because our curves are noisier than their toy model's: generalization must
-*hold*, and the gap is relative as well as absolute (research/grokking.md §9.1).
+*hold*, and the gap is relative as well as absolute (a fixed gap of Liu et al.'s
+toy model, 1,000 steps, would call a run that fits at step 5,000 and
+generalizes at 6,000 grokking).
 This docstring is the reference the docs quote.
 
 Definitions, with θ = `PhaseConfig.threshold`, m = `margin`, F =

@@ -49,6 +49,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,12 @@ SPECULATE_MIN_CHANCE = 0.5  # a speculative cell must be more likely needed than
 
 _CONFLICT = "<conflict>"  # internal estimate: unmeasured, between different phases: measure it
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def lattice_of(space: Sequence[Any]) -> Lattice:
+    """The lattice of a study's grid: one axis per searched dimension (`config.SearchDim`),
+    in order; a `choice` axis is categorical (a facet), every other axis ordered."""
+    return Lattice(tuple(len(d.grid) for d in space), tuple(d.choice is None for d in space))
 
 
 @dataclass(frozen=True, slots=True)

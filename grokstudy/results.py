@@ -117,6 +117,7 @@ def _metadata(kind: str) -> dict[str, str]:
         "grokstudy.description": {
             "trials": "one row per trial: hyperparameters by dotted path, phase verdict, how it ended",
             "curves": "one row per (trial, eval step): the values of records.CURVE_KEYS",
+            "cells": "one row per point of a grid study's grid: its phase, measured or inferred",
         }[kind],
     }
 
@@ -449,3 +450,98 @@ def load_source(path: Path) -> tuple[pa.Table, pa.Table | None]:
     curves_path = trials_path.with_name(CURVES_FILE)
     curves = read_curves(curves_path) if curves_path.exists() and curves_path != trials_path else None
     return trials, curves
+
+
+# ---- the full grid of a lattice study ------------------------------------------------------------
+
+CELLS_FILE = "cells.parquet"
+
+
+def cells_schema(searched: Sequence[pa.Field]) -> pa.Schema:
+    return pa.schema(
+        [
+            _field("study", pa.string(), "study name"),
+            *searched,
+            _field(
+                "phase",
+                pa.string(),
+                "majority phase of the cell's seeds, or the inferred phase",
+                nullable=True,
+            ),
+            _field(
+                "measured", pa.bool_(), "True: trained; False: inferred from the measured cells around it"
+            ),
+            _field(
+                "confidence",
+                pa.float64(),
+                "measured: share of seeds in the majority phase; inferred: the lowest confidence it "
+                "was inferred from (refine.infer)",
+                "fraction",
+            ),
+            _field("seeds", pa.int64(), "finished seeds of a measured cell (0: inferred)"),
+        ],
+        metadata=_metadata("cells"),
+    )
+
+
+def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
+    """Every point of a grid study's grid with its phase, measured or inferred (`refine.infer`),
+    or None when the study has no grid (sobol, random, tpe). Failed trials are left out."""
+    from grokstudy import refine
+
+    if study.search.sampler not in ("grid", "boundary") or not study.search.space:
+        return None
+    dims = study.search.space
+    lattice = refine.lattice_of(dims)
+    index = [{_cell_key(v): i for i, v in enumerate(d.grid)} for d in dims]
+    observed: dict[tuple[int, ...], list[str]] = {}
+    for row in trials.to_pylist():
+        if row["phase"] is None or row["stop_reason"] == "error":
+            continue
+        cell = tuple(index[a].get(_cell_key(row[d.key])) for a, d in enumerate(dims))
+        if None not in cell:
+            observed.setdefault(cell, []).append(row["phase"])
+    inferred = refine.infer(lattice, observed)
+    hyper = {f.name: f for f in hyperparameter_fields()}
+    rows = []
+    for cell in lattice.cells():
+        rows.append(
+            {
+                "study": study.name,
+                **{d.key: _plain_value(d.grid[i]) for d, i in zip(dims, cell, strict=True)},
+                "phase": inferred.phase[cell],
+                "measured": bool(inferred.measured[cell]),
+                "confidence": float(inferred.confidence[cell]),
+                "seeds": len(observed.get(cell, ())),
+            }
+        )
+    schema = cells_schema([hyper[d.key] for d in dims])
+    table = _table(rows, schema, "cells")
+    return table.replace_schema_metadata(table.schema.metadata | study_metadata(study))
+
+
+def _cell_key(v: Any) -> Any:
+    return (
+        tuple(v)
+        if isinstance(v, (list, tuple))
+        else float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+        else v
+    )
+
+
+def _plain_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def read_cells(path: Path) -> pa.Table:
+    """A cells table written by `write_cells`."""
+    return _read(Path(path), "cells", ("phase", "measured", "confidence"))
+
+
+def write_cells(cells: pa.Table, out_dir: Path) -> Path:
+    path = Path(out_dir) / CELLS_FILE
+    tmp = path.with_name(f".{CELLS_FILE}.tmp")
+    pq.write_table(cells, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path

@@ -809,14 +809,18 @@ def _write_results(
     histories = _with_run_ids(histories, study_tracker)
     trials, curves = results.build_tables(study, histories)
     trials_path, curves_path = results.write_tables(trials, curves, out_dir)
+    cells = results.build_cells(study, trials)
+    tables = [trials_path, curves_path] + ([results.write_cells(cells, out_dir)] if cells is not None else [])
     figure_paths = (
-        figures.render_study(trials, curves, out_dir / "figures", formats=formats) if trials.num_rows else []
+        figures.render_study(trials, curves, out_dir / "figures", formats=formats, cells=cells)
+        if trials.num_rows
+        else []
     )
     failed = [h.trial_id for h in histories if h.stop_reason == "error"]
     for h in histories:
         if h.stop_reason == "error" and h.run_id:
             _best_effort(study_tracker.fail_trial_run, h.run_id, h.error or "failed")
-    _best_effort(study_tracker.log_artifacts, [trials_path, curves_path], "results")
+    _best_effort(study_tracker.log_artifacts, tables, "results")
     _best_effort(study_tracker.log_artifacts, figure_paths, "figures")
     phase_counts = dict(Counter(p for p in trials.column("phase").to_pylist() if p))
     _best_effort(

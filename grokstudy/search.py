@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -67,10 +68,14 @@ REPLICATE_OF = "grokstudy.replicate_of"
 # ---- counting ------------------------------------------------------------------------------------
 
 
+LATTICE_SAMPLERS = ("grid", "boundary")
+"""Samplers over the study's grid (every log/range axis has `points`)."""
+
+
 def grid_points(study: Study) -> list[dict[str, Any]]:
     """Every combination of the grid's axes (seeds excluded), the last axis varying fastest."""
-    if study.search.sampler != "grid":
-        raise ValueError(f"grid_points needs the grid sampler, not {study.search.sampler!r}")
+    if study.search.sampler not in LATTICE_SAMPLERS:
+        raise ValueError(f"grid_points needs a grid, and the {study.search.sampler!r} sampler has none")
     dims = study.search.space
     return [
         {d.key: v for d, v in zip(dims, combo, strict=True)}
@@ -79,15 +84,19 @@ def grid_points(study: Study) -> list[dict[str, Any]]:
 
 
 def n_points(study: Study) -> int:
-    """Distinct hyperparameter points: the grid's size, or num_samples for the other samplers."""
-    if study.search.sampler == "grid":
+    """Distinct hyperparameter points: the grid's size (the boundary sampler's at most),
+    or num_samples for the other samplers."""
+    if study.search.sampler in LATTICE_SAMPLERS:
         return math.prod(len(d.grid) for d in study.search.space)
     assert study.search.num_samples is not None, "study.py requires num_samples for this sampler"
     return study.search.num_samples
 
 
-def n_trials(study: Study) -> int:
-    """Training runs in the study: points x seeds (Tune's num_samples)."""
+def n_trials(study: Study) -> int | None:
+    """Training runs in the study: points x seeds; None for the boundary sampler, which
+    decides as results come in (at most n_points x seeds, or search.budget)."""
+    if study.search.sampler == "boundary":
+        return None
     return n_points(study) * study.search.seeds
 
 
@@ -140,7 +149,7 @@ def _suggest(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
 
 def optuna_space(study: Study) -> SearchSpace:
     """The study's search space as a define-by-run callable for `OptunaSearch(space=...)`."""
-    grid = study.search.sampler == "grid"
+    grid = study.search.sampler in LATTICE_SAMPLERS
     distributions: dict[str, BaseDistribution] = {}
     decode: dict[str, dict[str, Any]] = {}
     for dim in study.search.space:
@@ -211,14 +220,21 @@ class LatticeSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
         return {}
 
+    adaptive = False
+    """True when running trials may still add cells to run (the ledger then waits for them)."""
+
     def before_trial(self, study: Any, trial: Any) -> None:
         if "fixed_params" in trial.system_attrs:
             return
-        taken = self.taken(study)
-        cell = next((i for i in self.order(study, taken) if i not in taken), None)
-        if cell is None:  # every cell taken: the ledger does not ask then; keep Optuna consistent
+        cell = self.next_cell(study)
+        if cell is None:  # nothing to run: the ledger does not ask then; keep Optuna consistent
             cell = 0
         study._storage.set_trial_system_attr(trial._trial_id, CELL_ATTR, cell)
+
+    def next_cell(self, study: Any) -> int | None:
+        """The next point x seed to run, or None when there is none now."""
+        taken = self.taken(study)
+        return next((i for i in self.order(study, taken) if i not in taken), None)
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
         cell = trial.system_attrs[CELL_ATTR]
@@ -248,11 +264,70 @@ class LatticeSampler(optuna.samplers.BaseSampler):
                     out.add(cell)
         return out
 
-    def exhausted(self, study: Any) -> bool:
-        return len(self.taken(study)) >= len(self._cells)
+    def remaining(self, study: Any) -> int | None:
+        """Point x seeds still to run (None: the sampler decides as results come)."""
+        return None if self.adaptive else len(self._cells) - len(self.taken(study))
 
-    def remaining(self, study: Any) -> int:
-        return len(self._cells) - len(self.taken(study))
+
+class BoundarySampler(LatticeSampler):
+    """Refines a grid phase diagram where phases change, instead of training every cell.
+
+    The lattice is the study's grid (every axis a grid; `choice` axes are facets,
+    never interpolated across) x seeds. The order of cells is `refine.next_cells`
+    over the phases told so far (the `PHASE` user attribute of COMPLETE trials):
+    first a coarse sub-lattice, corners included, then the unsampled points between
+    sampled points whose phases differ or whose seeds disagree, most uncertain
+    first; while results are pending it proposes the points most likely needed
+    next, so every slot keeps working. A point, once begun, has all its seeds run
+    before a new point starts. It proposes nothing more when no boundary is left
+    unresolved, or when `search.budget` trials have been handed out. Everything is
+    read from the storage, so it resumes like the grid.
+    """
+
+    adaptive = True
+
+    def __init__(
+        self, space: dict[str, list[Any]], seeds: int, lattice: Any, budget: int | None, seed: int = 0
+    ) -> None:
+        super().__init__({**space, SEED: list(range(seeds))}, seed)
+        self._seeds = seeds
+        self._lattice = lattice
+        self._budget = budget
+
+    def order(self, study: Any, taken: set[int]) -> list[int]:
+        from grokstudy import refine
+
+        if self._budget is not None and len(taken) >= self._budget:
+            return []
+        seeds = self._seeds
+        # Cells are (point, seed) with the seed varying fastest: cell // seeds is the point.
+        started = sorted({c // seeds for c in taken})
+        unfinished = [p * seeds + s for p in started for s in range(seeds) if p * seeds + s not in taken]
+        if unfinished:
+            return unfinished
+        observed, pending = self._observed(study)
+        points = refine.next_cells(self._lattice, observed, pending, seeds, limit=1)
+        shape = self._lattice.shape
+        return [int(np.ravel_multi_index(p, shape)) * seeds for p in points]
+
+    def _observed(self, study: Any) -> tuple[dict[tuple[int, ...], list[str]], set[tuple[int, ...]]]:
+        observed: dict[tuple[int, ...], list[str]] = {}
+        pending: set[tuple[int, ...]] = set()
+        shape = self._lattice.shape
+        for t in study.get_trials(deepcopy=False):
+            if not holds(t):
+                continue
+            cell = self.cell_of(t.params) if t.params else t.system_attrs.get(CELL_ATTR)
+            if cell is None:
+                continue
+            point = tuple(int(i) for i in np.unravel_index(cell // self._seeds, shape))
+            if t.state == TrialState.RUNNING:
+                pending.add(point)
+            elif t.state == TrialState.COMPLETE and t.user_attrs.get(PHASE):
+                observed.setdefault(point, []).append(t.user_attrs[PHASE])
+            else:
+                observed.setdefault(point, [])  # failed for good: finished, without a label
+        return observed, pending
 
 
 def holds(t: Any) -> bool:
@@ -296,8 +371,12 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
       10 x seeds trials (about 10 points with their replicates) are random.
     """
     s = study.search
-    if s.sampler == "grid":
+    if s.sampler in LATTICE_SAMPLERS:
         space = {d.key: [_encode(v) for v in d.grid] for d in s.space}
+        if s.sampler == "boundary":
+            from grokstudy import refine
+
+            return BoundarySampler(space, s.seeds, refine.lattice_of(s.space), s.budget, seed=s.sampler_seed)
         return LatticeSampler({**space, SEED: list(range(s.seeds))}, seed=s.sampler_seed)
     if s.sampler == "sobol":
         return _SobolSampler(optuna_space(study).distributions, seed=s.sampler_seed)
@@ -373,8 +452,12 @@ class Ledger:
     def ask(self) -> Member | None:
         """The next point x seed to run, or None when the sampler has nothing to propose
         now (`finished()` says whether it ever will)."""
+        sampler = self.ot.sampler
         for _ in range(1000):  # a sampler that keeps repeating held points is a bug; stop looking
-            if self.finished():
+            waiting = any(t.state == TrialState.WAITING for t in self.ot.get_trials(deepcopy=False))
+            if not waiting and (
+                sampler.next_cell(self.ot) is None if isinstance(sampler, LatticeSampler) else self.finished()
+            ):
                 return None
             trial = self.ot.ask()
             point = point_from_config(self.study, self.space(trial))
@@ -394,7 +477,8 @@ class Ledger:
             return False
         sampler = self.ot.sampler
         if isinstance(sampler, LatticeSampler):
-            return sampler.exhausted(self.ot)
+            running = any(t.state == TrialState.RUNNING for t in trials)
+            return sampler.next_cell(self.ot) is None and not (sampler.adaptive and running)
         points = {
             t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
         }
@@ -528,7 +612,7 @@ def point_from_config(study: Study, config: dict[str, Any]) -> dict[str, Any]:
     Decodes JSON-encoded choices and restores types (tuples for betas, ints for
     integer axes), so `study.trial(point)` is the trial that ran.
     """
-    grid = study.search.sampler == "grid"
+    grid = study.search.sampler in LATTICE_SAMPLERS
     point: dict[str, Any] = {}
     for dim in study.search.space:
         if dim.key in config:

@@ -56,6 +56,8 @@ from grokstudy.errors import StudyError, raise_all
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
 SECTIONS: dict[str, type] = {k: v for k, v in STUDY_SECTIONS.items() if k != "search"}
+LATTICE_SAMPLERS = ("grid", "boundary")
+"""Samplers over the study's grid: every log/range axis needs `points` (search.py's rule too)."""
 TOP_LEVEL = ("name", *STUDY_SECTIONS)
 SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 DIM_FORMS = ("log", "range", "values", "choice")
@@ -243,6 +245,7 @@ def study_to_dict(study: Study) -> dict[str, Any]:
         "num_samples": s.num_samples,
         "objective": s.objective,
         "sampler_seed": s.sampler_seed,
+        "budget": s.budget,
     }
     for section in ("phases", "resources", "run", "diagram"):
         out[section] = to_dict(getattr(study, section))
@@ -290,13 +293,19 @@ def describe(study: Study) -> str:
         lines.append(f"  {dim.key:<{width}}  {_describe_dim(dim, s.sampler)}")
     if not s.space:
         lines.append("  none: every trial is the base trial")
-    if s.sampler == "grid":
-        n, how = math.prod(len(d.grid) for d in s.space), ""
+    seeds = f"{s.seeds} seed{'s' * (s.seeds != 1)}"
+    if s.sampler in LATTICE_SAMPLERS:
+        n = math.prod(len(d.grid) for d in s.space)
         if s.num_samples:
-            lines.append("(num_samples is ignored by the grid sampler)")
+            lines.append(f"(num_samples is ignored by the {s.sampler} sampler)")
+        if s.sampler == "boundary":
+            cap = f", at most {s.budget}" if s.budget else ""
+            lines.append(f"{n} grid points x {seeds}: trains where phases change, infers the rest{cap}")
+            return "\n".join(lines)
+        lines.append(f"{n} points x {seeds} = {n * s.seeds} trials")
     else:
-        n, how = s.num_samples or 0, f" ({s.sampler})"
-    lines.append(f"{n} points{how} x {s.seeds} seed{'s' * (s.seeds != 1)} = {n * s.seeds} trials")
+        n = s.num_samples or 0
+        lines.append(f"{n} points ({s.sampler}) x {seeds} = {n * s.seeds} trials")
     return "\n".join(lines)
 
 
@@ -464,7 +473,9 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
             else:
                 dims.append(dim)
     kwargs["space"] = tuple(dims)
-    if sampler not in ("grid", None):
+    if kwargs.get("budget") is not None and sampler not in ("boundary", None):
+        problems.append(StudyError("search.budget", f"applies to sampler boundary, not {sampler}"))
+    if sampler not in (*LATTICE_SAMPLERS, None):
         if kwargs.get("num_samples") is None and "search.num_samples" not in bad:
             problems.append(
                 StudyError(
@@ -488,7 +499,7 @@ def _check_size(search: SearchConfig, problems: list[StudyError]) -> None:
     """The study's trial count is sane, and a sampler can draw as many distinct points as asked."""
     discrete = all(d.values is not None or d.choice is not None or d.points is not None for d in search.space)
     grid_size = math.prod(len(d.grid) for d in search.space) if discrete else None
-    points = grid_size if search.sampler == "grid" else search.num_samples
+    points = grid_size if search.sampler in LATTICE_SAMPLERS else search.num_samples
     if points is not None and points * search.seeds > MAX_TRIALS:
         problems.append(
             StudyError(
@@ -618,9 +629,11 @@ def _interval(
         out["integer"] = integer
     points = raw.get("points")
     if points is None:
-        if sampler == "grid":
+        if sampler in LATTICE_SAMPLERS:
             problems.append(
-                StudyError(path, f"the grid sampler needs points: N on a {form} dimension, e.g. points: 5")
+                StudyError(
+                    path, f"the {sampler} sampler needs points: N on a {form} dimension, e.g. points: 5"
+                )
             )
     elif isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_POINTS:
         problems.append(
@@ -669,7 +682,7 @@ def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
 
 
 def _describe_dim(dim: SearchDim, sampler: str) -> str:
-    if sampler == "grid" or dim.values is not None or dim.choice is not None:
+    if sampler in LATTICE_SAMPLERS or dim.values is not None or dim.choice is not None:
         grid = [show(v) for v in dim.grid]
         shown = grid if len(grid) <= 12 else [*grid[:5], "...", *grid[-2:]]
         kind = "log-spaced " if dim.log is not None else ""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from grokstudy.cli import main
 
@@ -63,8 +64,11 @@ def test_misspelt_key_in_a_study_file_suggests_the_right_one(tmp_path: Path) -> 
 
 def test_validate_prints_the_resolved_study_and_trial_count(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", str(SMOKE)]) == 0
-    out = capsys.readouterr().out
-    assert "trials" in out and "optimizer.weight_decay" in out
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "4 points x 1 seed = 4 trials"
+    assert "  optimizer.weight_decay  2 log-spaced values: 0.1, 1" in out
+    assert "  data.fraction           2 values: 0.4, 0.8" in out
+    assert yaml.safe_load("\n".join(out[: out.index("")]))["name"] == "smoke"
 
 
 def test_train_json_ends_with_one_json_object_of_the_result() -> None:
@@ -82,6 +86,25 @@ def test_train_json_ends_with_one_json_object_of_the_result() -> None:
     assert {"phase", "t_train", "t_val", "steps", "final_train_acc", "final_val_acc"} <= summary.keys()
     assert summary["steps"] == 100
     assert 0.0 <= summary["final_val_acc"] <= 1.0
+
+
+def test_a_diverged_run_stops_and_its_json_is_strict() -> None:
+    result = run_cli(
+        "train",
+        "--set", "task.p=23",
+        "--set", "model.embed_dim=16",
+        "--set", "model.width=32",
+        "--set", "optimizer.name=sgd",
+        "--set", "optimizer.lr=1000",
+        "--set", "train.max_steps=2000",
+        "--set", "train.eval_every=50",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    summary = json.loads(last, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert summary["phase"] == "diverged" and summary["final_train_loss"] is None
+    assert summary["steps"] < 2000  # it stopped when its loss became non-finite
 
 
 def test_help_of_every_subcommand_shows_examples() -> None:

@@ -80,11 +80,23 @@ def test_gromov_lookup_equals_the_one_hot_matmul_of_the_paper() -> None:
     torch.testing.assert_close(net(x), expected)
 
 
-def test_transformer_reads_the_last_position_causally() -> None:
+def test_transformer_attention_is_causal_and_reads_the_last_position() -> None:
     net = built(kind="transformer", embed_dim=16, width=32, heads=2)
-    x = torch.tensor([[1, 2], [1, 3]])
+    seen: list[torch.Tensor] = []
+    hook = net.blocks[0].register_forward_hook(lambda mod, inp, out: seen.append(out))
+    x = torch.tensor([[1, 2], [1, 3], [4, 2]])
     logits = net(x)
-    assert not torch.allclose(logits[0], logits[1])  # the "=" position sees b, so b matters
+    hook.remove()
+    residual = seen[0]  # (B, 3, C): positions a, b, "="
+    # Changing b (position 1) leaves position 0 unchanged: no position sees a later one.
+    torch.testing.assert_close(residual[0, 0], residual[1, 0])
+    assert not torch.allclose(residual[0, 1], residual[1, 1])
+    # Changing a (position 0) changes every later position.
+    assert not torch.allclose(residual[0, 1], residual[2, 1]) and not torch.allclose(
+        residual[0, 2], residual[2, 2]
+    )
+    # The logits are read at "=", which sees both operands.
+    assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[0], logits[2])
 
 
 def test_mlp_activation_choice_changes_the_function() -> None:
@@ -94,5 +106,3 @@ def test_mlp_activation_choice_changes_the_function() -> None:
     h = relu.embed(x).flatten(1)
     torch.testing.assert_close(quad(x), quad.unembed(quad.hidden[0](h).square()))
     assert not torch.allclose(relu(x), quad(x))
-
-

@@ -139,3 +139,32 @@ def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_cur
     assert set(outcome.phase_counts) <= set(PHASES)
     assert outcome.figures and all(p.exists() for p in outcome.figures)
     assert problems(tmp_path / "out", study) == []
+
+
+@pytest.mark.integration
+def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    spec = dict(TINY, name="tiny-boundary")
+    spec["search"] = {
+        "sampler": "boundary",
+        "space": {
+            # 9 x 3: the coarse lattice is every other weight decay (a 5 x 3 start), then the
+            # boundary; a 5 x 5 grid would be coarse already (stride 1) and run dense.
+            "optimizer.weight_decay": {"log": [0.01, 10.0], "points": 9},
+            "data.fraction": {"values": [0.3, 0.55, 0.8]},
+        },
+        "seeds": 1,
+    }
+    study = parse_study(spec)
+    outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
+    assert outcome.failed == []
+    trials = pq.read_table(outcome.trials_path).to_pylist()
+    cells = pq.read_table(tmp_path / "out" / "cells.parquet").to_pylist()
+    assert len(cells) == 27 and len(trials) < 27
+    assert sum(c["measured"] for c in cells) == len(trials)
+    assert {(t["optimizer.weight_decay"], t["data.fraction"]) for t in trials} == {
+        (c["optimizer.weight_decay"], c["data.fraction"]) for c in cells if c["measured"]
+    }
+    assert all(c["phase"] for c in cells)
+    assert (tmp_path / "out" / "figures" / "phase_diagram.png").exists()

@@ -10,12 +10,21 @@ import pytest
 from grokstudy import search
 from grokstudy.study import describe, load_study
 
-STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").glob("*.yaml"))
+STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").rglob("*.yaml"))
 
 
-def test_the_studies_directory_holds_the_documented_studies() -> None:
-    names = {p.name for p in STUDIES}
-    assert {"smoke.yaml", "quickstart.yaml", "wd_vs_frac_transformer.yaml"} <= names
+REPO = Path(__file__).resolve().parent.parent
+DOCS = [REPO / "README.md", REPO / "Makefile", *(REPO / "docs").rglob("*.md"), *(REPO / "cluster").rglob("*.md")]
+
+
+def test_every_study_the_docs_name_exists_and_every_shipped_study_is_documented() -> None:
+    import re
+
+    text = "\n".join(p.read_text() for p in DOCS if p.exists())
+    named = {n for n in re.findall(r"studies/([\w./-]+\.yaml)", text) if not re.fullmatch(r"[A-Z]\.yaml", n)}
+    shipped = {str(p.relative_to(REPO / "studies")) for p in STUDIES}
+    assert named - shipped == set(), f"the docs name studies that do not exist: {named - shipped}"
+    assert shipped - named == set(), f"shipped studies no doc mentions: {shipped - named}"
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
