@@ -111,6 +111,8 @@ def main() -> None:
             moments.append(rng.uniform(0, 1.1 * duration))
         hit = [kill_at(cmd, t, log) for t in moments]
         resumed = subprocess.run(cmd, capture_output=True, text=True)
+        with log.open("a") as f:
+            f.write(f"\n---- resumed (exit {resumed.returncode}) ----\n{resumed.stdout}{resumed.stderr}")
         found = []
         if resumed.returncode != 0:
             found.append(f"exit {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")

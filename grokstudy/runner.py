@@ -40,6 +40,11 @@ Ray and Tune internals this module relies on, checked against ray 2.60.0:
   `fit` with unfinished trials; `run_study` reports that as an interruption.
 - `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (set by the CLI before ray is imported)
   keeps an embedded Ray on 127.0.0.1.
+- `ray.train._internal.checkpoint_manager._delete_fs_path` (`_forgive_deleted_checkpoints`):
+  a restored trial's checkpoint list may name checkpoints the killed driver already
+  deleted (its last experiment snapshot predates the deletion); Tune's deletion of
+  them then raises FileNotFoundError and logs a traceback for every such trial. A
+  checkpoint that is already gone needs no deleting: the wrapper says so and goes on.
 """
 
 from __future__ import annotations
@@ -722,6 +727,7 @@ def _fit(
     callback = _ProgressCallback(total, progress, study.run.tracking_outage_s, uri, already)
     slots = _trial_slots(study)
     if resumed:
+        _forgive_deleted_checkpoints()
         _Searcher.experiment_path_now = experiment_path
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -783,6 +789,24 @@ def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | Non
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def _forgive_deleted_checkpoints() -> None:
+    """See the module docstring (ray 2.60's checkpoint manager); idempotent."""
+    from ray.train._internal import checkpoint_manager
+
+    delete = checkpoint_manager._delete_fs_path
+    if getattr(delete, "forgiving", False):
+        return
+
+    def forgiving(fs: Any, fs_path: str) -> None:
+        try:
+            delete(fs=fs, fs_path=fs_path)
+        except FileNotFoundError:
+            pass  # deleted by the previous driver after its last snapshot
+
+    forgiving.forgiving = True  # type: ignore[attr-defined]
+    checkpoint_manager._delete_fs_path = forgiving
 
 
 def _find_searcher(tuner: Any) -> Any:
