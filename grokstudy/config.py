@@ -239,6 +239,11 @@ class OptimConfig:
     weight_decay: float = setting(
         1.0, "weight-decay coefficient; how it enters is optimizer.weight_decay_form", lo=0, hi=1e6
     )
+    decay_biases: bool = setting(
+        False,
+        "decay every tensor, biases and norm gains too (Nanda et al. 2023); default: matrices and "
+        "embeddings only (models.decay_groups)",
+    )
     decay_to: str = setting(
         "zero",
         "zero | init: pull weights toward the origin or toward their initial values",
@@ -246,10 +251,16 @@ class OptimConfig:
     )
     warmup_steps: int = setting(
         10,
-        "linear learning-rate warm-up from lr/warmup_steps to lr (Power et al. use 10)",
+        "linear learning-rate warm-up over this many steps to lr (Power et al. and Nanda et al. use 10)",
         lo=0,
         hi=STEPS_MAX,
         unit="steps",
+    )
+    warmup_start: str = setting(
+        "lr/steps",
+        "lr/steps: the first step's lr is lr/warmup_steps (Power et al.) | zero: it is 0, as "
+        "Nanda et al.'s LambdaLR(min(step/10, 1)) gives",
+        choices=("lr/steps", "zero"),
     )
     grokfast: str = setting(
         "none",
@@ -285,8 +296,9 @@ class TrainConfig:
     )
     loss: str = setting(
         "cross_entropy",
-        "cross_entropy (float64 log-softmax) | mse (one-hot targets) | stablemax",
-        choices=("cross_entropy", "mse", "stablemax"),
+        "cross_entropy (float64 log-softmax) | mse (one-hot targets) | stablemax | "
+        "cross_entropy_float32 (only to reproduce softmax collapse, Prieto et al. 2025)",
+        choices=("cross_entropy", "mse", "stablemax", "cross_entropy_float32"),
     )
     seed: int = setting(
         0, "init seed (and minibatch order); replicates of a point differ only here", lo=0, hi=SEED_MAX
@@ -322,10 +334,24 @@ class TrialConfig:
 # ---- how a curve is read -----------------------------------------------------------------------
 
 
+PHASE_RULES: dict[str, dict[str, float]] = {
+    "default": {},
+    "liu2022": {"threshold": 0.9, "grok_delay_factor": 1.0, "min_delay": 1001, "margin": 0.9},
+}
+"""Named phase rules: the values `phases.rule` sets (keys given in the study still win).
+`liu2022` is Liu et al. 2022's: accuracy 0.9, grokking = validation more than 1,000 steps
+after training, no ratio, no hold (phases.py's docstring)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PhaseConfig:
     """Parameters of the phase rule in `phases.py` (after Liu et al. 2022)."""
 
+    rule: str = setting(
+        "default",
+        "default | liu2022: a named rule whose values the other keys default to (phases.py)",
+        choices=tuple(PHASE_RULES),
+    )
     threshold: float = setting(
         0.99, "accuracy that counts as fitted (train) or generalized (validation)", lo=0, hi=1, lo_open=True
     )
@@ -337,7 +363,18 @@ class PhaseConfig:
         0.05, "generalization holds while val accuracy stays >= threshold - margin", lo=0, hi=1, hi_open=True
     )
     confirm_steps: int = setting(
-        1000, "a trial may stop early once generalization has held this many steps", lo=0, hi=STEPS_MAX
+        1000,
+        "a trial may stop early once generalization has held this many steps; a dip shorter "
+        "than this is forgiven",
+        lo=0,
+        hi=STEPS_MAX,
+    )
+    loss_threshold: float = setting(
+        1e-2,
+        "t_val_loss: the validation loss that counts as generalized (Nanda et al. 2023: 1e-2)",
+        lo=0,
+        hi=1e6,
+        lo_open=True,
     )
 
 
@@ -409,6 +446,12 @@ class SearchConfig:
     )
     space: tuple[SearchDim, ...] = ()
     seeds: int = setting(1, "replicates per point: train.seed takes 0 .. seeds-1", lo=1, hi=1000)
+    vary_split: bool = setting(
+        False,
+        "replicates differ in their train/validation split too: replicate s uses "
+        "data.split_seed + s (false: every replicate shares data.split_seed, and seed agreement "
+        "measures only the init's spread)",
+    )
     num_samples: int | None = setting(
         None, "points drawn by sobol/random/tpe (grid: the grid's size)", lo=1, hi=10**6
     )
@@ -501,8 +544,12 @@ class Study:
     diagram: DiagramConfig = field(default_factory=DiagramConfig)
 
     def trial(self, point: dict[str, Any]) -> TrialConfig:
-        """The base trial with a search point's dotted keys set."""
-        return with_overrides(self.base, point)
+        """The base trial with a search point's dotted keys set (with `search.vary_split`,
+        replicate s also splits the data with data.split_seed + s)."""
+        cfg = with_overrides(self.base, point)
+        if self.search.vary_split:
+            cfg = with_overrides(cfg, {"data.split_seed": cfg.data.split_seed + cfg.train.seed})
+        return cfg
 
 
 TRIAL_SECTIONS: dict[str, type] = {

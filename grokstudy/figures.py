@@ -220,6 +220,112 @@ def delay_heatmap(
 
 
 @mpl.rc_context(STYLE)
+def sweep(
+    trials: pa.Table,
+    x: str,
+    *,
+    line: str | None = None,
+    log_x: bool | None = None,
+    value: str = "t_val",
+) -> Figure:
+    """Steps to generalize (`value`: t_val or t_val_loss) and to fit (t_train) against one axis,
+    one line per value of `line` (an op, an optimizer, a loss...).
+
+    Each seed is a dot; the line joins the medians over seeds, solid for
+    generalization, dashed for fitting. A seed that never generalized within its
+    budget is an "×" on the budget line (dotted), and a median that is not finite
+    (most seeds never generalized) breaks the line there: never zero, never hidden.
+    """
+    if value not in ("t_val", "t_val_loss"):
+        raise UsageError("value", f"unknown sweep value {value!r}; choose one of: t_val, t_val_loss")
+    for flag, name in (("--x", x), ("--facet", line)):
+        if name is not None:
+            _check_column(trials, name, flag)
+    table = _finished(trials)
+    rows = table.to_pylist()
+    scales = table_info(trials)[1]
+    if log_x is None:
+        log_x = scales.get(x) == "log" if x in scales else is_log_scale(sorted({r[x] for r in rows}))
+    groups = sorted({_key(r[line]) for r in rows}, key=_sort_key) if line else [None]
+    budget = max((r["max_steps"] for r in rows), default=1)
+    fig = _figure((6.4, 4.4))
+    ax = fig.subplots()
+    palette = mpl.colormaps["tab10"].colors
+    for k, group in enumerate(groups):
+        color = palette[k % len(palette)]
+        members = [r for r in rows if line is None or _key(r[line]) == group]
+        xs = sorted({r[x] for r in members})
+        for key, style, width in ((value, "-", 1.8), ("t_train", (0, (4, 2)), 1.1)):
+            medians = []
+            for xv in xs:
+                ts = [r[key] for r in members if r[x] == xv]
+                finite = np.array([t for t in ts if t is not None], dtype=float)
+                jitter = np.full(len(finite), xv, dtype=float)
+                ax.scatter(jitter, finite, s=10, color=color, alpha=0.35, linewidths=0, zorder=2)
+                never = len(ts) - len(finite)
+                if never and key == value:
+                    ax.scatter([xv], [budget], marker="x", s=36, color=color, zorder=3)
+                    if never < len(ts):
+                        ax.annotate(f"{never}/{len(ts)}", (xv, budget), textcoords="offset points",
+                                    xytext=(0, 6), ha="center", fontsize=7, color=color)  # fmt: skip
+                # The median counts a never-generalized seed as infinitely late.
+                full = np.sort(np.concatenate([finite, np.full(never, np.inf)]))
+                medians.append(float(np.median(full)) if len(full) else np.nan)
+            m = np.array(medians)
+            m[~np.isfinite(m)] = np.nan
+            label = None
+            if key == value:
+                label = f"{line} = {_fmt(group)}" if line else None
+            ax.plot(
+                xs,
+                m,
+                ls=style,
+                lw=width,
+                color=color,
+                marker="o" if key == value else None,
+                ms=4,
+                label=label,
+            )
+    ax.axhline(budget, color="#888888", lw=0.8, ls=":", zorder=1)
+    ax.text(0.005, budget, "budget", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="#666666")
+    ax.set_yscale("log")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel("steps")
+    handles = [
+        Line2D(
+            [],
+            [],
+            color="#333333",
+            lw=1.8,
+            marker="o",
+            ms=4,
+            label=f"{value}: median over seeds (dots: seeds)",
+        ),
+        Line2D([], [], color="#333333", lw=1.1, ls=(0, (4, 2)), label="t_train: median over seeds"),
+        Line2D([], [], color="#333333", ls="", marker="x", label="never generalized within the budget"),
+    ]
+    if line:
+        handles += ax.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    study = ", ".join(sorted(set(trials.column("study").to_pylist())))
+    what = (
+        "steps to generalize"
+        if value == "t_val"
+        else "steps until the validation loss holds below its threshold"
+    )
+    fig.suptitle(f"{study}: {what} against {x}")
+    return fig
+
+
+def numeric_axes(trials: pa.Table) -> list[str]:
+    """The searched axes of a trials table whose values are numbers (the rest are categories)."""
+    scales = table_info(trials)[1]
+    return [k for k, scale in scales.items() if scale != "category" and k in trials.column_names]
+
+
+@mpl.rc_context(STYLE)
 def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[str] | None = None) -> Figure:
     """Train and validation accuracy against optimizer steps, one panel per trial.
 
@@ -340,6 +446,15 @@ def render_study(
         ("delay_heatmap", delay_heatmap(trials, value="delay", **axes)),
         ("t_val_heatmap", delay_heatmap(trials, value="t_val", **axes)),
     ]
+    numeric = numeric_axes(trials)
+    if len(numeric) == 1:  # a sweep over one axis (categorical axes become its lines)
+        others = [k for k in table_info(trials)[1] if k not in numeric]
+        line = others[0] if len(others) == 1 else None
+        figures.append(("sweep", sweep(trials, numeric[0], line=line)))
+        if "t_val_loss" in trials.column_names and any(
+            v is not None for v in trials.column("t_val_loss").to_pylist()
+        ):
+            figures.append(("sweep_loss", sweep(trials, numeric[0], line=line, value="t_val_loss")))
     curve_ids = set(curves.column("trial_id").to_pylist()) if curves is not None else set()
     if curve_ids & set(_finished(trials).column("trial_id").to_pylist()):
         figures.append(("learning_curves", learning_curves(trials, curves)))

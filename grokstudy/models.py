@@ -178,13 +178,15 @@ def build_model(model: ModelConfig, n_tokens: int, n_classes: int) -> nn.Module:
     return net
 
 
-def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def decay_groups(model: nn.Module, everything: bool = False) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(decayed, not decayed): matrices and embeddings (dim >= 2) decay; biases and norm gains (dim < 2) don't.
 
-    The rule of nanoGPT's `configure_optimizers`. Note that Nanda et al. 2023 decay
-    every tensor, biases included; here biases are free.
+    The rule of nanoGPT's `configure_optimizers`. Nanda et al. 2023 decay every
+    tensor, biases included: `everything=True` (`optimizer.decay_biases`) does that.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    if everything:
+        return params, []
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
 
 

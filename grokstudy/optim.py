@@ -62,8 +62,19 @@ def stablemax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torc
     return F.nll_loss(log_probs, targets)
 
 
+def cross_entropy_float32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with a float32 log-softmax, returned as float64.
+
+    Only to reproduce softmax collapse (Prieto et al. 2025): without weight decay
+    the logits of fitted pairs grow until float32 rounds their gradient to 0 and
+    learning stalls, which looks like memorization. Never the default.
+    """
+    return F.cross_entropy(logits.float(), targets).double()
+
+
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": cross_entropy,
+    "cross_entropy_float32": cross_entropy_float32,
     "mse": mse,
     "stablemax": stablemax_cross_entropy,
 }
@@ -237,7 +248,7 @@ class Optimizer:
 
     def __init__(self, cfg: OptimConfig, model: nn.Module) -> None:
         self.cfg = cfg
-        decay, free = decay_groups(model)
+        decay, free = decay_groups(model, cfg.decay_biases)
         self.params = decay + free
         self.decay_params = decay
         to_init = cfg.decay_to == "init" and cfg.weight_decay != 0
@@ -252,9 +263,11 @@ class Optimizer:
         self.grad_filter = FILTERS[cfg.grokfast](cfg)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate of the update that takes `step` steps to `step + 1`: linear warm-up, then flat."""
-        warmup = self.cfg.warmup_steps
-        return self.cfg.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else self.cfg.lr
+        """Learning rate of the update that takes `step` steps to `step + 1`: linear warm-up, then flat.
+
+        warmup_start lr/steps: lr * min(1, (step + 1) / W); zero: lr * min(1, step / W) (Nanda's).
+        """
+        return lr_at(self.cfg, step)
 
     @torch.no_grad()
     def step(self, step: int) -> None:
@@ -297,6 +310,15 @@ class Optimizer:
             self.grad_filter.load_state_dict(state["filter"])
         device = self.params[0].device if self.params else None
         self.init = [t.to(device) for t in state["init"]]
+
+
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """The warm-up schedule (see `Optimizer.lr_at`); one rule for the single and the packed trainer."""
+    warmup = cfg.warmup_steps
+    if warmup <= 0:
+        return cfg.lr
+    done = step + 1 if cfg.warmup_start == "lr/steps" else step
+    return cfg.lr * min(1.0, done / warmup)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> Optimizer:

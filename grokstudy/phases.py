@@ -13,13 +13,23 @@ generalizes at 6,000 grokking).
 This docstring is the reference the docs quote.
 
 Definitions, with θ = `PhaseConfig.threshold`, m = `margin`, F =
-`grok_delay_factor`, D = `min_delay`, and only eval points with step ≤
-`max_steps` (the budget B of Liu et al.) taken into account:
+`grok_delay_factor`, D = `min_delay`, C = `confirm_steps`, L =
+`loss_threshold`, and only eval points with step ≤ `max_steps` (the budget B
+of Liu et al.) taken into account:
 
-- **t_train**: the first eval step with train accuracy ≥ θ, or None.
-- **t_val**: the first eval step with validation accuracy ≥ θ *after which
-  validation accuracy never drops below θ − m* for the rest of the curve
-  (generalization that holds), or None.
+- **Crossings are interpolated.** The step at which a curve first reaches a
+  level is estimated linearly between the two eval points around it (in
+  log-loss for losses), rounded to a step; so t_train does not jump with the
+  eval grid (an eval every 100 steps would otherwise put a fit at step 51 at
+  step 100, and move the grokking cut F·t_train by hundreds of steps).
+- **t_train**: the first step with train accuracy ≥ θ, or None.
+- **t_val**: the first step with validation accuracy ≥ θ *that holds*: after
+  it validation accuracy never falls below θ − m, except for dips that recover
+  (back to ≥ θ) within C steps, which are noise, not a collapse. None if no
+  crossing holds.
+- **t_val_loss**: the same for the validation loss falling below L and staying
+  below 10·L (dips shorter than C forgiven): Nanda et al. 2023's measure of
+  generalization (test loss < 1e-2), which accuracy saturates long before.
 - **delay** = t_val − t_train when both exist, else None.
 
 Phases, exactly one per curve (`PHASES`):
@@ -37,13 +47,19 @@ Phases, exactly one per curve (`PHASES`):
   happened within the budget; `best_val_acc` shows how close it came.
 - **confusion**: t_train does not exist (the model never fits within the curve)
   and validation never reached θ.
-- **unstable**: validation reached θ at some eval but collapsed below θ − m
-  afterwards and never re-generalized (no holding t_val). Named honestly rather
-  than forced into memorization. A collapse followed by a later recovery that
-  holds is *not* unstable: t_val is the recovery step.
+- **unstable**: validation reached θ but collapsed below θ − m for C steps or
+  more (or until the end of the curve) and never re-generalized. Named honestly
+  rather than forced into memorization. A collapse followed by a later
+  recovery that holds is *not* unstable: t_val is the recovery.
 - **diverged**: the training loss became non-finite (NaN or ±inf) at an eval
   point (`classify_records` checks; a learning rate far too large, say). The
   timings are those of the curve before it; the trial stops there.
+
+Rules (`PhaseConfig.rule`): `default` is the above with θ = 0.99, F = 5,
+D = 500, m = 0.05. `liu2022` is Liu et al.'s own: accuracy threshold 0.9,
+grokking when validation comes more than 1,000 steps after training
+(F = 1, D = 1001, no ratio), no hold required (m = 0.9: any fall stays above
+θ − m = 0). Each study says which rule it used (MLflow tags `phases.rule.*`).
 
 Further decisions:
 
@@ -51,10 +67,8 @@ Further decisions:
   not move t_train: it is the first fit, as in Liu et al.
 - Holding is judged within the curve seen so far, so a t_val at the very last
   eval point has held for zero steps. `generalization_confirmed` is the
-  stricter test used to stop a trial early: it needs `confirm_steps` of hold.
-- t_train and t_val are eval-grid steps: the true crossing lies between the
-  previous eval step and the reported one, so timings (and delays) are
-  coarsened by `train.eval_every` (Liu et al. evaluated every step).
+  stricter test used to stop a trial early: it needs C steps of hold. A dip
+  still open at the end of the curve is a collapse (it has not recovered).
 
 Pure numpy; knows nothing of Ray, MLflow or torch.
 """
@@ -87,7 +101,7 @@ PHASE_DEFINITIONS: dict[str, str] = {
 
 @dataclass(frozen=True, slots=True)
 class PhaseResult:
-    """The verdict on one curve; timings are eval-grid steps (None: never reached)."""
+    """The verdict on one curve; timings in steps, interpolated between eval points (None: never reached)."""
 
     phase: str
     t_train: int | None
@@ -100,6 +114,8 @@ class PhaseResult:
     final_val_acc: float
     best_val_acc: float
     """Highest validation accuracy seen: how close a memorizing run came."""
+    t_val_loss: int | None = None
+    """First step with validation loss < loss_threshold that holds (Nanda et al.'s measure)."""
 
 
 def classify(
@@ -108,11 +124,13 @@ def classify(
     val_acc: Sequence[float],
     cfg: PhaseConfig,
     max_steps: int,
+    val_loss: Sequence[float] | None = None,
 ) -> PhaseResult:
     """Label one curve by the rule in the module docstring.
 
-    `steps`, `train_acc` and `val_acc` have equal, non-zero length and `steps`
-    increases; eval points after `max_steps` are ignored.
+    `steps`, `train_acc` and `val_acc` (and `val_loss`, for t_val_loss) have
+    equal, non-zero length and `steps` increases; eval points after
+    `max_steps` are ignored.
     """
     s, tr, va = _arrays(steps, train_acc, val_acc)
     within = s <= max_steps
@@ -120,8 +138,16 @@ def classify(
         raise ValueError(f"no eval point at or before max_steps={max_steps} (first is {s[0]})")
     s, tr, va = s[within], tr[within], va[within]
 
-    t_train = _first_step(s, tr >= cfg.threshold)
-    t_val = _holding_t_val(s, va, cfg)
+    t_train = _crossing(s, tr, cfg.threshold, 0)
+    t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
+    t_val_loss = None
+    if val_loss is not None:
+        vl = np.asarray(val_loss, dtype=np.float64)[within]
+        # Losses fall: hold the negated log loss above -log(L) (and above -log(10 L)).
+        neg = -np.log(np.maximum(vl, 1e-300))
+        t_val_loss = _holding(
+            s, neg, -math.log(cfg.loss_threshold), -math.log(10 * cfg.loss_threshold), cfg.confirm_steps
+        )
     delay = t_val - t_train if t_val is not None and t_train is not None else None
 
     if t_val is not None:
@@ -148,6 +174,7 @@ def classify(
         final_train_acc=float(tr[-1]),
         final_val_acc=float(va[-1]),
         best_val_acc=float(va.max()),
+        t_val_loss=t_val_loss,
     )
 
 
@@ -159,18 +186,18 @@ def generalization_confirmed(
 ) -> bool:
     """True once the training set has been fitted and validation accuracy has held.
 
-    Held means: a holding t_val exists (accuracy ≥ θ since t_val, never below
-    θ − margin) and the last eval step is ≥ t_val + `confirm_steps`. The runner's
-    stopper calls this at every eval; after it turns True, more training can
-    only change the label if validation later collapses, which is the bet the
-    stopper makes. Never true on a plateau: grokking is a plateau.
+    Held means: a holding t_val exists and the last eval step is ≥ t_val +
+    `confirm_steps`. The runner calls this at every eval to stop a trial early;
+    after it turns True, more training can only change the label if validation
+    later collapses for good, which is the bet that stopping makes. Never true
+    on a plateau: grokking is a plateau.
     """
     if len(steps) == 0:
         return False
     s, tr, va = _arrays(steps, train_acc, val_acc)
-    if _first_step(s, tr >= cfg.threshold) is None:
+    if _crossing(s, tr, cfg.threshold, 0) is None:
         return False
-    t_val = _holding_t_val(s, va, cfg)
+    t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
     return t_val is not None and int(s[-1]) - t_val >= cfg.confirm_steps
 
 
@@ -181,7 +208,12 @@ def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps:
     bad = next((i for i, r in enumerate(within) if not math.isfinite(r.train_loss)), None)
     kept = within if bad is None else within[: max(bad, 1)]
     result = classify(
-        [r.step for r in kept], [r.train_acc for r in kept], [r.val_acc for r in kept], cfg, max_steps
+        [r.step for r in kept],
+        [r.train_acc for r in kept],
+        [r.val_acc for r in kept],
+        cfg,
+        max_steps,
+        val_loss=[r.val_loss for r in kept],
     )
     if bad is None:
         return result
@@ -194,18 +226,22 @@ def diverged(record: EvalRecord) -> bool:
 
 
 def rules(cfg: PhaseConfig) -> dict[str, str]:
-    """{phase: its rule with this config's numbers}, for MLflow tags and reports."""
+    """{name: the rule with this config's numbers}, for MLflow tags and reports."""
     th, lo = f"{cfg.threshold:g}", f"{cfg.threshold - cfg.margin:g}"
+    dips = f"(dips recovering within {cfg.confirm_steps} steps forgiven)"
     return {
-        "t_train": f"first eval step with train/acc >= {th}",
-        "t_val": f"first eval step with val/acc >= {th} after which val/acc stays >= {lo}",
+        "rule": cfg.rule,
+        "t_train": f"first step (interpolated) with train/acc >= {th}",
+        "t_val": f"first step (interpolated) with val/acc >= {th} after which val/acc stays >= {lo} {dips}",
+        "t_val_loss": f"first step with val/loss < {cfg.loss_threshold:g} after which it stays < "
+        f"{10 * cfg.loss_threshold:g} {dips}",
         "comprehension": "t_val exists and not grokking",
         "grokking": (
             f"t_val >= {cfg.grok_delay_factor:g} * max(t_train, 1) and t_val - t_train >= {cfg.min_delay}"
         ),
         "memorization": f"t_train exists; val/acc never reached {th}",
         "confusion": f"no t_train and no t_val; val/acc never reached {th}",
-        "unstable": f"val/acc reached {th}, then fell below {lo} and never recovered",
+        "unstable": f"val/acc reached {th}, then fell below {lo} for {cfg.confirm_steps} steps or more and never recovered",
         "diverged": "train/loss non-finite at an eval point",
     }
 
@@ -228,14 +264,35 @@ def _arrays(
     return s, tr, va
 
 
-def _first_step(s: np.ndarray, hit: np.ndarray) -> int | None:
-    idx = np.flatnonzero(hit)
-    return int(s[idx[0]]) if len(idx) else None
+def _crossing(s: np.ndarray, a: np.ndarray, level: float, start: int) -> int | None:
+    """The step at which `a` first reaches `level` at or after index `start`, interpolated
+    linearly from the eval point before (which is below `level`), rounded to a step."""
+    hits = np.flatnonzero(a[start:] >= level)
+    if not len(hits):
+        return None
+    i = start + int(hits[0])
+    if i == 0 or not np.isfinite(a[i - 1]) or a[i - 1] >= level:
+        return int(s[i])
+    frac = (level - a[i - 1]) / (a[i] - a[i - 1])
+    return int(s[i - 1] + max(1, round(frac * (s[i] - s[i - 1]))))
 
 
-def _holding_t_val(s: np.ndarray, va: np.ndarray, cfg: PhaseConfig) -> int | None:
-    # Only crossings after the last collapse below θ − margin can hold to the end.
-    # NaN accuracies compare False on both sides: neither a crossing nor a collapse.
-    collapses = np.flatnonzero(va < cfg.threshold - cfg.margin)
-    start = collapses[-1] + 1 if len(collapses) else 0
-    return _first_step(s[start:], va[start:] >= cfg.threshold)
+def _holding(s: np.ndarray, a: np.ndarray, level: float, floor: float, forgive: int) -> int | None:
+    """The interpolated first crossing of `level` after which `a` never stays below `floor`
+    for `forgive` steps or more, nor is below it at the end (the module docstring's hold)."""
+    # NaN compares False on both sides: neither a crossing nor a fall.
+    start = 0
+    below = a < floor
+    i = 0
+    while i < len(a):
+        if not below[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(a) and not (a[j] >= level):
+            j += 1
+        # A fall at i; recovered at j (a[j] >= level) or never (j == len(a)).
+        if j == len(a) or s[j] - s[i] >= forgive:
+            start = j  # a real collapse: only a crossing after it can hold
+        i = j
+    return _crossing(s, a, level, start) if start < len(a) else None

@@ -154,6 +154,13 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
             "t_val", pa.int64(), "first eval step from which val/acc holds >= threshold", steps, nullable=True
         ),
         _field("delay", pa.int64(), "t_val - t_train (negative: validation first)", steps, nullable=True),
+        _field(
+            "t_val_loss",
+            pa.int64(),
+            "first step from which val/loss holds below phases.loss_threshold (Nanda et al.'s measure)",
+            steps,
+            nullable=True,
+        ),
         _field("final_train_acc", pa.float64(), "train/acc at the last eval point", "fraction correct", True),
         _field("final_val_acc", pa.float64(), "val/acc at the last eval point", "fraction correct", True),
         _field(
@@ -277,6 +284,7 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
         "t_train": verdict.t_train if verdict else None,
         "t_val": verdict.t_val if verdict else None,
         "delay": verdict.delay if verdict else None,
+        "t_val_loss": verdict.t_val_loss if verdict else None,
         "final_train_acc": verdict.final_train_acc if verdict else None,
         "final_val_acc": verdict.final_val_acc if verdict else None,
         "final_train_loss": _finite_or_none(last.train_loss) if last else None,

@@ -320,6 +320,7 @@ def _outcome(curve: list[EvalRecord], cfg: TrialConfig, study: Study) -> dict[st
         "phase": verdict.phase,
         "t_train": verdict.t_train,
         "t_val": verdict.t_val,
+        "t_val_loss": verdict.t_val_loss,
         "objective": float(verdict.t_val if verdict.t_val is not None else cfg.train.max_steps),
         "stop_reason": "diverged" if diverged else ("generalized" if generalized else "budget"),
     }
@@ -330,6 +331,7 @@ def _final_tags(outcome: dict[str, Any], node: str) -> dict[str, str]:
         "phase": outcome["phase"],
         "t_train": "" if outcome["t_train"] is None else str(outcome["t_train"]),
         "t_val": "" if outcome["t_val"] is None else str(outcome["t_val"]),
+        "t_val_loss": "" if outcome.get("t_val_loss") is None else str(outcome["t_val_loss"]),
         "stop_reason": outcome["stop_reason"],
         "ray.node": node,
     }

@@ -34,6 +34,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from grokstudy.config import (
+    PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
     DiagramConfig,
@@ -345,7 +346,9 @@ def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
         name=name,
         base=base,
         search=search,
-        phases=PhaseConfig(**sections["phases"]),
+        phases=PhaseConfig(
+            **(PHASE_RULES.get(sections["phases"].get("rule", "default"), {}) | sections["phases"])
+        ),
         resources=ResourcesConfig(**sections["resources"]),
         run=RunConfig(**sections["run"]),
         diagram=DiagramConfig(**diagram),

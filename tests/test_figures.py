@@ -312,3 +312,25 @@ def test_a_categorical_axis_is_labelled_by_its_values() -> None:
     )
     fig = figures.phase_diagram(trials, "optimizer.name", "optimizer.weight_decay")
     assert tick_labels(fig.axes[0], "x") == ["adamw", "sgd"]
+
+
+def test_a_one_axis_sweep_draws_medians_seeds_and_never_generalized_marks(tmp_path: Path, artifacts_dir) -> None:
+    wds = [0.001, 0.01, 0.1, 1.0, 10.0]
+    trials, curves = synthetic_study(name="sweep", wds=wds, fractions=[0.3], seeds=3, skip=frozenset())
+    # A study that searched only weight decay: the sweep figure is its picture.
+    meta = trials.schema.metadata | {b"grokstudy.axes": b'{"optimizer.weight_decay": "log"}'}
+    trials = trials.replace_schema_metadata(meta)
+    assert figures.numeric_axes(trials) == ["optimizer.weight_decay"]
+    fig = figures.sweep(trials, "optimizer.weight_decay")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    rows = trials.to_pylist()
+    never = sum(r["t_val"] is None for r in rows)
+    crosses = [c for c in ax.collections if c.get_paths() and len(c.get_offsets()) == 1]
+    assert never == 0 or crosses
+    assert len([ln for ln in ax.lines if ln.get_linestyle() == "-"]) == 1  # one group: one median line
+    paths = figures.render_study(trials, curves, tmp_path, formats=("png",))
+    assert "sweep.png" in {p.name for p in paths}
+    (artifacts_dir / "figures_sweep.png").write_bytes((tmp_path / "sweep.png").read_bytes())
+    with pytest.raises(UsageError, match="unknown sweep value"):
+        figures.sweep(trials, "optimizer.weight_decay", value="delay")

@@ -243,7 +243,35 @@ def test_mse_is_against_one_hot_targets() -> None:
     logits = torch.tensor([[0.5, 0.0], [1.0, 2.0]])
     expected = ((0.5 - 0) ** 2 + (0 - 1) ** 2 + (1 - 1) ** 2 + (2 - 0) ** 2) / 4
     assert float(mse(logits, torch.tensor([1, 0]))) == pytest.approx(expected)
-    assert set(LOSSES) == {"cross_entropy", "mse", "stablemax"}
+    assert set(LOSSES) == {"cross_entropy", "mse", "stablemax", "cross_entropy_float32"}
+
+
+def test_float32_cross_entropy_collapses_where_float64_does_not() -> None:
+    """Prieto et al. 2025's softmax collapse: at large logits float32 rounds the gradient of a
+    confidently right sample to exactly 0; the float64 default keeps it."""
+    from grokstudy.optim import cross_entropy, cross_entropy_float32
+
+    grads = {}
+    for name, fn in (("float32", cross_entropy_float32), ("float64", cross_entropy)):
+        logits = torch.tensor([[20.0, 0.0, 0.0]], requires_grad=True)  # e^-20 < float32 eps
+        fn(logits, torch.tensor([0])).backward()
+        grads[name] = logits.grad[0, 0].item()  # the right class's gradient, 1 - p
+    assert grads["float32"] == 0.0 and grads["float64"] < 0.0
+
+
+def test_warm_up_starts_at_lr_over_steps_or_at_zero_like_nanda() -> None:
+    from grokstudy.optim import lr_at
+
+    power = OptimConfig(lr=1.0, warmup_steps=10)
+    nanda = OptimConfig(lr=1.0, warmup_steps=10, warmup_start="zero")
+    assert [lr_at(power, s) for s in (0, 4, 9, 10)] == [0.1, 0.5, 1.0, 1.0]
+    assert [lr_at(nanda, s) for s in (0, 5, 10, 11)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_decay_biases_decays_every_tensor() -> None:
+    model = build_model(ModelConfig(kind="mlp", embed_dim=4, width=8), 7, 7)
+    decay, free = decay_groups(model, everything=True)
+    assert len(decay) == len(list(model.parameters())) and free == []
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,9 @@ STEPS = list(range(0, 10_001, 100))  # 0, 100, ..., 10000
 BUDGET = 10_000
 
 
-def ramp(at: int | None, low: float = 0.05, high: float = 1.0) -> list[float]:
-    """Accuracy `low` before step `at`, `high` from it on (never, if at is None)."""
+def ramp(at: int | None, low: float = 0.05, high: float = 0.99) -> list[float]:
+    """Accuracy `low` before step `at`, `high` from it on (never, if at is None). The default
+    `high` is the threshold itself, so the interpolated crossing is exactly `at`."""
     return [high if at is not None and s >= at else low for s in STEPS]
 
 
@@ -60,13 +61,14 @@ def test_generalization_that_collapses_and_stays_down_is_unstable() -> None:
 def test_late_regeneralization_after_a_collapse_counts_from_the_recovery() -> None:
     val = [1.0 if 1000 <= s < 2000 or s >= 7000 else 0.2 for s in STEPS]
     r = classify(STEPS, ramp(300), val, CFG, BUDGET)
-    assert (r.phase, r.t_val, r.delay) == ("grokking", 7000, 6700)
+    recovery = round(6900 + (0.99 - 0.2) / (1.0 - 0.2) * 100)  # interpolated between 6900 and 7000
+    assert (r.phase, r.t_val, r.delay) == ("grokking", recovery, recovery - 300)
 
 
 def test_a_dip_within_the_margin_does_not_break_the_hold() -> None:
     val = [0.1 if s < 500 else (0.96 if s == 3000 else 1.0) for s in STEPS]
     r = classify(STEPS, ramp(300), val, CFG, BUDGET)
-    assert (r.phase, r.t_val) == ("comprehension", 500)
+    assert (r.phase, r.t_val) == ("comprehension", 499)  # crossing 0.99 between 400 (0.1) and 500 (1.0)
 
 
 def test_fit_at_step_zero_uses_one_step_for_the_relative_gap() -> None:
@@ -86,7 +88,7 @@ def test_budget_ending_mid_jump_is_memorization_with_its_best_val_acc_visible() 
 def test_a_lost_training_fit_keeps_the_first_t_train() -> None:
     train = [1.0 if 300 <= s < 1000 else 0.5 for s in STEPS]
     r = classify(STEPS, train, ramp(None, low=0.2), CFG, BUDGET)
-    assert (r.phase, r.t_train) == ("memorization", 300)
+    assert (r.phase, r.t_train) == ("memorization", 298)  # 0.5 at 200, 1.0 at 300: 0.99 at 298
     assert r.final_train_acc == pytest.approx(0.5)
 
 
@@ -122,11 +124,67 @@ def test_threshold_and_gap_parameters_change_the_label() -> None:
     assert classify(STEPS, train, val, long_gap, BUDGET).phase == "comprehension"
 
 
-def test_margin_decides_whether_a_dip_is_a_collapse() -> None:
+def test_margin_and_the_confirmation_window_decide_whether_a_dip_is_a_collapse() -> None:
     val = [0.1 if s < 500 else (0.9 if s == 3000 else 1.0) for s in STEPS]
-    assert classify(STEPS, ramp(300), val, CFG, BUDGET).t_val == 3100
-    wide = dataclasses.replace(CFG, margin=0.2)
-    assert classify(STEPS, ramp(300), val, wide, BUDGET).t_val == 500
+    # Below θ - m for 100 steps, shorter than confirm_steps: a dip, forgiven.
+    assert classify(STEPS, ramp(300), val, CFG, BUDGET).t_val == 499
+    # With a 50-step window the same fall is a collapse: t_val is the recovery.
+    short = dataclasses.replace(CFG, confirm_steps=50)
+    assert classify(STEPS, ramp(300), val, short, BUDGET).t_val == 3090
+    wide = dataclasses.replace(short, margin=0.2)  # 0.9 is no fall at all below 0.79
+    assert classify(STEPS, ramp(300), val, wide, BUDGET).t_val == 499
+
+
+def test_one_brief_dip_after_generalizing_does_not_turn_comprehension_into_grokking() -> None:
+    val = [0.1 if s < 500 else (0.3 if s in (4000, 4100) else 1.0) for s in STEPS]
+    r = classify(STEPS, ramp(300), val, CFG, BUDGET)
+    assert (r.phase, r.t_val) == ("comprehension", 499)
+    long_collapse = [0.1 if s < 500 else (0.3 if 4000 <= s < 5500 else 1.0) for s in STEPS]
+    r = classify(STEPS, ramp(300), long_collapse, CFG, BUDGET)
+    assert r.phase == "grokking" and r.t_val > 5400  # a real collapse: t_val is the recovery
+    never = [0.1 if s < 500 else (0.3 if s >= 9900 else 1.0) for s in STEPS]
+    assert classify(STEPS, ramp(300), never, CFG, BUDGET).phase == "unstable"  # open at the end
+
+
+@pytest.mark.parametrize("every", [10, 50, 100, 250])
+def test_the_grokking_cut_does_not_move_with_the_eval_grid(every: int) -> None:
+    """The same smooth curves sampled on train.eval_steps with eval_every 10 to 250 give the same
+    verdict and timings within interpolation error (before, t_train was the next eval step)."""
+    from grokstudy.config import TrainConfig
+    from grokstudy.train import eval_steps
+
+    steps = np.array(eval_steps(TrainConfig(max_steps=4000, eval_every=every)))
+    train = 1 / (1 + np.exp(-(steps - 120) / 15))  # crosses 0.99 at step ~189
+    val = 1 / (1 + np.exp(-(steps - 900) / 40))  # crosses 0.99 at step ~1084
+    cfg = dataclasses.replace(CFG, min_delay=200)
+    r = classify(steps, train, val, cfg, 4000)
+    assert r.phase == "grokking"
+    assert abs(r.t_train - 189) <= 15 and abs(r.t_val - 1084) <= every
+
+
+def test_t_val_loss_is_the_first_step_the_validation_loss_stays_below_its_threshold() -> None:
+    loss = [1.0 if s < 2000 else 10 ** (-(s - 2000) / 500) for s in STEPS]  # 1e-2 at step 3000
+    r = classify(STEPS, ramp(300), ramp(1500), CFG, BUDGET, val_loss=loss)
+    assert r.t_val == 1500 and r.t_val_loss == 3000
+    spike = [v * (50 if s == 5000 else 1) for s, v in zip(STEPS, loss, strict=True)]  # a 100-step spike
+    assert classify(STEPS, ramp(300), ramp(1500), CFG, BUDGET, val_loss=spike).t_val_loss == 3000
+    stuck = [0.05 for _ in STEPS]
+    assert classify(STEPS, ramp(300), ramp(1500), CFG, BUDGET, val_loss=stuck).t_val_loss is None
+
+
+def test_liu2022_rule_is_their_fixed_gap_at_accuracy_0_9() -> None:
+    from grokstudy.config import PHASE_RULES
+
+    liu = PhaseConfig(rule="liu2022", **PHASE_RULES["liu2022"])
+    assert (liu.threshold, liu.grok_delay_factor, liu.min_delay) == (0.9, 1.0, 1001)
+    # Fits at 300, generalizes at 1200: 900 steps later, not more than 1000: comprehension
+    # (under the default rule, t_val >= 5 * t_train and a gap >= 500 make it grokking).
+    r = classify(STEPS, ramp(300, high=0.9), ramp(1200, high=0.9), liu, BUDGET)
+    assert r.phase == "comprehension"
+    assert classify(STEPS, ramp(300, high=0.9), ramp(1400, high=0.9), liu, BUDGET).phase == "grokking"
+    # No hold: a collapse after reaching 0.9 does not undo generalization.
+    val = [0.9 if 1400 <= s < 3000 else 0.1 for s in STEPS]
+    assert classify(STEPS, ramp(300, high=0.9), val, liu, BUDGET).phase == "grokking"
 
 
 def test_generalization_is_confirmed_only_after_holding_for_confirm_steps() -> None:

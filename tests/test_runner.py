@@ -48,8 +48,9 @@ def test_a_member_stops_when_generalization_held_when_it_diverged_or_at_its_budg
     outcome = runner._outcome(held, cfg, study)
     assert outcome == {
         "phase": "comprehension",
-        "t_train": 50,
-        "t_val": 50,
+        "t_train": 49,  # interpolated: 0.1 at step 0, 1.0 at step 50
+        "t_val": 50,  # 0.0 at step 0, 1.0 at step 50
+        "t_val_loss": None,
         "objective": 50.0,
         "stop_reason": "generalized",
     }
@@ -61,6 +62,7 @@ def test_a_member_stops_when_generalization_held_when_it_diverged_or_at_its_budg
         "phase": "memorization",
         "t_train": 0,
         "t_val": None,
+        "t_val_loss": None,
         "objective": 300.0,
         "stop_reason": "budget",
     }
