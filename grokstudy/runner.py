@@ -363,11 +363,14 @@ class _Searcher(Searcher):
         self.held: list[search.Member] = []
         """Members asked for but not yet packed (they did not fit the pack being formed)."""
         self.lost: list[str] = []
+        self.running: set[str] = set()
+        """Tune trials suggested and not yet complete."""
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         pack = self._next_pack()
         if pack:
             self.packs[trial_id] = [m.trial_id for m in pack]
+            self.running.add(trial_id)
             return {"members": [{"trial_id": m.trial_id, "point": _jsonable(m.point)} for m in pack]}
         if not self.held and self.ledger.finished():
             return Searcher.FINISHED
@@ -381,8 +384,9 @@ class _Searcher(Searcher):
 
         remaining = self.ledger.remaining()
         size = self.pack_size
-        if remaining is not None:  # spread what is left over every slot rather than one full pack
-            size = max(1, min(size, math.ceil((remaining + len(self.held)) / max(1, self.slots))))
+        if remaining is not None:  # spread what is left over the free slots rather than one full pack
+            free = max(1, self.slots - len(self.running))
+            size = max(1, min(size, math.ceil((remaining + len(self.held)) / free)))
         pack: list[search.Member] = []
         key = None
         for m in list(self.held):
@@ -409,6 +413,7 @@ class _Searcher(Searcher):
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
+        self.running.discard(trial_id)
         if result:
             self._tell(result)
         for tid in self.packs.get(trial_id, []):
@@ -441,6 +446,7 @@ class _Searcher(Searcher):
         self.lost = self.ledger.reconcile(known)
         self.packs = {tune_id: [k.trial_id for k in members] for tune_id, members in _by_trial(known).items()}
         self.told = {tid for tid, k in known.items() if k.status != "running"}
+        self.running = {k.tune_trial_id for k in known.values() if k.status == "running"}
         self.held = []
 
 
@@ -678,8 +684,12 @@ def run_study(
             _check_devices(study)
             study_tracker = tracking.StudyTracker(uri)
             parent_run_id = saved.get("parent_run_id")
-            if parent_run_id is None and resumed:
-                parent_run_id = tracking.find_study_run(uri, study.name, experiment_path)
+            if parent_run_id is None:
+                # A resume continues its parent run; a fresh start continues one only if a
+                # driver died before it could record it (it is still RUNNING).
+                parent_run_id = tracking.find_study_run(
+                    uri, study.name, experiment_path, running_only=not resumed
+                )
             experiment_id, parent_run_id = _open_parent(
                 study_tracker, study, uri, experiment_path, parent_run_id
             )

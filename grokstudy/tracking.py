@@ -665,9 +665,12 @@ def _search_all(
             return runs
 
 
-def find_study_run(tracking_uri: str, study_name: str, tune_experiment: str) -> str | None:
+def find_study_run(
+    tracking_uri: str, study_name: str, tune_experiment: str, running_only: bool = False
+) -> str | None:
     """The parent run of an earlier execution of this study whose Ray Tune experiment is
     `tune_experiment` (its `grokstudy.tune_experiment` tag), latest first; None if none.
+    With `running_only`, only a run still RUNNING (its driver died) counts.
 
     A resumed study continues that run even when the output directory that remembers
     it is gone (a Ray job's default `--out` lies in its temporary working directory).
@@ -679,7 +682,8 @@ def find_study_run(tracking_uri: str, study_name: str, tune_experiment: str) -> 
     runs = _search_all(
         client,
         experiment.experiment_id,
-        f"tags.`{KIND_TAG}` = 'study' and tags.`{TUNE_EXPERIMENT_TAG}` = '{tune_experiment}'",
+        f"tags.`{KIND_TAG}` = 'study' and tags.`{TUNE_EXPERIMENT_TAG}` = '{tune_experiment}'"
+        + (" and attributes.status = 'RUNNING'" if running_only else ""),
         order_by=["attributes.start_time DESC"],
     )
     return runs[0].info.run_id if runs else None

@@ -140,12 +140,13 @@ def assert_clean(result: subprocess.CompletedProcess) -> None:
 # ---- the driver dies --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pack", [1, 3], ids=["one trial per Tune trial", "packs of 3"])
 def test_a_driver_killed_at_start_up_mid_trial_and_after_a_trial_finished_resumes_exactly_once(
-    tmp_path: Path,
+    tmp_path: Path, pack: int
 ) -> None:
     """Three kills in one study: before Tune's first snapshot, while trials train, and right
     after a trial finished (between its last report and the next snapshot)."""
-    study_file = write_study(tmp_path)
+    study_file = write_study(tmp_path, **{"resources: {cpu: 1}": f"resources: {{cpu: 1, pack: {pack}}}"})
     out = tmp_path / "out"
     cmd = command(study_file, out)
     log = tmp_path / "driver.log"
@@ -334,14 +335,14 @@ def trial_workers(session: int) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("max_failures", [0, 1])
+@pytest.mark.parametrize(("max_failures", "pack"), [(0, 1), (1, 1), (1, 2)])
 def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_marked_failed(
-    tmp_path: Path, max_failures: int
+    tmp_path: Path, max_failures: int, pack: int
 ) -> None:
     from mlflow import MlflowClient
 
     text = STUDY.replace(
-        "resources: {cpu: 1}", f"resources: {{cpu: 1}}\nrun: {{max_failures: {max_failures}}}"
+        "resources: {cpu: 1}", f"resources: {{cpu: 1, pack: {pack}}}\nrun: {{max_failures: {max_failures}}}"
     )
     study_file = write_study(tmp_path, text, **{"values: [0.3, 0.5, 0.8]": "values: [0.5]"})
     out = tmp_path / "out"

@@ -170,3 +170,29 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_
     }
     assert all(c["phase"] for c in cells)
     assert (tmp_path / "out" / "figures" / "phase_diagram.png").exists()
+
+
+@pytest.mark.integration
+def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    from mlflow import MlflowClient
+
+    tables = {}
+    for pack in (1, 4):
+        study = parse_study(dict(TINY, resources={"cpu": 1, "pack": pack}))
+        out = tmp_path / f"pack{pack}"
+        outcome = runner.run_study(study, out_dir=out, num_cpus=2)
+        assert outcome.failed == [] and problems(out, study) == []
+        tables[pack] = {r["trial_id"]: r for r in pq.read_table(outcome.trials_path).to_pylist()}
+        client = MlflowClient(outcome.tracking_uri)
+        runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        sizes = {r.data.tags.get("grokstudy.pack_size") for r in runs if r.data.tags.get("grokstudy.kind") == "trial"}
+        # The one tag that tells a packed member apart: the size of its pack (the last packs
+        # of a study are smaller, spreading what is left over the free slots).
+        assert max(map(int, sizes)) == pack and all(1 <= int(s) <= pack for s in sizes)
+    single, packed = tables[1], tables[4]
+    assert single.keys() == packed.keys()
+    same = ("phase", "t_train", "t_val", "stop_reason", "steps", "optimizer.weight_decay", "data.fraction")
+    for tid, row in single.items():
+        assert {k: packed[tid][k] for k in same} == {k: row[k] for k in same}, tid
+        assert packed[tid]["final_val_acc"] == pytest.approx(row["final_val_acc"], rel=1e-4, abs=1e-5)
