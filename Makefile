@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup quickstart demo test test-fast lint format bench gallery ui clean
+.PHONY: setup quickstart demo test test-fast lint format bench gallery papers ui clean
 
 setup: $(VENV)/.installed
 
@@ -35,7 +35,7 @@ format: setup
 	$(BIN)/ruff format grokstudy tests bench
 	$(BIN)/ruff check --fix grokstudy tests bench
 
-bench: setup  ## speed ratios (not tests): see bench/README.md
+bench: setup  ## the quick benchmarks (not tests): see bench/README.md
 	$(BIN)/python bench/step_efficiency.py
 	$(BIN)/python bench/tracking_overhead.py
 	$(BIN)/python bench/orchestration_overhead.py
@@ -43,6 +43,16 @@ bench: setup  ## speed ratios (not tests): see bench/README.md
 gallery: setup  ## docs/gallery/: the quickstart's figures (runs the quickstart first if it has not run)
 	[ -f runs/quickstart/trials.parquet ] || $(BIN)/grokstudy run studies/quickstart.yaml
 	$(BIN)/grokstudy plot runs/quickstart --out docs/gallery --format png
+
+papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about an hour on 2 cores)
+	for f in studies/papers/*-cpu.yaml; do \
+		n=$$(basename $$f .yaml); \
+		$(BIN)/grokstudy run $$f --out runs/papers/$$n --format png || exit 1; \
+		mkdir -p docs/reproductions/$$n; \
+		cp runs/papers/$$n/figures/phase_diagram.png runs/papers/$$n/figures/learning_curves.png docs/reproductions/$$n/; \
+		for s in sweep sweep_loss; do [ ! -f runs/papers/$$n/figures/$$s.png ] || cp runs/papers/$$n/figures/$$s.png docs/reproductions/$$n/; done; \
+	done
+	$(BIN)/python studies/papers/summarize.py runs/papers > docs/reproductions/numbers.md
 
 ui: setup  ## browse the quickstart study in the MLflow UI
 	$(BIN)/grokstudy ui runs/quickstart

@@ -14,7 +14,12 @@ STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").rglob("*.y
 
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = [REPO / "README.md", REPO / "Makefile", *(REPO / "docs").rglob("*.md"), *(REPO / "cluster").rglob("*.md")]
+DOCS = [
+    REPO / "README.md",
+    REPO / "Makefile",
+    *(REPO / "docs").rglob("*.md"),
+    *(REPO / "cluster").rglob("*.md"),
+]
 
 
 def test_every_study_the_docs_name_exists_and_every_shipped_study_is_documented() -> None:
@@ -37,10 +42,55 @@ def test_study_file_is_valid_and_expands_to_every_point_and_seed_once(path: Path
     if study.search.sampler == "grid":
         assert {pid for pid, _ in counts} == {search.point_id(p) for p in search.grid_points(study)}
     searched = {d.key for d in study.search.space}
-    assert {study.diagram.x, study.diagram.y} <= searched, (
-        "a shipped study draws its diagram over searched axes"
-    )
+    drawn = {study.diagram.x, study.diagram.y} if len(searched) > 1 else {study.diagram.x}
+    assert drawn <= searched, "a shipped study draws its diagram over searched axes"
     assert describe(study).endswith(f"= {search.n_trials(study)} trials")
+
+
+PAPERS = sorted((REPO / "studies" / "papers").glob("*.yaml"))
+CPU_SECONDS = 15 * 60 * 2
+"""A -cpu study must fit 15 minutes of this repo's 2-core machines."""
+FLOPS_PER_CORE = 20e9
+"""Sustained float32 FLOP/s of one core of those machines on these small models, conservatively
+(bench/step_efficiency.py measured ~90e9 for the reference MLP, ~85e9 for the transformer)."""
+
+
+def cost_s(study) -> float:
+    """Core-seconds a study needs at most: trials x steps x 6 FLOP per parameter and token and
+    example (+ evaluations over the whole table), plus 3 s per trial of start-up."""
+    total = 0.0
+    for point in search.dry_run(study):
+        cfg = study.trial(point)
+        m, p = cfg.model, cfg.task.p
+        pairs = 120**2 if cfg.task.op == "perm" else p * p
+        vocab = 120 if cfg.task.op == "perm" else p
+        # Parameters that take part in matrix products (embeddings are lookups).
+        if m.kind == "gromov":
+            params, tokens = m.width * vocab, 1
+        elif m.kind == "mlp":
+            params, tokens = 2 * m.embed_dim * m.width + (m.depth - 1) * m.width**2 + m.width * vocab, 1
+        else:
+            d = m.embed_dim
+            params, tokens = m.depth * (4 * d * d + 2 * d * m.width) + d * vocab, 3
+        batch = cfg.train.batch_size or round(cfg.data.fraction * pairs)
+        steps = cfg.train.max_steps
+        evals = steps / cfg.train.eval_every
+        total += 6 * params * tokens * batch * steps + 2 * params * tokens * pairs * evals
+    return total / FLOPS_PER_CORE + 3 * len(search.dry_run(study))
+
+
+@pytest.mark.parametrize("path", PAPERS, ids=[p.name for p in PAPERS])
+def test_every_paper_study_cites_its_paper_and_its_cpu_variant_fits_the_time(path: Path) -> None:
+    header = path.read_text().split("\nname:")[0]
+    assert "arXiv" in header and "Claim" in header, f"{path.name} must cite its paper and state its claim"
+    study = load_study(path)
+    if path.stem.endswith("-cpu"):
+        assert cost_s(study) <= CPU_SECONDS, f"{path.name} needs ~{cost_s(study) / 120:.0f} min on 2 cores"
+        assert (path.parent / f"{path.stem.removesuffix('-cpu')}.yaml").exists()
+        assert study.resources.gpu == 0
+    else:
+        assert (path.parent / f"{path.stem}-cpu.yaml").exists(), f"{path.name} has no -cpu variant"
+        assert study.resources.gpu > 0, "a paper-size study is for a GPU cluster"
 
 
 def test_smoke_study_stays_small_enough_for_ci() -> None:
