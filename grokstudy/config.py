@@ -629,36 +629,32 @@ def cross_problems(
                 out.append(("data.fraction", f"leaves an empty {empty} set (got {show(f)} of {pairs} pairs)"))
                 break
 
-    if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in values("model.kind", False):
-        embeds, heads = values("model.embed_dim", False), values("model.heads", False)
-        if embeds is None or heads is None:
-            if max(heads or [2]) > 1:
-                key = "model.embed_dim" if embeds is None else "model.heads"
-                out.append((key, "a range cannot keep embed_dim divisible by heads; use values: [...]"))
-        elif pair := next(((e, h) for e, h in product(embeds, heads) if e % h), None):
-            e, h = pair
+    def multiple(key: str, of: str, why: str, allowed: Callable[[Any], str], ranges_ok: bool = False) -> None:
+        """Every value of `key` a multiple of every value of `of` (ranges cannot promise it)."""
+        nums, dens = values(key, False), values(of, False)
+        if nums is None or dens is None:
+            if not ranges_ok:
+                out.append((key if nums is None else of, f"use values: [...] so that {why}"))
+        elif pair := next(((a, b) for a, b in product(nums, dens) if a % b), None):
+            a, b = pair
             out.append(
                 (
-                    "model.embed_dim",
-                    f"not divisible by model.heads (got embed_dim {e}, heads {h}); the transformer splits "
-                    f"embed_dim across heads; allowed: a multiple of {h}",
+                    key,
+                    f"not a multiple of {of} (got {a}, {of.split('.')[1]} {b}); {why}; allowed: {allowed(b)}",
                 )
             )
 
+    if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in values("model.kind", False):
+        one_head = values("model.heads", False) == [1]
+        multiple(
+            "model.embed_dim", "model.heads", "the transformer splits embed_dim across heads",
+            lambda h: f"a multiple of {h}", ranges_ok=one_head,
+        )  # fmt: skip
     if ok("train.checkpoint_every", "train.eval_every"):
-        ckpts, evals = values("train.checkpoint_every", False), values("train.eval_every", False)
-        if ckpts is None or evals is None:
-            key = "train.checkpoint_every" if ckpts is None else "train.eval_every"
-            out.append((key, "use values: [...] so that every checkpoint falls on an evaluation"))
-        elif pair := next(((c, e) for c, e in product(ckpts, evals) if c % e), None):
-            c, e = pair
-            out.append(
-                (
-                    "train.checkpoint_every",
-                    f"not a multiple of train.eval_every (got {c}, eval_every {e}); checkpoints are taken "
-                    f"at evaluations; allowed: {e}, {2 * e}, {3 * e}, ...",
-                )
-            )
+        multiple(
+            "train.checkpoint_every", "train.eval_every", "checkpoints are taken at evaluations",
+            lambda e: f"{e}, {2 * e}, {3 * e}, ...",
+        )  # fmt: skip
 
     if ok("train.max_steps", "train.eval_every"):
         for steps, every in product(values("train.max_steps", True), values("train.eval_every", True)):

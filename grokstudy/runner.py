@@ -777,7 +777,14 @@ def _fit(
         except Exception as err:  # Tune wraps what a callback raised in its own TuneError
             cause = _cause(err, TrackingUnavailable)
             raise cause or err from None
-    histories, unfinished = _histories(study, grid)
+    histories, unfinished = _histories(
+        study,
+        [
+            (r.config, r.checkpoint, None if r.error is None else f"{type(r.error).__name__}: {r.error}"[:2000],
+             (r.metrics or {}).get("node"))
+            for r in grid
+        ],
+    )  # fmt: skip
     if unfinished:
         raise Interrupted(
             f"{unfinished} trial(s) did not finish (interrupted); run the same command again to resume"
@@ -893,15 +900,16 @@ def _with_run_ids(histories: list[TrialHistory], study_tracker: tracking.StudyTr
     return [h if h.run_id else dataclasses.replace(h, run_id=runs.get(h.trial_id)) for h in histories]
 
 
-def _histories(study: Study, grid: Any) -> tuple[list[TrialHistory], int]:
-    """(one history per member of every Tune trial, number of members left unfinished)."""
+def _histories(
+    study: Study, trials: Sequence[tuple[dict, Any, str | None, str | None]]
+) -> tuple[list[TrialHistory], int]:
+    """(one history per member of every Tune trial, the number of members left unfinished),
+    from each trial's (config, last checkpoint, error or None, node)."""
     out: list[TrialHistory] = []
     unfinished = 0
-    for result in grid:
-        members, saved = (result.config or {}).get("members", []), _checkpoint_meta(result.checkpoint)
-        error = None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:2000]
-        node = (result.metrics or {}).get("node")
-        for m in members:
+    for config, checkpoint, error, node in trials:
+        saved = _checkpoint_meta(checkpoint)
+        for m in (config or {}).get("members", []):
             h = _history(study, m, saved.get(m["trial_id"], {}), node, error)
             if h is None:
                 unfinished += 1
@@ -949,16 +957,12 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
 
     study = parse_study(yaml.safe_load(text), f"{path}/{STUDY_FILE}")
     analysis = tune.ExperimentAnalysis(str(path))
-    out = []
-    for trial in analysis.trials:
-        saved = _checkpoint_meta(trial.checkpoint)
-        error = "failed beyond run.max_failures retries" if trial.status == "ERROR" else None
-        node = (trial.last_result or {}).get("node")
-        for m in (trial.config or {}).get("members", []):
-            h = _history(study, m, saved.get(m["trial_id"], {}), node, error)
-            if h is not None:
-                out.append(h)
-    return study, out
+    failed = "failed beyond run.max_failures retries"
+    trials = [
+        (t.config, t.checkpoint, failed if t.status == "ERROR" else None, (t.last_result or {}).get("node"))
+        for t in analysis.trials
+    ]
+    return study, _histories(study, trials)[0]
 
 
 # ---- before anything runs ----------------------------------------------------------------------------

@@ -59,7 +59,7 @@ BAD_TRIALS = {
     "heads do not divide": (
         TrialConfig(model=ModelConfig(kind="transformer", embed_dim=30, heads=4)),
         "model.embed_dim",
-        "not divisible by model.heads",
+        "not a multiple of model.heads",
     ),
     "zero width": (TrialConfig(model=ModelConfig(width=0)), "model.width", "1 <= width"),
     "unknown optimizer": (

@@ -119,3 +119,4 @@ def test_the_cluster_study_is_nandas_transformer_on_a_9_by_9_grid() -> None:
     )
     assert (o.name, o.lr, o.betas, study.base.task.p) == ("adamw", 1e-3, (0.9, 0.98), 97)
     assert search.n_trials(study) == 9 * 9 * 3 and study.resources.gpu == 0.25
+    assert study.resources.pack * 4 >= search.n_trials(study)  # four packs on one GPU hold it all
