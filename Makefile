@@ -44,7 +44,7 @@ gallery: setup  ## docs/gallery/: the quickstart's figures (runs the quickstart 
 	[ -f runs/quickstart/trials.parquet ] || $(BIN)/grokstudy run studies/quickstart.yaml
 	$(BIN)/grokstudy plot runs/quickstart --out docs/gallery --format png
 
-papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about an hour on 2 cores)
+papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about 30 minutes on 2 cores)
 	for f in studies/papers/*-cpu.yaml; do \
 		n=$$(basename $$f .yaml); \
 		$(BIN)/grokstudy run $$f --out runs/papers/$$n --format png || exit 1; \

@@ -376,6 +376,12 @@ class PhaseConfig:
         hi=1e6,
         lo_open=True,
     )
+    early_stop: str = setting(
+        "accuracy",
+        "stop a trial once generalization has held confirm_steps: by accuracy, by accuracy and "
+        "val loss (needed when t_val_loss is the measure), or never (full curves)",
+        choices=("accuracy", "accuracy_and_loss", "never"),
+    )
 
 
 # ---- a study -----------------------------------------------------------------------------------

@@ -287,7 +287,9 @@ def sweep(
                 label=label,
             )
     ax.axhline(budget, color="#888888", lw=0.8, ls=":", zorder=1)
-    ax.text(0.005, budget, "budget", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="#666666")
+    ax.text(
+        0.005, budget, "budget", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="#666666"
+    )
     ax.set_yscale("log")
     if log_x:
         ax.set_xscale("log")
@@ -310,12 +312,12 @@ def sweep(
         handles += ax.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
     study = ", ".join(sorted(set(trials.column("study").to_pylist())))
-    what = (
-        "steps to generalize"
+    detail = (
+        "generalized: validation accuracy holds above the phase threshold"
         if value == "t_val"
-        else "steps until the validation loss holds below its threshold"
+        else "generalized: validation loss holds below phases.loss_threshold"
     )
-    fig.suptitle(f"{study}: {what} against {x}")
+    _suptitle(fig, f"{study}: steps to generalize against {x}", detail)
     return fig
 
 

@@ -142,12 +142,7 @@ def classify(
     t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
     t_val_loss = None
     if val_loss is not None:
-        vl = np.asarray(val_loss, dtype=np.float64)[within]
-        # Losses fall: hold the negated log loss above -log(L) (and above -log(10 L)).
-        neg = -np.log(np.maximum(vl, 1e-300))
-        t_val_loss = _holding(
-            s, neg, -math.log(cfg.loss_threshold), -math.log(10 * cfg.loss_threshold), cfg.confirm_steps
-        )
+        t_val_loss = _loss_holding(s, np.asarray(val_loss, dtype=np.float64)[within], cfg)
     delay = t_val - t_train if t_val is not None and t_train is not None else None
 
     if t_val is not None:
@@ -183,22 +178,41 @@ def generalization_confirmed(
     train_acc: Sequence[float],
     val_acc: Sequence[float],
     cfg: PhaseConfig,
+    val_loss: Sequence[float] | None = None,
 ) -> bool:
     """True once the training set has been fitted and validation accuracy has held.
 
     Held means: a holding t_val exists and the last eval step is ≥ t_val +
-    `confirm_steps`. The runner calls this at every eval to stop a trial early;
-    after it turns True, more training can only change the label if validation
-    later collapses for good, which is the bet that stopping makes. Never true
-    on a plateau: grokking is a plateau.
+    `confirm_steps`; with `early_stop: accuracy_and_loss` the same for
+    t_val_loss (`val_loss` is then required), so a study measured by loss is
+    not stopped before its loss gets there. The runner calls this at every eval
+    to stop a trial early; after it turns True, more training can only change
+    the label if validation later collapses for good, which is the bet that
+    stopping makes. Never true on a plateau (grokking is a plateau), nor with
+    `early_stop: never`.
     """
-    if len(steps) == 0:
+    if len(steps) == 0 or cfg.early_stop == "never":
         return False
     s, tr, va = _arrays(steps, train_acc, val_acc)
     if _crossing(s, tr, cfg.threshold, 0) is None:
         return False
     t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
-    return t_val is not None and int(s[-1]) - t_val >= cfg.confirm_steps
+    if t_val is None or int(s[-1]) - t_val < cfg.confirm_steps:
+        return False
+    if cfg.early_stop == "accuracy":
+        return True
+    if val_loss is None:
+        raise ValueError("early_stop: accuracy_and_loss needs the validation loss curve")
+    t_val_loss = _loss_holding(s, np.asarray(val_loss, dtype=np.float64), cfg)
+    return t_val_loss is not None and int(s[-1]) - t_val_loss >= cfg.confirm_steps
+
+
+def _loss_holding(s: np.ndarray, val_loss: np.ndarray, cfg: PhaseConfig) -> int | None:
+    # Losses fall: hold the negated log loss above -log(L) (and above -log(10 L)).
+    neg = -np.log(np.maximum(val_loss, 1e-300))
+    return _holding(
+        s, neg, -math.log(cfg.loss_threshold), -math.log(10 * cfg.loss_threshold), cfg.confirm_steps
+    )
 
 
 def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps: int) -> PhaseResult:

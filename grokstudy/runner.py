@@ -254,7 +254,8 @@ def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
         if not with_checkpoint:
             tune.report(metrics)
             return
-        sender.flush(FLUSH_BEFORE_CHECKPOINT_S)
+        if sender.down_s == 0:  # while MLflow is down, checkpoints do not wait for it
+            sender.flush(FLUSH_BEFORE_CHECKPOINT_S)
         with tempfile.TemporaryDirectory() as d:
             trainer.save(Path(d))
             members = {
@@ -311,7 +312,11 @@ def _outcome(curve: list[EvalRecord], cfg: TrialConfig, study: Study) -> dict[st
     last = curve[-1]
     diverged = phases.diverged(last)
     generalized = not diverged and phases.generalization_confirmed(
-        [r.step for r in curve], [r.train_acc for r in curve], [r.val_acc for r in curve], study.phases
+        [r.step for r in curve],
+        [r.train_acc for r in curve],
+        [r.val_acc for r in curve],
+        study.phases,
+        [r.val_loss for r in curve],
     )
     if not (diverged or generalized or last.step >= cfg.train.max_steps):
         return None

@@ -78,7 +78,9 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 90
 
 
 @contextmanager
-def mlflow_server(root: Path, backend_uri: str | None = None, port: int | None = None) -> Iterator[MlflowServer]:
+def mlflow_server(
+    root: Path, backend_uri: str | None = None, port: int | None = None
+) -> Iterator[MlflowServer]:
     """An `mlflow server` on 127.0.0.1:<port, default a free one> with a sqlite store
     (or `backend_uri`) and its artifacts under `root`; started with the same argv
     that `grokstudy ui` uses. The same root and port start the same server again."""

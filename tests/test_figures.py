@@ -314,7 +314,9 @@ def test_a_categorical_axis_is_labelled_by_its_values() -> None:
     assert tick_labels(fig.axes[0], "x") == ["adamw", "sgd"]
 
 
-def test_a_one_axis_sweep_draws_medians_seeds_and_never_generalized_marks(tmp_path: Path, artifacts_dir) -> None:
+def test_a_one_axis_sweep_draws_medians_seeds_and_never_generalized_marks(
+    tmp_path: Path, artifacts_dir
+) -> None:
     wds = [0.001, 0.01, 0.1, 1.0, 10.0]
     trials, curves = synthetic_study(name="sweep", wds=wds, fractions=[0.3], seeds=3, skip=frozenset())
     # A study that searched only weight decay: the sweep figure is its picture.

@@ -305,5 +305,3 @@ def test_optimizer_state_round_trips_through_a_weights_only_load(cfg: OptimConfi
             o.step(step)
             o.zero_grad()
     assert_same_params(model, twin)
-
-

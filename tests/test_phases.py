@@ -204,6 +204,24 @@ def test_generalization_is_not_confirmed_without_a_training_fit_or_after_a_colla
     assert not generalization_confirmed([], [], [], CFG)
 
 
+def test_a_study_measured_by_loss_is_not_stopped_before_its_loss_has_held() -> None:
+    # Accuracy holds from step 2000; the loss only gets below 1e-2 at 4000.
+    train, val = ramp(300), ramp(2000)
+    loss = [1.0 if s < 2000 else (0.05 if s < 4000 else 1e-3) for s in STEPS]
+    both = dataclasses.replace(CFG, early_stop="accuracy_and_loss")
+
+    def upto(step: int, cfg: PhaseConfig) -> bool:
+        n = STEPS.index(step) + 1
+        return generalization_confirmed(STEPS[:n], train[:n], val[:n], cfg, loss[:n])
+
+    assert upto(3000, CFG)  # accuracy alone stops at 3000
+    assert not upto(4900, both) and upto(5000, both)
+    with pytest.raises(ValueError, match="needs the validation loss"):
+        generalization_confirmed(STEPS, train, val, both)
+    never = dataclasses.replace(CFG, early_stop="never")
+    assert not generalization_confirmed(STEPS, train, val, never, loss)
+
+
 def test_zero_confirm_steps_confirms_at_the_crossing() -> None:
     now = dataclasses.replace(CFG, confirm_steps=0)
     assert generalization_confirmed([0, 100], [0.5, 1.0], [0.1, 1.0], now)

@@ -144,6 +144,34 @@ def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_cur
 
 
 @pytest.mark.integration
+def test_a_one_axis_study_measured_by_loss_draws_its_sweeps_and_stops_only_once_its_loss_held(
+    tmp_path: Path,
+) -> None:
+    import pyarrow.parquet as pq
+
+    spec = dict(TINY, name="tiny-sweep")
+    # Gromov's quadratic MLP with MSE fits p = 23 in tens of steps: memorizes at 30 %,
+    # groks at 60 % (accuracy ~150 steps, loss < 1e-2 ~190), comprehends at 90 %.
+    spec["model"] = {"kind": "gromov", "width": 128}
+    spec["optimizer"] = {"name": "adamw", "lr": 1.0e-2, "weight_decay": 1.0, "warmup_steps": 0}
+    spec["train"] = {"max_steps": 400, "eval_every": 50, "checkpoint_every": 200, "loss": "mse"}
+    spec["phases"] = {"confirm_steps": 100, "min_delay": 100, "early_stop": "accuracy_and_loss"}
+    spec["search"] = {"sampler": "grid", "space": {"data.fraction": {"values": [0.3, 0.6, 0.9]}}, "seeds": 1}
+    spec["diagram"] = {"x": "data.fraction"}
+    study = parse_study(spec)
+    outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
+    assert outcome.failed == []
+    figures = tmp_path / "out" / "figures"
+    assert {"sweep.png", "sweep_loss.png"} <= {p.name for p in figures.iterdir()}
+    trials = {t["data.fraction"]: t for t in pq.read_table(outcome.trials_path).to_pylist()}
+    assert trials[0.3]["phase"] == "memorization" and trials[0.3]["t_val_loss"] is None
+    generalized = [t for t in trials.values() if t["stop_reason"] == "generalized"]
+    assert {t["data.fraction"] for t in generalized} == {0.6, 0.9}
+    for t in generalized:  # stopped only once both measures had held confirm_steps
+        assert t["t_val_loss"] is not None and t["steps"] >= t["t_val_loss"] + 100, t
+
+
+@pytest.mark.integration
 def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
@@ -186,7 +214,11 @@ def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_pat
         tables[pack] = {r["trial_id"]: r for r in pq.read_table(outcome.trials_path).to_pylist()}
         client = MlflowClient(outcome.tracking_uri)
         runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-        sizes = {r.data.tags.get("grokstudy.pack_size") for r in runs if r.data.tags.get("grokstudy.kind") == "trial"}
+        sizes = {
+            r.data.tags.get("grokstudy.pack_size")
+            for r in runs
+            if r.data.tags.get("grokstudy.kind") == "trial"
+        }
         # The one tag that tells a packed member apart: the size of its pack (the last packs
         # of a study are smaller, spreading what is left over the free slots).
         assert max(map(int, sizes)) == pack and all(1 <= int(s) <= pack for s in sizes)

@@ -83,5 +83,3 @@ def test_split_depends_on_split_seed_and_not_on_the_init_seed() -> None:
     assert torch.equal(states[0].data.train_x, states[1].data.train_x)
     assert torch.equal(states[0].data.train_x, a.train_x)
     assert not torch.equal(states[0].model.embed.weight, states[1].model.embed.weight)
-
-
