@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import pickle
@@ -69,9 +70,11 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from grokstudy import phases, records, results, search, storage, tracking, train
-from grokstudy.config import Study, TrialConfig, flatten, to_dict
+from grokstudy.config import Study, TrialConfig, flatten, get_path, to_dict
 from grokstudy.errors import StudyError
 from grokstudy.records import EvalRecord, TrialHistory
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -222,11 +225,7 @@ def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
             tid,
             search.point_label(point),
             params=flatten(cfg),
-            tags={
-                "grokstudy.point_id": search.point_id(point),
-                "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form,
-                "grokstudy.pack_size": str(len(ids)),
-            },
+            tags=_run_tags(search.point_id(point), cfg) | {"grokstudy.pack_size": str(len(ids))},
             run_id=saved.get(tid, {}).get("run_id"),
         )
         for tid, point, cfg in zip(ids, points, cfgs, strict=True)
@@ -329,6 +328,10 @@ def _outcome(curve: list[EvalRecord], cfg: TrialConfig, study: Study) -> dict[st
         "objective": float(verdict.t_val if verdict.t_val is not None else cfg.train.max_steps),
         "stop_reason": "diverged" if diverged else ("generalized" if generalized else "budget"),
     }
+
+
+def _run_tags(point_id: str, cfg: TrialConfig) -> dict[str, str]:
+    return {"grokstudy.point_id": point_id, "optimizer.weight_decay_form": cfg.optimizer.weight_decay_form}
 
 
 def _final_tags(outcome: dict[str, Any], node: str) -> dict[str, str]:
@@ -854,7 +857,7 @@ def _write_results(
 ) -> StudyOutcome:
     from grokstudy import figures  # here: trial workers import this module too, and need no matplotlib
 
-    histories = _with_run_ids(histories, study_tracker)
+    histories = _tracked(study, histories, study_tracker)
     trials, curves = results.build_tables(study, histories)
     trials_path, curves_path = results.write_tables(trials, curves, out_dir)
     cells = results.build_cells(study, trials)
@@ -865,9 +868,6 @@ def _write_results(
         else []
     )
     failed = [h.trial_id for h in histories if h.stop_reason == "error"]
-    for h in histories:
-        if h.stop_reason == "error" and h.run_id:
-            _best_effort(study_tracker.fail_trial_run, h.run_id, h.error or "failed")
     _best_effort(study_tracker.log_artifacts, tables, "results")
     _best_effort(study_tracker.log_artifacts, figure_paths, "figures")
     phase_counts = dict(Counter(p for p in trials.column("phase").to_pylist() if p))
@@ -891,18 +891,57 @@ def _write_results(
     )
 
 
-def _with_run_ids(histories: list[TrialHistory], study_tracker: tracking.StudyTracker) -> list[TrialHistory]:
-    """Histories whose run id their checkpoint did not hold (a trial lost before its first
-    checkpoint) get it from MLflow by trial key, so every row links to its run."""
-    if all(h.run_id for h in histories):
-        return histories
+def _tracked(
+    study: Study, histories: list[TrialHistory], study_tracker: tracking.StudyTracker
+) -> list[TrialHistory]:
+    """The histories, each linked to its MLflow run, every run holding its trial's whole curve
+    and ended as its trial ended (best effort: MLflow may be down at the very end)."""
     try:
-        runs = tracking.find_trial_runs(
-            study_tracker.tracking_uri, study_tracker.experiment_id, study_tracker.run_id
-        )
-    except Exception:  # best effort: MLflow may be down at the very end
+        return _settle_runs(study, histories, study_tracker)
+    except Exception as err:
+        log.warning("MLflow: the trial runs were not settled: %s", err)
+    try:
+        runs = study_tracker.trial_runs()
+    except Exception:
         return histories
-    return [h if h.run_id else dataclasses.replace(h, run_id=runs.get(h.trial_id)) for h in histories]
+    return [
+        h if h.run_id else dataclasses.replace(h, run_id=runs.get(h.trial_id, (None,))[0]) for h in histories
+    ]
+
+
+def _settle_runs(
+    study: Study, histories: list[TrialHistory], study_tracker: tracking.StudyTracker
+) -> list[TrialHistory]:
+    """Finish the runs that their trials could not: a trial that finished while MLflow was
+    down (its curve's tail and its end were dropped when it exited), one whose worker died
+    before it reached MLflow at all (no run), one that failed beyond retries. The driver's
+    curve is whole (from the checkpoint), so the run gets what it lacks. Returns the
+    histories with their run ids."""
+    runs = study_tracker.trial_runs()
+    ends = []
+    for h in histories:
+        run_id, status = runs.get(h.trial_id, (None, None))
+        if h.run_id is not None and h.run_id != run_id:
+            run_id, status = h.run_id, None  # a run the search does not see: let the sender check it
+        if h.stop_reason == "error":
+            want, tags = "FAILED", {}
+        elif outcome := _outcome(list(h.records), h.cfg, study):
+            want, tags = "FINISHED", _final_tags(outcome, h.node or "")
+        else:
+            continue
+        if status != want:
+            params = flatten(h.cfg)
+            point = {d.key: get_path(h.cfg, d.key) for d in study.search.space} | {
+                search.SEED: h.cfg.train.seed
+            }
+            label = search.point_label(point)
+            tags |= _run_tags(h.point_id, h.cfg)
+            error = (h.error or "failed") if want == "FAILED" else None
+            ends.append(tracking.TrialEnd(h.trial_id, run_id, label, params, tags, h.records, want, error))
+    run_ids = {key: run_id for key, (run_id, _) in runs.items()} | (
+        study_tracker.settle_trial_runs(ends, CLOSE_TIMEOUT_S) if ends else {}
+    )
+    return [dataclasses.replace(h, run_id=h.run_id or run_ids.get(h.trial_id)) for h in histories]
 
 
 def _histories(
@@ -1044,9 +1083,7 @@ def _best_effort(fn: Callable[..., Any], *args: Any) -> None:
     try:
         fn(*args)
     except Exception as err:
-        import logging
-
-        logging.getLogger(__name__).warning("MLflow: %s failed: %s", getattr(fn, "__name__", fn), err)
+        log.warning("MLflow: %s failed: %s", getattr(fn, "__name__", fn), err)
 
 
 def _trial_slots(study: Study) -> int:

@@ -204,6 +204,21 @@ class Where:
     parent_run_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class TrialEnd:
+    """How a finished trial's run must end: `StudyTracker.settle_trial_runs`."""
+
+    trial_id: str
+    run_id: str | None
+    """None: the trial never reached MLflow (the run is found by trial key, or created)."""
+    name: str
+    params: dict[str, Any]
+    tags: dict[str, str]
+    records: Sequence[EvalRecord]
+    status: str
+    error: str | None = None
+
+
 class TrialRun:
     """One trial's run, fed by a `Sender`'s thread. The trial calls `sync`, `set_tags`
     and `finish`; each returns at once."""
@@ -537,11 +552,32 @@ class StudyTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         _log_tags(self._client, self._require_open(), tags)
 
-    def fail_trial_run(self, run_id: str, error: str) -> None:
-        """End a trial run as FAILED with its error (its trial failed beyond retries, perhaps on a
-        node that died before the trial could say so itself)."""
-        _log_tags(self._client, run_id, {ERROR_TAG: error[:4000]})
-        self._client.set_terminated(run_id, status="FAILED")
+    def trial_runs(self) -> dict[str, tuple[str, str]]:
+        """{trial key: (run_id, status)} of this study's trial runs."""
+        assert self.experiment_id is not None
+        runs = _trial_runs(self.tracking_uri, self.experiment_id, self._require_open())
+        return {key: (run.info.run_id, run.info.status) for key, run in runs.items()}
+
+    def settle_trial_runs(self, ends: Sequence[TrialEnd], timeout_s: float) -> dict[str, str]:
+        """Make each trial's run exist, hold its whole curve and end as given, for trials
+        whose own process could not (MLflow was down when they finished, or their worker
+        died before it reached MLflow): the curve is sent from the step the run holds on
+        (nothing twice), then the tags, then the status. Returns {trial_id: run_id};
+        raises TimeoutError unless all of it was stored within `timeout_s`."""
+        assert self.experiment_id is not None
+        sender = Sender(Where(self.tracking_uri, self.experiment_id, self._require_open()), interval_s=0.5)
+        runs = []
+        for end in ends:
+            run = sender.open(end.trial_id, end.name, end.params, end.tags, run_id=end.run_id)
+            run.sync(end.records)
+            run.finish(end.status, end.error)
+            runs.append(run)
+        if not sender.close(timeout_s):
+            raise TimeoutError(
+                f"MLflow at {self.tracking_uri} did not store the ends of {len(ends)} trial runs "
+                f"within {timeout_s:g} s ({sender.last_error})"
+            )
+        return {run.key: run.run_id for run in runs if run.run_id is not None}
 
     def finish(self, status: str) -> None:
         """End the parent run as FINISHED, FAILED or KILLED (once; later calls do nothing)."""
@@ -694,17 +730,23 @@ def find_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | 
     (or, without one, of the whole experiment), so a retried trial re-attaches
     to its run instead of creating another. If a key has several runs, the
     earliest started wins."""
+    return {
+        key: run.info.run_id for key, run in _trial_runs(tracking_uri, experiment_id, parent_run_id).items()
+    }
+
+
+def _trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | None) -> dict[str, Run]:
     filter_string = (
         f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{KIND_TAG}` = 'trial'"
     )
     runs = _search_all(
         _client(tracking_uri), experiment_id, filter_string, order_by=["attributes.start_time ASC"]
     )
-    out: dict[str, str] = {}
+    out: dict[str, Run] = {}
     for run in runs:
         key = run.data.tags.get(TRIAL_KEY_TAG)
         if key is not None:
-            out.setdefault(key, run.info.run_id)
+            out.setdefault(key, run)
     return out
 
 

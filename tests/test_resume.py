@@ -58,6 +58,8 @@ def command(study: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         "--num-cpus",
         "2",
+        "--format",
+        "png",  # the figures are not what these tests check; PDFs cost a second a run
         *extra,
     ]
 

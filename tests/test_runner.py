@@ -130,6 +130,53 @@ def test_a_history_is_read_from_a_members_checkpoint_meta() -> None:
     assert (failed.stop_reason, failed.error, failed.records) == ("error", "RuntimeError: boom", ())
 
 
+def test_runs_their_trials_could_not_end_are_ended_from_the_histories_and_no_others(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from grokstudy import tracking
+    from grokstudy.records import TrialHistory
+
+    study = parse_study(TINY)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = tracking.StudyTracker(uri)
+    experiment_id, parent = tracker.open("tiny", "name: tiny", {}, {})
+    sender = tracking.Sender(tracking.Where(uri, experiment_id, parent), interval_s=0.05)
+    curve = [record(s, 1.0, 0.1) for s in (0, 100, 200, 300)]  # ran to its budget: memorization
+    runs = {key: sender.open(key, key, {}, {}) for key in ("cut", "ended", "failed")}
+    for run in runs.values():
+        run.sync(curve[:2])  # "cut" and "failed" lost the rest: MLflow was down when they ended
+    runs["ended"].sync(curve)
+    runs["ended"].finish("FINISHED")
+    assert sender.close(60)
+
+    def history(key: str, stop: str, error: str | None = None) -> TrialHistory:
+        return TrialHistory(key, "p", study.trial({}), tuple(curve), stop, "node-1", runs[key].run_id, error)
+
+    # "lost" never reached MLflow (its worker died first) and its checkpoint holds no run id.
+    histories = [history("cut", "budget"), history("ended", "budget"), history("failed", "error", "boom")]
+    histories.append(TrialHistory("lost", "p", study.trial({}), tuple(curve), "budget", "node-1"))
+    settled = runner._settle_runs(study, histories, tracker)
+    assert [h.run_id for h in settled[:3]] == [runs[k].run_id for k in ("cut", "ended", "failed")]
+    client = MlflowClient(uri)
+    lost = client.get_run(settled[3].run_id)
+    assert (lost.info.status, lost.data.tags["phase"], lost.data.tags["grokstudy.trial_key"]) == (
+        "FINISHED",
+        "memorization",
+        "lost",
+    )
+    assert lost.data.params["train.max_steps"] == str(study.trial({}).train.max_steps)
+    assert [m.step for m in client.get_metric_history(lost.info.run_id, "val/acc")] == [0, 100, 200, 300]
+    cut, ended, failed = (client.get_run(runs[k].run_id) for k in ("cut", "ended", "failed"))
+    assert (cut.info.status, cut.data.tags["phase"], cut.data.tags["stop_reason"]) == (
+        "FINISHED",
+        "memorization",
+        "budget",
+    )
+    assert [m.step for m in client.get_metric_history(cut.info.run_id, "val/acc")] == [0, 100, 200, 300]
+    assert ended.info.status == "FINISHED" and "phase" not in ended.data.tags  # left as it ended itself
+    assert (failed.info.status, failed.data.tags[tracking.ERROR_TAG]) == ("FAILED", "boom")
+
+
 # ---- a real embedded Ray -------------------------------------------------------------------------
 
 

@@ -408,6 +408,51 @@ def test_runs_end_with_the_status_they_are_given(mlflow_server: servers.MlflowSe
 
 
 @pytest.mark.integration
+def test_the_driver_ends_the_runs_of_trials_that_finished_while_mlflow_was_down(
+    mlflow_server: servers.MlflowServer,
+) -> None:
+    uri = mlflow_server.uri
+    study, experiment_id, parent_run_id = open_study(uri, "settle")
+    # Both trials stored steps up to 300, then lost the rest when their processes exited
+    # with MLflow unreachable: their runs stay RUNNING with a curve cut short.
+    cut = [s for s in GRID if s <= 300]
+    trials = {}
+    for key in ("finished", "failed"):
+        trials[key] = start_trial(uri, experiment_id, parent_run_id, key, TrialConfig())
+        trials[key].log_records([synthetic_record(s) for s in cut])
+        trials[key].flush()
+        assert trials[key].sender.close(5)
+    assert study.trial_runs() == {key: (t.run_id, "RUNNING") for key, t in trials.items()}
+
+    # A third never reached MLflow at all (its worker died first): the driver creates its run.
+    whole = [synthetic_record(s) for s in GRID]
+    ends = [
+        tracking.TrialEnd(
+            "finished", trials["finished"].run_id, "f", {}, {"phase": "grokking"}, whole, "FINISHED"
+        ),
+        tracking.TrialEnd("failed", None, "x", {}, {}, whole[:12], "FAILED", "RuntimeError: boom"),
+        tracking.TrialEnd("unseen", None, "u", {"train.seed": 3}, {}, whole[:3], "FAILED", "killed"),
+    ]
+    run_ids = study.settle_trial_runs(ends, 60)
+    assert run_ids == {key: t.run_id for key, t in trials.items()} | {"unseen": run_ids["unseen"]}
+    c = client(uri)
+    finished, failed, unseen = (c.get_run(run_ids[k]) for k in ("finished", "failed", "unseen"))
+    assert (finished.info.status, finished.data.tags["phase"]) == ("FINISHED", "grokking")
+    assert (failed.info.status, failed.data.tags[tracking.ERROR_TAG]) == ("FAILED", "RuntimeError: boom")
+    assert (unseen.info.status, unseen.data.params, unseen.info.run_name) == (
+        "FAILED",
+        {"train.seed": "3"},
+        "u",
+    )
+    assert unseen.data.tags[tracking.PARENT_TAG] == parent_run_id
+    for key in TRACKED:  # the tail arrived, nothing twice
+        assert [s for s, _ in history(uri, finished.info.run_id, key)] == GRID, key
+        assert [s for s, _ in history(uri, failed.info.run_id, key)] == GRID[:12], key
+        assert [s for s, _ in history(uri, unseen.info.run_id, key)] == GRID[:3], key
+    assert {status for _, status in study.trial_runs().values()} == {"FINISHED", "FAILED"}
+
+
+@pytest.mark.integration
 def test_more_than_a_request_of_params_and_metrics_all_arrive(mlflow_server: servers.MlflowServer) -> None:
     uri = mlflow_server.uri
     _, experiment_id, parent_run_id = open_study(uri, "limits")
