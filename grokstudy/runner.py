@@ -45,6 +45,13 @@ Ray and Tune internals this module relies on, checked against ray 2.60.0:
   deleted (its last experiment snapshot predates the deletion); Tune's deletion of
   them then raises FileNotFoundError and logs a traceback for every such trial. A
   checkpoint that is already gone needs no deleting: the wrapper says so and goes on.
+- `TuneController._restore_trials`, `_CheckpointManager._checkpoint_results` and
+  `_latest_checkpoint_result`, `StorageContext.current_checkpoint_index`
+  (`_resume_from_surviving_checkpoints`): for the same reason a restored trial's
+  latest checkpoint may be gone (the killed driver registered newer ones and deleted it
+  under `num_to_keep`), and Tune's restore of it fails every retry. The wrapper points
+  such a trial at the newest complete checkpoint its directory still holds (the newer
+  ones the worker persisted), or at none (it starts over: training is deterministic).
 """
 
 from __future__ import annotations
@@ -748,6 +755,7 @@ def _fit(
     slots = _trial_slots(study)
     if resumed:
         _forgive_deleted_checkpoints()
+        _resume_from_surviving_checkpoints()
         _Searcher.experiment_path_now = experiment_path
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
@@ -834,6 +842,75 @@ def _forgive_deleted_checkpoints() -> None:
 
     forgiving.forgiving = True  # type: ignore[attr-defined]
     checkpoint_manager._delete_fs_path = forgiving
+
+
+def _resume_from_surviving_checkpoints() -> None:
+    """See the module docstring (ray 2.60's TuneController); idempotent."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    restore_trials = TuneController._restore_trials
+    if getattr(restore_trials, "surviving", False):
+        return
+
+    def surviving(self: Any, experiment_state: dict) -> list:
+        trials = restore_trials(self, experiment_state)
+        for trial in trials:
+            _point_at_surviving_checkpoint(trial)
+        return trials
+
+    surviving.surviving = True  # type: ignore[attr-defined]
+    TuneController._restore_trials = surviving
+
+
+def _point_at_surviving_checkpoint(trial: Any) -> None:
+    """Point a restored trial whose latest checkpoint is gone at its newest complete one."""
+    from ray.train._internal.session import _TrainingResult
+
+    manager = trial.run_metadata.checkpoint_manager
+    latest = manager.latest_checkpoint_result
+    if latest is None or _checkpoint_complete(latest.checkpoint.filesystem, latest.checkpoint.path):
+        return
+    fs, trial_dir = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    for index, path in sorted(_checkpoint_dirs(fs, trial_dir), reverse=True):
+        if _checkpoint_complete(fs, path):
+            found = _TrainingResult(checkpoint=tune.Checkpoint(path, fs), metrics=latest.metrics)
+            manager._checkpoint_results = [
+                r for r in manager._checkpoint_results if _checkpoint_complete(fs, r.checkpoint.path)
+            ] + [found]
+            manager._latest_checkpoint_result = found
+            trial.storage.current_checkpoint_index = index + 1  # never write into a dir that exists
+            log.warning("trial %s: its last recorded checkpoint is gone; resuming from %s", trial, path)
+            break
+    else:
+        manager._checkpoint_results, manager._latest_checkpoint_result = [], None
+        log.warning("trial %s: none of its checkpoints survived; it starts over", trial)
+    trial.invalidate_json_state()
+
+
+def _checkpoint_dirs(fs: Any, trial_dir: str) -> list[tuple[int, str]]:
+    """(index, path) of every `checkpoint_NNNNNN` directory under a trial's directory."""
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("checkpoint_") and name[11:].isdigit():
+            found.append((int(name[11:]), info.path))
+    return found
+
+
+def _checkpoint_complete(fs: Any, path: str) -> bool:
+    """Whether a checkpoint on storage holds a readable meta.json and a whole state file
+    (a worker killed while persisting one leaves some files, or a truncated one)."""
+    import zipfile
+
+    try:
+        with fs.open_input_stream(f"{path}/{META_FILE}") as f:
+            json.loads(f.read().decode())
+        with fs.open_input_file(f"{path}/{STATE_FILE}") as f, zipfile.ZipFile(f):  # torch.save's format
+            return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 def _find_searcher(tuner: Any) -> Any:

@@ -171,6 +171,78 @@ def test_a_driver_killed_at_start_up_mid_trial_and_after_a_trial_finished_resume
     assert problems(out, load_study(study_file)) == []
 
 
+def recorded_checkpoints(out: Path) -> dict[Path, Path]:
+    """{trial directory: the checkpoint Tune's latest snapshot records as its latest} of the
+    trials that snapshot records as not finished."""
+    import pickle
+
+    experiment = out / "ray" / "resume"
+    snapshots = sorted(experiment.glob("experiment_state-*.json"))
+    if not snapshots:
+        return {}
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    found = {}
+    for trial_json, meta_json in state["trial_data"]:
+        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
+        meta = json.loads(meta_json) if isinstance(meta_json, str) else meta_json
+        manager = meta.get("checkpoint_manager")
+        if trial["status"] == "TERMINATED" or not manager:
+            continue
+        latest = pickle.loads(bytes.fromhex(manager["value"])).latest_checkpoint_result  # Tune's cloudpickle
+        if latest is not None:
+            found[experiment / f"trial_{trial['trial_id']}"] = Path(latest.checkpoint.path)
+    return found
+
+
+def test_a_resume_whose_recorded_checkpoints_the_killed_driver_deleted_uses_the_newest_whole_one(
+    tmp_path: Path,
+) -> None:
+    """Tune's snapshot names a trial's latest checkpoint; the killed driver may have registered
+    newer ones since and deleted that one (`num_to_keep`), and the worker may have left a
+    half-copied one. Made here on purpose: each unfinished trial's checkpoints, the recorded one
+    included, are replaced by a copy of its newest one numbered past them and a truncated one
+    after that. The resume continues each from that copy (a soak found Tune's restore of the
+    recorded checkpoint failing every retry instead, and the study crashing)."""
+    import shutil
+
+    study_file = write_study(tmp_path)
+    out = tmp_path / "out"
+    cmd = command(study_file, out)
+    log = tmp_path / "driver.log"
+    recorded: dict[Path, Path] = {}
+    for _ in range(5):  # the trials seen unfinished may all finish before the kill lands
+        proc = start(cmd, log)
+        wait_for(
+            lambda: recorded_checkpoints(out), proc, what="a snapshot naming a training trial's checkpoint"
+        )
+        kill(proc)
+        recorded = recorded_checkpoints(out)
+        if recorded:
+            break
+    assert recorded
+    first_new: dict[Path, int] = {}
+    for directory in recorded:  # a recorded checkpoint may be gone already: the very case
+        checkpoints = sorted(directory.glob("checkpoint_*"))
+        newest = int(checkpoints[-1].name.split("_")[1])
+        shutil.copytree(checkpoints[-1], directory / f"checkpoint_{newest + 2:06d}")
+        torn = directory / f"checkpoint_{newest + 3:06d}"
+        shutil.copytree(checkpoints[-1], torn)
+        state = (torn / "state.pt").read_bytes()
+        (torn / "state.pt").write_bytes(state[: len(state) // 2])
+        for c in checkpoints:
+            shutil.rmtree(c)
+        first_new[directory] = newest + 3
+    resumed = finish(cmd)
+    assert_clean(resumed)
+    assert resumed.stderr.count("last recorded checkpoint is gone") == len(recorded)
+    for directory, index in first_new.items():  # continued from the copy: numbered after it
+        assert max(int(c.name.split("_")[1]) for c in directory.glob("checkpoint_*")) >= index
+    assert problems(out, load_study(study_file)) == []
+
+
 def test_sigterm_from_ray_job_stop_ends_the_parent_run_failed_and_a_resume_finishes(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
