@@ -3,6 +3,7 @@ workers lost; every study still ends with every point x seed once and every curv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -94,23 +95,38 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 240, what: str 
 
 def kill(proc: subprocess.Popen) -> None:
     """SIGKILL the driver and everything in its session (its embedded Ray), as a lost machine would."""
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the driver may have ended on its own
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for _ in range(50):  # Ray's processes may take a moment to go
-        if not servers_alive(proc.pid):
+    reap_session(proc.pid)
+
+
+def reap_session(session: int) -> None:
+    """SIGKILL what is left of a session until nothing is: Ray's processes may sit in process
+    groups of their own, and any of them may exit between being listed and being killed."""
+    for _ in range(100):
+        pids = session_pids(session)
+        if not pids:
             return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
+    raise AssertionError(f"processes of session {session} outlived SIGKILL: {session_pids(session)}")
 
 
-def servers_alive(session: int) -> bool:
+def session_pids(session: int) -> list[int]:
+    """Live processes of a session (zombies, already dead, are not counted)."""
+    found = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[3]) == session:
-                    return True
+                fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session and fields[0] != "Z":
+                    found.append(int(p.name))
             except (OSError, IndexError, ValueError):
                 continue
-    return False
+    return found
 
 
 def checkpointed_trials(out: Path) -> int:
@@ -259,8 +275,7 @@ def test_sigterm_from_ray_job_stop_ends_the_parent_run_failed_and_a_resume_finis
     [parent] = [r for r in client.search_runs([client.get_experiment_by_name("resume").experiment_id])
                 if r.data.tags.get("grokstudy.kind") == "study"]  # fmt: skip
     assert parent.info.status == "FAILED"
-    if servers_alive(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
+    reap_session(proc.pid)  # Ray processes the SIGTERMed driver left behind
     resumed = finish(cmd)
     assert_clean(resumed)
     assert problems(out, load_study(study_file)) == []
