@@ -22,7 +22,9 @@ demo: setup  ## one grokking trial, in the terminal
 	$(BIN)/grokstudy train --study studies/quickstart.yaml --set optimizer.weight_decay=1 --set data.fraction=0.5
 
 test: setup  ## everything, the integration tests included (what CI runs)
-	$(BIN)/python -m pytest
+	# Python's faulthandler, not pytest's (which is off again before the interpreter exits), so
+	# a native crash at exit prints every thread's stack: one CI run segfaulted after all passed.
+	$(BIN)/python -X faulthandler -m pytest -p no:faulthandler
 
 test-fast: setup  ## skip real clusters and servers
 	$(BIN)/python -m pytest -m "not integration and not slow"
