@@ -118,18 +118,21 @@ def phase_diagram(
     stripe per tied phase and labelled "tie", never as one of them. Other
     searched keys not on an axis are pooled into the cell, and the title says
     so. With `cells` (a boundary study's cells.parquet), a cell that was not
-    trained shows its inferred phase, lighter and dotted. Sampled studies:
+    trained shows its inferred phase, lighter and dotted. A cell with fewer
+    trials than the fullest cell (a boundary study's one-seed cells, failed
+    seeds) shows its count in a corner. Sampled studies:
     points coloured by majority phase over nearest-neighbour phase regions.
     `ax` draws a single panel (no facet) into an existing Axes; the legend
     then goes beside that Axes.
     """
     data = _Data.build(trials, x, y, facet, log_x, log_y, cells)
     fig, axes = _panels(data, ax)
-    drew_inferred = False
+    drew_inferred = drew_fewer = False
     for axis, value in zip(axes, data.facet_values, strict=True):
         cells_here = data.cells(value)
         if data.grid:
-            drew_inferred |= _draw_phase_cells(axis, data, cells_here, value)
+            inferred, fewer = _draw_phase_cells(axis, data, cells_here, value)
+            drew_inferred, drew_fewer = drew_inferred or inferred, drew_fewer or fewer
         else:
             _draw_phase_scatter(axis, data, cells_here)
         _finish_axes(axis, data, value)
@@ -148,6 +151,9 @@ def phase_diagram(
         if data.max_per_cell > 1 and data.grid
         else (f"marker opacity: share of {unit} in the majority phase" if data.max_per_cell > 1 else None)
     )
+    if drew_fewer:
+        agreement += f"\ncorner number: {unit} in a cell with fewer than {data.max_per_cell}"
+
     _legend(fig, axes, handles, title=agreement, own_axes=ax is not None)
     if ax is None:
         _suptitle(fig, f"{data.study}: phase diagram", data.seeds_text())
@@ -792,10 +798,10 @@ def _inferred(
     return out
 
 
-def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> bool:
-    """Draw one panel's cells; True when an inferred (untrained) cell was drawn."""
+def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> tuple[bool, bool]:
+    """Draw one panel's cells; (an inferred cell was drawn, a cell with fewer trials than the fullest was)."""
     ex, ey = data.x.edges(), data.y.edges()
-    drew_inferred = False
+    drew_inferred = drew_fewer = False
     for i, xv in enumerate(data.x.values):
         for j, yv in enumerate(data.y.values):
             box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
@@ -813,6 +819,11 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
             phase, k = _majority(phases)
             share = k / len(rows)
             cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            if len(rows) < data.max_per_cell:
+                drew_fewer = True
+                axis.text(ex[i + 1] - 0.06 * w, ey[j] + 0.06 * h, str(len(rows)), ha="right", va="bottom",
+                          fontsize=_cell_fontsize(data) - 1, zorder=4, gid="count",
+                          color=_ink(_blend(PHASE_COLORS.get(phase, "#999999"), max(share, 0.25))))  # fmt: skip
             if phase == TIE:
                 tied = _tied(phases)
                 for n, p in enumerate(tied):  # one stripe per tied phase: a tie is not a verdict
@@ -849,7 +860,7 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
                         linewidths=0.6,
                         zorder=3,
                     )
-    return drew_inferred
+    return drew_inferred, drew_fewer
 
 
 def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:

@@ -278,8 +278,10 @@ class BoundarySampler(LatticeSampler):
     first a coarse sub-lattice, corners included, then the unsampled points between
     sampled points whose phases differ or whose seeds disagree, most uncertain
     first; while results are pending it proposes the points most likely needed
-    next, so every slot keeps working. A point, once begun, has all its seeds run
-    before a new point starts. It proposes nothing more when no boundary is left
+    next, so every slot keeps working. A new point runs its first seed; its other
+    seeds run, before any new point, once it meets another phase
+    (`refine.seeds_to_add`): one seed settles a point inside a region, every seed
+    runs on a boundary. It proposes nothing more when no boundary is left
     unresolved, or when `search.budget` trials have been handed out. Everything is
     read from the storage, so it resumes like the grid.
     """
@@ -299,16 +301,16 @@ class BoundarySampler(LatticeSampler):
 
         if self._budget is not None and len(taken) >= self._budget:
             return []
-        seeds = self._seeds
-        # Cells are (point, seed) with the seed varying fastest: cell // seeds is the point.
-        started = sorted({c // seeds for c in taken})
-        unfinished = [p * seeds + s for p in started for s in range(seeds) if p * seeds + s not in taken]
-        if unfinished:
-            return unfinished
+        seeds, shape = self._seeds, self._lattice.shape
         observed, pending = self._observed(study)
+        # Cells are (point, seed) with the seed varying fastest: cell // seeds is the point.
+        further = [
+            int(np.ravel_multi_index(p, shape)) * seeds + s
+            for p in refine.seeds_to_add(self._lattice, observed, pending, seeds)
+            for s in range(seeds)
+        ]
         points = refine.next_cells(self._lattice, observed, pending, seeds, limit=1)
-        shape = self._lattice.shape
-        return [int(np.ravel_multi_index(p, shape)) * seeds for p in points]
+        return further + [int(np.ravel_multi_index(p, shape)) * seeds for p in points]
 
     def _observed(self, study: Any) -> tuple[dict[tuple[int, ...], list[str]], set[tuple[int, ...]]]:
         observed: dict[tuple[int, ...], list[str]] = {}

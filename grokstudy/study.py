@@ -301,7 +301,10 @@ def describe(study: Study) -> str:
             lines.append(f"(num_samples is ignored by the {s.sampler} sampler)")
         if s.sampler == "boundary":
             cap = f", at most {s.budget}" if s.budget else ""
-            lines.append(f"{n} grid points x {seeds}: trains where phases change, infers the rest{cap}")
+            lines.append(
+                f"{n} grid points x {seeds}{cap}: trains where phases change, every seed only where"
+                " they meet, and infers the rest"
+            )
             return "\n".join(lines)
         lines.append(f"{n} points x {seeds} = {n * s.seeds} trials")
     else:

@@ -18,6 +18,7 @@ from grokstudy.refine import (
     next_cells,
     seeds_agree,
     seeds_disagree_near_boundary,
+    seeds_to_add,
     simulate,
     synthetic_map,
 )
@@ -98,6 +99,33 @@ def test_cells_next_to_disagreeing_seeds_are_measured_not_inferred(name, batch, 
                 assert nb in sim.observed, f"{nb} next to disagreeing {(i, j)} was inferred"
     assert is_resolved(GRID, sim.observed, ())
     assert agreement(GRID, truth, sim.observed) >= 0.95
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("name", MAPS)
+def test_one_seed_settles_a_cell_inside_a_region_and_every_boundary_cell_runs_all_its_seeds(name, batch):
+    phase_of = synthetic_map(name)
+    sim = simulate(GRID, seeds_agree(phase_of, seeds=2), seeds=2, batch=batch)
+    edge = boundary_cells(GRID, phase_of)
+    assert all(len(labels) == 2 for c, labels in sim.observed.items() if c in edge)
+    assert all(len(labels) == 1 for c, labels in sim.observed.items() if c not in edge)
+    assert sim.runs <= 0.30 * 2 * GRID.size  # trials, against 578 for the dense grid
+    assert is_resolved(GRID, sim.observed, (), seeds=2)
+
+
+def test_further_seeds_wait_until_the_cell_meets_another_phase():
+    # Coarse cells (0, 0) and (0, 4) measured once each; (0, 2) between them not yet known.
+    one = {(0, 0): ["grokking"], (0, 4): ["grokking"]}
+    assert seeds_to_add(GRID, one, (), seeds=2) == []  # nothing around them is known to differ
+    other = {(0, 0): ["grokking"], (0, 4): ["memorization"]}
+    assert seeds_to_add(GRID, other, (), seeds=2) == []  # (0, 2) is in conflict: located first
+    located = other | {(0, 2): ["grokking"], (0, 3): ["memorization"]}
+    assert seeds_to_add(GRID, located, (), seeds=2) == [(0, 2), (0, 3)]  # the boundary's two sides
+    assert seeds_to_add(GRID, located, {(0, 2)}, seeds=2) == [(0, 3)]  # already running its seeds
+    assert seeds_to_add(GRID, located, (), seeds=1) == []
+    split = {(8, 8): ["grokking", "memorization"]}
+    assert seeds_to_add(GRID, split, (), seeds=3) == [(8, 8)]  # its seeds so far disagree
+    assert not is_resolved(GRID, located, (), seeds=2)
 
 
 @pytest.mark.parametrize(

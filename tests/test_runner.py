@@ -231,19 +231,32 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_
             "optimizer.weight_decay": {"log": [0.01, 10.0], "points": 9},
             "data.fraction": {"values": [0.3, 0.55, 0.8]},
         },
-        "seeds": 1,
+        "seeds": 2,
     }
     study = parse_study(spec)
     outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
     assert outcome.failed == []
     trials = pq.read_table(outcome.trials_path).to_pylist()
     cells = pq.read_table(tmp_path / "out" / "cells.parquet").to_pylist()
-    assert len(cells) == 27 and len(trials) < 27
-    assert sum(c["measured"] for c in cells) == len(trials)
+    assert len(cells) == 27 and len({t["point_id"] for t in trials}) < 27
+    assert sum(c["measured"] for c in cells) == len({t["point_id"] for t in trials})
+    assert sum(c["seeds"] for c in cells) == len(trials) == len({t["trial_id"] for t in trials})
     assert {(t["optimizer.weight_decay"], t["data.fraction"]) for t in trials} == {
         (c["optimizer.weight_decay"], c["data.fraction"]) for c in cells if c["measured"]
     }
     assert all(c["phase"] for c in cells)
+    # Seeds where phases meet: a trained cell beside a cell of another phase has both its seeds.
+    wds, fractions = (sorted({c[k] for c in cells}) for k in ("optimizer.weight_decay", "data.fraction"))
+    grid = {(wds.index(c["optimizer.weight_decay"]), fractions.index(c["data.fraction"])): c for c in cells}
+    edge = [
+        c
+        for (i, j), c in grid.items()
+        if c["measured"]
+        and any(
+            grid.get(nb, c)["phase"] != c["phase"] for nb in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
+        )
+    ]
+    assert edge and all(c["seeds"] == 2 for c in edge)
     assert (tmp_path / "out" / "figures" / "phase_diagram.png").exists()
 
 
