@@ -198,13 +198,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (StudyError, UsageError):
         raise
     except (KeyboardInterrupt, runner.Interrupted) as e:
-        if runner.stop_reason():
-            why = f"stopped by {runner.stop_reason()}"
-            print(f"grokstudy run: {why}; run the same command again to resume", file=sys.stderr)
-            return EXIT_CRASHED
-        why = f"interrupted: {e or 'Ctrl-C'}"
+        stopped = runner.stop_reason()
+        why = f"stopped by {stopped}" if stopped else f"interrupted: {e or 'Ctrl-C'}"
         print(f"grokstudy run: {why}; run the same command again to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_CRASHED if stopped else EXIT_INTERRUPTED
     except runner.TrackingUnavailable as e:
         print(f"grokstudy run: stopped: {e}", file=sys.stderr)
         return EXIT_CRASHED
@@ -341,11 +338,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from grokstudy import figures
+    from grokstudy import figures, results
 
     formats = _formats(args.format)
-    from grokstudy import results
-
     trials, curves, default_out = _load_results(args.source, args.tracking_uri)
     cells_file = Path(args.source) / results.CELLS_FILE
     cells = results.read_cells(cells_file) if cells_file.exists() else None

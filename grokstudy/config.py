@@ -18,8 +18,8 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import product
-from typing import Any
+from itertools import islice, product
+from typing import Any, get_type_hints
 
 from grokstudy.errors import StudyError, raise_all
 
@@ -61,16 +61,13 @@ def allowed_text(name: str, spec: Spec, integer: bool) -> str:
     """The allowed range in words: `0 < fraction < 1`, `an integer, 1 <= seeds <= 1000`."""
     if spec.allowed:
         return spec.allowed
-    low = None if spec.lo is None else f"{_num(spec.lo)} {'<' if spec.lo_open else '<='} "
-    high = None if spec.hi is None else f" {'<' if spec.hi_open else '<='} {_num(spec.hi)}"
-    if low and high:
-        text = f"{low}{name}{high}"
-    elif low:
-        text = f"{name} {'>' if spec.lo_open else '>='} {_num(spec.lo)}"
-    elif high:
-        text = f"{name}{high}"
-    else:
+    if spec.lo is None and spec.hi is None:
         return "any value"
+    if spec.hi is None:  # `x >= 1` reads better than `1 <= x`
+        text = f"{name} {'>' if spec.lo_open else '>='} {_num(spec.lo)}"
+    else:
+        low = "" if spec.lo is None else f"{_num(spec.lo)} {'<' if spec.lo_open else '<='} "
+        text = f"{low}{name} {'<' if spec.hi_open else '<='} {_num(spec.hi)}"
     return f"an integer, {text}" if integer else text
 
 
@@ -85,14 +82,11 @@ def check_value(name: str, spec: Spec, value: Any) -> str | None:
     if spec.choices is not None:
         if value in spec.choices:
             return None
-        return f"unknown {name} (got {show(value)}){_did_you_mean(str(value), spec.choices)} allowed: " + (
-            ", ".join(spec.choices)
-        )
+        hint = did_you_mean(str(value), spec.choices)
+        return f"unknown {name} (got {show(value)}){hint} allowed: {', '.join(spec.choices)}"
     items = value if isinstance(value, tuple) else (value,)
     integer = all(isinstance(v, int) and not isinstance(v, bool) for v in items)
-    for v in items:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
+    for v in filter(is_number, items):
         bad = (
             (spec.lo is not None and (v <= spec.lo if spec.lo_open else v < spec.lo))
             or (spec.hi is not None and (v >= spec.hi if spec.hi_open else v > spec.hi))
@@ -101,6 +95,11 @@ def check_value(name: str, spec: Spec, value: Any) -> str | None:
         if bad:
             return f"out of range (got {show(value)}); allowed: {allowed_text(name, spec, integer)}"
     return None
+
+
+def is_number(v: Any) -> bool:
+    """An int or a float, and not a bool (which Python counts as an int)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _num(v: float) -> str:
@@ -112,10 +111,11 @@ def _num(v: float) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def _did_you_mean(value: str, choices: Sequence[str]) -> str:
+def did_you_mean(value: str, choices: Sequence[str], cutoff: float = 0.5) -> str:
+    """`; did you mean 'x'?` for the closest of `choices`, or "" if none is close."""
     import difflib
 
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=cutoff)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -141,8 +141,7 @@ def _show(v: Any, budget: list[int]) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_show(x, budget) for x in v[:20]) + (", ..." if len(v) > 20 else "") + "]"
     if isinstance(v, dict):
-        items = list(v.items())[:20]
-        return "{" + ", ".join(f"{k}: {_show(x, budget)}" for k, x in items) + "}"
+        return "{" + ", ".join(f"{k}: {_show(x, budget)}" for k, x in islice(v.items(), 20)) + "}"
     return str(v)
 
 
@@ -407,10 +406,9 @@ class SearchDim:
     @property
     def grid(self) -> tuple[Any, ...]:
         """The dimension's grid values (log/range need `points`)."""
-        if self.values is not None:
-            return self.values
-        if self.choice is not None:
-            return self.choice
+        explicit = self.values if self.values is not None else self.choice
+        if explicit is not None:
+            return explicit
         assert self.points is not None, f"{self.key} has no grid points"
         lo, hi = self.log or self.range or (0.0, 0.0)
         n = self.points
@@ -433,7 +431,7 @@ def is_log_scale(values: Sequence[Any]) -> bool:
     """The one rule of a numeric axis's scale, for studies and figures alike: more than two
     values, all > 0 (a 0 may join them: figures give it its own slot), spanning at least
     two decades."""
-    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    nums = [v for v in values if is_number(v)]
     positive = [v for v in nums if v > 0]
     if len(nums) != len(values) or any(v < 0 for v in nums) or len(positive) < 2 or len(nums) <= 2:
         return False
@@ -558,23 +556,13 @@ class Study:
         return cfg
 
 
-TRIAL_SECTIONS: dict[str, type] = {
-    "task": TaskConfig,
-    "data": DataConfig,
-    "model": ModelConfig,
-    "optimizer": OptimConfig,
-    "train": TrainConfig,
-}
-"""The sections of a TrialConfig, by name: the one section-to-class map."""
+TRIAL_SECTIONS: dict[str, type] = get_type_hints(TrialConfig)
+"""The sections of a TrialConfig, by name (its fields): the one section-to-class map."""
 STUDY_SECTIONS: dict[str, type] = {
     **TRIAL_SECTIONS,
-    "search": SearchConfig,
-    "phases": PhaseConfig,
-    "resources": ResourcesConfig,
-    "run": RunConfig,
-    "diagram": DiagramConfig,
+    **{name: cls for name, cls in get_type_hints(Study).items() if name not in ("name", "base")},
 }
-"""Every section of a study file, by name."""
+"""Every section of a study file, by name: the trial's, then the rest of a Study's fields."""
 
 
 # ---- rules that tie fields together ------------------------------------------------------------
@@ -613,21 +601,15 @@ def cross_problems(
     if ok("task.op", "task.p") and "x/y" in values("task.op", False):
         ps = values("task.p", False)
         if ps is None:
-            out.append(
-                ("task.p", "x/y needs a prime modulus, which a range cannot guarantee; use values: [primes]")
-            )
-        bad = next((p for p in ps or [] if not is_prime(p)), None)
-        if bad is not None:
+            need = "x/y needs a prime modulus, which a range cannot guarantee; use values: [primes]"
+            out.append(("task.p", need))
+        elif (bad := next((p for p in ps if not is_prime(p)), None)) is not None:
             nearest = " or ".join(str(q) for q in nearest_primes(bad) if q)
-            out.append(
-                (
-                    "task.p",
-                    f"not prime (got {bad}); task.op x/y divides mod p; allowed: a prime, e.g. {nearest}",
-                )
-            )
+            message = f"not prime (got {bad}); task.op x/y divides mod p; allowed: a prime, e.g. {nearest}"
+            out.append(("task.p", message))
 
-    if ok("task.op", "task.p", "task.n", "data.fraction"):
-        keys = ("task.op", "task.p", "task.n", "data.fraction")
+    keys = ("task.op", "task.p", "task.n", "data.fraction")
+    if ok(*keys):
         for op, p, n, f in product(*(values(k, True) for k in keys)):
             pairs = math.factorial(n) ** 2 if op == "perm" else p * (p - 1 if op == "x/y" else p)
             if not 1 <= round(f * pairs) <= pairs - 1:
@@ -643,12 +625,8 @@ def cross_problems(
                 out.append((key if nums is None else of, f"use values: [...] so that {why}"))
         elif pair := next(((a, b) for a, b in product(nums, dens) if a % b), None):
             a, b = pair
-            out.append(
-                (
-                    key,
-                    f"not a multiple of {of} (got {a}, {of.split('.')[1]} {b}); {why}; allowed: {allowed(b)}",
-                )
-            )
+            got = f"got {a}, {of.split('.')[1]} {b}"
+            out.append((key, f"not a multiple of {of} ({got}); {why}; allowed: {allowed(b)}"))
 
     if ok("model.kind", "model.embed_dim", "model.heads") and "transformer" in values("model.kind", False):
         one_head = values("model.heads", False) == [1]
@@ -665,24 +643,17 @@ def cross_problems(
     if ok("train.max_steps", "train.eval_every"):
         for steps, every in product(values("train.max_steps", True), values("train.eval_every", True)):
             if steps / every > MAX_EVALS:
+                evals = f"{steps} steps evaluated every {every} is {steps // every:,} eval points"
                 out.append(
-                    (
-                        "train.eval_every",
-                        f"{steps} steps evaluated every {every} is {steps // every:,} eval points; "
-                        f"allowed: at most {MAX_EVALS:,} (raise eval_every)",
-                    )
+                    ("train.eval_every", f"{evals}; allowed: at most {MAX_EVALS:,} (raise eval_every)")
                 )
                 break
 
     keys = ("optimizer.name", "optimizer.nesterov", "optimizer.momentum")
     if ok(*keys) and "sgd" in values("optimizer.name", False) and True in values("optimizer.nesterov", False):
         if min(values("optimizer.momentum", True)) == 0:
-            out.append(
-                (
-                    "optimizer.nesterov",
-                    "SGD's Nesterov momentum needs optimizer.momentum > 0 (got momentum 0.0)",
-                )
-            )
+            message = "SGD's Nesterov momentum needs optimizer.momentum > 0 (got momentum 0.0)"
+            out.append(("optimizer.nesterov", message))
     return out
 
 
@@ -694,10 +665,9 @@ def validate_trial(cfg: TrialConfig) -> None:
     """
     problems: list[StudyError] = []
     for section, cls in TRIAL_SECTIONS.items():
-        part = getattr(cfg, section)
         for f in dataclasses.fields(cls):
             spec = f.metadata.get("spec")
-            message = spec and check_value(f.name, spec, getattr(part, f.name))
+            message = spec and check_value(f.name, spec, get_path(cfg, f"{section}.{f.name}"))
             if message:
                 problems.append(StudyError(f"{section}.{f.name}", message))
     flat = flatten(cfg)
@@ -712,15 +682,10 @@ def validate_trial(cfg: TrialConfig) -> None:
 def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
     """`dataclasses.replace` along dotted paths: {"optimizer.lr": 1e-2}."""
     for path, value in overrides.items():
-        cfg = _replace_path(cfg, path.split("."), value)
+        head, dot, rest = path.partition(".")
+        inner = with_overrides(getattr(cfg, head), {rest: value}) if dot else value
+        cfg = dataclasses.replace(cfg, **{head: inner})
     return cfg
-
-
-def _replace_path(obj: Any, parts: list[str], value: Any) -> Any:
-    head, rest = parts[0], parts[1:]
-    if not rest:
-        return dataclasses.replace(obj, **{head: value})
-    return dataclasses.replace(obj, **{head: _replace_path(getattr(obj, head), rest, value)})
 
 
 def get_path(cfg: Any, path: str) -> Any:

@@ -1,4 +1,4 @@
-"""Figures from result tables: phase diagrams, delay heatmaps, learning curves.
+"""Figures from result tables: phase diagrams, delay heatmaps, sweeps, learning curves.
 
 Reads only the tables of `results.py` and the phase names of `phases.py`.
 Matplotlib (checked against 3.11.2) is used through `matplotlib.figure.Figure`
@@ -10,10 +10,8 @@ backends, with TrueType fonts embedded in PDFs and text kept as text in SVGs.
 Conventions shared by every figure:
 
 - Phase colours (`PHASE_COLORS`) come from the Okabe–Ito palette, which stays
-  distinguishable under the common colour-vision deficiencies: comprehension
-  blue, grokking vermillion, memorization reddish purple, confusion dark grey,
-  unstable yellow. A cell or panel without finished trials is white with grey
-  hatching.
+  distinguishable under the common colour-vision deficiencies. A cell or panel
+  without finished trials is white with grey hatching.
 - Trials that ended in an error (`stop_reason == "error"`) are left out: their
   curve stopped for a reason other than the science.
 - Axes are labelled with the dotted column names. A numeric axis is drawn in
@@ -36,7 +34,7 @@ import math
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,7 @@ PHASE_COLORS: dict[str, str] = {
     "memorization": "#CC79A7",  # reddish purple
     "confusion": "#3B3B3B",  # near black
     "unstable": "#F0E442",  # yellow
+    "diverged": "#E69F00",  # orange
 }
 """One colour per phase, the same in every figure."""
 
@@ -120,12 +119,11 @@ def phase_diagram(
     so. With `cells` (a boundary study's cells.parquet), a cell that was not
     trained shows its inferred phase, lighter and dotted. A cell with fewer
     trials than the fullest cell (a boundary study's one-seed cells, failed
-    seeds) shows its count in a corner. Sampled studies:
-    points coloured by majority phase over nearest-neighbour phase regions.
-    `ax` draws a single panel (no facet) into an existing Axes; the legend
-    then goes beside that Axes.
+    seeds) shows its count in a corner. Sampled studies: points coloured by
+    majority phase over nearest-neighbour phase regions. `ax` draws a single
+    panel (no facet) into an existing Axes; the legend then goes beside it.
     """
-    data = _Data.build(trials, x, y, facet, log_x, log_y, cells)
+    data = _Data(trials, x, y, facet, log_x, log_y, cells)
     fig, axes = _panels(data, ax)
     drew_inferred = drew_fewer = False
     for axis, value in zip(axes, data.facet_values, strict=True):
@@ -138,7 +136,7 @@ def phase_diagram(
         _finish_axes(axis, data, value)
     shown = set(data.phase) | {p for p, _ in data.inferred.values()}
     present = [p for p in PHASES if p in shown]
-    handles = [Patch(facecolor=PHASE_COLORS[p], label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
+    handles = [Patch(facecolor=_color(p), label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
     if drew_inferred:
         handles.append(
             Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
@@ -146,14 +144,14 @@ def phase_diagram(
     if data.grid and data.has_missing():
         handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
     unit = "trials" if data.aggregated else "seeds"
-    agreement = (
-        f"cell: majority phase over {unit} (k/n and opacity: its share)\ndot: one disagreeing {unit[:-1]}"
-        if data.max_per_cell > 1 and data.grid
-        else (f"marker opacity: share of {unit} in the majority phase" if data.max_per_cell > 1 else None)
-    )
-    if drew_fewer:
+    agreement = None
+    if data.max_per_cell > 1 and data.grid:
+        agreement = f"cell: majority phase over {unit} (k/n and opacity: its share)"
+        agreement += f"\ndot: one disagreeing {unit[:-1]}"
+    elif data.max_per_cell > 1:
+        agreement = f"marker opacity: share of {unit} in the majority phase"
+    if drew_fewer:  # drawn only in grid cells, so `agreement` is set
         agreement += f"\ncorner number: {unit} in a cell with fewer than {data.max_per_cell}"
-
     _legend(fig, axes, handles, title=agreement, own_axes=ax is not None)
     if ax is None:
         _suptitle(fig, f"{data.study}: phase diagram", data.seeds_text())
@@ -181,36 +179,31 @@ def delay_heatmap(
     """
     if value not in ("delay", "t_val"):
         raise UsageError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
-    data = _Data.build(trials, x, y, facet, log_x, log_y)
-    values = np.array(
-        [
-            math.inf if t is None else (math.nan if v is None else float(v))
-            for t, v in zip(data.t_val, data.column(value), strict=True)
-        ]
-    )
+    data = _Data(trials, x, y, facet, log_x, log_y)
+    values = np.array(data.column(value), dtype=float)  # None (a delay without t_train) -> NaN: left out
+    values[[t is None for t in data.t_val]] = math.inf
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
     lo = float(positive.min()) if positive.size else 1.0
-    hi = float(positive.max()) if positive.size else max(10.0, lo)
+    hi = float(positive.max()) if positive.size else 10.0
     if hi <= lo * 1.5:
         lo, hi = lo / 2, hi * 2
     norm, cmap = LogNorm(lo, hi), mpl.colormaps["viridis"]
 
     fig, axes = _panels(data, None)
+    draw = _draw_value_cells if data.grid else _draw_value_scatter
     for axis, fv in zip(axes, data.facet_values, strict=True):
-        cells = data.cells(fv)
-        draw = _draw_value_cells if data.grid else _draw_value_scatter
-        draw(axis, data, cells, values, norm, cmap)
+        draw(axis, data, data.cells(fv), values, norm, cmap)
         _finish_axes(axis, data, fv)
     label = "t_val − t_train" if value == "delay" else "t_val"
-    bar = fig.colorbar(
+    fig.colorbar(
         mpl.cm.ScalarMappable(norm=norm, cmap=cmap),
         ax=axes,
         extend="min" if (finite <= 0).any() else "neither",
         shrink=0.9,
         pad=0.02,
+        label=f"{label} (steps, median over seeds)",
     )
-    bar.set_label(f"{label} (steps, median over seeds)")
     never = "most seeds never generalized"
     handles = [
         Patch(facecolor=NEVER_COLOR, edgecolor="#888888", label=f"× {never}")
@@ -244,14 +237,11 @@ def sweep(
     """
     if value not in ("t_val", "t_val_loss"):
         raise UsageError("value", f"unknown sweep value {value!r}; choose one of: t_val, t_val_loss")
-    for flag, name in (("--x", x), ("--facet", line)):
-        if name is not None:
-            _check_column(trials, name, flag)
-    table = _finished(trials)
-    rows = table.to_pylist()
+    _check_columns(trials, {"--x": x, "--facet": line})
+    rows = _finished(trials).to_pylist()
     scales = table_info(trials)[1]
     if log_x is None:
-        log_x = scales.get(x) == "log" if x in scales else is_log_scale(sorted({r[x] for r in rows}))
+        log_x = scales[x] == "log" if x in scales else is_log_scale(sorted({r[x] for r in rows}))
     groups = sorted({_key(r[line]) for r in rows}, key=_sort_key) if line else [None]
     budget = max((r["max_steps"] for r in rows), default=1)
     fig = _figure((6.4, 4.4))
@@ -275,23 +265,12 @@ def sweep(
                         ax.annotate(f"{never}/{len(ts)}", (xv, budget), textcoords="offset points",
                                     xytext=(0, 6), ha="center", fontsize=7, color=color)  # fmt: skip
                 # The median counts a never-generalized seed as infinitely late.
-                full = np.sort(np.concatenate([finite, np.full(never, np.inf)]))
-                medians.append(float(np.median(full)) if len(full) else np.nan)
+                medians.append(float(np.median(np.append(finite, [math.inf] * never))) if ts else math.nan)
             m = np.array(medians)
-            m[~np.isfinite(m)] = np.nan
-            label = None
-            if key == value:
-                label = f"{line} = {_fmt(group)}" if line else None
-            ax.plot(
-                xs,
-                m,
-                ls=style,
-                lw=width,
-                color=color,
-                marker="o" if key == value else None,
-                ms=4,
-                label=label,
-            )
+            m[~np.isfinite(m)] = np.nan  # break the line where most seeds never generalized
+            label = f"{line} = {_fmt(group)}" if line and key == value else None
+            marker = "o" if key == value else None
+            ax.plot(xs, m, ls=style, lw=width, color=color, marker=marker, ms=4, label=label)
     ax.axhline(budget, color="#888888", lw=0.8, ls=":", zorder=1)
     ax.text(
         0.005, budget, "budget", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="#666666"
@@ -301,17 +280,10 @@ def sweep(
         ax.set_xscale("log")
     ax.set_xlabel(x)
     ax.set_ylabel("steps")
+    median = "median over seeds"
     handles = [
-        Line2D(
-            [],
-            [],
-            color="#333333",
-            lw=1.8,
-            marker="o",
-            ms=4,
-            label=f"{value}: median over seeds (dots: seeds)",
-        ),
-        Line2D([], [], color="#333333", lw=1.1, ls=(0, (4, 2)), label="t_train: median over seeds"),
+        Line2D([], [], color="#333333", lw=1.8, marker="o", ms=4, label=f"{value}: {median} (dots: seeds)"),
+        Line2D([], [], color="#333333", lw=1.1, ls=(0, (4, 2)), label=f"t_train: {median}"),
         Line2D([], [], color="#333333", ls="", marker="x", label="never generalized within the budget"),
     ]
     if line:
@@ -344,17 +316,15 @@ def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[s
     its true value without shifting any step. Dashed lines mark t_train and
     t_val.
     """
-    rows = {r["trial_id"]: r for r in _finished(trials).to_pylist()}
-    curve_ids = set(curves.column("trial_id").to_pylist())
     chosen = trial_ids is not None
-    if trial_ids is None:
-        trial_ids = _representatives([r for tid, r in rows.items() if tid in curve_ids])
-    else:
-        all_rows = {r["trial_id"]: r for r in trials.to_pylist()}
+    rows = {r["trial_id"]: r for r in (trials if chosen else _finished(trials)).to_pylist()}
+    curve_ids = set(curves.column("trial_id").to_pylist())
+    if chosen:
         for tid in trial_ids:
-            if tid not in all_rows or tid not in curve_ids:
+            if tid not in rows or tid not in curve_ids:
                 raise UsageError("trial_ids", f"no trial {tid!r} with a curve in these tables")
-        rows = all_rows
+    else:
+        trial_ids = _representatives([r for tid, r in rows.items() if tid in curve_ids])
     if not trial_ids:
         raise UsageError("SOURCE", "no finished trial with a curve to draw")
 
@@ -386,10 +356,7 @@ def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[s
         axis.set_ylim(-0.03, 1.05)
         axis.grid(axis="y", color="#E6E6E6", lw=0.6)
         axis.set_xlabel("optimizer step")
-        color = PHASE_COLORS.get(row["phase"], "#999999")
-        axis.spines["top"].set_visible(True)
-        axis.spines["top"].set_color(color)
-        axis.spines["top"].set_linewidth(5)
+        axis.spines["top"].set(visible=True, color=_color(row["phase"]), linewidth=5)
         # Mathtext bolds the phase name inside an otherwise plain title.
         title = f"$\\bf{{{row['phase']}}}$   {_timings(row)}\n{_point_text(row)}"
         axis.set_title(title, loc="left", fontsize=8, pad=8, linespacing=1.5)
@@ -422,18 +389,16 @@ def render_study(
     log_y: bool | None = None,
     cells: pa.Table | None = None,
 ) -> list[Path]:
-    """Write phase_diagram, delay_heatmap, t_val_heatmap and learning_curves in each format.
+    """Write phase_diagram, delay_heatmap, t_val_heatmap, learning_curves (and, for a study with one
+    numeric axis, sweep and sweep_loss) in each format; return the written paths.
 
-    `cells` (a grid study's cells.parquet) adds the inferred phase of untrained cells to the
-    phase diagram.
-
-    `x`, `y` and `facet` default to the study's diagram axes (the table's
-    metadata; else data.fraction and optimizer.weight_decay). Learning curves are skipped when `curves` is None or no finished trial
-    has a curve. Returns the written paths. Raises UsageError("--format", ...)
-    for a format other than png, svg, pdf, and UsageError("--x"/"--y"/"--facet",
-    ...) for a column the tables lack, listing the study's searched axes first;
-    both before anything is drawn or written. PNGs are 200 dpi; PDFs embed
-    TrueType fonts (pdf.fonttype 42), as journals ask.
+    `x`, `y` and `facet` default to the study's diagram axes (the table's metadata; else
+    data.fraction and optimizer.weight_decay). `cells` (a grid study's cells.parquet) adds the
+    inferred phase of untrained cells to the phase diagram. Learning curves are skipped when
+    `curves` is None or no finished trial has a curve. Raises UsageError("--format", ...) for a
+    format other than png, svg, pdf, and UsageError("--x"/"--y"/"--facet", ...) for a column the
+    tables lack, listing the study's searched axes first; both before anything is drawn or
+    written. PNGs are 200 dpi; PDFs embed TrueType fonts (pdf.fonttype 42), as journals ask.
     """
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
@@ -443,9 +408,7 @@ def render_study(
     x = x or diagram.get("x") or "data.fraction"
     y = y or diagram.get("y") or "optimizer.weight_decay"
     facet = facet or diagram.get("facet")
-    for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
-        if name is not None:
-            _check_column(trials, name, flag)
+    _check_columns(trials, {"--x": x, "--y": y, "--facet": facet})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     axes = dict(x=x, y=y, facet=facet, log_x=log_x, log_y=log_y)
@@ -459,21 +422,16 @@ def render_study(
         others = [k for k in table_info(trials)[1] if k not in numeric]
         line = others[0] if len(others) == 1 else None
         figures.append(("sweep", sweep(trials, numeric[0], line=line)))
-        if "t_val_loss" in trials.column_names and any(
-            v is not None for v in trials.column("t_val_loss").to_pylist()
-        ):
+        if "t_val_loss" in trials.column_names and trials.column("t_val_loss").null_count < trials.num_rows:
             figures.append(("sweep_loss", sweep(trials, numeric[0], line=line, value="t_val_loss")))
     curve_ids = set(curves.column("trial_id").to_pylist()) if curves is not None else set()
     if curve_ids & set(_finished(trials).column("trial_id").to_pylist()):
         figures.append(("learning_curves", learning_curves(trials, curves)))
-    paths = []
-    with mpl.rc_context(STYLE):
+    with mpl.rc_context(STYLE):  # constrained layout already fits titles and legends
         for name, fig in figures:
             for fmt in formats:
-                path = out_dir / f"{name}.{fmt}"
-                fig.savefig(path, format=fmt)  # constrained layout already fits titles and legends
-                paths.append(path)
-    return paths
+                fig.savefig(out_dir / f"{name}.{fmt}", format=fmt)
+    return [out_dir / f"{name}.{fmt}" for name, _ in figures for fmt in formats]
 
 
 # ---- the data behind a diagram ----------------------------------------------------------
@@ -532,7 +490,7 @@ class _Axis:
     def edges(self) -> np.ndarray:
         """Cell boundaries around each value: midpoints, half a gap beyond the ends."""
         p = self.positions()
-        if len(p) == 1:  # defensive: build() makes a single value categorical
+        if len(p) == 1:  # a single value (build() makes it a category): a unit-wide cell
             return np.array([p[0] - 0.5, p[0] + 0.5])
         mid = (p[1:] + p[:-1]) / 2
         return np.concatenate([[p[0] - (p[1] - p[0]) / 2], mid, [p[-1] + (p[-1] - p[-2]) / 2]])
@@ -548,114 +506,66 @@ class _Axis:
         return float(p.min() - pad), float(p.max() + pad)
 
     def decorate(self, axis: Any, which: str, grid: bool) -> None:
-        set_lim, set_ticks = (
-            (axis.set_xlim, axis.set_xticks) if which == "x" else (axis.set_ylim, axis.set_yticks)
-        )
-        set_lim(*self.span(grid))
+        set_lim, set_ticks = getattr(axis, f"set_{which}lim"), getattr(axis, f"set_{which}ticks")
         lo, hi = self.span(grid)
+        set_lim(lo, hi)
         if self.kind == "category":
             set_ticks(range(len(self.values)), [_fmt(v) for v in self.values])
         elif self.kind == "log":
-            decades = [k for k in range(math.ceil(lo), math.floor(hi) + 1)]
+            decades = list(range(math.ceil(lo), math.floor(hi) + 1))
             if len(decades) < 2:  # too narrow for decade ticks: label the values themselves
                 ticks = [(self.pos(v), _fmt(v)) for v in self.values]
             else:
                 ticks = [(float(k), f"$10^{{{k}}}$") for k in decades]
-                minor = [
-                    math.log10(m) + k
-                    for k in range(decades[0] - 1, decades[-1] + 1)
-                    for m in range(2, 10)
-                    if lo <= math.log10(m) + k <= hi
-                ]
                 if not grid:  # cells already mark the grid; minor ticks would only add noise
+                    minor = [
+                        math.log10(m) + k
+                        for k in range(decades[0] - 1, decades[-1] + 1)
+                        for m in range(2, 10)
+                        if lo <= math.log10(m) + k <= hi
+                    ]
                     set_ticks(minor, minor=True)
             if self.zero_pos is not None:
                 ticks = [(self.zero_pos, "0")] + [t for t in ticks if t[0] > self.zero_pos + 0.3]
             set_ticks([t[0] for t in ticks], [t[1] for t in ticks])
 
 
-@dataclass
 class _Data:
     """Finished trials with their positions on the two axes and the facet."""
 
-    study: str
-    x: _Axis
-    y: _Axis
-    facet: str | None
-    facet_values: list[Any]
-    xs: list[Any]
-    ys: list[Any]
-    fs: list[Any]
-    phase: list[str]
-    t_val: list[Any]
-    table: pa.Table
-    grid: bool
-    seeds: int
-    aggregated: list[str]
-
-    inferred: dict[tuple[Any, Any, Any], tuple[str, float]] = field(default_factory=dict)
-    """(x, y, facet) of a cell that was not trained -> (inferred phase, confidence)."""
-
-    @classmethod
-    def build(
-        cls, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y, cells: pa.Table | None = None
-    ) -> _Data:
-        for flag, name in (("--x", x), ("--y", y), ("--facet", facet)):
-            if name is not None:
-                _check_column(trials, name, flag)
+    def __init__(
+        self, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y, cells: pa.Table | None = None
+    ) -> None:
+        _check_columns(trials, {"--x": x, "--y": y, "--facet": facet})
         sampler, scales, _ = table_info(trials)
         if log_x is None and x in scales:
             log_x = scales[x] == "log"
         if log_y is None and y in scales:
             log_y = scales[y] == "log"
-        study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
-        table = _finished(trials)
-        xs = [_key(v) for v in table.column(x).to_pylist()]
-        ys = [_key(v) for v in table.column(y).to_pylist()]
-        fs = [_key(v) for v in table.column(facet).to_pylist()] if facet else [None] * table.num_rows
+        self.study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
+        self.inferred: dict[tuple[Any, Any, Any], tuple[str, float]] = _inferred(cells, x, y, facet)
+        """(x, y, facet) of a cell that was not trained -> (inferred phase, confidence)."""
         # Axes span every trial, finished or not, so that failed points still show as missing
         # cells, and every point of the grid a boundary study inferred.
-        inferred = _inferred(cells, x, y, facet)
-        x_axis = _Axis.build(
-            x, [_key(v) for v in trials.column(x).to_pylist()] + [k[0] for k in inferred], log_x
-        )
-        y_axis = _Axis.build(
-            y, [_key(v) for v in trials.column(y).to_pylist()] + [k[1] for k in inferred], log_y
-        )
-        grid = sampler in (None, *GRID_SAMPLERS)
-        if grid:
-            x_axis, y_axis = x_axis.for_grid(), y_axis.for_grid()
-        facet_values = (
-            sorted(
-                {_key(v) for v in trials.column(facet).to_pylist()} | {k[2] for k in inferred}, key=_sort_key
+        self.x = _Axis.build(x, _keys(trials, x) + [k[0] for k in self.inferred], log_x)
+        self.y = _Axis.build(y, _keys(trials, y) + [k[1] for k in self.inferred], log_y)
+        self.grid = sampler in (None, *GRID_SAMPLERS)
+        if self.grid:
+            self.x, self.y = self.x.for_grid(), self.y.for_grid()
+        self.facet = facet
+        self.facet_values: list[Any] = [None]
+        if facet:
+            self.facet_values = sorted(
+                set(_keys(trials, facet)) | {k[2] for k in self.inferred}, key=_sort_key
             )
-            if facet
-            else [None]
-        )
-        searched = set()
-        if "searched" in trials.column_names:
-            for s in trials.column("searched").to_pylist():
-                searched.update(s or ())
-        seeds = (
+        self.table = table = _finished(trials)
+        self.xs, self.ys, self.fs = _keys(table, x), _keys(table, y), _keys(table, facet)
+        self.phase: list[str] = table.column("phase").to_pylist()
+        self.t_val = _keys(table, "t_val" if "t_val" in table.column_names else None)
+        self.seeds = (
             len(set(trials.column("train.seed").to_pylist())) if "train.seed" in trials.column_names else 1
         )
-        return cls(
-            study=study,
-            x=x_axis,
-            y=y_axis,
-            facet=facet,
-            facet_values=facet_values,
-            xs=xs,
-            ys=ys,
-            fs=fs,
-            phase=table.column("phase").to_pylist(),
-            t_val=table.column("t_val").to_pylist() if "t_val" in table.column_names else [None] * len(xs),
-            table=table,
-            grid=grid,
-            seeds=seeds,
-            aggregated=sorted(searched - {x, y, facet, "train.seed"}),
-            inferred=inferred,
-        )
+        self.aggregated = sorted(set(_searched(trials)) - {x, y, facet, "train.seed"})
 
     def column(self, name: str) -> list[Any]:
         return self.table.column(name).to_pylist()
@@ -670,7 +580,7 @@ class _Data:
 
     @property
     def max_per_cell(self) -> int:
-        return max((len(v) for fv in self.facet_values for v in self.cells(fv).values()), default=0)
+        return max(Counter(zip(self.xs, self.ys, self.fs, strict=True)).values(), default=0)
 
     def has_missing(self) -> bool:
         full = len(self.x.values) * len(self.y.values)
@@ -679,7 +589,7 @@ class _Data:
         )
 
     def seeds_text(self) -> str:
-        counts = {len(v) for fv in self.facet_values for v in self.cells(fv).values()}
+        counts = set(Counter(zip(self.xs, self.ys, self.fs, strict=True)).values())
         if counts == {self.seeds} and not self.aggregated:
             text = f"{self.seeds} seed{'s' if self.seeds != 1 else ''} per point"
         elif counts:
@@ -702,15 +612,24 @@ def _finished(trials: pa.Table) -> pa.Table:
     return trials.filter(pc.fill_null(keep, True))
 
 
-def _check_column(trials: pa.Table, name: str, flag: str) -> None:
-    if name in trials.column_names:
-        return
-    searched: list[str] = []
-    if "searched" in trials.column_names:
-        for s in trials.column("searched").to_pylist():
-            searched += [k for k in s or () if k not in searched]
-    rest = [c for c in trials.column_names if c not in searched]
-    raise UsageError(flag, f"unknown axis {name!r}; the study's axes are: {', '.join(searched + rest)}")
+def _check_columns(trials: pa.Table, columns: dict[str, str | None]) -> None:
+    """Raise UsageError(flag, ...) for the first named column the table lacks."""
+    for flag, name in columns.items():
+        if name is not None and name not in trials.column_names:
+            axes = ", ".join(dict.fromkeys(_searched(trials) + trials.column_names))  # searched first
+            raise UsageError(flag, f"unknown axis {name!r}; the study's axes are: {axes}")
+
+
+def _searched(trials: pa.Table) -> list[str]:
+    """The keys the study searched, in the order the trials table first lists them."""
+    if "searched" not in trials.column_names:
+        return []
+    return list(dict.fromkeys(k for s in trials.column("searched").to_pylist() for k in s or ()))
+
+
+def _keys(table: pa.Table, column: str | None) -> list[Any]:
+    """`_key` of each value of `column`; None for each row when there is no column."""
+    return [_key(v) for v in table.column(column).to_pylist()] if column else [None] * table.num_rows
 
 
 # ---- drawing ---------------------------------------------------------------------------------
@@ -729,8 +648,7 @@ def _panels(data: _Data, ax: Any) -> tuple[Figure, list[Any]]:
         return ax.figure, [ax]
     n = len(data.facet_values)
     fig = _figure((3.4 * n + 1.8, 5.4 if n == 1 else 4.8))
-    axes = fig.subplots(1, n, sharex=True, sharey=True, squeeze=False).ravel().tolist()
-    return fig, axes
+    return fig, fig.subplots(1, n, sharex=True, sharey=True, squeeze=False).ravel().tolist()
 
 
 def _finish_axes(axis: Any, data: _Data, facet_value: Any) -> None:
@@ -743,8 +661,7 @@ def _finish_axes(axis: Any, data: _Data, facet_value: Any) -> None:
         axis.set_title(f"{data.facet} = {_fmt(facet_value)}")
     axis.tick_params(which="minor", length=2)
     if data.grid:
-        for side in ("top", "right"):
-            axis.spines[side].set_visible(True)
+        axis.spines[["top", "right"]].set_visible(True)
 
 
 def _suptitle(fig: Figure, title: str, detail: str) -> None:
@@ -754,13 +671,11 @@ def _suptitle(fig: Figure, title: str, detail: str) -> None:
 
 
 def _legend(fig: Figure, axes: list[Any], handles: list[Any], title: str | None, own_axes: bool) -> None:
+    common = dict(handles=handles, title=title, frameon=False)
     if own_axes:
-        axes[0].legend(
-            handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False
-        )
-        return
-    ncols = 1 if len(axes) == 1 else 2
-    fig.legend(handles=handles, title=title, loc="outside lower center", ncols=ncols, frameon=False)
+        axes[0].legend(**common, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        fig.legend(**common, loc="outside lower center", ncols=1 if len(axes) == 1 else 2)
 
 
 def _phase_order(phase: str) -> tuple[int, str]:
@@ -790,76 +705,62 @@ def _inferred(
     axes = {f.name for f in cells.schema} - {"study", "phase", "measured", "confidence", "seeds"}
     if not axes <= {x, y, facet} or x not in axes or y not in axes:
         return {}
-    out = {}
-    for row in cells.to_pylist():
-        if not row["measured"] and row["phase"] is not None:
-            key = (_key(row[x]), _key(row[y]), _key(row[facet]) if facet else None)
-            out[key] = (row["phase"], row["confidence"])
-    return out
+    return {
+        (_key(r[x]), _key(r[y]), _key(r[facet]) if facet else None): (r["phase"], r["confidence"])
+        for r in cells.to_pylist()
+        if not r["measured"] and r["phase"] is not None
+    }
 
 
 def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> tuple[bool, bool]:
     """Draw one panel's cells; (an inferred cell was drawn, a cell with fewer trials than the fullest was)."""
     ex, ey = data.x.edges(), data.y.edges()
+    fs, fullest = _cell_fontsize(data), data.max_per_cell
     drew_inferred = drew_fewer = False
     for i, xv in enumerate(data.x.values):
         for j, yv in enumerate(data.y.values):
-            box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
+            box = (ex[i], ey[j]), w, h
             rows = cells.get((xv, yv))
             if not rows:
                 guess = data.inferred.get((xv, yv, facet_value))
                 if guess is None or guess[0] not in PHASE_COLORS:
                     axis.add_patch(Rectangle(*box, **MISSING_HATCH))
                     continue
-                rgb = _blend(PHASE_COLORS[guess[0]], 0.35)
+                rgb = _blend(_color(guess[0]), 0.35)
                 axis.add_patch(Rectangle(*box, facecolor=rgb, **INFERRED_STYLE))
                 drew_inferred = True
                 continue
             phases = [data.phase[r] for r in rows]
             phase, k = _majority(phases)
-            share = k / len(rows)
-            cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
-            if len(rows) < data.max_per_cell:
+            n = len(rows)
+            share = k / n
+            rgb = _blend(_color(phase), max(share, 0.25))
+            if n < fullest:
                 drew_fewer = True
-                axis.text(ex[i + 1] - 0.06 * w, ey[j] + 0.06 * h, str(len(rows)), ha="right", va="bottom",
-                          fontsize=_cell_fontsize(data) - 1, zorder=4, gid="count",
-                          color=_ink(_blend(PHASE_COLORS.get(phase, "#999999"), max(share, 0.25))))  # fmt: skip
+                axis.text(ex[i + 1] - 0.06 * w, ey[j] + 0.06 * h, str(n), ha="right", va="bottom",
+                          fontsize=fs - 1, zorder=4, gid="count", color=_ink(rgb))  # fmt: skip
             if phase == TIE:
                 tied = _tied(phases)
-                for n, p in enumerate(tied):  # one stripe per tied phase: a tie is not a verdict
-                    stripe = (ex[i] + n * w / len(tied), ey[j]), w / len(tied), h
-                    axis.add_patch(
-                        Rectangle(*stripe, facecolor=_blend(PHASE_COLORS.get(p, "#999999"), 0.6), linewidth=0)
-                    )
+                for t, p in enumerate(tied):  # one stripe per tied phase: a tie is not a verdict
+                    stripe = (ex[i] + t * w / len(tied), ey[j]), w / len(tied), h
+                    axis.add_patch(Rectangle(*stripe, facecolor=_blend(_color(p), 0.6), linewidth=0))
                 axis.add_patch(Rectangle(*box, facecolor="none", edgecolor="white", linewidth=0.8))
-                axis.text(cx, ey[j] + 0.5 * h, f"tie {k}/{len(rows)}", ha="center", va="center",
-                          fontsize=_cell_fontsize(data), color="#111111")  # fmt: skip
+                axis.text(cx, ey[j] + 0.5 * h, f"tie {k}/{n}", ha="center", va="center", fontsize=fs,
+                          color="#111111")  # fmt: skip
                 continue
-            rgb = _blend(PHASE_COLORS.get(phase, "#999999"), max(share, 0.25))
             axis.add_patch(Rectangle(*box, facecolor=rgb, edgecolor="white", linewidth=0.8))
             if share < 1:
                 axis.text(
-                    cx,
-                    ey[j] + 0.6 * h,
-                    f"{k}/{len(rows)}",
-                    ha="center",
-                    va="center",
-                    fontsize=_cell_fontsize(data),
-                    color=_ink(rgb),
+                    cx, ey[j] + 0.6 * h, f"{k}/{n}", ha="center", va="center", fontsize=fs, color=_ink(rgb)
                 )
                 # One dot per disagreeing seed, in its own phase's colour.
-                others = sorted((data.phase[r] for r in rows if data.phase[r] != phase), key=_phase_order)
+                others = sorted((p for p in phases if p != phase), key=_phase_order)
                 if len(others) <= MAX_DOTS:
-                    xs = cx + w * 0.16 * (np.arange(len(others)) - (len(others) - 1) / 2)
-                    axis.scatter(
-                        xs,
-                        np.full(len(others), ey[j] + 0.27 * h),
-                        s=16,
-                        c=[PHASE_COLORS.get(o, "#999999") for o in others],
-                        edgecolors="white",
-                        linewidths=0.6,
-                        zorder=3,
-                    )
+                    dots = cx + w * 0.16 * (np.arange(len(others)) - (len(others) - 1) / 2)
+                    colors = [_color(o) for o in others]
+                    axis.scatter(dots, np.full(len(others), ey[j] + 0.27 * h), s=16, c=colors,
+                                 edgecolors="white", linewidths=0.6, zorder=3)  # fmt: skip
     return drew_inferred, drew_fewer
 
 
@@ -872,23 +773,19 @@ def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:
     px = np.array([data.x.pos(p[0]) for p in points])
     py = np.array([data.y.pos(p[1]) for p in points])
     (x0, x1), (y0, y1) = data.x.span(False), data.y.span(False)
-    nx = ny = 200
-    gx = np.linspace(x0, x1, nx)
-    gy = np.linspace(y0, y1, ny)
-    # Nearest sample in axis space scaled to [0, 1]; categories never borrow from a neighbour.
-    sx = _scaled_distance(gx, px, data.x, x1 - x0)
-    sy = _scaled_distance(gy, py, data.y, y1 - y0)
-    nearest = np.stack([np.argmin(sx + sy[j][None, :], axis=1) for j in range(ny)])  # (ny, nx)
-    palette = np.array([_blend(PHASE_COLORS.get(p[2], "#999999"), 0.28) for p in points])
+    # Nearest sample in axis space scaled to [0, 1] on a 200 x 200 raster; categories never
+    # borrow from a neighbour. One raster row at a time keeps memory at 200 x samples.
+    sx = _scaled_distance(np.linspace(x0, x1, 200), px, data.x, x1 - x0)
+    sy = _scaled_distance(np.linspace(y0, y1, 200), py, data.y, y1 - y0)
+    nearest = np.stack([np.argmin(sx + row[None, :], axis=1) for row in sy])  # (ny, nx)
+    palette = np.array([_blend(_color(p[2]), 0.28) for p in points])
     region = palette[nearest]
     axis.imshow(
         region, extent=(x0, x1, y0, y1), origin="lower", aspect="auto", interpolation="nearest", zorder=0
     )
     for (_, _, phase, k, n), xp, yp in zip(points, px, py, strict=True):
-        color = to_rgb(PHASE_COLORS.get(phase, "#999999"))
-        axis.scatter(
-            xp, yp, s=34, color=(*color, max(k / n, 0.35)), edgecolors="#222222", linewidths=0.6, zorder=3
-        )
+        color = (*to_rgb(_color(phase)), max(k / n, 0.35))
+        axis.scatter(xp, yp, s=34, color=color, edgecolors="#222222", linewidths=0.6, zorder=3)
 
 
 def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: _Axis, extent: float) -> np.ndarray:
@@ -900,6 +797,7 @@ def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: _Axis, extent: float
 
 def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap) -> None:
     ex, ey = data.x.edges(), data.y.edges()
+    fs = _cell_fontsize(data)
     for i, xv in enumerate(data.x.values):
         for j, yv in enumerate(data.y.values):
             box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
@@ -912,7 +810,6 @@ def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, n
             cell = cell[~np.isnan(cell)]
             generalized = int(np.isfinite(cell).sum())
             median = float(np.median(cell)) if cell.size else math.inf
-            fs = _cell_fontsize(data)
             if not math.isfinite(median):
                 axis.add_patch(Rectangle(*box, facecolor=NEVER_COLOR, edgecolor="white", linewidth=0.8))
                 axis.text(cx, cy, "×", ha="center", va="center", fontsize=fs + 2, color="#6E6E6E")
@@ -944,10 +841,14 @@ def _cell_fontsize(data: _Data) -> float:
     return 7.0 if n <= 8 else (6.0 if n <= 14 else 5.0)
 
 
+def _color(phase: str) -> str:
+    """The phase's colour; grey for a label without one (a tie)."""
+    return PHASE_COLORS.get(phase, "#999999")
+
+
 def _blend(color: str, alpha: float) -> tuple[float, float, float]:
     """`color` at opacity `alpha` over white, as an opaque RGB (identical in PNG, PDF and SVG)."""
-    r, g, b = to_rgb(color)
-    return (1 - alpha + alpha * r, 1 - alpha + alpha * g, 1 - alpha + alpha * b)
+    return tuple(1 - alpha + alpha * c for c in to_rgb(color))
 
 
 def _ink(rgb: Sequence[float]) -> str:
@@ -974,11 +875,9 @@ def _representatives(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _timings(row: dict[str, Any]) -> str:
-    parts = []
-    for name in ("t_train", "t_val"):
-        v = row.get(name)
-        parts.append(f"{name} {'—' if v is None else _steps_text(v)}")
-    return ", ".join(parts)
+    return ", ".join(
+        f"{k} {'—' if row.get(k) is None else _steps_text(row[k])}" for k in ("t_train", "t_val")
+    )
 
 
 def _point_text(row: dict[str, Any]) -> str:
@@ -992,9 +891,7 @@ def _point_text(row: dict[str, Any]) -> str:
 
 def _key(v: Any) -> Any:
     """A hashable, comparable cell key: lists become tuples; ints and floats compare equal."""
-    if isinstance(v, list):
-        return tuple(v)
-    return v
+    return tuple(v) if isinstance(v, list) else v
 
 
 def _is_number(v: Any) -> bool:

@@ -94,44 +94,22 @@ def _fast_path(params: list[torch.Tensor]) -> dict[str, bool]:
     return {"fused": True} if ok else {}
 
 
-def _adamw(
-    groups: list[dict[str, Any]], cfg: OptimConfig, params: list[torch.Tensor]
-) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **_fast_path(params))
+_OptimizerFactory = Callable[[list[dict[str, Any]], OptimConfig, dict[str, bool]], torch.optim.Optimizer]
 
-
-def _adam(
-    groups: list[dict[str, Any]], cfg: OptimConfig, params: list[torch.Tensor]
-) -> torch.optim.Optimizer:
+OPTIMIZERS: dict[str, _OptimizerFactory] = {
+    "adamw": lambda groups, c, fast: torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, eps=c.eps, **fast),
     # Coupled L2: torch's Adam adds weight_decay * w to the gradient (what Grokfast's runs used).
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **_fast_path(params))
-
-
-def _sgd(groups: list[dict[str, Any]], cfg: OptimConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **_fast_path(params)
-    )
-
-
-def _rmsprop(
-    groups: list[dict[str, Any]], cfg: OptimConfig, params: list[torch.Tensor]
-) -> torch.optim.Optimizer:
+    "adam": lambda groups, c, fast: torch.optim.Adam(groups, lr=c.lr, betas=c.betas, eps=c.eps, **fast),
+    "sgd": lambda groups, c, fast: torch.optim.SGD(
+        groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, **fast
+    ),
     # RMSprop's smoothing constant is betas[1]; torch 2.13 has no fused RMSprop, foreach is the fast path.
-    return torch.optim.RMSprop(
-        groups, lr=cfg.lr, alpha=cfg.betas[1], eps=cfg.eps, momentum=cfg.momentum, foreach=True
-    )
-
-
-OPTIMIZERS: dict[
-    str, Callable[[list[dict[str, Any]], OptimConfig, list[torch.Tensor]], torch.optim.Optimizer]
-] = {
-    "adamw": _adamw,
-    "adam": _adam,
-    "sgd": _sgd,
-    "rmsprop": _rmsprop,
+    "rmsprop": lambda groups, c, fast: torch.optim.RMSprop(
+        groups, lr=c.lr, alpha=c.betas[1], eps=c.eps, momentum=c.momentum, foreach=True
+    ),
 }
-"""optimizer.name -> fn(param groups with their weight_decay set, cfg, all params) -> torch optimizer.
-Only adamw decouples its decay (`OptimConfig.weight_decay_form`)."""
+"""optimizer.name -> fn(param groups with their weight_decay set, cfg, `_fast_path` kwargs) -> torch
+optimizer. Only adamw decouples its decay (`OptimConfig.weight_decay_form`)."""
 
 
 # ---- gradient filters -----------------------------------------------------------------
@@ -208,12 +186,8 @@ class GrokfastMA:
         self.ring, self.total = list(state["ring"]), list(state["total"])
 
 
-def _no_filter(cfg: OptimConfig) -> None:
-    return None
-
-
 FILTERS: dict[str, Callable[[OptimConfig], GradFilter | None]] = {
-    "none": _no_filter,
+    "none": lambda cfg: None,
     "ema": lambda cfg: GrokfastEMA(cfg.grokfast_alpha, cfg.grokfast_lamb),
     "ma": lambda cfg: GrokfastMA(cfg.grokfast_window, cfg.grokfast_lamb),
 }
@@ -256,7 +230,7 @@ class Optimizer:
             {"params": decay, "weight_decay": 0.0 if to_init else cfg.weight_decay},
             {"params": free, "weight_decay": 0.0},
         ]
-        self.base = OPTIMIZERS[cfg.name]([g for g in groups if g["params"]], cfg, self.params)
+        self.base = OPTIMIZERS[cfg.name]([g for g in groups if g["params"]], cfg, _fast_path(self.params))
         self.decoupled = cfg.weight_decay_form.startswith("decoupled")
         self.init: list[torch.Tensor] = [p.detach().clone() for p in decay] if to_init else []
         self._offset = [torch.empty_like(p) for p in self.init]

@@ -17,29 +17,27 @@ warmup_steps, warmup_start, grokfast_alpha and grokfast_lamb.
 Design, with the figures of bench/packing.py --designs (CPU: 1 thread of this repo's
 2-core machine, K=16; GPU: one H200, torch 2.11, K=64):
 - Weights: member k's parameters are row k of one [K, P] float32 tensor, decayed
-  tensors (`models.decay_groups`) first. The forward sees [K, *shape] views of it, and
-  the whole update (warm-up, Grokfast, ⊥Grad, decay, AdamW/Adam/SGD/RMSprop) is about
-  twenty tensor ops on [K, P] with the per-member numbers as [K, 1] columns, whatever
-  the model. It follows torch's fused kernels term by term (fused multiply-adds,
-  correctly rounded sqrt), so on CPU it reproduces `optim.Optimizer` bit for bit except
-  ⊥Grad's dot products and the scalar tail of each tensor in the fused kernels (1 ulp).
-- Forward: batched weights with bmm/baddbmm and one index_select gather (`BATCHED_FORWARDS`),
-  kept over torch.func.vmap of `functional_call`: MLP bmm 0.95x as fast on CPU (a tie)
-  and 1.13-1.38x faster on the GPU; transformer bmm 1.53x faster on CPU, where vmap has
-  no batching rule for flash attention and loops over members, and vmap of attention
-  fails outright on CUDA. A model kind without a batched forward falls back to vmap.
-  On CUDA the pack computes attention itself (`_causal_attention`): 2.37x faster steps.
-- Data: padded index sets (each member's training rows, padded to the longest with
-  weight-0 rows; minibatches are drawn into the same shape) over masks on the full table:
-  quickstart MLP, fractions 0.3-0.8: padded 1.19x faster on CPU, masks 1.07x faster on
-  the GPU; padded kept (minibatches need index sets anyway). Members with equal
-  training-set sizes pad nothing; mixed fractions cost up to longest/mean.
-- Retiring: the stack is compacted (one index_select per tensor, before the next step)
-  rather than masked: half the members retired, steps 1.98x faster on CPU (compaction
-  0.7 ms once) and 1.23x on the GPU (8 ms once).
+  tensors (`models.decay_groups`) first. The forward sees [K, *shape] views of it; the
+  whole update is about twenty tensor ops on [K, P], per-member numbers as [K, 1]
+  columns, whatever the model. It follows torch's fused kernels term by term, so on CPU
+  it reproduces `optim.Optimizer` bit for bit but for ⊥Grad's dot products and the
+  scalar tail of each tensor in the fused kernels (1 ulp).
+- Forward: batched weights with bmm/baddbmm and one index_select gather (`BATCHED_FORWARDS`)
+  rather than torch.func.vmap of `functional_call` (the fallback for other model kinds):
+  MLP a tie on CPU (0.95x) and 1.13-1.38x faster on the GPU; transformer 1.53x faster on
+  CPU, where vmap loops over members (no batching rule for flash attention), and vmap of
+  attention fails outright on CUDA, where the pack computes attention itself
+  (`_causal_attention`): 2.37x faster steps.
+- Data: each member's training rows, padded to the longest with weight-0 rows
+  (minibatches are drawn into the same shape), rather than masks on the full table:
+  1.19x faster on CPU, 1.07x slower on the GPU (quickstart MLP, fractions 0.3-0.8), and
+  minibatches need index sets anyway. Mixed fractions cost up to longest/mean.
+- Retiring compacts the stack (one index_select per tensor, before the next step)
+  rather than masking it: with half the members retired, steps are 1.98x faster on CPU
+  and 1.23x on the GPU, for 0.7 ms / 8 ms once.
 - No host sync inside a step (checked on CUDA with torch.cuda.set_sync_debug_mode); one
-  per evaluation, which forwards the full table per member in blocks that depend on the
-  table alone, so a member's figures do not change when others leave.
+  per evaluation, whose blocks depend on the table alone, so a member's figures do not
+  change when others leave.
 - Speed (bench/packing.py): on the H200, pack/sequential model-steps/s is 36x at K=64
   and 49x at K=256 for the quickstart MLP, 5.2x at K=64 (4.3x at K=256) for Nanda's
   transformer. On the CPU a pack is slower than its trials one by one (0.9x at K=1 down
@@ -66,6 +64,8 @@ training clock, shared by its members.
 from __future__ import annotations
 
 import bisect
+import functools
+import itertools
 import json
 import math
 import time
@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokstudy import measures
-from grokstudy.config import ModelConfig, TrialConfig, get_path, to_dict, validate_trial
+from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, get_path, to_dict, validate_trial
 from grokstudy.models import ACTIVATIONS, build_model, decay_groups
 from grokstudy.optim import _stablemax_s
 from grokstudy.records import EvalRecord
@@ -113,13 +113,8 @@ PACK_KEYS: tuple[str, ...] = (
 
 
 def pack_key(cfg: TrialConfig) -> tuple:
-    """Members with equal keys can share one pack: the table, the model's kind and shape, the
-    loss, batch size, eval schedule, device and the optimizer's structure (`PACK_KEYS`, plus
-    the Grokfast-MA window). Everything else may differ per member: data.fraction,
-    data.split_seed, train.seed, train.max_steps, model.init_scale and every number of the
-    optimizer (lr, betas, eps, momentum, weight_decay, warmup_steps and warmup_start,
-    grokfast_alpha/lamb).
-    A tuple of (dotted path, value) pairs, hashable."""
+    """Members with equal keys can share one pack (see the module docstring): `PACK_KEYS`, plus
+    the Grokfast-MA window. A tuple of (dotted path, value) pairs, hashable."""
     key = tuple((path, get_path(cfg, path)) for path in PACK_KEYS)
     if cfg.optimizer.grokfast == "ma":
         key += (("optimizer.grokfast_window", cfg.optimizer.grokfast_window),)
@@ -138,30 +133,23 @@ class _Layout:
     offsets: tuple[int, ...]
     n_decay: int
     """Columns [0, n_decay) are the tensors weight decay touches."""
-    size: int
 
     @staticmethod
     def of(model: nn.Module, decay_biases: bool) -> _Layout:
         name_of = {id(p): n for n, p in model.named_parameters()}
         decay, free = decay_groups(model, decay_biases)
         params = decay + free
-        sizes = [p.numel() for p in params]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        return _Layout(
-            tuple(name_of[id(p)] for p in params),
-            tuple(p.shape for p in params),
-            tuple(offsets),
-            sum(p.numel() for p in decay),
-            sum(sizes),
-        )
+        offsets = tuple(itertools.accumulate((p.numel() for p in params[:-1]), initial=0))
+        names = tuple(name_of[id(p)] for p in params)
+        return _Layout(names, tuple(p.shape for p in params), offsets, sum(p.numel() for p in decay))
 
     def flatten(self, model: nn.Module) -> torch.Tensor:
-        """[size]: the model's parameters in this layout."""
+        """[P]: the model's parameters in this layout."""
         params = dict(model.named_parameters())
         return torch.cat([params[n].detach().reshape(-1) for n in self.names])
 
     def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{name: [R, *shape]} views into `flat` [R, size]."""
+        """{name: [R, *shape]} views into `flat` [R, P]."""
         return {
             name: flat[:, off : off + shape.numel()].view(flat.shape[0], *shape)
             for name, shape, off in zip(self.names, self.shapes, self.offsets, strict=True)
@@ -263,50 +251,31 @@ def init_pack(cfgs: Sequence[TrialConfig]) -> PackState:
     return state
 
 
-def _split(n: int, fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, val rows) of the table: `tasks.build_dataset`'s permutation, to the row."""
-    generator = torch.Generator().manual_seed(split_seed)
-    order = torch.randperm(n, generator=generator)
-    n_train = round(fraction * n)
-    return order[:n_train], order[n_train:]
-
-
 def _data(state: PackState, n: int) -> dict[str, torch.Tensor]:
     """Per member: its training rows (padded to the longest, weight 0 on pads) and its split mask."""
     device, cfgs = state.device, state.cfgs
-    rows, masks = [], []
-    for cfg in cfgs:
-        train, _ = _split(n, cfg.data.fraction, cfg.data.split_seed)
-        rows.append(train.to(device))
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[train] = True
-        masks.append(mask)
-    state.train_rows = rows
-    sizes = [_batch_size(cfg, len(r)) for cfg, r in zip(cfgs, rows, strict=True)]
-    longest = max(sizes)
-    weight = torch.zeros(len(cfgs), longest, dtype=torch.float64)
-    padded = torch.zeros(len(cfgs), longest, dtype=torch.long)
-    for k, (size, r) in enumerate(zip(sizes, rows, strict=True)):
+    splits = []
+    for cfg in cfgs:  # `tasks.build_dataset`'s split, to the row
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data.split_seed))
+        splits.append(order[: round(cfg.data.fraction * n)])
+    state.train_rows = [rows.to(device) for rows in splits]
+    # Rows per step: `train._batches`' rule (a batch_size of None or >= the training set is full batch).
+    sizes = [min(cfg.train.batch_size or len(r), len(r)) for cfg, r in zip(cfgs, splits, strict=True)]
+    weight = torch.zeros(len(cfgs), max(sizes), dtype=torch.float64)
+    padded = torch.zeros(len(cfgs), max(sizes), dtype=torch.long)
+    mask = torch.zeros(len(cfgs), n, dtype=torch.bool)
+    for k, (size, rows) in enumerate(zip(sizes, splits, strict=True)):
         weight[k, :size] = 1.0 / size  # a mean over the member's own batch, as F.cross_entropy's
-        padded[k, :size] = r[:size].cpu()
-    n_train = torch.tensor([len(r) for r in rows], dtype=torch.float64)
+        padded[k, :size] = rows[:size]
+        mask[k, rows] = True
+    n_train = torch.tensor([len(r) for r in splits], dtype=torch.float64)
     return {
         "data.rows": padded.to(device),  # full batch: the rows themselves; minibatches: redrawn per step
         "data.weight": weight.to(device),
-        "data.train_mask": torch.stack(masks).to(device),
+        "data.train_mask": mask.to(device),
         "data.n_train": n_train.to(device),
         "data.n_val": (n - n_train).to(device),
     }
-
-
-def _batch_size(cfg: TrialConfig, n_train: int) -> int:
-    """Rows per step of a member: `train._batches`' rule (batch_size >= n_train is full batch)."""
-    size = cfg.train.batch_size
-    return n_train if size is None or size >= n_train else size
-
-
-def _minibatched(state: PackState, i: int) -> bool:
-    return _batch_size(state.cfgs[i], len(state.train_rows[i])) < len(state.train_rows[i])
 
 
 def _hyper(cfgs: Sequence[TrialConfig], device: torch.device) -> dict[str, torch.Tensor]:
@@ -348,10 +317,7 @@ def _optimizer_state(cfg: TrialConfig, params: torch.Tensor, layout: _Layout) ->
 
 def _bind(state: PackState) -> dict[str, torch.Tensor]:
     """Leaf views of `params` that autograd differentiates; in-place updates of `params` show through."""
-    views = state.layout.views(state.tensors["params"])
-    for v in views.values():
-        v.requires_grad_(True)
-    return views
+    return {k: v.requires_grad_() for k, v in state.layout.views(state.tensors["params"]).items()}
 
 
 def _compact(state: PackState) -> None:
@@ -401,8 +367,7 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
             state.elapsed_s += time.perf_counter() - start
         values = dict(zip(state.members, _evaluate(state, row_loss), strict=True))
         for i in live:
-            if not math.isfinite(values[i][0]):
-                state.failed[i] = True
+            state.failed[i] |= not math.isfinite(values[i][0])
         for i in live:
             if not state.active[i] or state.last_eval[i] >= target or target not in points[i]:
                 continue  # retired by the caller meanwhile, already yielded, or not on its schedule
@@ -426,23 +391,17 @@ def _train_step(state: PackState, row_loss: Callable[[torch.Tensor, torch.Tensor
 def _rows(state: PackState) -> torch.Tensor:
     """(R, L) table rows of this step's batches: fixed for full batches; minibatch k of member i is
     `train._batches`' draw for (seed_i, k), so a restore needs no RNG state."""
-    fixed = state.tensors["data.rows"]
-    drawn = [i for i in state.members if _minibatched(state, i)]
-    if not drawn:
-        return fixed
-    generator = torch.Generator(device=state.device)
-    parts = []
+    rows, generator = state.tensors["data.rows"], None
     for r, i in enumerate(state.members):
-        if not _minibatched(state, i):
-            parts.append(fixed[r])
-            continue
         cfg, train = state.cfgs[i], state.train_rows[i]
+        if cfg.train.batch_size is None or cfg.train.batch_size >= train.shape[0]:
+            continue  # full batch
+        if generator is None:
+            rows, generator = rows.clone(), torch.Generator(device=state.device)
         generator.manual_seed(((cfg.train.seed << 32) + state.step) % 2**64)
         idx = torch.randperm(train.shape[0], generator=generator, device=state.device)[: cfg.train.batch_size]
-        rows = fixed[r].clone()
-        rows[: idx.shape[0]] = train[idx]
-        parts.append(rows)
-    return torch.stack(parts)
+        rows[r, : idx.shape[0]] = train[idx]
+    return rows
 
 
 # ---- the update ------------------------------------------------------------------------------
@@ -495,17 +454,13 @@ def _update(state: PackState, g: torch.Tensor) -> None:
 
     # Below, a.addcmul_(b, c) is a + b*c in one rounding: torch's kernels and `add_(b, alpha=c)`
     # compile to a fused multiply-add on CPU, and matching them keeps a pack bitwise on a lone run.
-    decoupled = o.name == "adamw"
-    if o.decay_to == "init":
-        offset = w[:, :d] - t["opt.init"]
-        if decoupled:
-            w[:, :d].addcmul_(offset, _col(-lr * wd))
-        else:
-            g[:, :d].addcmul_(offset, _col(wd))
-    elif decoupled:
-        w[:, :d].mul_(_col(1 - lr * wd))
+    offset = w[:, :d] - t["opt.init"] if o.decay_to == "init" else w[:, :d]
+    if o.name != "adamw":  # coupled L2: g <- g + wd * offset
+        g[:, :d].addcmul_(offset, _col(wd))
+    elif o.decay_to == "init":  # decoupled, with w0 as the origin
+        w[:, :d].addcmul_(offset, _col(-lr * wd))
     else:
-        g[:, :d].addcmul_(w[:, :d], _col(wd))
+        w[:, :d].mul_(_col(1 - lr * wd))
 
     if o.name in ("adamw", "adam"):
         step = state.step + 1
@@ -575,21 +530,19 @@ def _mlp(model: ModelConfig, p: dict[str, torch.Tensor], x: torch.Tensor, n_toke
     return _linear(h, p["unembed.weight"], p["unembed.bias"])  # (R, B, C)
 
 
-def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fused: bool | None = None
-) -> torch.Tensor:
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """F.scaled_dot_product_attention(q, k, v, is_causal=True) on (N, nh, T, hs).
 
     CUDA's fused attention kernels tile 64 tokens, so with T = 3 nearly all their work is
     padding: 70% of a Nanda-transformer pack's step on an H200. There the pack does the
     arithmetic itself (bench/packing.py --designs); on CPU it calls SDPA as models.py does.
     """
-    if fused if fused is not None else q.device.type != "cuda":
+    if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     t = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
 def _transformer(
@@ -633,31 +586,22 @@ A kind without an entry runs through torch.func.vmap over `functional_call` inst
 
 def _forward(state: PackState, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     model = state.cfgs[0].model
-    n_tokens = state.n_tokens
     batched = BATCHED_FORWARDS.get(model.kind)
     if batched is not None:
-        return batched(model, params, x, n_tokens)
-    template = state.template
-
-    def one(p: dict[str, torch.Tensor], xs: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(template, p, (xs,))
-
-    return torch.func.vmap(one)(params, x)
+        return batched(model, params, x, state.n_tokens)
+    return torch.func.vmap(lambda p, xs: torch.func.functional_call(state.template, p, (xs,)))(params, x)
 
 
 # ---- losses per row --------------------------------------------------------------------------
 
 
-def _cross_entropy_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """optim.cross_entropy before its mean: float64 log-softmax, one loss per row."""
-    return F.cross_entropy(logits.double().flatten(0, -2), y.flatten(), reduction="none").view(y.shape)
-
-
-def _cross_entropy_float32_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """optim.cross_entropy_float32 per row: a float32 log-softmax (softmax collapse on purpose)."""
-    return (
-        F.cross_entropy(logits.float().flatten(0, -2), y.flatten(), reduction="none").view(y.shape).double()
-    )
+def _cross_entropy_rows(
+    logits: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """optim.cross_entropy before its mean: one loss per row, the log-softmax in `dtype` (float32:
+    optim.cross_entropy_float32, softmax collapse on purpose)."""
+    rows = F.cross_entropy(logits.to(dtype).flatten(0, -2), y.flatten(), reduction="none")
+    return rows.view(y.shape).double()
 
 
 def _mse_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -674,7 +618,7 @@ def _stablemax_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 ROW_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": _cross_entropy_rows,
-    "cross_entropy_float32": _cross_entropy_float32_rows,
+    "cross_entropy_float32": functools.partial(_cross_entropy_rows, dtype=torch.float32),
     "mse": _mse_rows,
     "stablemax": _stablemax_rows,
 }
@@ -693,8 +637,7 @@ def _evaluate(
     over its own split, as `train.evaluate` computes them; one host sync.
 
     Forwards the full table once per member (its split is a mask), in blocks of at most
-    `train.EVAL_CHUNK` member-rows; the blocks depend on the table alone, not on how many
-    members are stacked, so a member's figures do not change when others retire.
+    `train.EVAL_CHUNK` member-rows that depend on the table alone (see the module docstring).
     """
     t = state.tensors
     n, r = state.labels.shape[0], len(state.members)
@@ -704,7 +647,7 @@ def _evaluate(
     for m in range(0, r, members_per):
         block = slice(m, m + members_per)
         params = {k: v[block] for k, v in state.views.items()}
-        size = next(iter(params.values())).shape[0]
+        size = len(state.members[block])
         for i in range(0, n, rows_per):
             x, y = state.inputs[i : i + rows_per], state.labels[i : i + rows_per]
             logits = _forward(state, params, x.expand(size, -1, -1))  # (size, rows, C)
@@ -724,40 +667,19 @@ def _evaluate(
 
 def _weights_norm(state: PackState) -> torch.Tensor:
     """measures.weights_norm_tensor per member [R]: per-tensor float64 sums, in the model's order."""
-    params = state.tensors["params"]
-    layout = state.layout
-    segment = {
-        n: (off, s.numel()) for n, s, off in zip(layout.names, layout.shapes, layout.offsets, strict=True)
-    }
-    sums = [
-        params[:, segment[n][0] : segment[n][0] + segment[n][1]].double().pow(2).sum(1)
-        for n, _ in state.template.named_parameters()
-    ]
+    sums = [state.views[n].double().pow(2).flatten(1).sum(1) for n, _ in state.template.named_parameters()]
     return torch.stack(sums, dim=1).sum(1).sqrt()
 
 
-class _Embeddings(nn.Module):
-    """`model.operand_embeddings()` as a forward, so `functional_call` can bind a member's weights."""
+class _Fourier(nn.Module):
+    """`measures.fourier_top_k_share_tensor` as a forward, so `functional_call` can bind weights."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, task: TaskConfig) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.task = model, task
 
-    def forward(self) -> list[torch.Tensor]:
-        return self.model.operand_embeddings()
-
-
-class _Measured:
-    """What `measures.fourier_top_k_share_tensor` reads of a model, for one member under vmap."""
-
-    def __init__(self, tables: list[torch.Tensor], per_column: bool) -> None:
-        self.tables, self.fourier_per_column = tables, per_column
-
-    def operand_embeddings(self) -> list[torch.Tensor]:
-        return self.tables
-
-    def parameters(self) -> Iterator[torch.Tensor]:
-        return iter(self.tables)
+    def forward(self) -> torch.Tensor:
+        return measures.fourier_top_k_share_tensor(self.model, self.task)
 
 
 def _fourier(state: PackState) -> torch.Tensor:
@@ -765,14 +687,9 @@ def _fourier(state: PackState) -> torch.Tensor:
     template, task = state.template, state.cfgs[0].task
     if not measures.fourier_applies(task) or not hasattr(template, "operand_embeddings"):
         return torch.full((len(state.members),), math.nan, dtype=torch.float64, device=state.device)
-    wrapper = _Embeddings(template)
-    per_column = getattr(template, "fourier_per_column", False)
-
-    def one(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        tables = torch.func.functional_call(wrapper, {f"model.{k}": v for k, v in p.items()}, ())
-        return measures.fourier_top_k_share_tensor(_Measured(tables, per_column), task)
-
-    return torch.func.vmap(one)({k: v.detach() for k, v in state.views.items()})
+    wrapper = _Fourier(template, task)
+    params = {f"model.{k}": v.detach() for k, v in state.views.items()}
+    return torch.func.vmap(lambda p: torch.func.functional_call(wrapper, p, ()))(params)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------

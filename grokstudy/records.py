@@ -13,6 +13,7 @@ Standard library only, so phases/results/figures can use it without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,42 +54,21 @@ class EvalRecord:
 
     def metrics(self) -> dict[str, float]:
         """{metric key: value} of METRIC_KEYS, skipping NaNs (the measure does not apply)."""
-        values = (
-            self.train_loss,
-            self.train_acc,
-            self.val_loss,
-            self.val_acc,
-            self.weights_norm,
-            self.fourier_top_k_share,
-        )
-        return {k: float(v) for k, v in zip(METRIC_KEYS, values, strict=True) if not math.isnan(v)}
+        return {k: float(v) for k, v in self.values().items() if k != ELAPSED_KEY and not math.isnan(v)}
 
     def values(self) -> dict[str, float]:
         """{key: value} of CURVE_KEYS, NaN kept: the record as a row (without its step)."""
-        return {
-            "train/loss": self.train_loss,
-            "train/acc": self.train_acc,
-            "val/loss": self.val_loss,
-            "val/acc": self.val_acc,
-            "weights/norm": self.weights_norm,
-            "fourier/top_k_share": self.fourier_top_k_share,
-            ELAPSED_KEY: self.elapsed_s,
-        }
+        return {k: getattr(self, a) for k, a in zip(CURVE_KEYS, _ATTRIBUTES, strict=True)}
 
     @classmethod
     def from_values(cls, step: int, values: Mapping[str, float]) -> EvalRecord:
         """Inverse of `values`; a key that is missing is NaN (0 for the elapsed time)."""
-        nan = math.nan
-        return cls(
-            step=int(step),
-            train_loss=float(values.get("train/loss", nan)),
-            train_acc=float(values.get("train/acc", nan)),
-            val_loss=float(values.get("val/loss", nan)),
-            val_acc=float(values.get("val/acc", nan)),
-            weights_norm=float(values.get("weights/norm", nan)),
-            fourier_top_k_share=float(values.get("fourier/top_k_share", nan)),
-            elapsed_s=float(values.get(ELAPSED_KEY, 0.0)),
-        )
+        fields = {a: float(values.get(k, math.nan)) for k, a in zip(CURVE_KEYS, _ATTRIBUTES, strict=True)}
+        return cls(step=int(step), **fields | {"elapsed_s": float(values.get(ELAPSED_KEY, 0.0))})
+
+
+_ATTRIBUTES = tuple(f.name for f in dataclasses.fields(EvalRecord) if f.name != "step")
+"""The `EvalRecord` attribute of each of CURVE_KEYS, in the same order."""
 
 
 def to_dicts(records: Iterable[EvalRecord]) -> list[dict[str, Any]]:

@@ -135,7 +135,6 @@ def coarse_stride(n: int) -> int:
 class _Plan:
     """The grid structure of a lattice: what refines what. Independent of any result."""
 
-    top: int  # the level of the coarse cells
     level: dict[Cell, int]
     pairs: dict[Cell, tuple[tuple[Cell, Cell], ...]]  # () for coarse cells
     neighbours: dict[Cell, tuple[Cell, ...]]  # stride-1 neighbours along the ordered axes
@@ -144,10 +143,6 @@ class _Plan:
     coarse: tuple[Cell, ...]  # coarse cells, spread out: any prefix covers the grid evenly
     coarse_index: dict[Cell, int]  # position in `coarse`
     rank: dict[Cell, float]  # a scattered tie-break, so that equal priorities do not cluster
-
-
-def _axis_grid(n: int, s: int) -> list[int]:
-    return sorted(set(range(0, n, s)) | {n - 1})
 
 
 def _bisection_depths(k: int) -> list[int]:
@@ -170,12 +165,11 @@ def _plan(lattice: Lattice) -> _Plan:
     dims = range(len(lattice.shape))
     strides = [coarse_stride(n) if o else 1 for n, o in zip(lattice.shape, lattice.ordered, strict=True)]
     top = max(strides)
-    grid = {}  # (axis, stride) -> sorted grid points
-    for ax in dims:
-        s = 1
-        while s <= strides[ax]:
-            grid[ax, s] = _axis_grid(lattice.shape[ax], s)
-            s *= 2
+    grid = {  # (axis, stride) -> its sorted grid points, the last index included, for strides 1, 2, 4 ...
+        (ax, 1 << k): sorted({*range(0, n, 1 << k), n - 1})
+        for ax, n in enumerate(lattice.shape)
+        for k in range(strides[ax].bit_length())
+    }
 
     def axis_level(ax: int, i: int) -> int:
         if not lattice.ordered[ax] or i in grid[ax, strides[ax]]:
@@ -236,7 +230,7 @@ def _plan(lattice: Lattice) -> _Plan:
     # coarse levels first; within a level, a pair's endpoints have fewer pairs than the cell itself
     order = tuple(sorted(cells, key=lambda c: (-level[c], len(pairs[c]))))
     coarse_index = {c: k for k, c in enumerate(coarse)}
-    return _Plan(top, level, pairs, neighbours, sources, order, coarse, coarse_index, rank)
+    return _Plan(level, pairs, neighbours, sources, order, coarse, coarse_index, rank)
 
 
 def _cell(lattice: Lattice, c: Sequence[int]) -> Cell:
@@ -415,9 +409,8 @@ def is_resolved(
     `seeds`: the diagram is done."""
     if pending or seeds_to_add(lattice, observed, (), seeds):
         return False
-    plan = _plan(lattice)
     known, shaky, _ = _finished(lattice, observed, ())
-    return not _needed(plan, known, shaky, ())
+    return not _needed(_plan(lattice), known, shaky, ())
 
 
 @dataclass(frozen=True)
@@ -469,12 +462,8 @@ def _nearest_vote(lattice: Lattice, c: Cell, known: Mapping[Cell, str]) -> tuple
     if not dist:
         return None, 0.0
     d0 = min(dist.values())
-    votes = Counter(known[k] for k in sorted(dist) if dist[k] == d0)
-    ranked = votes.most_common()
-    share = ranked[0][1] / sum(votes.values())
-    if len(ranked) > 1 and ranked[1][1] == ranked[0][1]:
-        return TIE, 0.5 * share
-    return ranked[0][0], 0.5 * share
+    phase, share = majority([known[k] for k in sorted(dist) if dist[k] == d0])
+    return phase, 0.5 * share
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,10 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
     """One trials-table row: the trial's identity, its full config, its verdict."""
     if h.stop_reason not in STOP_REASONS:
         raise ValueError(f"stop_reason {h.stop_reason!r} is not one of {', '.join(STOP_REASONS)}")
-    verdict: PhaseResult | None = (
-        classify_records(h.records, config.phases, h.cfg.train.max_steps) if h.records else None
-    )
+    if h.records:
+        verdict = dataclasses.asdict(classify_records(h.records, config.phases, h.cfg.train.max_steps))
+    else:
+        verdict = dict.fromkeys(f.name for f in dataclasses.fields(PhaseResult)) | {"steps": 0}
     last = h.records[-1] if h.records else None
     hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(h.cfg).items()}
     return {
@@ -280,17 +281,9 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
         **hyper,
         "optimizer.weight_decay_form": h.cfg.optimizer.weight_decay_form,
         "searched": list(searched),
-        "phase": verdict.phase if verdict else None,
-        "t_train": verdict.t_train if verdict else None,
-        "t_val": verdict.t_val if verdict else None,
-        "delay": verdict.delay if verdict else None,
-        "t_val_loss": verdict.t_val_loss if verdict else None,
-        "final_train_acc": verdict.final_train_acc if verdict else None,
-        "final_val_acc": verdict.final_val_acc if verdict else None,
+        **verdict,  # phase, t_train, t_val, delay, t_val_loss, steps, final/best accuracies
         "final_train_loss": _finite_or_none(last.train_loss) if last else None,
         "final_val_loss": _finite_or_none(last.val_loss) if last else None,
-        "best_val_acc": verdict.best_val_acc if verdict else None,
-        "steps": verdict.steps if verdict else 0,
         "max_steps": h.cfg.train.max_steps,
         "stop_reason": h.stop_reason,
         "wall_s": float(last.elapsed_s) if last else 0.0,
@@ -405,14 +398,14 @@ def write_tables(trials: pa.Table, curves: pa.Table, out_dir: Path) -> tuple[Pat
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for table, name in ((trials, TRIALS_FILE), (curves, CURVES_FILE)):
-        path = out_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
+    return _write(trials, out_dir / TRIALS_FILE), _write(curves, out_dir / CURVES_FILE)
+
+
+def _write(table: pa.Table, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path
 
 
 def read_trials(path: Path) -> pa.Table:
@@ -548,8 +541,4 @@ def read_cells(path: Path) -> pa.Table:
 
 
 def write_cells(cells: pa.Table, out_dir: Path) -> Path:
-    path = Path(out_dir) / CELLS_FILE
-    tmp = path.with_name(f".{CELLS_FILE}.tmp")
-    pq.write_table(cells, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path
+    return _write(cells, Path(out_dir) / CELLS_FILE)

@@ -342,14 +342,8 @@ def _run_tags(point_id: str, cfg: TrialConfig) -> dict[str, str]:
 
 
 def _final_tags(outcome: dict[str, Any], node: str) -> dict[str, str]:
-    return {
-        "phase": outcome["phase"],
-        "t_train": "" if outcome["t_train"] is None else str(outcome["t_train"]),
-        "t_val": "" if outcome["t_val"] is None else str(outcome["t_val"]),
-        "t_val_loss": "" if outcome.get("t_val_loss") is None else str(outcome["t_val_loss"]),
-        "stop_reason": outcome["stop_reason"],
-        "ray.node": node,
-    }
+    keys = ("phase", "t_train", "t_val", "t_val_loss", "stop_reason")
+    return {k: "" if outcome.get(k) is None else str(outcome[k]) for k in keys} | {"ray.node": node}
 
 
 # ---- the searcher: packs of members from the ledger ------------------------------------------------
@@ -459,17 +453,12 @@ class _Searcher(Searcher):
         """Settle the ledger against the trials Tune restored (see `search.Ledger.reconcile`)."""
         known = restored_members(self.study, self.experiment_path)
         self.lost = self.ledger.reconcile(known)
-        self.packs = {tune_id: [k.trial_id for k in members] for tune_id, members in _by_trial(known).items()}
+        self.packs = {}
+        for k in known.values():
+            self.packs.setdefault(k.tune_trial_id, []).append(k.trial_id)
         self.told = {tid for tid, k in known.items() if k.status != "running"}
         self.running = {k.tune_trial_id for k in known.values() if k.status == "running"}
         self.held = []
-
-
-def _by_trial(known: dict[str, search.Known]) -> dict[str, list[search.Known]]:
-    out: dict[str, list[search.Known]] = {}
-    for k in known.values():
-        out.setdefault(k.tune_trial_id, []).append(k)
-    return out
 
 
 def restored_members(study: Study, experiment_path: str) -> dict[str, search.Known]:
@@ -544,37 +533,28 @@ class _ProgressCallback(tune.Callback):
         self.last_emit = 0.0
         self.last_line: tuple | None = None
 
-    def _snapshot(self) -> Progress:
-        return Progress(
-            total=self.total,
-            done=len(self.done),
-            running=sum(self.running.values()),
-            failed=sum(self.failed.values()),
-            phases=Counter(self.done.values()),
-            warning=self.warning,
-        )
-
     def _maybe_emit(self, force: bool = False) -> None:
         if self.emit is None:
             return
-        p = self._snapshot()
+        running, failed = sum(self.running.values()), sum(self.failed.values())
+        p = Progress(self.total, len(self.done), running, failed, Counter(self.done.values()), self.warning)
         key = (p.done, p.running, p.failed, tuple(sorted(p.phases.items())), p.warning)
         now = time.monotonic()
         if key != self.last_line and (force or now - self.last_emit >= self.every_s):
             self.last_emit, self.last_line = now, key
             self.emit(p)
 
+    def _unfinished(self, trial: Any) -> int:
+        return sum(1 for m in trial.config.get("members", []) if m["trial_id"] not in self.done)
+
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self.running[trial.trial_id] = len(trial.config.get("members", [])) - sum(
-            1 for m in trial.config.get("members", []) if m["trial_id"] in self.done
-        )
+        self.running[trial.trial_id] = self._unfinished(trial)
         self._maybe_emit()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         for o in _outcomes(result):
             self.done[o["trial_id"]] = o["phase"]
-        members = trial.config.get("members", [])
-        self.running[trial.trial_id] = sum(1 for m in members if m["trial_id"] not in self.done)
+        self.running[trial.trial_id] = self._unfinished(trial)
         down = float(result.get("tracking_down_s") or 0.0)
         warning = None
         if down > 0:
@@ -595,9 +575,8 @@ class _ProgressCallback(tune.Callback):
         self._maybe_emit(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        members = trial.config.get("members", [])
         self.running.pop(trial.trial_id, None)
-        self.failed[trial.trial_id] = sum(1 for m in members if m["trial_id"] not in self.done)
+        self.failed[trial.trial_id] = self._unfinished(trial)
         self._maybe_emit(force=True)
 
 
@@ -705,16 +684,13 @@ def run_study(
                 parent_run_id = tracking.find_study_run(
                     uri, study.name, experiment_path, running_only=not resumed
                 )
-            experiment_id, parent_run_id = _open_parent(
-                study_tracker, study, uri, experiment_path, parent_run_id
-            )
+            parent_run_id = _open_parent(study_tracker, study, experiment_path, parent_run_id)
             storage.write_atomic(state_file, json.dumps({"parent_run_id": parent_run_id}))
             storage.write_atomic(out_dir / "study.yaml", _study_yaml(study))
             try:
                 return _fit(
-                    study, out_dir, storage_path, experiment_path, uri, experiment_id, parent_run_id,
-                    resumed, formats, progress, study_tracker,
-                )  # fmt: skip
+                    study, out_dir, storage_path, experiment_path, resumed, formats, progress, study_tracker
+                )
             except (Interrupted, KeyboardInterrupt):
                 _best_effort(study_tracker.finish, "FAILED" if _stop_reason else "KILLED")
                 raise
@@ -731,15 +707,13 @@ def _fit(
     out_dir: Path,
     storage_path: str,
     experiment_path: str,
-    uri: str,
-    experiment_id: str,
-    parent_run_id: str,
     resumed: bool,
     formats: tuple[str, ...],
     progress: Callable[[Progress], None] | None,
     study_tracker: tracking.StudyTracker,
 ) -> StudyOutcome:
-    ctx = TrialContext(study, tracking.Where(uri, experiment_id, parent_run_id))
+    where = study_tracker.where()
+    ctx = TrialContext(study, where)
     trainable = tune.with_resources(
         tune.with_parameters(_trial_fn, ctx=ctx), {"cpu": study.resources.cpu, "gpu": study.resources.gpu}
     )
@@ -751,7 +725,7 @@ def _fit(
             for t, k in restored_members(study, experiment_path).items()
             if k.status == "done"
         }
-    callback = _ProgressCallback(total, progress, study.run.tracking_outage_s, uri, already)
+    callback = _ProgressCallback(total, progress, study.run.tracking_outage_s, where.tracking_uri, already)
     slots = _trial_slots(study)
     if resumed:
         _forgive_deleted_checkpoints()
@@ -810,9 +784,7 @@ def _fit(
     if isinstance(searcher, _Searcher):
         searcher.ledger.export(out_dir / "optuna.db")
         lost = len(searcher.lost)
-    return _write_results(
-        study, out_dir, histories, uri, parent_run_id, resumed, formats, study_tracker, lost
-    )
+    return _write_results(study, out_dir, histories, resumed, formats, study_tracker, lost)
 
 
 def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -925,8 +897,6 @@ def _write_results(
     study: Study,
     out_dir: Path,
     histories: list[TrialHistory],
-    uri: str,
-    parent_run_id: str,
     resumed: bool,
     formats: tuple[str, ...],
     study_tracker: tracking.StudyTracker,
@@ -961,8 +931,8 @@ def _write_results(
         n_trials=trials.num_rows,
         failed=failed,
         phase_counts=phase_counts,
-        tracking_uri=uri,
-        parent_run_id=parent_run_id,
+        tracking_uri=study_tracker.tracking_uri,
+        parent_run_id=study_tracker.run_id,
         resumed=resumed,
         lost=lost,
     )
@@ -1134,10 +1104,10 @@ def _check_devices(study: Study) -> None:
 def _open_parent(
     study_tracker: tracking.StudyTracker,
     study: Study,
-    uri: str,
     experiment_path: str,
     parent_run_id: str | None,
-) -> tuple[str, str]:
+) -> str:
+    """Open the study's parent run (its id); StudyError when MLflow cannot be reached."""
     try:
         return study_tracker.open(
             study.name,
@@ -1145,13 +1115,13 @@ def _open_parent(
             params=_study_params(study),
             tags=_study_tags(study) | {tracking.TUNE_EXPERIMENT_TAG: experiment_path},
             parent_run_id=parent_run_id,
-        )
+        )[1]
     except StudyError:
         raise
     except Exception as err:
         raise StudyError(
             "run.tracking_uri",
-            f"cannot reach MLflow at {uri} ({type(err).__name__}: {' '.join(str(err).split())[:200]})",
+            f"cannot reach MLflow at {study_tracker.tracking_uri} ({type(err).__name__}: {' '.join(str(err).split())[:200]})",
         ) from None
 
 

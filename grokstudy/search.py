@@ -41,6 +41,7 @@ import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,9 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from grokstudy import refine
 from grokstudy.config import SearchDim, Study
 
 # grokstudy prints its own progress; Optuna's per-trial INFO lines would interleave with it.
@@ -154,8 +156,7 @@ def optuna_space(study: Study) -> SearchSpace:
     decode: dict[str, dict[str, Any]] = {}
     for dim in study.search.space:
         distributions[dim.key] = _distribution(dim, grid)
-        table = {_encode(v): v for v in (dim.choice or ()) if not _is_scalar(v)}
-        if table:
+        if table := {_encode(v): v for v in (dim.choice or ()) if not _is_scalar(v)}:
             decode[dim.key] = table
     return SearchSpace(distributions, decode, study.search.seeds, seed_is_axis=grid)
 
@@ -175,11 +176,7 @@ def _is_scalar(v: Any) -> bool:
 
 
 def _encode(v: Any) -> Any:
-    return v if _is_scalar(v) else json.dumps(_plain(v))
-
-
-def _plain(v: Any) -> Any:
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return v if _is_scalar(v) else json.dumps(v)  # tuples as JSON lists, like lists
 
 
 # ---- samplers ------------------------------------------------------------------------------------
@@ -226,9 +223,7 @@ class LatticeSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: Any, trial: Any) -> None:
         if "fixed_params" in trial.system_attrs:
             return
-        cell = self.next_cell(study)
-        if cell is None:  # nothing to run: the ledger does not ask then; keep Optuna consistent
-            cell = 0
+        cell = self.next_cell(study) or 0  # None: nothing to run, and the ledger does not ask then
         study._storage.set_trial_system_attr(trial._trial_id, CELL_ATTR, cell)
 
     def next_cell(self, study: Any) -> int | None:
@@ -254,15 +249,16 @@ class LatticeSampler(optuna.samplers.BaseSampler):
         except KeyError:
             return None
 
-    def taken(self, study: Any) -> set[int]:
-        """Cells of the trials that hold them (`holds`)."""
-        out = set()
+    def held(self, study: Any) -> Iterator[tuple[FrozenTrial, int]]:
+        """(trial, cell) of each trial that holds its cell (`holds`)."""
         for t in study.get_trials(deepcopy=False):
             if holds(t):
                 cell = self.cell_of(t.params) if t.params else t.system_attrs.get(CELL_ATTR)
                 if cell is not None:
-                    out.add(cell)
-        return out
+                    yield t, cell
+
+    def taken(self, study: Any) -> set[int]:
+        return {cell for _, cell in self.held(study)}
 
     def remaining(self, study: Any) -> int | None:
         """Point x seeds still to run (None: the sampler decides as results come)."""
@@ -272,18 +268,16 @@ class LatticeSampler(optuna.samplers.BaseSampler):
 class BoundarySampler(LatticeSampler):
     """Refines a grid phase diagram where phases change, instead of training every cell.
 
-    The lattice is the study's grid (every axis a grid; `choice` axes are facets,
-    never interpolated across) x seeds. The order of cells is `refine.next_cells`
-    over the phases told so far (the `PHASE` user attribute of COMPLETE trials):
-    first a coarse sub-lattice, corners included, then the unsampled points between
-    sampled points whose phases differ or whose seeds disagree, most uncertain
-    first; while results are pending it proposes the points most likely needed
-    next, so every slot keeps working. A new point runs its first seed; its other
-    seeds run, before any new point, once it meets another phase
-    (`refine.seeds_to_add`): one seed settles a point inside a region, every seed
-    runs on a boundary. It proposes nothing more when no boundary is left
-    unresolved, or when `search.budget` trials have been handed out. Everything is
-    read from the storage, so it resumes like the grid.
+    The lattice is the study's grid (`choice` axes are facets, never interpolated
+    across) x seeds, ordered by `refine` over the phases told so far (the `PHASE`
+    user attribute of COMPLETE trials): first the other seeds of points that meet
+    another phase (`refine.seeds_to_add`: one seed settles a point inside a region,
+    every seed runs on a boundary), then the first seed of the next new point
+    (`refine.next_cells`: a coarse sub-lattice, then points between differing phases
+    or disagreeing seeds, and while results are pending those most likely needed
+    next, so every slot keeps working). It proposes nothing more once no boundary is
+    left unresolved or `search.budget` trials are handed out. Everything is read
+    from the storage, so it resumes like the grid.
     """
 
     adaptive = True
@@ -297,8 +291,6 @@ class BoundarySampler(LatticeSampler):
         self._budget = budget
 
     def order(self, study: Any, taken: set[int]) -> list[int]:
-        from grokstudy import refine
-
         if self._budget is not None and len(taken) >= self._budget:
             return []
         seeds, shape = self._seeds, self._lattice.shape
@@ -316,12 +308,7 @@ class BoundarySampler(LatticeSampler):
         observed: dict[tuple[int, ...], list[str]] = {}
         pending: set[tuple[int, ...]] = set()
         shape = self._lattice.shape
-        for t in study.get_trials(deepcopy=False):
-            if not holds(t):
-                continue
-            cell = self.cell_of(t.params) if t.params else t.system_attrs.get(CELL_ATTR)
-            if cell is None:
-                continue
+        for t, cell in self.held(study):
             point = tuple(int(i) for i in np.unravel_index(cell // self._seeds, shape))
             if t.state == TrialState.RUNNING:
                 pending.add(point)
@@ -337,6 +324,13 @@ def holds(t: Any) -> bool:
     if t.state in (TrialState.RUNNING, TrialState.COMPLETE):
         return True
     return t.state == TrialState.FAIL and not (t.user_attrs.get(LOST) or t.user_attrs.get(DUPLICATE))
+
+
+def _held_points(trials: list[FrozenTrial]) -> set[str]:
+    """Point ids (`point_id`) of the ledger's trials that hold their point x seed."""
+    return {
+        t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
+    }
 
 
 class _SobolSampler(optuna.samplers.QMCSampler):
@@ -376,8 +370,6 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
     if s.sampler in LATTICE_SAMPLERS:
         space = {d.key: [_encode(v) for v in d.grid] for d in s.space}
         if s.sampler == "boundary":
-            from grokstudy import refine
-
             return BoundarySampler(space, s.seeds, refine.lattice_of(s.space), s.budget, seed=s.sampler_seed)
         return LatticeSampler({**space, SEED: list(range(s.seeds))}, seed=s.sampler_seed)
     if s.sampler == "sobol":
@@ -481,32 +473,26 @@ class Ledger:
         if isinstance(sampler, LatticeSampler):
             running = any(t.state == TrialState.RUNNING for t in trials)
             return sampler.next_cell(self.ot) is None and not (sampler.adaptive and running)
-        points = {
-            t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
-        }
-        return len(points) >= n_points(self.study)
+        return len(_held_points(trials)) >= n_points(self.study)
 
     # -- results --
 
     def tell(self, tid: str, objective: float, phase: str | None) -> None:
         """Record a finished trial (idempotent: a trial told before is left as it is)."""
-        number = self._number(tid)
-        if number is None:
-            return
-        trial = self.ot.trials[number]
-        if trial.state != TrialState.RUNNING:
+        trial = self._holder(tid)
+        if trial is None or trial.state != TrialState.RUNNING:
             return
         if phase is not None:
             self.ot._storage.set_trial_user_attr(trial._trial_id, PHASE, phase)
-        self.ot.tell(number, objective, skip_if_finished=True)
+        self.ot.tell(trial.number, objective, skip_if_finished=True)
 
     def fail(self, tid: str, error: str) -> None:
         """Record a trial that failed for good (its point x seed is not run again)."""
-        number = self._number(tid)
-        if number is None or self.ot.trials[number].state != TrialState.RUNNING:
+        trial = self._holder(tid)
+        if trial is None or trial.state != TrialState.RUNNING:
             return
-        self.ot._storage.set_trial_user_attr(self.ot.trials[number]._trial_id, ERROR, error[:2000])
-        self.ot.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        self.ot._storage.set_trial_user_attr(trial._trial_id, ERROR, error[:2000])
+        self.ot.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def reconcile(self, known: dict[str, Known]) -> list[str]:
         """Make the ledger agree with what a restored Tune experiment holds; returns the lost ids.
@@ -528,7 +514,8 @@ class Ledger:
             if tid is not None:
                 lost.append(tid)
                 if not isinstance(self.ot.sampler, LatticeSampler):  # a lattice frees the cell itself
-                    self._enqueue(t.params, t.user_attrs)
+                    attrs = {k: v for k, v in t.user_attrs.items() if k in (SEED, REPLICATE_OF)}
+                    self.ot.enqueue_trial({k: v for k, v in t.params.items() if k != SEED}, user_attrs=attrs)
         for tid, k in known.items():
             if self._holder(tid) is None:
                 self._adopt(tid, k.point)
@@ -545,14 +532,9 @@ class Ledger:
             return sampler.remaining(self.ot)
         trials = self.ot.get_trials(deepcopy=False)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
-        points = {
-            t.user_attrs[TRIAL_ID].rsplit("-s", 1)[0] for t in trials if holds(t) and TRIAL_ID in t.user_attrs
-        }
-        return max(0, n_points(self.study) - len(points)) * self.study.search.seeds + waiting
+        return max(0, n_points(self.study) - len(_held_points(trials))) * self.study.search.seeds + waiting
 
-    def _adopt(self, tid: str, point: dict[str, Any] | None) -> None:
-        if point is None:
-            return
+    def _adopt(self, tid: str, point: dict[str, Any]) -> None:
         params = {k: _encode(v) for k, v in point.items() if k != SEED}
         if self.space.seed_is_axis:
             params[SEED] = point[SEED]
@@ -563,19 +545,11 @@ class Ledger:
         self.space(trial)
         trial.set_user_attr(TRIAL_ID, tid)
 
-    def _enqueue(self, params: dict[str, Any], user_attrs: dict[str, Any]) -> None:
-        attrs = {k: v for k, v in user_attrs.items() if k in (SEED, REPLICATE_OF)}
-        self.ot.enqueue_trial({k: v for k, v in params.items() if k != SEED}, user_attrs=attrs)
-
-    def _holder(self, tid: str) -> Any:
+    def _holder(self, tid: str) -> FrozenTrial | None:
         return next(
             (t for t in self.ot.get_trials(deepcopy=False) if t.user_attrs.get(TRIAL_ID) == tid and holds(t)),
             None,
         )
-
-    def _number(self, tid: str) -> int | None:
-        holder = self._holder(tid)
-        return None if holder is None else holder.number
 
     # -- reading it --
 
@@ -615,10 +589,7 @@ def point_from_config(study: Study, config: dict[str, Any]) -> dict[str, Any]:
     integer axes), so `study.trial(point)` is the trial that ran.
     """
     grid = study.search.sampler in LATTICE_SAMPLERS
-    point: dict[str, Any] = {}
-    for dim in study.search.space:
-        if dim.key in config:
-            point[dim.key] = _typed(dim, config[dim.key], grid)
+    point = {d.key: _typed(d, config[d.key], grid) for d in study.search.space if d.key in config}
     if SEED in config:
         point[SEED] = int(config[SEED])
     return point
@@ -647,7 +618,7 @@ def point_id(point: dict[str, Any]) -> str:
 
 def _canonical(v: Any) -> Any:
     # Numbers as floats: 128 and 128.0 are the same point whichever path typed them.
-    if isinstance(v, bool) or v is None or isinstance(v, str):
+    if v is None or isinstance(v, (bool, str)):
         return v
     if isinstance(v, (int, float)):
         return float(v)

@@ -1,28 +1,26 @@
 """The study file: YAML and `--set KEY=VALUE` text in, a validated frozen `Study` out.
 
 The only module that parses user text (STYLE.md, principle 4). The schema is
-the dataclasses of `config.py`: each section's keys are exactly its fields, and
-each field's range or choices is its own `config.setting` rule, so the accepted
-keys and values cannot drift from the configs or from what the training core
-checks (`config.validate_trial`). Validation is hand-written (no pydantic: the
-messages below are the product, and the rest of the code sees only frozen
-dataclasses). Values in messages are cut short (`config.show`), so even an
-alias-bombed file gives a short line.
+read off `config.py`: a section's keys are its dataclass's fields, each value is
+checked by its field's `config.setting` rule, so what is accepted cannot drift
+from the configs or from what the training core checks (`config.validate_trial`).
+Validation is hand-written, not pydantic: the messages are the product, and the
+rest of the code sees only frozen dataclasses.
 
 Every problem is one line, `dotted.path: what is wrong (got X); allowed: ...`,
-with a "did you mean" for misspelt keys at any level. All problems of a file
-and its overrides are collected in one pass and raised together
-(`errors.StudyErrors`); the CLI prints them and exits 2, never a traceback.
+with a "did you mean" for misspelt keys at any level and values cut short
+(`config.show`: even an alias-bombed file gives a short line). All problems of
+a file and its overrides are raised together (`errors.StudyErrors`); the CLI
+prints them and exits 2, never a traceback.
 
 YAML is read with two fixes to PyYAML's YAML 1.1 defaults: `1e-3` is a number
-(YAML 1.2; PyYAML would read the string "1e-3"), and a key repeated in one
-mapping is an error instead of silently keeping the last value.
+(as in YAML 1.2, not the string "1e-3"), and a repeated key in a mapping is an
+error instead of silently keeping the last value.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -37,30 +35,26 @@ from grokstudy.config import (
     PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
-    DiagramConfig,
-    PhaseConfig,
-    ResourcesConfig,
-    RunConfig,
     SearchConfig,
     SearchDim,
+    Spec,
     Study,
     TrialConfig,
     check_value,
     cross_problems,
+    did_you_mean,
     get_path,
+    is_number,
     show,
-    spec_of,
     to_dict,
 )
 from grokstudy.errors import StudyError, raise_all
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
-SECTIONS: dict[str, type] = {k: v for k, v in STUDY_SECTIONS.items() if k != "search"}
 LATTICE_SAMPLERS = ("grid", "boundary")
 """Samplers over the study's grid: every log/range axis needs `points` (search.py's rule too)."""
 TOP_LEVEL = ("name", *STUDY_SECTIONS)
-SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 DIM_FORMS = ("log", "range", "values", "choice")
 DIM_KEYS = (*DIM_FORMS, "points", "integer")
 MAX_POINTS = 10_000
@@ -84,14 +78,14 @@ REMOVED: dict[str, str] = {
 """Keys earlier versions accepted, with what to do instead."""
 
 
-def _spec(key: str):
-    section, name = key.split(".", 1)
-    return spec_of(STUDY_SECTIONS[section], name)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    key: spec.choices for key in TYPES if (spec := _spec(key)) is not None and spec.choices is not None
+SPECS: dict[str, Spec] = {
+    f"{section}.{f.name}": f.metadata["spec"]
+    for section, cls in STUDY_SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if "spec" in f.metadata
 }
+"""Each key's rule (`config.setting`); keys without one take any value of their type."""
+CHOICES: dict[str, tuple[str, ...]] = {k: s.choices for k, s in SPECS.items() if s.choices is not None}
 """The names each choice key accepts (the registries in tasks/models/optim must agree)."""
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 """A study name is a directory, a Ray experiment, an Optuna study and an MLflow experiment."""
@@ -171,19 +165,12 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     data = _load_yaml(text, source)
     if data is None:
         raise StudyError(source, "the study file is empty; see studies/smoke.yaml for a complete example")
-    if not isinstance(data, dict):
-        raise StudyError(source, f"a study file is a mapping of sections (got {show(data)})")
-    problems: list[StudyError] = []
-    data = _apply_overrides(data, parse_set(overrides), problems)
-    return _finish(_parse(data, problems), problems)
+    return _parse(data, source, overrides)
 
 
 def parse_study(data: dict[str, Any], source: str = "<study>") -> Study:
     """Validate an already-parsed study mapping (the contents of a YAML file)."""
-    if not isinstance(data, dict):
-        raise StudyError(source, f"a study file is a mapping of sections (got {show(data)})")
-    problems: list[StudyError] = []
-    return _finish(_parse(data, problems), problems)
+    return _parse(data, source)
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -214,18 +201,16 @@ def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None
     """One validated trial for `grokstudy train`: the study's base trial (or the
     defaults) with `--set` keys of the trial applied (`task.op=x/y`, `optimizer.lr=1e-3`)."""
     base = load_study(base_file).base if base_file is not None else TrialConfig()
-    items = parse_set(overrides)
     raw = to_dict(base)
     problems: list[StudyError] = []
-    for key, value in items.items():
-        if key not in TRIAL_KEYS:
+    for key, value in parse_set(overrides).items():
+        if key in TRIAL_KEYS:
+            section, name = key.split(".")
+            raw[section][name] = value
+        else:
             problems.append(_unknown(f"--set {key}", key, TRIAL_KEYS, "a trial key: " + ANY_TRIAL_KEY))
-            continue
-        section, name = key.split(".")
-        raw[section][name] = value
     bad: set[str] = set()
-    sections = {s: _section(s, raw[s], problems, bad) for s in TRIAL_SECTIONS}
-    trial = TrialConfig(**{s: SECTIONS[s](**kw) for s, kw in sections.items()})
+    trial = TrialConfig(**{s: cls(**_section(s, raw[s], problems, bad)) for s, cls in TRIAL_SECTIONS.items()})
     _cross_checks(trial, {}, problems, bad)
     raise_all(problems)
     return trial
@@ -233,21 +218,12 @@ def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None
 
 def study_to_dict(study: Study) -> dict[str, Any]:
     """The resolved study as plain YAML-ready data; `parse_study` reads it back equal."""
-    out: dict[str, Any] = {"name": study.name}
-    for section in TRIAL_SECTIONS:
-        out[section] = to_dict(getattr(study.base, section))
+    out: dict[str, Any] = {"name": study.name, **to_dict(study.base)}
     if out["train"]["batch_size"] is None:
         out["train"]["batch_size"] = "full"
     s = study.search
-    out["search"] = {
-        "sampler": s.sampler,
-        "space": {dim.key: _dim_to_dict(dim) for dim in s.space},
-        "seeds": s.seeds,
-        "num_samples": s.num_samples,
-        "objective": s.objective,
-        "sampler_seed": s.sampler_seed,
-        "budget": s.budget,
-    }
+    out["search"] = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+    out["search"]["space"] = {dim.key: _dim_to_dict(dim) for dim in s.space}
     for section in ("phases", "resources", "run", "diagram"):
         out[section] = to_dict(getattr(study, section))
     return out
@@ -260,17 +236,10 @@ RESUMABLE_CHANGES = ("run.", "diagram.", "resources.cpu", "resources.gpu")
 def fingerprint(study: Study) -> dict[str, str]:
     """{dotted key: value as YAML text} of everything in a study that decides which trials
     run and how: what a resumed study must keep (`changes`)."""
-    flat: dict[str, str] = {}
-    for section, value in study_to_dict(study).items():
-        if not isinstance(value, dict):
-            flat[section] = json.dumps(value)
-            continue
-        for key, v in value.items():
-            if section == "search" and key == "space":
-                for axis, dim in v.items():
-                    flat[f"search.space.{axis}"] = json.dumps(dim, sort_keys=True)
-            else:
-                flat[f"{section}.{key}"] = json.dumps(v)
+    data = study_to_dict(study)
+    data["search.space"] = data["search"].pop("space")  # one key per axis
+    flat = {"name": json.dumps(data.pop("name"))}
+    flat |= {f"{s}.{k}": json.dumps(v, sort_keys=True) for s, part in data.items() for k, v in part.items()}
     return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
 
 
@@ -295,20 +264,19 @@ def describe(study: Study) -> str:
     if not s.space:
         lines.append("  none: every trial is the base trial")
     seeds = f"{s.seeds} seed{'s' * (s.seeds != 1)}"
-    if s.sampler in LATTICE_SAMPLERS:
-        n = math.prod(len(d.grid) for d in s.space)
-        if s.num_samples:
-            lines.append(f"(num_samples is ignored by the {s.sampler} sampler)")
-        if s.sampler == "boundary":
-            cap = f", at most {s.budget}" if s.budget else ""
-            lines.append(
-                f"{n} grid points x {seeds}{cap}: trains where phases change, every seed only where"
-                " they meet, and infers the rest"
-            )
-            return "\n".join(lines)
+    lattice = s.sampler in LATTICE_SAMPLERS
+    n = math.prod(len(d.grid) for d in s.space) if lattice else s.num_samples or 0
+    if lattice and s.num_samples:
+        lines.append(f"(num_samples is ignored by the {s.sampler} sampler)")
+    if s.sampler == "boundary":
+        cap = f", at most {s.budget}" if s.budget else ""
+        lines.append(
+            f"{n} grid points x {seeds}{cap}: trains where phases change, every seed only where"
+            " they meet, and infers the rest"
+        )
+    elif lattice:
         lines.append(f"{n} points x {seeds} = {n * s.seeds} trials")
     else:
-        n = s.num_samples or 0
         lines.append(f"{n} points ({s.sampler}) x {seeds} = {n * s.seeds} trials")
     return "\n".join(lines)
 
@@ -316,11 +284,13 @@ def describe(study: Study) -> str:
 # ---- parsing -------------------------------------------------------------------------------------
 
 
-def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
+def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
+    if not isinstance(data, dict):
+        raise StudyError(source, f"a study file is a mapping of sections (got {show(data)})")
+    problems: list[StudyError] = []
+    data = _apply_overrides(data, parse_set(overrides), problems)
     bad: set[str] = set()
-    for key in data:
-        if key not in TOP_LEVEL:
-            problems.append(_unknown(str(key), str(key), TOP_LEVEL))
+    problems += [_unknown(str(key), str(key), TOP_LEVEL) for key in data if key not in TOP_LEVEL]
     name = data.get("name")
     if name is None:
         problems.append(StudyError("name", "missing; every study needs a name (letters, digits, _ . -)"))
@@ -334,58 +304,46 @@ def _parse(data: dict[str, Any], problems: list[StudyError]) -> Study:
             )
         )
         name = "study"
-    sections = {s: _section(s, data.get(s), problems, bad) for s in SECTIONS}
-    base = TrialConfig(**{s: SECTIONS[s](**sections[s]) for s in TRIAL_SECTIONS})
+    sections = {s: _section(s, data.get(s), problems, bad) for s in STUDY_SECTIONS if s != "search"}
     search = _search(data.get("search"), problems, bad)
-    diagram = sections["diagram"]
+    sections["phases"] = PHASE_RULES.get(sections["phases"].get("rule", "default"), {}) | sections["phases"]
+    configs = {s: STUDY_SECTIONS[s](**kwargs) for s, kwargs in sections.items()}
+    base = TrialConfig(**{s: configs.pop(s) for s in TRIAL_SECTIONS})
+    study = Study(name=name, base=base, search=search, **configs)
     for axis in ("x", "y", "facet"):
-        key = diagram.get(axis)
+        key = getattr(study.diagram, axis)
         if key is not None and key not in TRIAL_KEYS:
             problems.append(_unknown(f"diagram.{axis}", key, TRIAL_KEYS, ANY_TRIAL_KEY))
-    if diagram.get("x", DiagramConfig().x) == diagram.get("y", DiagramConfig().y):
+    if study.diagram.x == study.diagram.y:
         problems.append(StudyError("diagram.y", "the same key as diagram.x; a phase diagram needs two axes"))
     _cross_checks(base, {d.key: d for d in search.space}, problems, bad)
-    return Study(
-        name=name,
-        base=base,
-        search=search,
-        phases=PhaseConfig(
-            **(PHASE_RULES.get(sections["phases"].get("rule", "default"), {}) | sections["phases"])
-        ),
-        resources=ResourcesConfig(**sections["resources"]),
-        run=RunConfig(**sections["run"]),
-        diagram=DiagramConfig(**diagram),
-    )
-
-
-def _finish(study: Study, problems: list[StudyError]) -> Study:
     raise_all(problems)
     return study
 
 
 def _section(section: str, raw: Any, problems: list[StudyError], bad: set[str]) -> dict[str, Any]:
-    """Checked keyword arguments of one section's dataclass; bad keys are left at their default."""
+    """Checked keyword arguments of one section's dataclass (but `search.space`, which is
+    `_search`'s); bad keys are left at their default."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         problems.append(StudyError(section, f"expected a mapping of keys (got {show(raw)})"))
         bad.add(section)
         return {}
-    fields = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    fields = [f.name for f in dataclasses.fields(STUDY_SECTIONS[section])]
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         path = f"{section}.{key}"
         if path in REMOVED:
             problems.append(StudyError(path, REMOVED[path]))
-            continue
-        if key not in fields:
+        elif key not in fields:
             problems.append(_unknown(path, str(key), fields))
-            continue
-        try:
-            kwargs[key] = _value(path, value)
-        except _Bad as e:
-            problems.append(StudyError(path, str(e)))
-            bad.add(path)
+        elif path != "search.space":
+            try:
+                kwargs[key] = _check(path, _coerce(path, TYPES[path], value))
+            except _Bad as e:
+                problems.append(StudyError(path, str(e)))
+                bad.add(path)
     return kwargs
 
 
@@ -393,18 +351,13 @@ class _Bad(Exception):
     """A value problem; the caller attaches the dotted path."""
 
 
-def _value(key: str, value: Any) -> Any:
-    """Coerce `value` to the type of `key`, then check its choices and range."""
-    value = _coerce(key, TYPES[key], value)
-    _check(key, value)
-    return value
-
-
-def _check(key: str, value: Any) -> None:
-    spec = _spec(key)
+def _check(key: str, value: Any) -> Any:
+    """`value` (already of the type of `key`) if it obeys the key's choices and range."""
+    spec = SPECS.get(key)
     message = spec and check_value(key.split(".")[-1], spec, value)
     if message:
         raise _Bad(message)
+    return value
 
 
 def _coerce(key: str, hint: Any, v: Any) -> Any:
@@ -412,10 +365,9 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
     if key == "train.batch_size" and (v is None or v == "full"):
         return None
     if get_origin(hint) in (Union, types.UnionType):
-        args = [a for a in get_args(hint) if a is not type(None)]
         if v is None:
             return None
-        hint = args[0]
+        hint = next(a for a in get_args(hint) if a is not type(None))
     if hint is bool:
         if isinstance(v, bool):
             return v
@@ -428,7 +380,7 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
         extra = " or full" if key == "train.batch_size" else ""
         raise _Bad(f"expected an integer{extra} (got {show(v)})")
     if hint is float:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        if is_number(v) and math.isfinite(v):
             return float(v)
         raise _Bad(f"expected a number (got {show(v)})")
     if hint is str:
@@ -447,22 +399,9 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
 
 
 def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig:
-    if raw is None:
-        return SearchConfig()
+    kwargs = _section("search", raw, problems, bad)
     if not isinstance(raw, dict):
-        problems.append(StudyError("search", f"expected a mapping of keys (got {show(raw)})"))
         return SearchConfig()
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"search.{key}"
-        if key not in SEARCH_KEYS:
-            problems.append(_unknown(path, str(key), SEARCH_KEYS))
-        elif key != "space":
-            try:
-                kwargs[key] = _value(path, value)
-            except _Bad as e:
-                problems.append(StudyError(path, str(e)))
-                bad.add(path)
     # An unknown sampler must not add "grid needs points" noise to its own error.
     sampler = None if "search.sampler" in bad else kwargs.get("sampler", SearchConfig().sampler)
     space = raw.get("space")
@@ -483,20 +422,15 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
         problems.append(StudyError("search.budget", f"applies to sampler boundary, not {sampler}"))
     if sampler not in (*LATTICE_SAMPLERS, None):
         if kwargs.get("num_samples") is None and "search.num_samples" not in bad:
-            problems.append(
-                StudyError(
-                    "search.num_samples",
-                    f"missing; the {sampler} sampler needs how many points to draw, e.g. num_samples: 32",
-                )
-            )
+            need = f"the {sampler} sampler needs how many points to draw, e.g. num_samples: 32"
+            problems.append(StudyError("search.num_samples", f"missing; {need}"))
         if not space:
             problems.append(
                 StudyError("search.space", f"empty; the {sampler} sampler needs at least one searched key")
             )
     config = SearchConfig(**kwargs)
-    if not bad.intersection({"search.seeds", "search.num_samples", "search.sampler"}) and len(dims) == len(
-        space or {}
-    ):
+    sizable = not bad.intersection({"search.seeds", "search.num_samples", "search.sampler"})
+    if sizable and len(dims) == len(space or {}):  # every axis parsed: the count is real
         _check_size(config, problems)
     return config
 
@@ -507,48 +441,37 @@ def _check_size(search: SearchConfig, problems: list[StudyError]) -> None:
     grid_size = math.prod(len(d.grid) for d in search.space) if discrete else None
     points = grid_size if search.sampler in LATTICE_SAMPLERS else search.num_samples
     if points is not None and points * search.seeds > MAX_TRIALS:
-        problems.append(
-            StudyError(
-                "search",
-                f"{points:,} points x {search.seeds} seeds = {points * search.seeds:,} trials; "
-                f"allowed: at most {MAX_TRIALS:,}",
-            )
-        )
+        trials = f"{points:,} points x {search.seeds} seeds = {points * search.seeds:,} trials"
+        problems.append(StudyError("search", f"{trials}; allowed: at most {MAX_TRIALS:,}"))
     elif search.sampler == "random" and grid_size is not None and points is not None and points > grid_size:
-        problems.append(
-            StudyError(
-                "search.num_samples",
-                f"{points} points from a space of only {grid_size} distinct points would repeat points "
-                f"(got {points}); allowed: at most {grid_size}, or sampler: grid for all of them",
-            )
-        )
+        repeats = f"{points} points from a space of only {grid_size} distinct points would repeat points"
+        allowed = f"at most {grid_size}, or sampler: grid for all of them"
+        problems.append(StudyError("search.num_samples", f"{repeats} (got {points}); allowed: {allowed}"))
 
 
 def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) -> SearchDim | None:
     """One searched key → SearchDim; every candidate value is checked like a base value."""
     path = f"search.space.{key}"
     n_before = len(problems)
-    if key == "train.seed":
-        problems.append(
-            StudyError(path, "seeds are replicates, not a searched key; set search.seeds: N instead")
-        )
-        return None
-    if key not in TRIAL_KEYS:
-        if key in TRIAL_SECTIONS:
-            example = f"{key}.{dataclasses.fields(SECTIONS[key])[0].name}"
-            problems.append(StudyError(path, f"a section, not a key; search a dotted key, e.g. {example}"))
-        else:
-            problems.append(_unknown(path, key, TRIAL_KEYS, ANY_TRIAL_KEY))
+    if key not in TRIAL_KEYS and key not in TRIAL_SECTIONS:
+        problems.append(_unknown(path, key, TRIAL_KEYS, ANY_TRIAL_KEY))
         return None
     forms_help = (
         "{log: [low, high], points: N}, {range: [low, high], points: N}, {values: [...]} or {choice: [...]}"
     )
-    if not isinstance(raw, dict):
-        problems.append(StudyError(path, f"expected one of {forms_help} (got {show(raw)})"))
+    try:
+        if key == "train.seed":
+            raise _Bad("seeds are replicates, not a searched key; set search.seeds: N instead")
+        if key in TRIAL_SECTIONS:
+            example = f"{key}.{dataclasses.fields(TRIAL_SECTIONS[key])[0].name}"
+            raise _Bad(f"a section, not a key; search a dotted key, e.g. {example}")
+        if not isinstance(raw, dict):
+            raise _Bad(f"expected one of {forms_help} (got {show(raw)})")
+    except _Bad as e:
+        problems.append(StudyError(path, str(e)))
         return None
-    unknown = [k for k in raw if k not in DIM_KEYS]
-    for k in unknown:
-        problems.append(_unknown(f"{path}.{k}", str(k), DIM_KEYS))
+    unknown = [_unknown(f"{path}.{k}", str(k), DIM_KEYS) for k in raw if k not in DIM_KEYS]
+    problems += unknown
     if unknown:  # what else looks wrong on this axis most likely follows from the typo
         return None
     forms = [f for f in DIM_FORMS if raw.get(f) is not None]
@@ -557,16 +480,14 @@ def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) ->
         problems.append(StudyError(path, f"give exactly one of log, range, values, choice (got {got})"))
         return None
     form = forms[0]
-    hint = TYPES[key]
-    numeric = hint in (int, float)
     kwargs: dict[str, Any] = {"key": key}
     if form in ("log", "range"):
-        kwargs.update(_interval(path, key, form, raw, hint, sampler, problems))
+        kwargs.update(_interval(path, key, form, raw, sampler, problems))
     else:
         for extra in ("points", "integer"):
             if extra in raw:
                 problems.append(StudyError(f"{path}.{extra}", f"applies to log/range dimensions, not {form}"))
-        kwargs[form] = _candidates_of(path, key, form, raw[form], numeric, problems)
+        kwargs[form] = _candidates_of(path, key, form, raw[form], problems)
     if len(problems) > n_before:
         return None
     dim = SearchDim(**kwargs)
@@ -578,51 +499,34 @@ def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) ->
         candidates = [math.ceil(lo), math.floor(hi)] if dim.integer else [lo, hi]
     for value in candidates:
         try:
-            _check(key, _coerce(key, hint, value))
+            _check(key, _coerce(key, TYPES[key], value))
         except _Bad as e:
             problems.append(StudyError(path, str(e)))
             return None
     if dim.points is not None and len(set(dim.grid)) < len(dim.grid):
-        problems.append(
-            StudyError(
-                path,
-                f"{dim.points} integer points repeat values (got {show(list(dim.grid))}); "
-                "use fewer points or values: [...]",
-            )
-        )
+        repeats = f"{dim.points} integer points repeat values (got {show(list(dim.grid))})"
+        problems.append(StudyError(path, f"{repeats}; use fewer points or values: [...]"))
         return None
     return dim
 
 
 def _interval(
-    path: str,
-    key: str,
-    form: str,
-    raw: dict[str, Any],
-    hint: Any,
-    sampler: str | None,
-    problems: list[StudyError],
+    path: str, key: str, form: str, raw: dict[str, Any], sampler: str | None, problems: list[StudyError]
 ) -> dict[str, Any]:
-    if hint not in (int, float):
-        problems.append(
-            StudyError(path, f"{form} needs a numeric key, and {key} is not; use choice: [...] instead")
-        )
-        return {}
-    pair = raw[form]
-    if not (
-        isinstance(pair, list)
-        and len(pair) == 2
-        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)
-    ):
-        problems.append(StudyError(path, f"{form} takes [low, high], two numbers (got {show(pair)})"))
+    hint, pair = TYPES[key], raw[form]
+    try:
+        if hint not in (int, float):
+            raise _Bad(f"{form} needs a numeric key, and {key} is not; use choice: [...] instead")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(is_number(x) for x in pair)):
+            raise _Bad(f"{form} takes [low, high], two numbers (got {show(pair)})")
+        if not float(pair[0]) < float(pair[1]):
+            raise _Bad(f"{form} needs low < high (got {show(pair)})")
+        if form == "log" and pair[0] <= 0:
+            raise _Bad(f"log needs 0 < low < high (got {show(pair)}); use range: for 0")
+    except _Bad as e:
+        problems.append(StudyError(path, str(e)))
         return {}
     lo, hi = float(pair[0]), float(pair[1])
-    if not lo < hi:
-        problems.append(StudyError(path, f"{form} needs low < high (got {show(pair)})"))
-        return {}
-    if form == "log" and lo <= 0:
-        problems.append(StudyError(path, f"log needs 0 < low < high (got {show(pair)}); use range: for 0"))
-        return {}
     out: dict[str, Any] = {form: (lo, hi)}
     integer = raw.get("integer", hint is int)
     if not isinstance(integer, bool):
@@ -636,50 +540,33 @@ def _interval(
     points = raw.get("points")
     if points is None:
         if sampler in LATTICE_SAMPLERS:
-            problems.append(
-                StudyError(
-                    path, f"the {sampler} sampler needs points: N on a {form} dimension, e.g. points: 5"
-                )
-            )
+            need = f"needs points: N on a {form} dimension, e.g. points: 5"
+            problems.append(StudyError(path, f"the {sampler} sampler {need}"))
     elif isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_POINTS:
-        problems.append(
-            StudyError(
-                f"{path}.points", f"expected an integer, 2 <= points <= {MAX_POINTS} (got {show(points)})"
-            )
-        )
+        expected = f"expected an integer, 2 <= points <= {MAX_POINTS}"
+        problems.append(StudyError(f"{path}.points", f"{expected} (got {show(points)})"))
     else:
         out["points"] = points
     return out
 
 
-def _candidates_of(
-    path: str, key: str, form: str, items: Any, numeric: bool, problems: list[StudyError]
-) -> tuple[Any, ...]:
-    if not isinstance(items, list) or not items:
-        problems.append(StudyError(path, f"{form} takes a non-empty list (got {show(items)})"))
+def _candidates_of(path: str, key: str, form: str, items: Any, problems: list[StudyError]) -> tuple[Any, ...]:
+    try:
+        if not isinstance(items, list) or not items:
+            raise _Bad(f"{form} takes a non-empty list (got {show(items)})")
+        if form == "values" and TYPES[key] not in (int, float):
+            raise _Bad(f"values are numbers and {key} is not; use choice: [...]")
+        out = tuple(_coerce(key, TYPES[key], item) for item in items)
+        if len({show(v) for v in out}) < len(out):
+            raise _Bad(f"{form} lists a value twice (got {show(items)})")
+    except _Bad as e:
+        problems.append(StudyError(path, str(e)))
         return ()
-    if form == "values" and not numeric:
-        problems.append(StudyError(path, f"values are numbers and {key} is not; use choice: [...]"))
-        return ()
-    out = []
-    for item in items:
-        try:
-            out.append(_coerce(key, TYPES[key], item))
-        except _Bad as e:
-            problems.append(StudyError(path, str(e)))
-            return ()
-    if len({show(v) for v in out}) < len(out):
-        problems.append(StudyError(path, f"{form} lists a value twice (got {show(items)})"))
-        return ()
-    return tuple(out)
+    return out
 
 
 def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for form in DIM_FORMS:
-        value = getattr(dim, form)
-        if value is not None:
-            out[form] = _plain(value)
+    out = {form: _plain(getattr(dim, form)) for form in DIM_FORMS if getattr(dim, form) is not None}
     if dim.points is not None:
         out["points"] = dim.points
     if dim.integer:
@@ -731,58 +618,47 @@ def _apply_overrides(
     space = data["search"].get("space") if isinstance(data.get("search"), dict) else None
     if isinstance(space, dict):
         data["search"]["space"] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in space.items()}
-    settable = ["name", *(f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls))]
-    settable += [f"search.{k}" for k in SEARCH_KEYS]
-    trial_keys = []
+    settable = ["name", *TYPES]
+    written = []
     for key, value in items.items():
         path = f"--set {key}"
-        parts = key.split(".")
+        section, _, name = key.partition(".")
         if key == "name":
             data["name"] = value
-            continue
-        section = parts[0]
-        if section == "search" and len(parts) >= 3 and parts[1] == "space":
-            _set_dim(data, ".".join(parts[2:]), value, path, problems)
-            continue
-        if len(parts) != 2 or key not in settable:
+        elif key.startswith("search.space."):
+            _set_dim(data, key.removeprefix("search.space."), value, path, problems)
+        elif key not in settable:
             problems.append(_unknown(path, key, settable, ANY_STUDY_KEY))
-            continue
-        target = data.get(section)
-        if target is None:
-            target = data[section] = {}
-        if not isinstance(target, dict):
-            problems.append(StudyError(path, f"cannot set a key inside {section}, which is {show(target)}"))
-            continue
-        target[parts[1]] = value
-        if section in TRIAL_SECTIONS:
-            trial_keys.append(key)
+        elif (target := _mapping(data, section, path, problems)) is not None:
+            target[name] = value
+            written.append(key)
     search = data.get("search")
     space = search.get("space") if isinstance(search, dict) else None
-    for key in trial_keys:
-        if isinstance(space, dict) and key in space:
-            problems.append(
-                StudyError(
-                    f"--set {key}",
-                    f"{key} is searched (search.space.{key}), so this value would be ignored; "
-                    f"to fix it, also drop the axis: --set search.space.{key}=null",
-                )
-            )
+    for key in written:
+        if key in TRIAL_KEYS and isinstance(space, dict) and key in space:
+            ignored = f"{key} is searched (search.space.{key}), so this value would be ignored"
+            fix = f"to fix it, also drop the axis: --set search.space.{key}=null"
+            problems.append(StudyError(f"--set {key}", f"{ignored}; {fix}"))
     return data
+
+
+def _mapping(parent: dict[str, Any], where: str, path: str, problems: list[StudyError]) -> dict | None:
+    """The mapping at dotted `where` below `parent` for `--set` to write into, made if unset;
+    None (reported) if something else is there."""
+    key = where.rpartition(".")[2]
+    if parent.get(key) is None:
+        parent[key] = {}
+    if isinstance(parent[key], dict):
+        return parent[key]
+    problems.append(StudyError(path, f"cannot set a key inside {where}, which is {show(parent[key])}"))
+    return None
 
 
 def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: list[StudyError]) -> None:
     """`search.space.KEY=MAPPING|null` or `search.space.KEY.ATTR=VALUE`."""
-    search = data.get("search")
-    if search is None:
-        search = data["search"] = {}
-    if not isinstance(search, dict):
-        problems.append(StudyError(path, f"cannot set a key inside search, which is {show(search)}"))
-        return
-    space = search.get("space")
+    search = _mapping(data, "search", path, problems)
+    space = None if search is None else _mapping(search, "search.space", path, problems)
     if space is None:
-        space = search["space"] = {}
-    if not isinstance(space, dict):
-        problems.append(StudyError(path, f"cannot set a key inside search.space, which is {show(space)}"))
         return
     key, attr = rest, None
     if rest not in TRIAL_KEYS:
@@ -790,27 +666,20 @@ def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: l
         if head in TRIAL_KEYS:
             key, attr = head, tail
     if attr is None:
-        if value is None:
-            space.pop(key, None)
-        else:
-            space[key] = value
-        return
-    if attr not in DIM_KEYS:
+        target, name = space, key
+    elif attr not in DIM_KEYS:
         problems.append(_unknown(path, attr, DIM_KEYS))
         return
-    dim = space.get(key)
-    if not isinstance(dim, dict):
-        problems.append(
-            StudyError(
-                path,
-                f"{key} is not searched; set the whole axis, e.g. --set search.space.{key}={{values: [...]}}",
-            )
-        )
+    elif not isinstance(space.get(key), dict):
+        example = f"--set search.space.{key}={{values: [...]}}"
+        problems.append(StudyError(path, f"{key} is not searched; set the whole axis, e.g. {example}"))
         return
-    if value is None:
-        dim.pop(attr, None)
     else:
-        dim[attr] = value
+        target, name = space[key], attr
+    if value is None:
+        target.pop(name, None)
+    else:
+        target[name] = value
 
 
 # ---- small helpers -------------------------------------------------------------------------------
@@ -818,8 +687,7 @@ def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: l
 
 def _unknown(path: str, key: str, allowed: Sequence[str], listing: str | None = None) -> StudyError:
     """`path: unknown key 'weight_decy'; did you mean 'weight_decay'? allowed: ...`."""
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(key, allowed, cutoff=0.6)
     return StudyError(path, f"unknown key {key!r}{hint} allowed: {listing or ', '.join(allowed)}")
 
 

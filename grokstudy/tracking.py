@@ -532,8 +532,7 @@ class StudyTracker:
                 )
             _check_same_params(run, params)
             self._client.update_run(parent_run_id, status="RUNNING")
-            _log_tags(self._client, parent_run_id, all_tags)
-        _log_params(self._client, parent_run_id, params)
+        _log(self._client, parent_run_id, params, all_tags)  # a resumed run's tags are set afresh
         self._client.log_text(parent_run_id, study_yaml, STUDY_ARTIFACT)
         self.experiment_id, self.run_id = experiment_id, parent_run_id
         self._finished = False
@@ -549,13 +548,18 @@ class StudyTracker:
             else:
                 self._client.log_artifact(run_id, str(path), artifact_path)
 
+    def where(self) -> Where:
+        """Where this study's trial runs go (once `open`)."""
+        assert self.experiment_id is not None
+        return Where(self.tracking_uri, self.experiment_id, self._require_open())
+
     def set_tags(self, tags: dict[str, str]) -> None:
-        _log_tags(self._client, self._require_open(), tags)
+        _log(self._client, self._require_open(), {}, tags)
 
     def trial_runs(self) -> dict[str, tuple[str, str]]:
         """{trial key: (run_id, status)} of this study's trial runs."""
         assert self.experiment_id is not None
-        runs = _trial_runs(self.tracking_uri, self.experiment_id, self._require_open())
+        runs = _trial_runs(self._client, self.experiment_id, self._require_open())
         return {key: (run.info.run_id, run.info.status) for key, run in runs.items()}
 
     def settle_trial_runs(self, ends: Sequence[TrialEnd], timeout_s: float) -> dict[str, str]:
@@ -564,8 +568,7 @@ class StudyTracker:
         died before it reached MLflow): the curve is sent from the step the run holds on
         (nothing twice), then the tags, then the status. Returns {trial_id: run_id};
         raises TimeoutError unless all of it was stored within `timeout_s`."""
-        assert self.experiment_id is not None
-        sender = Sender(Where(self.tracking_uri, self.experiment_id, self._require_open()), interval_s=0.5)
+        sender = Sender(self.where(), interval_s=0.5)
         runs = []
         for end in ends:
             run = sender.open(end.trial_id, end.name, end.params, end.tags, run_id=end.run_id)
@@ -650,20 +653,10 @@ def _str_dict(d: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in d.items()}
 
 
-def _log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in _str_dict(params).items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-
-
-def _log_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
-    from mlflow.entities import RunTag
-
-    items = [RunTag(k, v) for k, v in _str_dict(tags).items()]
-    for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+def _log(client: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    """Log params and tags in as few `log_batch` requests as MLflow's limits allow."""
+    for p, t, _ in _requests(_str_dict(params), _str_dict(tags), []):
+        client.log_batch(run_id, params=_params(p), tags=_tags(t))
 
 
 def _get_run(client: MlflowClient, run_id: str, tracking_uri: str) -> Run:
@@ -730,20 +723,23 @@ def find_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | 
     (or, without one, of the whole experiment), so a retried trial re-attaches
     to its run instead of creating another. If a key has several runs, the
     earliest started wins."""
-    return {
-        key: run.info.run_id for key, run in _trial_runs(tracking_uri, experiment_id, parent_run_id).items()
-    }
+    runs = _trial_runs(_client(tracking_uri), experiment_id, parent_run_id)
+    return {key: run.info.run_id for key, run in runs.items()}
 
 
-def _trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | None) -> dict[str, Run]:
+def _child_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str | None, page_size: int = 1000
+) -> list[Run]:
+    """The trial runs under `parent_run_id` (without one: all of the experiment's), earliest first."""
     filter_string = (
         f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{KIND_TAG}` = 'trial'"
     )
-    runs = _search_all(
-        _client(tracking_uri), experiment_id, filter_string, order_by=["attributes.start_time ASC"]
-    )
+    return _search_all(client, experiment_id, filter_string, page_size, ["attributes.start_time ASC"])
+
+
+def _trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str | None) -> dict[str, Run]:
     out: dict[str, Run] = {}
-    for run in runs:
+    for run in _child_runs(client, experiment_id, parent_run_id):
         key = run.data.tags.get(TRIAL_KEY_TAG)
         if key is not None:
             out.setdefault(key, run)
@@ -797,10 +793,7 @@ def fetch_results(
             ["attributes.start_time DESC"],
         )
         parent_run_id = parents[0].info.run_id if parents else None
-    filter_string = (
-        f"tags.`{PARENT_TAG}` = '{parent_run_id}'" if parent_run_id else f"tags.`{KIND_TAG}` = 'trial'"
-    )
-    runs = _search_all(client, exp.experiment_id, filter_string, page_size, ["attributes.start_time ASC"])
+    runs = _child_runs(client, exp.experiment_id, parent_run_id, page_size)
 
     jobs = [(run.info.run_id, key) for run in runs for key in run.data.metrics]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

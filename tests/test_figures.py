@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from matplotlib.colors import to_rgba
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
@@ -336,3 +337,18 @@ def test_a_one_axis_sweep_draws_medians_seeds_and_never_generalized_marks(
     (artifacts_dir / "figures_sweep.png").write_bytes((tmp_path / "sweep.png").read_bytes())
     with pytest.raises(UsageError, match="unknown sweep value"):
         figures.sweep(trials, "optimizer.weight_decay", value="delay")
+
+
+def test_a_diverged_trial_has_its_own_colour_and_legend_line(tmp_path: Path) -> None:
+    trials, curves = synthetic_study(seeds=1, wds=WDS[:3], fractions=FRACTIONS[:3], skip=frozenset())
+    rows = trials.to_pylist()
+    rows[0] |= {"phase": "diverged", "stop_reason": "diverged"}
+    diverged = trials_table(rows).replace_schema_metadata(trials.schema.metadata)
+    fig = figures.phase_diagram(diverged, "data.fraction", "optimizer.weight_decay")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert f"diverged: {figures.PHASE_DEFINITIONS['diverged']}" in legend
+    colour = to_rgba(figures.PHASE_COLORS["diverged"])
+    assert any(tuple(p.get_facecolor()) == colour for p in fig.axes[0].patches)
+    assert len(set(figures.PHASE_COLORS.values())) == len(figures.PHASE_COLORS) == len(PHASES)
+    paths = figures.render_study(diverged, curves, tmp_path, formats=("png",))
+    assert {p.name for p in paths} >= {"phase_diagram.png", "learning_curves.png"}

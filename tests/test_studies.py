@@ -33,6 +33,15 @@ def test_every_study_the_docs_name_exists_and_every_shipped_study_is_documented(
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_study_file_reads_back_equal_from_its_resolved_form(path: Path) -> None:
+    """What the runner stores beside the experiment and in MLflow, and a resume reads back."""
+    from grokstudy.study import parse_study, study_to_dict
+
+    study = load_study(path)
+    assert parse_study(study_to_dict(study)) == study
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
 def test_study_file_is_valid_and_expands_to_every_point_and_seed_once(path: Path) -> None:
     study = load_study(path)
     trials = search.dry_run(study)
