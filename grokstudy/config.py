@@ -439,6 +439,8 @@ def is_log_scale(values: Sequence[Any]) -> bool:
 
 
 SAMPLERS = ("grid", "sobol", "random", "tpe", "boundary")
+LATTICE_SAMPLERS = ("grid", "boundary")
+"""Samplers over the study's grid: every log/range axis needs `points`, and figures draw cells."""
 
 
 @dataclass(frozen=True, slots=True)

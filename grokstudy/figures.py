@@ -48,7 +48,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from grokstudy.config import is_log_scale
+from grokstudy.config import LATTICE_SAMPLERS, is_log_scale
 from grokstudy.errors import UsageError
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES
 from grokstudy.results import table_info
@@ -71,8 +71,6 @@ INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
 TIE = "tie"
 """The verdict of a cell whose seeds tie: drawn as one stripe per tied phase."""
 FORMATS = ("png", "svg", "pdf")
-GRID_SAMPLERS = ("grid", "boundary")
-"""Samplers whose trials lie on a lattice: drawn as cells; the others as points over regions."""
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
 
 STYLE = {
@@ -549,7 +547,7 @@ class _Data:
         # cells, and every point of the grid a boundary study inferred.
         self.x = _Axis.build(x, _keys(trials, x) + [k[0] for k in self.inferred], log_x)
         self.y = _Axis.build(y, _keys(trials, y) + [k[1] for k in self.inferred], log_y)
-        self.grid = sampler in (None, *GRID_SAMPLERS)
+        self.grid = sampler in (None, *LATTICE_SAMPLERS)
         if self.grid:
             self.x, self.y = self.x.for_grid(), self.y.for_grid()
         self.facet = facet

@@ -6,12 +6,13 @@ training loop batches them into one transfer per evaluation) and a float form.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
-from grokstudy.config import TaskConfig
+from grokstudy.config import TaskConfig, is_prime
 
 FOURIER_BASIS: dict[str, str] = {
     "x+y": "additive",
@@ -64,26 +65,20 @@ def fourier_top_k_share_tensor(model: nn.Module, task: TaskConfig, k: int = 5) -
     two halves of gromov's first layer). NaN where no basis applies (see FOURIER_BASIS).
     """
     if not fourier_applies(task) or not hasattr(model, "operand_embeddings"):
-        device = next(model.parameters()).device
-        return torch.tensor(math.nan, dtype=torch.float64, device=device)
-    per_column = getattr(model, "fourier_per_column", False)
-    top = total = None
+        return torch.tensor(math.nan, dtype=torch.float64, device=next(model.parameters()).device)
+    powers = []
     for emb in model.operand_embeddings():
         rows = emb.detach().double()  # (p, d)
         if FOURIER_BASIS[task.op] == "multiplicative":
             rows = rows[_log_order(task.p, rows.device)]  # (p-1, d): row j is the embedding of g^j
         # rfft folds f and m-f into one bin; the Nyquist bin (m even) has no twin, which barely moves ranks.
-        power = torch.fft.rfft(rows, dim=0).abs().pow(2)[1:]  # (m//2, d): frequencies 1..m//2
-        k_ = min(k, power.shape[0])
-        if per_column:
-            part_top, part_total = power.topk(k_, dim=0).values.sum(), power.sum()
-        else:
-            part_top, part_total = power.sum(1), power.sum()  # spectrum so far; top k taken below
-        top = part_top if top is None else top + part_top
-        total = part_total if total is None else total + part_total
-    assert top is not None and total is not None
-    if not per_column:
-        top = top.topk(min(k, top.numel())).values.sum()
+        powers.append(torch.fft.rfft(rows, dim=0).abs().pow(2)[1:])  # (m//2, d): frequencies 1..m//2
+    total = sum(power.sum() for power in powers)
+    if getattr(model, "fourier_per_column", False):
+        top = sum(power.topk(min(k, power.shape[0]), dim=0).values.sum() for power in powers)
+    else:
+        spectrum = sum(power.sum(1) for power in powers)  # (m//2,)
+        top = spectrum.topk(min(k, spectrum.numel())).values.sum()
     return (top / total.clamp_min(1e-300)).clamp(max=1.0)  # rounding can give 1 + 1e-16
 
 
@@ -92,29 +87,18 @@ def fourier_top_k_share(model: nn.Module, task: TaskConfig, k: int = 5) -> float
     return float(fourier_top_k_share_tensor(model, task, k))
 
 
+@functools.cache
 def _primitive_root(p: int) -> int | None:
-    """The smallest generator of Z_p^* (None when p is not prime)."""
-    if p < 3 or any(p % d == 0 for d in range(2, math.isqrt(p) + 1)):
+    """The smallest generator of Z_p^* (None when p is not prime, or 2)."""
+    if p < 3 or not is_prime(p):
         return None
-    n, factors, d = p - 1, set(), 2
-    while d * d <= n:
-        while n % d == 0:
-            factors.add(d)
-            n //= d
-        d += 1
-    if n > 1:
-        factors.add(n)
+    factors = [q for q in range(2, p) if (p - 1) % q == 0 and is_prime(q)]  # of p-1
     return next(g for g in range(2, p) if all(pow(g, (p - 1) // q, p) != 1 for q in factors))
 
 
-_LOG_ORDERS: dict[tuple[int, str], torch.Tensor] = {}
-
-
+@functools.cache
 def _log_order(p: int, device: torch.device) -> torch.Tensor:
     """[g^0, g^1, ..., g^(p-2)] mod p: indexing rows by it makes multiplication a shift."""
-    key = (p, str(device))
-    if key not in _LOG_ORDERS:
-        g = _primitive_root(p)
-        assert g is not None
-        _LOG_ORDERS[key] = torch.tensor([pow(g, j, p) for j in range(p - 1)], device=device)
-    return _LOG_ORDERS[key]
+    g = _primitive_root(p)
+    assert g is not None
+    return torch.tensor([pow(g, j, p) for j in range(p - 1)], device=device)

@@ -10,6 +10,7 @@ n_classes)`) plus an entry in `MODELS`.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -25,19 +26,15 @@ ACTIVATIONS = {
 }
 
 
-def _activation(model: ModelConfig):
-    return ACTIVATIONS[model.activation]
-
-
 class MLP(nn.Module):
     """Shared operand embedding, concatenated, `depth` hidden layers, unembedding."""
 
     def __init__(self, model: ModelConfig, n_tokens: int, n_classes: int) -> None:
         super().__init__()
-        self.act = _activation(model)
+        self.act = ACTIVATIONS[model.activation]
         self.embed = nn.Embedding(n_tokens, model.embed_dim)
         widths = [2 * model.embed_dim] + [model.width] * model.depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
         self.unembed = nn.Linear(widths[-1], n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +73,7 @@ class Block(nn.Module):
     def __init__(self, model: ModelConfig) -> None:
         super().__init__()
         d = model.embed_dim
-        self.act = _activation(model)
+        self.act = ACTIVATIONS[model.activation]
         self.ln_attn = nn.LayerNorm(d) if model.layer_norm else nn.Identity()
         self.attn = Attention(d, model.heads)
         self.ln_mlp = nn.LayerNorm(d) if model.layer_norm else nn.Identity()
@@ -104,18 +101,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(model) for _ in range(model.depth))
         self.ln_final = nn.LayerNorm(d) if model.layer_norm else nn.Identity()
         self.unembed = nn.Linear(d, n_classes, bias=False)
-        self._init_like_nanda(d, n_classes)
-
-    @torch.no_grad()
-    def _init_like_nanda(self, d: int, n_classes: int) -> None:
         # Nanda's init: N(0, 1/d_model) for every matrix, N(0, 1/d_vocab) for the unembedding, zero biases.
-        for name, p in self.named_parameters():
-            if name.startswith("unembed"):
-                p.normal_(0.0, 1.0 / math.sqrt(n_classes))
-            elif p.dim() >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(d))
-            elif "ln_" not in name:
-                p.zero_()
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("unembed"):
+                    p.normal_(0.0, 1.0 / math.sqrt(n_classes))
+                elif p.dim() >= 2:
+                    p.normal_(0.0, 1.0 / math.sqrt(d))
+                elif "ln_" not in name:
+                    p.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eq = torch.full_like(x[:, :1], self.eq_token)  # (B, 1)

@@ -140,17 +140,14 @@ def classify(
 
     t_train = _crossing(s, tr, cfg.threshold, 0)
     t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
-    t_val_loss = None
-    if val_loss is not None:
-        t_val_loss = _loss_holding(s, np.asarray(val_loss, dtype=np.float64)[within], cfg)
+    t_val_loss = None if val_loss is None else _loss_holding(s, np.asarray(val_loss)[within], cfg)
     delay = t_val - t_train if t_val is not None and t_train is not None else None
 
     if t_val is not None:
         grokked = (
             t_train is not None
             and t_val >= cfg.grok_delay_factor * max(t_train, 1)
-            and delay is not None
-            and delay >= cfg.min_delay
+            and t_val - t_train >= cfg.min_delay
         )
         phase = "grokking" if grokked else "comprehension"
     elif (va >= cfg.threshold).any():
@@ -203,13 +200,13 @@ def generalization_confirmed(
         return True
     if val_loss is None:
         raise ValueError("early_stop: accuracy_and_loss needs the validation loss curve")
-    t_val_loss = _loss_holding(s, np.asarray(val_loss, dtype=np.float64), cfg)
+    t_val_loss = _loss_holding(s, val_loss, cfg)
     return t_val_loss is not None and int(s[-1]) - t_val_loss >= cfg.confirm_steps
 
 
-def _loss_holding(s: np.ndarray, val_loss: np.ndarray, cfg: PhaseConfig) -> int | None:
+def _loss_holding(s: np.ndarray, val_loss: Sequence[float] | np.ndarray, cfg: PhaseConfig) -> int | None:
     # Losses fall: hold the negated log loss above -log(L) (and above -log(10 L)).
-    neg = -np.log(np.maximum(val_loss, 1e-300))
+    neg = -np.log(np.maximum(np.asarray(val_loss, dtype=np.float64), 1e-300))
     return _holding(
         s, neg, -math.log(cfg.loss_threshold), -math.log(10 * cfg.loss_threshold), cfg.confirm_steps
     )
@@ -219,7 +216,7 @@ def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps:
     """`classify` on a trial's `EvalRecord`s, with divergence: a non-finite train/loss at
     an eval point within the budget makes the phase "diverged" (timings from the curve before it)."""
     within = [r for r in records if r.step <= max_steps]
-    bad = next((i for i, r in enumerate(within) if not math.isfinite(r.train_loss)), None)
+    bad = next((i for i, r in enumerate(within) if diverged(r)), None)
     kept = within if bad is None else within[: max(bad, 1)]
     result = classify(
         [r.step for r in kept],
@@ -295,18 +292,12 @@ def _holding(s: np.ndarray, a: np.ndarray, level: float, floor: float, forgive: 
     """The interpolated first crossing of `level` after which `a` never stays below `floor`
     for `forgive` steps or more, nor is below it at the end (the module docstring's hold)."""
     # NaN compares False on both sides: neither a crossing nor a fall.
-    start = 0
-    below = a < floor
-    i = 0
-    while i < len(a):
-        if not below[i]:
-            i += 1
-            continue
-        j = i
-        while j < len(a) and not (a[j] >= level):
-            j += 1
-        # A fall at i; recovered at j (a[j] >= level) or never (j == len(a)).
+    recoveries = np.append(np.flatnonzero(a >= level), len(a))  # len(a): never
+    start = j = 0
+    for i in np.flatnonzero(a < floor):
+        if i < j:
+            continue  # inside the dip that began at an earlier fall
+        j = int(recoveries[np.searchsorted(recoveries, i)])  # the fall at i recovers at j, or never
         if j == len(a) or s[j] - s[i] >= forgive:
             start = j  # a real collapse: only a crossing after it can hold
-        i = j
     return _crossing(s, a, level, start) if start < len(a) else None

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from grokstudy import __version__
-from grokstudy.config import Study, TrialConfig, flatten
+from grokstudy.config import LATTICE_SAMPLERS, Study, TrialConfig, flatten
 from grokstudy.errors import UsageError
 from grokstudy.phases import PhaseResult, classify_records
 from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, STOP_REASONS, EvalRecord, TrialHistory
@@ -490,7 +490,7 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
     or None when the study has no grid (sobol, random, tpe). Failed trials are left out."""
     from grokstudy import refine
 
-    if study.search.sampler not in ("grid", "boundary") or not study.search.space:
+    if study.search.sampler not in LATTICE_SAMPLERS or not study.search.space:
         return None
     dims = study.search.space
     lattice = refine.lattice_of(dims)

@@ -57,7 +57,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from grokstudy import refine
-from grokstudy.config import SearchDim, Study
+from grokstudy.config import LATTICE_SAMPLERS, SearchDim, Study
 
 # grokstudy prints its own progress; Optuna's per-trial INFO lines would interleave with it.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -68,10 +68,6 @@ REPLICATE_OF = "grokstudy.replicate_of"
 
 
 # ---- counting ------------------------------------------------------------------------------------
-
-
-LATTICE_SAMPLERS = ("grid", "boundary")
-"""Samplers over the study's grid (every log/range axis has `points`)."""
 
 
 def grid_points(study: Study) -> list[dict[str, Any]]:

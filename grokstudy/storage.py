@@ -29,6 +29,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
+
 from grokstudy.errors import UsageError
 
 LOCK_FILE = ".grokstudy.lock"
@@ -106,8 +108,6 @@ class OutputLock:
 
 def _fs(uri: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path in it) of a local path or a URI (s3://, gs://, file://)."""
-    import pyarrow.fs
-
     if "://" in uri:
         return pyarrow.fs.FileSystem.from_uri(uri)
     return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
@@ -122,8 +122,6 @@ def join(base: str, *parts: str) -> str:
 
 def read_text(uri: str) -> str | None:
     """The text of a file under a local path or URI, or None if it does not exist."""
-    import pyarrow.fs
-
     fs, path = _fs(uri)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
@@ -144,21 +142,11 @@ def write_text(uri: str, text: str) -> None:
 
 def has_file(directory_uri: str, prefix: str, suffix: str) -> bool:
     """Does the directory hold a file named `<prefix>...<suffix>`?"""
-    import pyarrow.fs
-
     fs, path = _fs(directory_uri)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return False
     infos = fs.get_file_info(pyarrow.fs.FileSelector(path))
     return any(i.base_name.startswith(prefix) and i.base_name.endswith(suffix) for i in infos)
-
-
-def delete(uri: str) -> None:
-    import pyarrow.fs
-
-    fs, path = _fs(uri)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
-        fs.delete_file(path)
 
 
 class Lease:
@@ -183,7 +171,7 @@ class Lease:
     def __enter__(self) -> Lease:
         held = self._read()
         if held and held.get("driver") != self.driver and self._alive(held):
-            age = time.time() - float(held.get("renewed_at", 0))
+            age = time.time() - held["renewed_at"]
             raise UsageError(
                 "run.storage",
                 f"the study at {self.uri.rsplit('/', 1)[0]} is run by another driver (pid {held.get('pid')} "
@@ -200,16 +188,18 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            held = self._read()
-            if held.get("driver") == self.driver:
-                delete(self.uri)
+            if self._read().get("driver") == self.driver:
+                fs, path = _fs(self.uri)
+                fs.delete_file(path)
 
     def _read(self) -> dict[str, Any]:
+        """The lease on storage, or {} when there is none or it cannot be read (it is taken over)."""
         try:
-            text = read_text(self.uri)
-            return json.loads(text) if text else {}
-        except (OSError, json.JSONDecodeError):
+            held = json.loads(read_text(self.uri) or "{}")
+            held["renewed_at"], held["pid"] = float(held.get("renewed_at", 0)), int(held.get("pid", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
             return {}
+        return held
 
     def _write(self) -> None:
         lease = {
@@ -221,11 +211,11 @@ class Lease:
         write_text(self.uri, json.dumps(lease))
 
     def _alive(self, held: dict[str, Any]) -> bool:
-        if time.time() - float(held.get("renewed_at", 0)) > LEASE_TTL_S:
+        if time.time() - held["renewed_at"] > LEASE_TTL_S:
             return False
         if held.get("host") == socket.gethostname():
             try:
-                os.kill(int(held.get("pid", 0)), 0)
+                os.kill(held["pid"], 0)
             except (ProcessLookupError, ValueError):
                 return False
             except PermissionError:

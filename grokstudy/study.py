@@ -32,6 +32,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from grokstudy.config import (
+    LATTICE_SAMPLERS,
     PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
@@ -52,8 +53,6 @@ from grokstudy.errors import StudyError, raise_all
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
-LATTICE_SAMPLERS = ("grid", "boundary")
-"""Samplers over the study's grid: every log/range axis needs `points` (search.py's rule too)."""
 TOP_LEVEL = ("name", *STUDY_SECTIONS)
 DIM_FORMS = ("log", "range", "values", "choice")
 DIM_KEYS = (*DIM_FORMS, "points", "integer")

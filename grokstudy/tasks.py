@@ -36,30 +36,21 @@ class Table:
 
 @dataclass(frozen=True, slots=True)
 class Dataset:
-    """A table split into training pairs and their complement (validation)."""
+    """A table split into training pairs and their complement (validation): `*_x` are
+    LongTensors [N_train or N_val, 2], `*_y` LongTensors [N_train or N_val]."""
 
     train_x: torch.Tensor
-    """LongTensor [N_train, 2]."""
     train_y: torch.Tensor
-    """LongTensor [N_train]."""
     val_x: torch.Tensor
-    """LongTensor [N_val, 2]."""
     val_y: torch.Tensor
-    """LongTensor [N_val]."""
     n_tokens: int
     """Operand vocabulary size (p for Z_p, n! for S_n)."""
     n_classes: int
 
     def to(self, device: torch.device | str) -> Dataset:
         """The same split with every tensor on `device`."""
-        return Dataset(
-            self.train_x.to(device),
-            self.train_y.to(device),
-            self.val_x.to(device),
-            self.val_y.to(device),
-            self.n_tokens,
-            self.n_classes,
-        )
+        tensors = (self.train_x, self.train_y, self.val_x, self.val_y)
+        return Dataset(*(t.to(device) for t in tensors), self.n_tokens, self.n_classes)
 
 
 # ---- modular arithmetic over Z_p ---------------------------------------------------
@@ -70,8 +61,8 @@ def _modular(fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]) -> C
 
     def table(task: TaskConfig) -> Table:
         p = task.p
-        x, y = _all_pairs(p, p)
-        return Table(torch.stack([x, y], dim=1), fn(x, y, p) % p, p, p)
+        pairs = torch.cartesian_prod(torch.arange(p), torch.arange(p))  # (p*p, 2): (0,0), (0,1), ..
+        return Table(pairs, fn(*pairs.unbind(1), p) % p, p, p)
 
     return table
 
@@ -80,17 +71,10 @@ def _divide(task: TaskConfig) -> Table:
     """x / y = x * y^-1 mod p over the p*(p-1) pairs with y != 0; needs p prime (Z_p a field)."""
     p = task.p
     assert is_prime(p), "config.validate_trial admits x/y only with a prime p"
-    x, y = _all_pairs(p, p)
-    keep = y != 0
-    x, y = x[keep], y[keep]
+    pairs = torch.cartesian_prod(torch.arange(p), torch.arange(1, p))  # (p*(p-1), 2)
+    x, y = pairs.unbind(1)
     inverse = torch.tensor([0] + [pow(v, -1, p) for v in range(1, p)])
-    return Table(torch.stack([x, y], dim=1), (x * inverse[y]) % p, p, p)
-
-
-def _all_pairs(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.arange(a).repeat_interleave(b)  # (a*b,) 0,0,..,1,1,..
-    y = torch.arange(b).repeat(a)  # (a*b,) 0,1,..,0,1,..
-    return x, y
+    return Table(pairs, (x * inverse[y]) % p, p, p)
 
 
 # ---- the symmetric group S_n --------------------------------------------------------
@@ -106,13 +90,11 @@ def _compose(task: TaskConfig) -> Table:
     n = task.n
     perms = permutations(n)  # (m, n)
     m = perms.shape[0]
-    a, b = _all_pairs(m, m)
-    composed = torch.gather(perms[a], 1, perms[b])  # (m*m, n): row i is a[b[i]]
-    # Each permutation as a base-n number, looked up to its lexicographic index.
+    pairs = torch.cartesian_prod(torch.arange(m), torch.arange(m))  # (m*m, 2)
+    composed = torch.gather(perms[pairs[:, 0]], 1, perms[pairs[:, 1]])  # (m*m, n): row i is a[b[i]]
+    # Each permutation as a base-n number: lexicographic order is numeric order, so searchsorted indexes it.
     weights = n ** torch.arange(n - 1, -1, -1)
-    index_of = torch.full((n**n,), -1, dtype=torch.long)
-    index_of[perms @ weights] = torch.arange(m)
-    return Table(torch.stack([a, b], dim=1), index_of[composed @ weights], m, m)
+    return Table(pairs, torch.searchsorted(perms @ weights, composed @ weights), m, m)
 
 
 OPERATIONS: dict[str, Callable[[TaskConfig], Table]] = {
@@ -145,11 +127,5 @@ def build_dataset(task: TaskConfig, data: DataConfig) -> Dataset:
     generator = torch.Generator().manual_seed(data.split_seed)
     order = torch.randperm(n, generator=generator)
     train, val = order[:n_train], order[n_train:]
-    return Dataset(
-        table.inputs[train],
-        table.labels[train],
-        table.inputs[val],
-        table.labels[val],
-        table.n_tokens,
-        table.n_classes,
-    )
+    x, y = table.inputs, table.labels
+    return Dataset(x[train], y[train], x[val], y[val], table.n_tokens, table.n_classes)

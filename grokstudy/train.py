@@ -14,6 +14,7 @@ split depends on `data.split_seed` only.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import sys
 import time
@@ -35,6 +36,7 @@ from grokstudy.tasks import Dataset, build_dataset
 STATE_FORMAT = 1
 EVAL_CHUNK = 1 << 16
 """Rows per forward pass at evaluation; tables up to this size take one batched forward."""
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -130,9 +132,7 @@ def train_to_end(cfg: TrialConfig) -> list[EvalRecord]:
 
 
 @torch.no_grad()
-def evaluate(
-    cfg: TrialConfig, state: TrainState, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> EvalRecord:
+def evaluate(cfg: TrialConfig, state: TrainState, loss_fn: LossFn) -> EvalRecord:
     """Loss and accuracy on the full train and validation sets plus the weight measures; one host sync."""
     model, data = state.model, state.data
     train_loss, train_acc = _loss_and_accuracy(model, data.train_x, data.train_y, loss_fn)
@@ -190,21 +190,19 @@ def configure_process() -> None:
        The price is that the process keeps its peak heap until it exits.
     """
     torch.set_flush_denormal(True)
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
+    if sys.platform.startswith("linux"):
+        _tune_malloc()
+
+
+@functools.cache
+def _tune_malloc() -> None:
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
     mallopt(m_trim_threshold, 1 << 30)
-
-
-_MALLOC_TUNED = False
 
 
 def _batches(
@@ -214,23 +212,19 @@ def _batches(
     n = data.train_x.shape[0]
     if train.batch_size is None or train.batch_size >= n:
         return lambda step: (data.train_x, data.train_y)
-    size = train.batch_size
     generator = torch.Generator(device=device)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Seeded per step: minibatch k depends on (seed, k) only, so a restore needs no RNG state.
         generator.manual_seed(((train.seed << 32) + step) % 2**64)
-        idx = torch.randperm(n, generator=generator, device=device)[:size]
+        idx = torch.randperm(n, generator=generator, device=device)[: train.batch_size]
         return data.train_x[idx], data.train_y[idx]
 
     return batch
 
 
 def _loss_and_accuracy(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean loss and accuracy as 0-d float64 tensors, one forward per EVAL_CHUNK rows."""
     loss_sum = x.new_zeros((), dtype=torch.float64)
