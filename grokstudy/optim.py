@@ -27,6 +27,9 @@ from grokstudy.models import decay_groups
 
 # ---- losses -------------------------------------------------------------------------
 
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(logits [B, C] or [R, B, C], targets) -> a float64 loss (the mean, or one per row in `packed`)."""
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy with the log-softmax in float64.
@@ -72,7 +75,7 @@ def cross_entropy_float32(logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(logits.float(), targets).double()
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+LOSSES: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "cross_entropy_float32": cross_entropy_float32,
     "mse": mse,
@@ -81,7 +84,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 """train.loss -> fn(logits float32 [B, C], targets long [B]) -> float64 scalar."""
 
 
-def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def build_loss(name: str) -> LossFn:
     return LOSSES[name]
 
 

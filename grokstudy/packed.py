@@ -80,7 +80,7 @@ from torch import nn
 from grokstudy import measures
 from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, get_path, to_dict, validate_trial
 from grokstudy.models import ACTIVATIONS, build_model, decay_groups
-from grokstudy.optim import _stablemax_s
+from grokstudy.optim import LossFn, _stablemax_s
 from grokstudy.records import EvalRecord
 from grokstudy.tasks import build_table
 from grokstudy.train import EVAL_CHUNK, eval_steps, resolve_device
@@ -377,7 +377,7 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
             yield i, EvalRecord(target, *values[i], elapsed_s=state.elapsed_s)
 
 
-def _train_step(state: PackState, row_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+def _train_step(state: PackState, row_loss: LossFn) -> None:
     """One optimizer step of every stacked member: a batched forward and backward, then `_update`."""
     rows = _rows(state)
     x, y = state.inputs[rows], state.labels[rows]  # (R, L, 2), (R, L)
@@ -616,7 +616,7 @@ def _stablemax_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
-ROW_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+ROW_LOSSES: dict[str, LossFn] = {
     "cross_entropy": _cross_entropy_rows,
     "cross_entropy_float32": functools.partial(_cross_entropy_rows, dtype=torch.float32),
     "mse": _mse_rows,
@@ -630,9 +630,7 @@ weighted sum of these is exactly what optim.LOSSES averages."""
 
 
 @torch.no_grad()
-def _evaluate(
-    state: PackState, row_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> list[list[float]]:
+def _evaluate(state: PackState, row_loss: LossFn) -> list[list[float]]:
     """Per stacked member: [train loss, train acc, val loss, val acc, weights norm, Fourier share]
     over its own split, as `train.evaluate` computes them; one host sync.
 

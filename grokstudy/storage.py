@@ -196,7 +196,8 @@ class Lease:
         """The lease on storage, or {} when there is none or it cannot be read (it is taken over)."""
         try:
             held = json.loads(read_text(self.uri) or "{}")
-            held["renewed_at"], held["pid"] = float(held.get("renewed_at", 0)), int(held.get("pid", 0))
+            if held:
+                held["renewed_at"], held["pid"] = float(held.get("renewed_at", 0)), int(held.get("pid", 0))
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
         return held

@@ -29,14 +29,13 @@ from grokstudy import measures
 from grokstudy.config import TrainConfig, TrialConfig, to_dict, validate_trial
 from grokstudy.errors import StudyError
 from grokstudy.models import build_model
-from grokstudy.optim import Optimizer, build_loss, build_optimizer
+from grokstudy.optim import LossFn, Optimizer, build_loss, build_optimizer
 from grokstudy.records import EvalRecord
 from grokstudy.tasks import Dataset, build_dataset
 
 STATE_FORMAT = 1
 EVAL_CHUNK = 1 << 16
 """Rows per forward pass at evaluation; tables up to this size take one batched forward."""
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
