@@ -22,9 +22,13 @@ demo: setup  ## one grokking trial, in the terminal
 	$(BIN)/grokstudy train --study studies/quickstart.yaml --set optimizer.weight_decay=1 --set data.fraction=0.5
 
 test: setup  ## everything, the integration tests included (what CI runs)
-	# Python's faulthandler, not pytest's (which is off again before the interpreter exits), so
-	# a native crash at exit prints every thread's stack: one CI run segfaulted after all passed.
-	$(BIN)/python -X faulthandler -m pytest -p no:faulthandler
+	# Python's faulthandler, not pytest's (which is off again before the interpreter exits), in
+	# every process (the test workers too), so a native crash at exit prints every thread's
+	# stack: one CI run segfaulted after all passed.
+	# Three test processes, one test file each at a time (their module fixtures stay shared): the
+	# integration tests mostly wait on process start-ups and servers, and one at a time leave
+	# the two cores half idle.
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -p no:faulthandler -n 3 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup  ## skip real clusters and servers
 	$(BIN)/python -m pytest -m "not integration and not slow"

@@ -22,8 +22,9 @@ import argparse
 import os
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
+
+from grokstudy.phases import vote
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,11 +49,6 @@ diagram: {{x: data.fraction, y: optimizer.weight_decay}}
 
 KEY = ("optimizer.weight_decay", "data.fraction")
 """The searched axes, as the tables name them."""
-
-
-def majority(phases: list[str]) -> str:
-    counts = Counter(phases).most_common()
-    return "tie" if len(counts) > 1 and counts[0][1] == counts[1][1] else counts[0][0]
 
 
 def main() -> None:
@@ -95,11 +91,11 @@ def main() -> None:
     dense: dict[tuple, list[str]] = {}
     for t in grid:
         dense.setdefault(tuple(t[k] for k in key), []).append(t["phase"])
-    agree = sum(majority(dense[tuple(c[k] for k in key)]) == c["phase"] for c in cells)
+    agree = sum(vote(dense[tuple(c[k] for k in key)]).phase == c["phase"] for c in cells)
     measured = sum(c["measured"] for c in cells)
     steps = {name: sum(t["steps"] for t in rows) for name, rows in (("grid", grid), ("boundary", boundary))}
     for c in cells:
-        truth = majority(dense[tuple(c[k] for k in key)])
+        truth = vote(dense[tuple(c[k] for k in key)]).phase
         if truth != c["phase"]:
             print(f"  differs at wd={c[key[0]]:.3g} frac={c[key[1]]:.3g}: grid {truth}, boundary {c['phase']}"
                   f" ({'measured' if c['measured'] else 'inferred'}, confidence {c['confidence']:.2f})")  # fmt: skip

@@ -54,7 +54,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from grokstudy import runner, search
+    from grokstudy import points, runner
     from grokstudy.study import load_study
 
     workdir = Path(tempfile.mkdtemp(prefix="grokstudy-bench-"))
@@ -63,7 +63,7 @@ def main() -> None:
     study = load_study(study_file)
     configs = [
         study.trial(p | {"train.seed": s})
-        for p in search.grid_points(study)
+        for p in points.grid_points(study)
         for s in range(study.search.seeds)
     ]
     cores = os.cpu_count() or 1

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import torch
 
 from grokstudy import packed, train
 from grokstudy.config import DataConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrialConfig
+from grokstudy.optim import LOSSES
 
 replace = dataclasses.replace
 
@@ -94,7 +96,7 @@ def pack_rate(cfgs: list[TrialConfig]) -> float:
 
 def timed_steps(state: packed.PackState, steps: int) -> float:
     """Seconds per `_train_step` of the pack as it stands (after 2 warm-up steps)."""
-    row_loss = packed.ROW_LOSSES[state.cfgs[0].train.loss]
+    row_loss = functools.partial(LOSSES[state.cfgs[0].train.loss], reduction="none")
 
     def sync() -> None:
         if state.device.type == "cuda":

@@ -1,7 +1,7 @@
 """How many cells adaptive refinement trains, and how right its diagram is, on synthetic phase maps.
 
-For the maps of `grokstudy.refine.SYNTHETIC_MAPS` (disc, band, staircase) on 17 x 17 and 9 x 9 grids,
-2 seeds, a simulated cluster of 1, 8 and 32 workers (`refine.simulate`), with and without
+For the maps of `tests/refine_sim.SYNTHETIC_MAPS` (disc, band, staircase) on 17 x 17 and 9 x 9 grids,
+2 seeds, a simulated cluster of 1, 8 and 32 workers (`refine_sim.simulate`), with and without
 speculation: cells trained / total, trials (seeds trained) / the dense grid's, agreement of `infer` with the truth, simulated rounds (wall
 clock: each round the older half of the running cells report one seed) and the share of busy
 workers. Speculation buys rounds with cells; the table shows the exchange rate. A second table does
@@ -14,17 +14,20 @@ where every neighbour of a disagreeing cell is trained. Pure Python, a few secon
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from grokstudy.refine import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the simulator is test code
+from refine_sim import (  # noqa: E402
     SYNTHETIC_MAPS,
-    Lattice,
-    infer,
-    majority,
     seeds_agree,
     seeds_disagree_near_boundary,
     simulate,
     synthetic_map,
 )
+
+from grokstudy.phases import vote  # noqa: E402
+from grokstudy.refine import Lattice, infer  # noqa: E402
 
 SEEDS = 2
 
@@ -36,7 +39,7 @@ def run(n: int, name: str, batch: int, speculate: bool, noisy: bool) -> tuple[in
     truth = seeds_disagree_near_boundary(lattice, phase_of, SEEDS) if noisy else seeds_agree(phase_of, SEEDS)
     sim = simulate(lattice, truth, SEEDS, batch, speculate=speculate)
     phase = infer(lattice, sim.observed).phase
-    agree = sum(phase[c] == majority(truth(c))[0] for c in lattice.cells()) / lattice.size
+    agree = sum(phase[c] == vote(truth(c)).phase for c in lattice.cells()) / lattice.size
     return sim.trained, sim.runs, agree, sim.rounds, sim.busy
 
 

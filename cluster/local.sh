@@ -241,9 +241,11 @@ cmd_up() {
         # Started first: it is the slowest to come up and needs nothing from Ray.
         # Proxied artifacts (--serve-artifacts): clients upload through the server, as
         # they do against the cluster deployment in cluster/k8s/mlflow.yaml.
-        spawn mlflow "$DIR/logs/mlflow.log" "$BIN/mlflow" server --host 127.0.0.1 \
-            --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "$backend" \
-            --serve-artifacts --artifacts-destination "$DIR/mlartifacts"
+        # No job execution: those are MLflow's GenAI jobs, six extra processes grokstudy never uses.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+            spawn mlflow "$DIR/logs/mlflow.log" "$BIN/mlflow" server --host 127.0.0.1 \
+                --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "$backend" \
+                --serve-artifacts --artifacts-destination "$DIR/mlartifacts"
     fi
 
     spawn head "$DIR/logs/head.log" "$BIN/ray" start --head --node-ip-address "$HEAD_IP" \

@@ -14,13 +14,12 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from grokstudy import __version__
-from grokstudy.errors import StudyError, UsageError
+from grokstudy.errors import StudyError, UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -144,13 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _formats(text: str) -> tuple[str, ...]:
-    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
-    bad = [f for f in formats if f not in ("png", "svg", "pdf")]
-    if bad or not formats:
-        raise UsageError(
-            "--format", f"unknown format {bad[0] if bad else text!r}; choose from: png, svg, pdf"
-        )
-    return formats
+    from grokstudy.figures import parse_formats
+
+    return parse_formats(text)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -172,18 +167,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # here, before the runner imports ray). Never for a cluster: there the driver's
         # address must be reachable from other hosts.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from grokstudy import runner, search
+    from grokstudy import runner
+    from grokstudy.progress import TrackingUnavailable
 
-    n = search.n_trials(study)
-    count = f"{search.n_points(study)} points x {study.search.seeds} seeds = {n} trials" if n else "adaptive"
+    n = study.search.n_trials
+    count = f"{study.search.n_points} points x {study.search.seeds} seeds = {n} trials" if n else "adaptive"
     print(
         f"grokstudy: study {study.name!r}: {count} ({study.search.sampler}, packs of up to "
         f"{runner.pack_size(study)}); output in {out_dir}",
         flush=True,
     )
-    # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
-    # end the parent run FAILED and exit 3.
-    previous = signal.signal(signal.SIGTERM, lambda *_: runner.request_stop("SIGTERM"))
     try:
         outcome = runner.run_study(
             study,
@@ -193,6 +186,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             formats=formats,
             progress=_print_progress,
             num_cpus=args.num_cpus,
+            # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
+            # end the parent run FAILED and exit 3.
             stop_on_sigterm=True,
         )
     except (StudyError, UsageError):
@@ -202,19 +197,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         why = f"stopped by {stopped}" if stopped else f"interrupted: {e or 'Ctrl-C'}"
         print(f"grokstudy run: {why}; run the same command again to resume", file=sys.stderr)
         return EXIT_CRASHED if stopped else EXIT_INTERRUPTED
-    except runner.TrackingUnavailable as e:
+    except TrackingUnavailable as e:
         print(f"grokstudy run: stopped: {e}", file=sys.stderr)
         return EXIT_CRASHED
     except Exception as e:
         log = _crash_log(out_dir)
-        line = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        line = one_line(e)
         print(
             f"grokstudy run: crashed: {line}; traceback in {log}; run the same command again to resume",
             file=sys.stderr,
         )
         return EXIT_CRASHED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     _print_summary(outcome)
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
@@ -228,7 +221,7 @@ def _crash_log(out_dir: Path) -> Path:
     return log
 
 
-def _print_progress(p) -> None:  # runner.Progress
+def _print_progress(p) -> None:  # progress.Progress
     phases = ", ".join(f"{k} {v}" for k, v in sorted(p.phases.items())) or "-"
     pending = "" if p.pending is None else f", {p.pending} pending"
     print(
@@ -239,7 +232,7 @@ def _print_progress(p) -> None:  # runner.Progress
         print(f"  warning: {p.warning}", flush=True)
 
 
-def _print_summary(outcome) -> None:  # runner.StudyOutcome
+def _print_summary(outcome) -> None:  # collect.StudyOutcome
     from grokstudy import results
 
     rows = results.read_trials(outcome.trials_path).to_pylist()
@@ -270,10 +263,9 @@ def _print_summary(outcome) -> None:  # runner.StudyOutcome
 
 
 def _label(row: dict) -> str:
-    keys = [k for k in row["searched"] if k != "train.seed"] + ["train.seed"]
-    from grokstudy.search import point_label
+    from grokstudy.points import SEED, point_label
 
-    return point_label({k: tuple(row[k]) if isinstance(row[k], list) else row[k] for k in keys})
+    return point_label({k: row[k] for k in [*(k for k in row["searched"] if k != SEED), SEED]})
 
 
 def _steps(v: int | None) -> str:
@@ -385,10 +377,7 @@ def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = 
         raise UsageError(
             "SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment"
         )
-    import yaml
-
     from grokstudy import tracking
-    from grokstudy.study import parse_study
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -397,8 +386,7 @@ def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = 
             f"{source!r} is not a file or directory; to read an MLflow experiment pass --tracking-uri "
             "(or set MLFLOW_TRACKING_URI)",
         )
-    study_yaml, histories = tracking.fetch_histories(uri, source)
-    study = parse_study(yaml.safe_load(study_yaml), f"{source}/{tracking.STUDY_ARTIFACT}")
+    study, histories = tracking.fetch_histories(uri, source)
     trials, curves = results.build_tables(study, histories)
     return trials, curves, Path("runs") / source / "figures"
 
@@ -413,6 +401,7 @@ def _cmd_ui(args: argparse.Namespace) -> int:
         )
     cmd = tracking.ui_command(f"sqlite:///{db}", port=args.port)
     print(f"grokstudy ui: serving {db} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
+    os.environ.update(tracking.UI_ENV)
     os.execvp(cmd[0], cmd)
     return EXIT_OK
 

@@ -49,14 +49,6 @@ def setting(default: Any, doc: str, **rule: Any) -> Any:
     return field(default=default, metadata={"spec": Spec(doc, **rule)})
 
 
-def spec_of(cls: type, name: str) -> Spec | None:
-    """The rule of field `name` of dataclass `cls` (None: no rule)."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            return f.metadata.get("spec")
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
-
-
 def allowed_text(name: str, spec: Spec, integer: bool) -> str:
     """The allowed range in words: `0 < fraction < 1`, `an integer, 1 <= seeds <= 1000`."""
     if spec.allowed:
@@ -421,6 +413,17 @@ class SearchDim:
         return tuple(float(f"{v:.6g}") for v in out)
 
     @property
+    def is_discrete(self) -> bool:
+        """Has a finite grid: explicit values or choices, or a log/range with `points`."""
+        return self.values is not None or self.choice is not None or self.points is not None
+
+    @property
+    def is_listed(self) -> bool:
+        """Its values are listed in the study file (values or choice): every sampler draws from the
+        list, never from a range."""
+        return self.values is not None or self.choice is not None
+
+    @property
     def is_log(self) -> bool:
         """Is this axis drawn (and its figure cells spaced) on a log scale: a log: dimension,
         or `values` that `is_log_scale` calls so."""
@@ -472,6 +475,27 @@ class SearchConfig:
         hi=10**6,
         allowed="an integer >= 1, or null",
     )
+
+    @property
+    def grid_size(self) -> int | None:
+        """Points of the grid of every axis (None: an axis has no grid)."""
+        if not all(d.is_discrete for d in self.space):
+            return None
+        return math.prod(len(d.grid) for d in self.space)
+
+    @property
+    def n_points(self) -> int | None:
+        """Distinct hyperparameter points: the grid's size for a lattice sampler (the boundary
+        sampler's at most), else num_samples."""
+        return self.grid_size if self.sampler in LATTICE_SAMPLERS else self.num_samples
+
+    @property
+    def n_trials(self) -> int | None:
+        """Training runs: points x seeds; None for the boundary sampler, which decides as results
+        come in (at most n_points x seeds, or `budget`)."""
+        if self.sampler == "boundary" or self.n_points is None:
+            return None
+        return self.n_points * self.seeds
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,6 +610,7 @@ MAX_EVALS = 10**6
 """Eval points of one trial: max_steps / eval_every above this is a typo (the schedule is a list)."""
 
 
+# Long on purpose: every rule that ties fields together, in one list a reader checks at once.
 def cross_problems(
     values: Callable[[str, bool], list[Any] | None], skip: set[str] = frozenset()
 ) -> list[tuple[str, str]]:
@@ -678,6 +703,44 @@ def validate_trial(cfg: TrialConfig) -> None:
     raise_all(problems)
 
 
+# ---- who may share a pack ---------------------------------------------------------------------
+
+PACK_KEYS: tuple[str, ...] = (
+    "task.op",
+    "task.p",
+    "task.n",
+    "model.kind",
+    "model.embed_dim",
+    "model.width",
+    "model.depth",
+    "model.heads",
+    "model.activation",
+    "model.layer_norm",
+    "train.loss",
+    "train.batch_size",
+    "train.eval_every",
+    "train.device",
+    "optimizer.name",
+    "optimizer.nesterov",
+    "optimizer.decay_to",
+    "optimizer.decay_biases",
+    "optimizer.orthograd",
+    "optimizer.grokfast",
+)
+"""Dotted paths every member of a pack shares (plus optimizer.grokfast_window under grokfast: ma):
+what fixes the table, the model's shape and the optimizer's structure. Everything else a pack
+holds per member (packed.py)."""
+
+
+def pack_key(cfg: TrialConfig) -> tuple:
+    """Trials with equal keys can share one pack (`packed.py`): `PACK_KEYS`, plus the Grokfast-MA
+    window. A tuple of (dotted path, value) pairs, hashable."""
+    key = tuple((path, get_path(cfg, path)) for path in PACK_KEYS)
+    if cfg.optimizer.grokfast == "ma":
+        key += (("optimizer.grokfast_window", cfg.optimizer.grokfast_window),)
+    return key
+
+
 # ---- dotted paths --------------------------------------------------------------------------------
 
 
@@ -712,14 +775,6 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain dict (tuples as lists): JSON/YAML-ready."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-
     return plain(dataclasses.asdict(cfg))
 
 
@@ -736,3 +791,27 @@ def trial_from_dict(d: dict[str, Any]) -> TrialConfig:
             values["betas"] = tuple(values["betas"])
         kwargs[name] = cls(**values)
     return TrialConfig(**kwargs)
+
+
+# ---- a value's normal forms ------------------------------------------------------------------
+# A config value travels as a tuple (in dataclasses) or a list (JSON, YAML, Parquet), as an int or
+# a float (128 from YAML, 128.0 from a float column). These two functions are the one place that
+# says how each form is written and compared (`points.point_id` hashes the key's JSON text).
+
+
+def plain(v: Any) -> Any:
+    """`v` for JSON, YAML and Parquet: tuples (at any depth, in dicts too) become lists."""
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    return v
+
+
+def value_key(v: Any) -> Any:
+    """A hashable key under which equal values meet, whichever path typed them: sequences (at any
+    depth) become tuples. Numbers stay as they are: Python's == and hash already make 128 and
+    128.0 one key, and a label keeps the type the study gave."""
+    if isinstance(v, (list, tuple)):
+        return tuple(value_key(x) for x in v)
+    return v

@@ -43,3 +43,10 @@ def raise_all(problems: Sequence[StudyError]) -> None:
         raise problems[0]
     if problems:
         raise StudyErrors(problems)
+
+
+def one_line(err: BaseException | str, limit: int = 300) -> str:
+    """An error as one line for a message, a tag or a log: `Type: message` (just the text for a
+    string), its whitespace collapsed, at most `limit` characters."""
+    text = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())[:limit]

@@ -48,9 +48,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from grokstudy.config import LATTICE_SAMPLERS, is_log_scale
+from grokstudy.config import LATTICE_SAMPLERS, is_log_scale, value_key
 from grokstudy.errors import UsageError
-from grokstudy.phases import PHASE_DEFINITIONS, PHASES
+from grokstudy.phases import PHASE_DEFINITIONS, PHASES, TIE, phase_order, vote
 from grokstudy.results import table_info
 
 PHASE_COLORS: dict[str, str] = {
@@ -68,10 +68,23 @@ NEVER_COLOR = "#D4D4D4"
 MISSING_HATCH = dict(facecolor="white", edgecolor="#BBBBBB", hatch="////", linewidth=0)
 INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
 """A cell a boundary study did not train: its inferred phase, lighter and dotted."""
-TIE = "tie"
-"""The verdict of a cell whose seeds tie: drawn as one stripe per tied phase."""
 FORMATS = ("png", "svg", "pdf")
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`--format png,svg` -> ("png", "svg"); UsageError("--format", ...) for anything else."""
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    check_formats(formats, given=text)
+    return formats
+
+
+def check_formats(formats: Sequence[str], given: str | None = None) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        shown = bad[0] if bad else (given or "")
+        raise UsageError("--format", f"unknown format {shown!r}; choose from: {', '.join(FORMATS)}")
+
 
 STYLE = {
     "font.size": 9,
@@ -216,6 +229,7 @@ def delay_heatmap(
     return fig
 
 
+# Long on purpose: one figure drawn top to bottom (points, medians, never-marks, budget, legend).
 @mpl.rc_context(STYLE)
 def sweep(
     trials: pa.Table,
@@ -240,14 +254,14 @@ def sweep(
     scales = table_info(trials)[1]
     if log_x is None:
         log_x = scales[x] == "log" if x in scales else is_log_scale(sorted({r[x] for r in rows}))
-    groups = sorted({_key(r[line]) for r in rows}, key=_sort_key) if line else [None]
+    groups = sorted({value_key(r[line]) for r in rows}, key=_sort_key) if line else [None]
     budget = max((r["max_steps"] for r in rows), default=1)
     fig = _figure((6.4, 4.4))
     ax = fig.subplots()
     palette = mpl.colormaps["tab10"].colors
     for k, group in enumerate(groups):
         color = palette[k % len(palette)]
-        members = [r for r in rows if line is None or _key(r[line]) == group]
+        members = [r for r in rows if line is None or value_key(r[line]) == group]
         xs = sorted({r[x] for r in members})
         for key, style, width in ((value, "-", 1.8), ("t_train", (0, (4, 2)), 1.1)):
             medians = []
@@ -303,6 +317,7 @@ def numeric_axes(trials: pa.Table) -> list[str]:
     return [k for k, scale in scales.items() if scale != "category" and k in trials.column_names]
 
 
+# Long on purpose: one figure drawn top to bottom, one panel per shown trial.
 @mpl.rc_context(STYLE)
 def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[str] | None = None) -> Figure:
     """Train and validation accuracy against optimizer steps, one panel per trial.
@@ -398,10 +413,7 @@ def render_study(
     tables lack, listing the study's searched axes first; both before anything is drawn or
     written. PNGs are 200 dpi; PDFs embed TrueType fonts (pdf.fonttype 42), as journals ask.
     """
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        given = bad[0] if bad else ""
-        raise UsageError("--format", f"unknown format {given!r}; choose from: {', '.join(FORMATS)}")
+    check_formats(formats)
     diagram = table_info(trials)[2]
     x = x or diagram.get("x") or "data.fraction"
     y = y or diagram.get("y") or "optimizer.weight_decay"
@@ -446,7 +458,7 @@ class _Axis:
 
     @classmethod
     def build(cls, name: str, raw: list[Any], log: bool | None) -> _Axis:
-        keys = sorted({_key(v) for v in raw}, key=_sort_key)
+        keys = sorted({value_key(v) for v in raw}, key=_sort_key)
         # One value has no scale to show: label it like a category.
         if len(keys) == 1 or not all(_is_number(k) for k in keys):
             return cls(name, "category", keys)
@@ -626,8 +638,8 @@ def _searched(trials: pa.Table) -> list[str]:
 
 
 def _keys(table: pa.Table, column: str | None) -> list[Any]:
-    """`_key` of each value of `column`; None for each row when there is no column."""
-    return [_key(v) for v in table.column(column).to_pylist()] if column else [None] * table.num_rows
+    """`value_key` of each value of `column`; None for each row when there is no column."""
+    return [value_key(v) for v in table.column(column).to_pylist()] if column else [None] * table.num_rows
 
 
 # ---- drawing ---------------------------------------------------------------------------------
@@ -676,23 +688,6 @@ def _legend(fig: Figure, axes: list[Any], handles: list[Any], title: str | None,
         fig.legend(**common, loc="outside lower center", ncols=1 if len(axes) == 1 else 2)
 
 
-def _phase_order(phase: str) -> tuple[int, str]:
-    return (PHASES.index(phase) if phase in PHASES else len(PHASES), phase)
-
-
-def _majority(phases: list[str]) -> tuple[str, int]:
-    """(the phase most seeds share, how many); `TIE` when two or more share the most votes."""
-    tied = _tied(phases)
-    return (tied[0] if len(tied) == 1 else TIE), Counter(phases)[tied[0]]
-
-
-def _tied(phases: list[str]) -> list[str]:
-    """The phases with the most votes, in PHASES order (one unless seeds tie)."""
-    counts = Counter(phases)
-    best = max(counts.values())
-    return sorted((p for p, n in counts.items() if n == best), key=_phase_order)
-
-
 def _inferred(
     cells: pa.Table | None, x: str, y: str, facet: str | None
 ) -> dict[tuple[Any, Any, Any], tuple[str, float]]:
@@ -704,7 +699,10 @@ def _inferred(
     if not axes <= {x, y, facet} or x not in axes or y not in axes:
         return {}
     return {
-        (_key(r[x]), _key(r[y]), _key(r[facet]) if facet else None): (r["phase"], r["confidence"])
+        (value_key(r[x]), value_key(r[y]), value_key(r[facet]) if facet else None): (
+            r["phase"],
+            r["confidence"],
+        )
         for r in cells.to_pylist()
         if not r["measured"] and r["phase"] is not None
     }
@@ -730,17 +728,16 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
                 drew_inferred = True
                 continue
             phases = [data.phase[r] for r in rows]
-            phase, k = _majority(phases)
-            n = len(rows)
-            share = k / n
+            v = vote(phases)
+            phase, k, n, share = v.phase, v.count, len(rows), v.share
             rgb = _blend(_color(phase), max(share, 0.25))
             if n < fullest:
                 drew_fewer = True
                 axis.text(ex[i + 1] - 0.06 * w, ey[j] + 0.06 * h, str(n), ha="right", va="bottom",
                           fontsize=fs - 1, zorder=4, gid="count", color=_ink(rgb))  # fmt: skip
-            if phase == TIE:
-                tied = _tied(phases)
-                for t, p in enumerate(tied):  # one stripe per tied phase: a tie is not a verdict
+            if phase == TIE:  # one stripe per tied phase: a tie is not a verdict
+                tied = v.tied
+                for t, p in enumerate(tied):
                     stripe = (ex[i] + t * w / len(tied), ey[j]), w / len(tied), h
                     axis.add_patch(Rectangle(*stripe, facecolor=_blend(_color(p), 0.6), linewidth=0))
                 axis.add_patch(Rectangle(*box, facecolor="none", edgecolor="white", linewidth=0.8))
@@ -753,7 +750,7 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
                     cx, ey[j] + 0.6 * h, f"{k}/{n}", ha="center", va="center", fontsize=fs, color=_ink(rgb)
                 )
                 # One dot per disagreeing seed, in its own phase's colour.
-                others = sorted((p for p in phases if p != phase), key=_phase_order)
+                others = sorted((p for p in phases if p != phase), key=phase_order)
                 if len(others) <= MAX_DOTS:
                     dots = cx + w * 0.16 * (np.arange(len(others)) - (len(others) - 1) / 2)
                     colors = [_color(o) for o in others]
@@ -764,7 +761,8 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
 
 def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:
     points = [
-        (xv, yv, *_majority([data.phase[r] for r in rows]), len(rows)) for (xv, yv), rows in cells.items()
+        (xv, yv, (v := vote([data.phase[r] for r in rows])).phase, v.count, len(rows))
+        for (xv, yv), rows in cells.items()
     ]
     if not points:
         return
@@ -885,11 +883,6 @@ def _point_text(row: dict[str, Any]) -> str:
 
 
 # ---- values --------------------------------------------------------------------------------------
-
-
-def _key(v: Any) -> Any:
-    """A hashable, comparable cell key: lists become tuples; ints and floats compare equal."""
-    return tuple(v) if isinstance(v, list) else v
 
 
 def _is_number(v: Any) -> bool:

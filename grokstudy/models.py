@@ -182,7 +182,3 @@ def decay_groups(model: nn.Module, everything: bool = False) -> tuple[list[nn.Pa
     if everything:
         return params, []
     return [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

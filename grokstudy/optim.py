@@ -10,7 +10,8 @@
 Every piece of state is a tensor or a number, so `state_dict()` saves with
 `torch.save` and loads with `torch.load(weights_only=True)`.
 
-Losses live here too (`LOSSES`): the logits stay float32, the loss is float64.
+Losses live here too (`LOSSES`): the logits stay float32, the loss is float64; each is written
+once, for a batch's mean (`train`) and per target (`packed`).
 """
 
 from __future__ import annotations
@@ -27,24 +28,37 @@ from grokstudy.models import decay_groups
 
 # ---- losses -------------------------------------------------------------------------
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(logits [B, C] or [R, B, C], targets) -> a float64 loss (the mean, or one per row in `packed`)."""
+LossFn = Callable[..., torch.Tensor]
+"""(logits [..., C], targets [...], reduction="mean" | "none") -> float64: the mean over every
+target, or one loss per target (what `packed` weighs per member)."""
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with the log-softmax in float64.
+def _over_rows(
+    loss: Callable[..., torch.Tensor], x: torch.Tensor, targets: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """torch's `loss` over the last axis of x, any leading axes flattened: the mean (the same
+    kernel call as on a plain [B, C] batch) or one value per target, shaped like `targets`."""
+    out = loss(x.flatten(0, -2), targets.flatten(), reduction=reduction)
+    return out if reduction == "mean" else out.view(targets.shape)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy with the log-softmax in float64.
 
     Float32 softmax rounds the gradient of confidently right samples to exactly 0
     ("softmax collapse"), which stalls low-weight-decay runs (Prieto et al. 2025,
     arXiv 2501.04697); Nanda et al.'s code casts to float64 for the same reason.
     """
-    return F.cross_entropy(logits.double(), targets)
+    return _over_rows(F.cross_entropy, logits.double(), targets, reduction)
 
 
-def mse(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean squared error against one-hot targets, averaged over all elements (torch's MSELoss)."""
+def mse(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Squared error against one-hot targets: the mean over all elements (torch's MSELoss), or per
+    target the mean over classes."""
     one_hot = F.one_hot(targets, logits.shape[-1]).double()
-    return F.mse_loss(logits.double(), one_hot)
+    if reduction == "mean":
+        return F.mse_loss(logits.double(), one_hot)
+    return (logits.double() - one_hot).pow(2).mean(-1)
 
 
 def _stablemax_s(x: torch.Tensor) -> torch.Tensor:
@@ -58,21 +72,25 @@ def stablemax(logits: torch.Tensor) -> torch.Tensor:
     return s / s.sum(-1, keepdim=True)
 
 
-def stablemax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean -log stablemax(logits)[target], float64: grokking without weight decay (Prieto et al. 2025)."""
+def stablemax_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """-log stablemax(logits)[target], float64: grokking without weight decay (Prieto et al. 2025)."""
     s = _stablemax_s(logits.double())
     log_probs = s.log() - s.sum(-1, keepdim=True).log()
-    return F.nll_loss(log_probs, targets)
+    return _over_rows(F.nll_loss, log_probs, targets, reduction)
 
 
-def cross_entropy_float32(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with a float32 log-softmax, returned as float64.
+def cross_entropy_float32(
+    logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy with a float32 log-softmax, returned as float64.
 
     Only to reproduce softmax collapse (Prieto et al. 2025): without weight decay
     the logits of fitted pairs grow until float32 rounds their gradient to 0 and
     learning stalls, which looks like memorization. Never the default.
     """
-    return F.cross_entropy(logits.float(), targets).double()
+    return _over_rows(F.cross_entropy, logits.float(), targets, reduction).double()
 
 
 LOSSES: dict[str, LossFn] = {
@@ -81,7 +99,7 @@ LOSSES: dict[str, LossFn] = {
     "mse": mse,
     "stablemax": stablemax_cross_entropy,
 }
-"""train.loss -> fn(logits float32 [B, C], targets long [B]) -> float64 scalar."""
+"""train.loss -> fn(logits float32, targets long, reduction) -> float64."""
 
 
 def build_loss(name: str) -> LossFn:

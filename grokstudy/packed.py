@@ -7,15 +7,14 @@
 
 Torch and core modules only, like train.py.
 
-Who shares a pack (`pack_key`): members with the same task (table), model kind and
+Who shares a pack (`config.pack_key`): members with the same task (table), model kind and
 shape, loss, batch size, eval_every, device and optimizer structure (name, nesterov,
 decay_to, decay_biases, orthograd, Grokfast mode and MA window). Everything else is per
 member, in [K] tensors: data.fraction and split_seed, train.seed (init and minibatch
 order), train.max_steps, model.init_scale, and lr, betas, eps, momentum, weight_decay,
 warmup_steps, warmup_start, grokfast_alpha and grokfast_lamb.
 
-Design, with the figures of bench/packing.py --designs (CPU: 1 thread of this repo's
-2-core machine, K=16; GPU: one H200, torch 2.11, K=64):
+Design (each choice measured with bench/packing.py --designs; the figures are in bench/README.md):
 - Weights: member k's parameters are row k of one [K, P] float32 tensor, decayed
   tensors (`models.decay_groups`) first. The forward sees [K, *shape] views of it; the
   whole update is about twenty tensor ops on [K, P], per-member numbers as [K, 1]
@@ -24,26 +23,21 @@ Design, with the figures of bench/packing.py --designs (CPU: 1 thread of this re
   scalar tail of each tensor in the fused kernels (1 ulp).
 - Forward: batched weights with bmm/baddbmm and one index_select gather (`BATCHED_FORWARDS`)
   rather than torch.func.vmap of `functional_call` (the fallback for other model kinds):
-  MLP a tie on CPU (0.95x) and 1.13-1.38x faster on the GPU; transformer 1.53x faster on
-  CPU, where vmap loops over members (no batching rule for flash attention), and vmap of
-  attention fails outright on CUDA, where the pack computes attention itself
-  (`_causal_attention`): 2.37x faster steps.
+  vmap loops over members for the transformer on CPU (no batching rule for flash
+  attention) and fails outright for attention on CUDA, where the pack computes attention
+  itself (`_causal_attention`).
 - Data: each member's training rows, padded to the longest with weight-0 rows
   (minibatches are drawn into the same shape), rather than masks on the full table:
-  1.19x faster on CPU, 1.07x slower on the GPU (quickstart MLP, fractions 0.3-0.8), and
-  minibatches need index sets anyway. Mixed fractions cost up to longest/mean.
+  faster on CPU, about even on the GPU, and minibatches need index sets anyway. Mixed
+  fractions cost up to longest/mean.
 - Retiring compacts the stack (one index_select per tensor, before the next step)
-  rather than masking it: with half the members retired, steps are 1.98x faster on CPU
-  and 1.23x on the GPU, for 0.7 ms / 8 ms once.
+  rather than masking it, so a pack speeds up as members leave.
 - No host sync inside a step (checked on CUDA with torch.cuda.set_sync_debug_mode); one
   per evaluation, whose blocks depend on the table alone, so a member's figures do not
   change when others leave.
-- Speed (bench/packing.py): on the H200, pack/sequential model-steps/s is 36x at K=64
-  and 49x at K=256 for the quickstart MLP, 5.2x at K=64 (4.3x at K=256) for Nanda's
-  transformer. On the CPU a pack is slower than its trials one by one (0.9x at K=1 down
-  to 0.26x for 64 MLPs of mixed fractions): the CPU is compute-bound, padding costs
-  compute, and batched activations outgrow its caches and glibc's 32 MiB mmap threshold
-  (so they page-fault afresh each step). Pack on GPUs.
+- Speed: packs pay on GPUs, where one small model leaves the device idle; on a CPU a pack
+  is slower than its trials one by one (compute-bound, padding costs compute, batched
+  activations outgrow the caches), so packing is off there by default.
 
 Exactness. On CPU a member's forward pass is bit for bit its lone run's; so are its
 gradients when its training set is as long as the pack's longest (no padding), except
@@ -68,7 +62,6 @@ import functools
 import itertools
 import json
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,49 +70,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grokstudy import measures
-from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, get_path, to_dict, validate_trial
+from grokstudy import measures, tasks, train
+from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, pack_key, to_dict, validate_trial
 from grokstudy.models import ACTIVATIONS, build_model, decay_groups
-from grokstudy.optim import LossFn, _stablemax_s
+from grokstudy.optim import LOSSES, LossFn
 from grokstudy.records import EvalRecord
 from grokstudy.tasks import build_table
 from grokstudy.train import EVAL_CHUNK, eval_steps, resolve_device
 
 PACK_FORMAT = 1
-
-PACK_KEYS: tuple[str, ...] = (
-    "task.op",
-    "task.p",
-    "task.n",
-    "model.kind",
-    "model.embed_dim",
-    "model.width",
-    "model.depth",
-    "model.heads",
-    "model.activation",
-    "model.layer_norm",
-    "train.loss",
-    "train.batch_size",
-    "train.eval_every",
-    "train.device",
-    "optimizer.name",
-    "optimizer.nesterov",
-    "optimizer.decay_to",
-    "optimizer.decay_biases",
-    "optimizer.orthograd",
-    "optimizer.grokfast",
-)
-"""Dotted paths every member of a pack shares (plus optimizer.grokfast_window under grokfast: ma)."""
-
-
-def pack_key(cfg: TrialConfig) -> tuple:
-    """Members with equal keys can share one pack (see the module docstring): `PACK_KEYS`, plus
-    the Grokfast-MA window. A tuple of (dotted path, value) pairs, hashable."""
-    key = tuple((path, get_path(cfg, path)) for path in PACK_KEYS)
-    if cfg.optimizer.grokfast == "ma":
-        key += (("optimizer.grokfast_window", cfg.optimizer.grokfast_window),)
-    return key
-
 
 # ---- the state -----------------------------------------------------------------------------
 
@@ -254,13 +213,12 @@ def init_pack(cfgs: Sequence[TrialConfig]) -> PackState:
 def _data(state: PackState, n: int) -> dict[str, torch.Tensor]:
     """Per member: its training rows (padded to the longest, weight 0 on pads) and its split mask."""
     device, cfgs = state.device, state.cfgs
-    splits = []
-    for cfg in cfgs:  # `tasks.build_dataset`'s split, to the row
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.data.split_seed))
-        splits.append(order[: round(cfg.data.fraction * n)])
+    splits = [tasks.split(n, cfg.data)[0] for cfg in cfgs]  # `tasks.build_dataset`'s split, to the row
     state.train_rows = [rows.to(device) for rows in splits]
-    # Rows per step: `train._batches`' rule (a batch_size of None or >= the training set is full batch).
-    sizes = [min(cfg.train.batch_size or len(r), len(r)) for cfg, r in zip(cfgs, splits, strict=True)]
+    sizes = [
+        len(r) if train.full_batch(c.train, len(r)) else c.train.batch_size
+        for c, r in zip(cfgs, splits, strict=True)
+    ]
     weight = torch.zeros(len(cfgs), max(sizes), dtype=torch.float64)
     padded = torch.zeros(len(cfgs), max(sizes), dtype=torch.long)
     mask = torch.zeros(len(cfgs), n, dtype=torch.bool)
@@ -346,7 +304,7 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
     cfgs = state.cfgs
     schedules = [eval_steps(c.train) for c in cfgs]
     points = [set(s) for s in schedules]
-    row_loss = ROW_LOSSES[cfgs[0].train.loss]
+    row_loss = functools.partial(LOSSES[cfgs[0].train.loss], reduction="none")
     while True:
         for i in range(len(cfgs)):  # a restored pack may hold a finished member
             if state.active[i] and state.last_eval[i] >= cfgs[i].train.max_steps:
@@ -358,13 +316,10 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
         assert target >= state.step, (target, state.step)  # every live member yielded every step so far
         if state.step < target:
             _compact(state)
-            start = time.perf_counter()
-            while state.step < target:
-                _train_step(state, row_loss)
-                state.step += 1
-            if state.device.type == "cuda":
-                torch.cuda.synchronize(state.device)  # so the clock sees the queued steps
-            state.elapsed_s += time.perf_counter() - start
+            with train.training_clock(state):
+                while state.step < target:
+                    _train_step(state, row_loss)
+                    state.step += 1
         values = dict(zip(state.members, _evaluate(state, row_loss), strict=True))
         for i in live:
             state.failed[i] |= not math.isfinite(values[i][0])
@@ -393,14 +348,13 @@ def _rows(state: PackState) -> torch.Tensor:
     `train._batches`' draw for (seed_i, k), so a restore needs no RNG state."""
     rows, generator = state.tensors["data.rows"], None
     for r, i in enumerate(state.members):
-        cfg, train = state.cfgs[i], state.train_rows[i]
-        if cfg.train.batch_size is None or cfg.train.batch_size >= train.shape[0]:
-            continue  # full batch
+        cfg, member_rows = state.cfgs[i], state.train_rows[i]
+        if train.full_batch(cfg.train, member_rows.shape[0]):
+            continue
         if generator is None:
             rows, generator = rows.clone(), torch.Generator(device=state.device)
-        generator.manual_seed(((cfg.train.seed << 32) + state.step) % 2**64)
-        idx = torch.randperm(train.shape[0], generator=generator, device=state.device)[: cfg.train.batch_size]
-        rows[r, : idx.shape[0]] = train[idx]
+        idx = train.minibatch(cfg.train, member_rows.shape[0], state.step, generator)
+        rows[r, : idx.shape[0]] = member_rows[idx]
     return rows
 
 
@@ -412,6 +366,8 @@ def _col(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).unsqueeze(1)
 
 
+# Long on purpose: torch's fused kernels term by term, in their order, so a member's update
+# stays bit for bit its lone run's; split up, the order would hide.
 @torch.no_grad()
 def _update(state: PackState, g: torch.Tensor) -> None:
     """`optim.Optimizer.step` for every member at once, from the flat gradients g [R, P].
@@ -534,8 +490,8 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """F.scaled_dot_product_attention(q, k, v, is_causal=True) on (N, nh, T, hs).
 
     CUDA's fused attention kernels tile 64 tokens, so with T = 3 nearly all their work is
-    padding: 70% of a Nanda-transformer pack's step on an H200. There the pack does the
-    arithmetic itself (bench/packing.py --designs); on CPU it calls SDPA as models.py does.
+    padding (most of a Nanda-transformer pack's step; bench/README.md). There the pack does
+    the arithmetic itself; on CPU it calls SDPA as models.py does.
     """
     if q.device.type != "cuda":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -592,40 +548,6 @@ def _forward(state: PackState, params: dict[str, torch.Tensor], x: torch.Tensor)
     return torch.func.vmap(lambda p, xs: torch.func.functional_call(state.template, p, (xs,)))(params, x)
 
 
-# ---- losses per row --------------------------------------------------------------------------
-
-
-def _cross_entropy_rows(
-    logits: torch.Tensor, y: torch.Tensor, dtype: torch.dtype = torch.float64
-) -> torch.Tensor:
-    """optim.cross_entropy before its mean: one loss per row, the log-softmax in `dtype` (float32:
-    optim.cross_entropy_float32, softmax collapse on purpose)."""
-    rows = F.cross_entropy(logits.to(dtype).flatten(0, -2), y.flatten(), reduction="none")
-    return rows.view(y.shape).double()
-
-
-def _mse_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """optim.mse per row: the mean over classes of the squared error against one-hot targets."""
-    return (logits.double() - F.one_hot(y, logits.shape[-1]).double()).pow(2).mean(-1)
-
-
-def _stablemax_rows(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """optim.stablemax_cross_entropy per row (Prieto et al. 2025), float64."""
-    s = _stablemax_s(logits.double())
-    log_probs = s.log() - s.sum(-1, keepdim=True).log()
-    return -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-
-
-ROW_LOSSES: dict[str, LossFn] = {
-    "cross_entropy": _cross_entropy_rows,
-    "cross_entropy_float32": functools.partial(_cross_entropy_rows, dtype=torch.float32),
-    "mse": _mse_rows,
-    "stablemax": _stablemax_rows,
-}
-"""train.loss -> fn(logits float32 [..., C], targets long [...]) -> float64 [...]; a member's
-weighted sum of these is exactly what optim.LOSSES averages."""
-
-
 # ---- evaluation ------------------------------------------------------------------------------
 
 
@@ -651,12 +573,14 @@ def _evaluate(state: PackState, row_loss: LossFn) -> list[list[float]]:
             logits = _forward(state, params, x.expand(size, -1, -1))  # (size, rows, C)
             loss = row_loss(logits, y.expand(size, -1))
             correct = logits.argmax(-1) == y
-            train = t["data.train_mask"][block, i : i + rows_per]
+            in_train = t["data.train_mask"][block, i : i + rows_per]
             zero = loss.new_zeros(())
-            sums[0, block] += torch.where(train, loss, zero).sum(1)  # where, not *: a val row's inf stays out
-            sums[1, block] += (correct & train).sum(1)
-            sums[2, block] += torch.where(train, zero, loss).sum(1)
-            sums[3, block] += (correct & ~train).sum(1)
+            sums[0, block] += torch.where(in_train, loss, zero).sum(
+                1
+            )  # where, not *: a val row's inf stays out
+            sums[1, block] += (correct & in_train).sum(1)
+            sums[2, block] += torch.where(in_train, zero, loss).sum(1)
+            sums[3, block] += (correct & ~in_train).sum(1)
     n_train, n_val = t["data.n_train"], t["data.n_val"]
     values = [sums[0] / n_train, sums[1] / n_train, sums[2] / n_val, sums[3] / n_val]
     values += [_weights_norm(state), _fourier(state)]

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,39 @@ PHASE_DEFINITIONS: dict[str, str] = {
     "diverged": "the training loss became non-finite",
 }
 """One line per phase, for figure legends and docs; the module docstring has the exact rule."""
+
+TIE = "tie"
+"""The verdict of a cell whose seeds tie for the most votes: not a phase, and drawn as one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Vote:
+    """The phase of a cell from its seeds' phases (`vote`)."""
+
+    phase: str
+    """The phase most seeds share, or TIE when several share the most votes (or there are none)."""
+    count: int
+    """Seeds voting for the winner (each tied phase has this many)."""
+    share: float
+    """count / seeds (0 with no seeds)."""
+    tied: tuple[str, ...]
+    """The phases with the most votes, in PHASES order (one, unless seeds tie)."""
+
+
+def vote(labels: Sequence[str]) -> Vote:
+    """The seeds' majority phase: the one rule for cells, in the boundary sampler, the cells
+    table and the figures. A tie is a tie: never broken by phase order or by chance."""
+    if not labels:
+        return Vote(TIE, 0, 0.0, ())
+    counts = Counter(labels)
+    top = max(counts.values())
+    tied = tuple(sorted((p for p, n in counts.items() if n == top), key=phase_order))
+    return Vote(tied[0] if len(tied) == 1 else TIE, top, top / len(labels), tied)
+
+
+def phase_order(phase: str) -> tuple[int, str]:
+    """Sort key: PHASES order, unknown labels after them by name."""
+    return (PHASES.index(phase) if phase in PHASES else len(PHASES), phase)
 
 
 @dataclass(frozen=True, slots=True)

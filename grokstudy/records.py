@@ -3,11 +3,12 @@
 - `EvalRecord`: one evaluation point; a curve is `list[EvalRecord]`, in flight
   and at rest. Its one serialisation is `to_dicts`/`from_dicts` (checkpoint
   metadata); MLflow and Parquet hold the same keys as columns or metrics.
+- `Outcome`: how a trial ended (its phase and why it stopped), judged once.
 - `TrialHistory`: a finished (or failed) trial as the table builder wants it,
   whichever source it was read from (the runner's checkpoints, a Ray Tune
   experiment, MLflow).
 
-Metric keys are the same in MLflow, Parquet and figures (STYLE.md, principle 13).
+Metric keys are the same in MLflow, Parquet and figures.
 Standard library only, so phases/results/figures can use it without torch.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,15 +89,33 @@ def from_dicts(rows: Iterable[Mapping[str, Any]]) -> list[EvalRecord]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def merge(*curves: Sequence[EvalRecord]) -> list[EvalRecord]:
-    """Curves joined by step; where two carry a step, the later curve's record wins."""
-    by_step = {r.step: r for curve in curves for r in curve}
-    return [by_step[s] for s in sorted(by_step)]
-
-
 STOP_REASONS = ("generalized", "budget", "diverged", "error")
 """Why a trial stopped: its generalization held for phases.confirm_steps, its
 step budget was spent, its loss went non-finite, or it failed (beyond retries)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a trial (one member of a pack) ended: judged once, where it trained (`member.judge`),
+    and carried as this value to the report, the checkpoint, the MLflow run and the tables."""
+
+    phase: str
+    """One of phases.PHASES."""
+    t_train: int | None
+    t_val: int | None
+    t_val_loss: int | None
+    objective: float
+    """What the sampler minimizes: t_val, or the step budget when it never generalized."""
+    stop_reason: str
+    """One of STOP_REASONS but "error" (a failed trial has no outcome)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Outcome:
+        """Inverse of `to_dict`; keys of another grokstudy version are ignored."""
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +124,20 @@ class TrialHistory:
 
     trial_id: str
     """`<point_id>-s<seed>`: the trial's identity across retries, restores and packs."""
-    point_id: str
+    point: dict[str, Any]
+    """Its searched values and `train.seed` (`points.point_from_config`)."""
     cfg: TrialConfig
     records: tuple[EvalRecord, ...]
     """Its curve, by increasing step (empty when it failed before its first checkpoint)."""
-    stop_reason: str
-    """One of STOP_REASONS."""
+    outcome: Outcome | None
+    """How it ended; None when it failed (beyond retries)."""
     node: str | None = None
     run_id: str | None = None
     """The trial's MLflow run (None when untracked)."""
     error: str | None = None
-    """Why it failed, when stop_reason is "error"."""
+    """Why it failed, when it has no outcome."""
+
+    @property
+    def stop_reason(self) -> str:
+        """One of STOP_REASONS."""
+        return self.outcome.stop_reason if self.outcome is not None else "error"

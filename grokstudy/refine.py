@@ -27,9 +27,8 @@ Seeds where phases meet. A new cell is trained with its first seed only; its oth
 the cell meets another phase: when its seeds so far disagree, or when a stride-1 neighbour is measured
 or inferred as another phase (`seeds_to_add`); a neighbour still in conflict waits until it is located.
 Inside a phase region one seed, confirmed by every cell around it, settles a cell; on a boundary,
-where seeds disagree most, every cell gets all its seeds. On the quickstart's 9 x 9 space this cut the
-boundary sampler's model-steps from 206,800 to 170,500 at the same agreement, 81 of 81 cells with
-the dense grid (bench/adaptive_vs_grid.py).
+where seeds disagree most, every cell gets all its seeds (what this saves: bench/README.md,
+bench/adaptive_vs_grid.py).
 
 Seeds and ties. A measured cell's phase is the majority of its seeds' labels so far. A tie for the most votes
 (1-1 with two seeds, 1-1-1 with three) is the phase `TIE` ("tie") with confidence = the tied share
@@ -55,15 +54,16 @@ import functools
 import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from grokstudy.phases import TIE, vote
+
 Cell = tuple[int, ...]
 
-TIE = "tie"  # the phase of a measured cell whose seeds tie for the most votes
 COARSE_INTERVALS = 4  # the coarse grid keeps at least this many intervals per ordered axis
 SPECULATE_MIN_CHANCE = 0.5  # a speculative cell must be more likely needed than not
 
@@ -105,15 +105,9 @@ class Lattice:
         return tuple(i for i, o in zip(cell, self.ordered, strict=True) if not o)
 
 
-def majority(labels: Sequence[str]) -> tuple[str, float]:
-    """(phase, share of seeds voting for it); a tie for the most votes is (TIE, tied share); none is (TIE, 0)."""
-    if not labels:
-        return TIE, 0.0
-    counts = Counter(labels).most_common()
-    top = counts[0][1]
-    if len(counts) > 1 and counts[1][1] == top:
-        return TIE, top / len(labels)
-    return counts[0][0], top / len(labels)
+def neighbours(lattice: Lattice, cell: Cell) -> tuple[Cell, ...]:
+    """The stride-1 neighbours of `cell` along the ordered axes."""
+    return _plan(lattice).neighbours[cell]
 
 
 def coarse_stride(n: int) -> int:
@@ -160,6 +154,7 @@ def _bisection_depths(k: int) -> list[int]:
     return depth
 
 
+# Long on purpose: one pass over the grid, its helpers closures over the axes' strides.
 @functools.lru_cache(maxsize=64)
 def _plan(lattice: Lattice) -> _Plan:
     dims = range(len(lattice.shape))
@@ -306,7 +301,8 @@ def _finished(
     for c, labs in labels.items():
         if c in pending and not labs:
             continue
-        phase, share = majority(labs)
+        v = vote(labs)
+        phase, share = v.phase, v.share
         known[c] = phase
         if share < 1.0:
             shaky[c] = share
@@ -440,7 +436,8 @@ def infer(lattice: Lattice, observed: Mapping[Cell, Sequence[str]]) -> Inferred:
     known = {}
     for c, labs in observed.items():
         c = _cell(lattice, c)
-        known[c], share = majority(labs)
+        v = vote(labs)
+        known[c], share = v.phase, v.share
         phase[c], measured[c], confidence[c] = known[c], True, share
     est = _estimate(plan, known)
     for c in plan.order:
@@ -462,124 +459,5 @@ def _nearest_vote(lattice: Lattice, c: Cell, known: Mapping[Cell, str]) -> tuple
     if not dist:
         return None, 0.0
     d0 = min(dist.values())
-    phase, share = majority([known[k] for k in sorted(dist) if dist[k] == d0])
-    return phase, 0.5 * share
-
-
-@dataclass(frozen=True)
-class Simulation:
-    """The outcome of `simulate`: what was measured, and how long and how busy the cluster was."""
-
-    observed: dict[Cell, list[str]]
-    rounds: int  # simulated time: each round, the older half of the running seeds report
-    busy: float  # share of worker-rounds with a seed to run
-
-    @property
-    def trained(self) -> int:
-        """Cells measured (with any number of seeds)."""
-        return len(self.observed)
-
-    @property
-    def runs(self) -> int:
-        """Seeds trained, over all cells: the trials a study would run."""
-        return sum(len(v) for v in self.observed.values())
-
-
-def simulate(
-    lattice: Lattice,
-    truth: Callable[[Cell], Sequence[str]],
-    seeds: int,
-    batch: int,
-    *,
-    speculate: bool = True,
-    max_rounds: int = 100_000,
-) -> Simulation:
-    """Refine `lattice` on a simulated cluster of `batch` workers; `truth(cell)` -> one label per seed.
-
-    A worker trains one seed of one cell, as a study's trial does. Each round, free workers get first
-    the further seeds of the cells in `seeds_to_add`, then the first seed of `next_cells`; then the
-    older half of the running seeds (at least one) report, so results arrive staggered and cells are
-    seen partly finished, as on a real cluster. Ends when nothing runs and nothing is proposed.
-    """
-    observed: dict[Cell, list[str]] = {}
-    running: list[Cell] = []  # one entry per seed in training
-    rounds = busy = 0
-    while rounds < max_rounds:
-        for c in seeds_to_add(lattice, observed, running, seeds):
-            running += [c] * min(seeds - len(observed[c]), batch - len(running))
-        running += next_cells(lattice, observed, running, seeds, batch - len(running), speculate=speculate)
-        if not running:
-            break
-        rounds += 1
-        busy += len(running)
-        done = max(1, (len(running) + 1) // 2)
-        for c in running[:done]:
-            got = observed.setdefault(c, [])
-            got.append(truth(c)[len(got)])
-        running = running[done:]
-    return Simulation(observed, rounds, busy / max(1, rounds * batch))
-
-
-# Synthetic phase maps for tests/test_refine.py and bench/refine_synthetic.py: pure functions of the
-# cell, drawn on a 17 x 17 grid; the n x n version samples the same picture (9 x 9: every second point).
-
-
-def _disc(u: float, v: float) -> str:
-    return "grokking" if (u - 8) ** 2 + (v - 8) ** 2 <= 5.5**2 else "memorization"
-
-
-def _band(u: float, v: float) -> str:
-    d = v - u  # a band 4 cells wide along the diagonal
-    return "comprehension" if d >= 2 else "grokking" if d >= -2 else "memorization"
-
-
-def _staircase(u: float, v: float) -> str:
-    wd, fraction = int(u), int(v)  # like weight decay x training fraction: monotone steps, 4 phases
-    if wd >= 14:
-        return "confusion"
-    if fraction >= 12 - wd // 3:
-        return "comprehension"
-    if fraction >= 7 - wd // 2 and wd >= 2:
-        return "grokking"
-    return "memorization"
-
-
-SYNTHETIC_MAPS: dict[str, Callable[[float, float], str]] = {
-    "disc": _disc,
-    "band": _band,
-    "staircase": _staircase,
-}
-
-
-def synthetic_map(name: str, n: int = 17) -> Callable[[Cell], str]:
-    """The phase of each cell of an n x n grid for the map `name` (one of SYNTHETIC_MAPS)."""
-    if name not in SYNTHETIC_MAPS:
-        raise ValueError(f"unknown synthetic map {name!r}; choose one of: {', '.join(SYNTHETIC_MAPS)}")
-    draw, scale = SYNTHETIC_MAPS[name], 16 / max(1, n - 1)
-    return lambda c: draw(c[0] * scale, c[1] * scale)
-
-
-def boundary_cells(lattice: Lattice, phase_of: Callable[[Cell], str]) -> set[Cell]:
-    """Cells with a stride-1 neighbour of another phase."""
-    plan = _plan(lattice)
-    return {c for c in lattice.cells() if any(phase_of(nb) != phase_of(c) for nb in plan.neighbours[c])}
-
-
-def seeds_agree(phase_of: Callable[[Cell], str], seeds: int) -> Callable[[Cell], list[str]]:
-    """Every seed of a cell gives its true phase."""
-    return lambda c: [phase_of(c)] * seeds
-
-
-def seeds_disagree_near_boundary(
-    lattice: Lattice, phase_of: Callable[[Cell], str], seeds: int
-) -> Callable[[Cell], list[str]]:
-    """The second seed of each boundary cell gives the phase of a differing neighbour (the first by name)."""
-    plan, edge = _plan(lattice), boundary_cells(lattice, phase_of)
-
-    def labels(c: Cell) -> list[str]:
-        out = [phase_of(c)] * seeds
-        if c in edge and seeds > 1:
-            out[1] = min(phase_of(nb) for nb in plan.neighbours[c] if phase_of(nb) != out[0])
-        return out
-
-    return labels
+    v = vote([known[k] for k in sorted(dist) if dist[k] == d0])
+    return v.phase, 0.5 * v.share

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -34,10 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from grokstudy import __version__
-from grokstudy.config import LATTICE_SAMPLERS, Study, TrialConfig, flatten
+from grokstudy import __version__, storage
+from grokstudy.config import LATTICE_SAMPLERS, Study, TrialConfig, flatten, plain, value_key
 from grokstudy.errors import UsageError
 from grokstudy.phases import PhaseResult, classify_records
+from grokstudy.points import point_id
 from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, STOP_REASONS, EvalRecord, TrialHistory
 
 TRIALS_FILE = "trials.parquet"
@@ -122,6 +122,7 @@ def _metadata(kind: str) -> dict[str, str]:
     }
 
 
+# Long on purpose: one documented field per column, in table order.
 def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
     """The trials table's schema for a TrialConfig-shaped dataclass (`TRIALS_SCHEMA` for the real one)."""
     steps = "steps"
@@ -220,6 +221,11 @@ TRIALS_SCHEMA = trials_schema()
 def build_tables(study: Study, histories: Iterable[TrialHistory]) -> tuple[pa.Table, pa.Table]:
     """(trials, curves) of a study's trials, phases classified afresh with the study's rule.
 
+    Afresh on purpose, not read from `TrialHistory.outcome`: the tables hold every timing of
+    `phases.PhaseResult` (delay, best accuracy), and a study exported from MLflow or a Tune
+    experiment by a later grokstudy is judged by the rule it names today. For a study this
+    grokstudy ran, the verdict equals the outcome its trial judged (`member.judge`).
+
     The trials table's metadata names the study's sampler, the scale of each
     searched axis and the diagram axes (`SAMPLER_META`, `AXES_META`, `DIAGRAM_META`).
     """
@@ -272,11 +278,11 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
     else:
         verdict = dict.fromkeys(f.name for f in dataclasses.fields(PhaseResult)) | {"steps": 0}
     last = h.records[-1] if h.records else None
-    hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(h.cfg).items()}
+    hyper = plain(flatten(h.cfg))
     return {
         "study": study,
         "trial_id": h.trial_id,
-        "point_id": h.point_id,
+        "point_id": point_id(h.point),
         "run_id": h.run_id,
         **hyper,
         "optimizer.weight_decay_form": h.cfg.optimizer.weight_decay_form,
@@ -402,9 +408,8 @@ def write_tables(trials: pa.Table, curves: pa.Table, out_dir: Path) -> tuple[Pat
 
 
 def _write(table: pa.Table, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path
 
 
@@ -494,12 +499,12 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
         return None
     dims = study.search.space
     lattice = refine.lattice_of(dims)
-    index = [{_cell_key(v): i for i, v in enumerate(d.grid)} for d in dims]
+    index = [{value_key(v): i for i, v in enumerate(d.grid)} for d in dims]
     observed: dict[tuple[int, ...], list[str]] = {}
     for row in trials.to_pylist():
         if row["phase"] is None or row["stop_reason"] == "error":
             continue
-        cell = tuple(index[a].get(_cell_key(row[d.key])) for a, d in enumerate(dims))
+        cell = tuple(index[a].get(value_key(row[d.key])) for a, d in enumerate(dims))
         if None not in cell:
             observed.setdefault(cell, []).append(row["phase"])
     inferred = refine.infer(lattice, observed)
@@ -509,7 +514,7 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
         rows.append(
             {
                 "study": study.name,
-                **{d.key: _plain_value(d.grid[i]) for d, i in zip(dims, cell, strict=True)},
+                **{d.key: plain(d.grid[i]) for d, i in zip(dims, cell, strict=True)},
                 "phase": inferred.phase[cell],
                 "measured": bool(inferred.measured[cell]),
                 "confidence": float(inferred.confidence[cell]),
@@ -519,20 +524,6 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
     schema = cells_schema([hyper[d.key] for d in dims])
     table = _table(rows, schema, "cells")
     return table.replace_schema_metadata(table.schema.metadata | study_metadata(study))
-
-
-def _cell_key(v: Any) -> Any:
-    return (
-        tuple(v)
-        if isinstance(v, (list, tuple))
-        else float(v)
-        if isinstance(v, (int, float)) and not isinstance(v, bool)
-        else v
-    )
-
-
-def _plain_value(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
 
 
 def read_cells(path: Path) -> pa.Table:

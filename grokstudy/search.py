@@ -25,20 +25,15 @@ stored in Optuna as its JSON text, because Optuna's categorical values must be
 None, bool, int, float or str; the space returns the decoded value, and
 `point_from_config` turns any config back into typed values.
 
-Private Optuna APIs used, each checked against optuna 5.0.0:
-- `study._storage.set_trial_system_attr` / `set_trial_user_attr` and
-  `trial._trial_id`: how a sampler's `before_trial` marks its trial (Optuna's
-  own GridSampler does the same), and how the ledger tags a trial it is about
-  to tell (a FrozenTrial has no setter).
+Optuna's private APIs (a sampler marking its trial in `before_trial`, the
+ledger tagging a frozen trial) go through `compat`, which checks them at the
+start of every run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
-import os
 import random
 import warnings
 from collections.abc import Iterator
@@ -56,46 +51,15 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from grokstudy import refine
+from grokstudy import compat, refine, storage
 from grokstudy.config import LATTICE_SAMPLERS, SearchDim, Study
+from grokstudy.points import SEED, encode, is_scalar, point_from_config, trial_id
 
 # grokstudy prints its own progress; Optuna's per-trial INFO lines would interleave with it.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SEED = "train.seed"
 REPLICATE_OF = "grokstudy.replicate_of"
 """User attribute of an enqueued replicate: the number of the trial that proposed its point."""
-
-
-# ---- counting ------------------------------------------------------------------------------------
-
-
-def grid_points(study: Study) -> list[dict[str, Any]]:
-    """Every combination of the grid's axes (seeds excluded), the last axis varying fastest."""
-    if study.search.sampler not in LATTICE_SAMPLERS:
-        raise ValueError(f"grid_points needs a grid, and the {study.search.sampler!r} sampler has none")
-    dims = study.search.space
-    return [
-        {d.key: v for d, v in zip(dims, combo, strict=True)}
-        for combo in itertools.product(*(d.grid for d in dims))
-    ]
-
-
-def n_points(study: Study) -> int:
-    """Distinct hyperparameter points: the grid's size (the boundary sampler's at most),
-    or num_samples for the other samplers."""
-    if study.search.sampler in LATTICE_SAMPLERS:
-        return math.prod(len(d.grid) for d in study.search.space)
-    assert study.search.num_samples is not None, "study.py requires num_samples for this sampler"
-    return study.search.num_samples
-
-
-def n_trials(study: Study) -> int | None:
-    """Training runs in the study: points x seeds; None for the boundary sampler, which
-    decides as results come in (at most n_points x seeds, or search.budget)."""
-    if study.search.sampler == "boundary":
-        return None
-    return n_points(study) * study.search.seeds
 
 
 # ---- the space -----------------------------------------------------------------------------------
@@ -152,27 +116,19 @@ def optuna_space(study: Study) -> SearchSpace:
     decode: dict[str, dict[str, Any]] = {}
     for dim in study.search.space:
         distributions[dim.key] = _distribution(dim, grid)
-        if table := {_encode(v): v for v in (dim.choice or ()) if not _is_scalar(v)}:
+        if table := {encode(v): v for v in (dim.choice or ()) if not is_scalar(v)}:
             decode[dim.key] = table
     return SearchSpace(distributions, decode, study.search.seeds, seed_is_axis=grid)
 
 
 def _distribution(dim: SearchDim, grid: bool) -> BaseDistribution:
-    if grid or dim.values is not None or dim.choice is not None:
-        return CategoricalDistribution([_encode(v) for v in dim.grid])
+    if grid or dim.is_listed:
+        return CategoricalDistribution([encode(v) for v in dim.grid])
     lo, hi = dim.log or dim.range
     log = dim.log is not None
     if dim.integer:
         return IntDistribution(math.ceil(lo), math.floor(hi), log=log)
     return FloatDistribution(lo, hi, log=log)
-
-
-def _is_scalar(v: Any) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str))
-
-
-def _encode(v: Any) -> Any:
-    return v if _is_scalar(v) else json.dumps(v)  # tuples as JSON lists, like lists
 
 
 # ---- samplers ------------------------------------------------------------------------------------
@@ -220,7 +176,7 @@ class LatticeSampler(optuna.samplers.BaseSampler):
         if "fixed_params" in trial.system_attrs:
             return
         cell = self.next_cell(study) or 0  # None: nothing to run, and the ledger does not ask then
-        study._storage.set_trial_system_attr(trial._trial_id, CELL_ATTR, cell)
+        compat.set_system_attr(study, trial, CELL_ATTR, cell)
 
     def next_cell(self, study: Any) -> int | None:
         """The next point x seed to run, or None when there is none now."""
@@ -364,7 +320,7 @@ def make_sampler(study: Study) -> optuna.samplers.BaseSampler:
     """
     s = study.search
     if s.sampler in LATTICE_SAMPLERS:
-        space = {d.key: [_encode(v) for v in d.grid] for d in s.space}
+        space = {d.key: [encode(v) for v in d.grid] for d in s.space}
         if s.sampler == "boundary":
             return BoundarySampler(space, s.seeds, refine.lattice_of(s.space), s.budget, seed=s.sampler_seed)
         return LatticeSampler({**space, SEED: list(range(s.seeds))}, seed=s.sampler_seed)
@@ -469,7 +425,7 @@ class Ledger:
         if isinstance(sampler, LatticeSampler):
             running = any(t.state == TrialState.RUNNING for t in trials)
             return sampler.next_cell(self.ot) is None and not (sampler.adaptive and running)
-        return len(_held_points(trials)) >= n_points(self.study)
+        return len(_held_points(trials)) >= self.study.search.n_points
 
     # -- results --
 
@@ -479,7 +435,7 @@ class Ledger:
         if trial is None or trial.state != TrialState.RUNNING:
             return
         if phase is not None:
-            self.ot._storage.set_trial_user_attr(trial._trial_id, PHASE, phase)
+            compat.set_user_attr(self.ot, trial, PHASE, phase)
         self.ot.tell(trial.number, objective, skip_if_finished=True)
 
     def fail(self, tid: str, error: str) -> None:
@@ -487,7 +443,7 @@ class Ledger:
         trial = self._holder(tid)
         if trial is None or trial.state != TrialState.RUNNING:
             return
-        self.ot._storage.set_trial_user_attr(trial._trial_id, ERROR, error[:2000])
+        compat.set_user_attr(self.ot, trial, ERROR, error[:2000])
         self.ot.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
     def reconcile(self, known: dict[str, Known]) -> list[str]:
@@ -505,7 +461,7 @@ class Ledger:
             tid = t.user_attrs.get(TRIAL_ID)
             if tid in known:
                 continue
-            self.ot._storage.set_trial_user_attr(t._trial_id, LOST, True)
+            compat.set_user_attr(self.ot, t, LOST, True)
             self.ot.tell(t.number, state=TrialState.FAIL)
             if tid is not None:
                 lost.append(tid)
@@ -528,10 +484,12 @@ class Ledger:
             return sampler.remaining(self.ot)
         trials = self.ot.get_trials(deepcopy=False)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
-        return max(0, n_points(self.study) - len(_held_points(trials))) * self.study.search.seeds + waiting
+        return (
+            max(0, self.study.search.n_points - len(_held_points(trials))) * self.study.search.seeds + waiting
+        )
 
     def _adopt(self, tid: str, point: dict[str, Any]) -> None:
-        params = {k: _encode(v) for k, v in point.items() if k != SEED}
+        params = {k: encode(v) for k, v in point.items() if k != SEED}
         if self.space.seed_is_axis:
             params[SEED] = point[SEED]
             self.ot.enqueue_trial(params)
@@ -560,104 +518,17 @@ class Ledger:
     def export(self, path: Path) -> Path:
         """Write the Optuna study to a sqlite file (for `optuna-dashboard sqlite:///<path>`)."""
         path = Path(path).resolve()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
-        optuna.copy_study(
-            from_study_name=self.ot.study_name,
-            from_storage=self.ot._storage,
-            to_storage=storage,
-            to_study_name=self.study.name,
-        )
-        storage.engine.dispose()
-        os.replace(tmp, path)
+        with storage.atomic_path(path) as tmp:
+            tmp.unlink()  # RDBStorage creates its own database file
+            rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp}")
+            optuna.copy_study(
+                from_study_name=self.ot.study_name,
+                from_storage=compat.storage_of(self.ot),
+                to_storage=rdb,
+                to_study_name=self.study.name,
+            )
+            rdb.engine.dispose()
         return path
-
-
-# ---- points --------------------------------------------------------------------------------------
-
-
-def point_from_config(study: Study, config: dict[str, Any]) -> dict[str, Any]:
-    """The typed point (searched keys and `train.seed`) of a Tune config or Optuna params.
-
-    Decodes JSON-encoded choices and restores types (tuples for betas, ints for
-    integer axes), so `study.trial(point)` is the trial that ran.
-    """
-    grid = study.search.sampler in LATTICE_SAMPLERS
-    point = {d.key: _typed(d, config[d.key], grid) for d in study.search.space if d.key in config}
-    if SEED in config:
-        point[SEED] = int(config[SEED])
-    return point
-
-
-def _typed(dim: SearchDim, value: Any, grid: bool) -> Any:
-    if grid or dim.values is not None or dim.choice is not None:
-        for c in dim.grid:
-            if _encode(c) == _encode(value) or c == value:
-                return c
-        raise ValueError(f"{dim.key}={value!r} is not a value of the study's axis")
-    return int(value) if dim.integer else float(value)
-
-
-def trial_id(point: dict[str, Any]) -> str:
-    """A trial's identity across retries, restores and packs: `<point_id>-s<seed>`."""
-    return f"{point_id(point)}-s{point.get(SEED, 0)}"
-
-
-def point_id(point: dict[str, Any]) -> str:
-    """A short stable hash of a point's hyperparameters; the same for all its seeds."""
-    canonical = {k: _canonical(v) for k, v in point.items() if k != SEED}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _canonical(v: Any) -> Any:
-    # Numbers as floats: 128 and 128.0 are the same point whichever path typed them.
-    if v is None or isinstance(v, (bool, str)):
-        return v
-    if isinstance(v, (int, float)):
-        return float(v)
-    if isinstance(v, (list, tuple)):
-        return [_canonical(x) for x in v]
-    return str(v)
-
-
-ALIASES = {
-    "optimizer.weight_decay": "wd",
-    "data.fraction": "frac",
-    "optimizer.lr": "lr",
-    "optimizer.name": "opt",
-    "optimizer.betas": "betas",
-    "optimizer.momentum": "mom",
-    "model.init_scale": "init",
-    "model.width": "width",
-    "model.embed_dim": "d",
-    "model.depth": "depth",
-    "model.heads": "heads",
-    "model.kind": "model",
-    "task.op": "op",
-    "task.p": "p",
-    "train.batch_size": "bs",
-    "train.max_steps": "steps",
-    "train.seed": "seed",
-}
-
-
-def point_label(point: dict[str, Any]) -> str:
-    """A human label, `wd=0.1 frac=0.4 seed=1`: short aliases for common keys, the seed last."""
-    keys = [k for k in point if k != SEED] + ([SEED] if SEED in point else [])
-    return " ".join(f"{ALIASES.get(k, k)}={_fmt(point[k])}" for k in keys)
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "full"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (list, tuple)):
-        return ",".join(_fmt(x) for x in v)
-    return str(v)
 
 
 # ---- a dry run -----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Where a study's files live, and who may write them.
 
-- The output directory (`--out`): files written atomically (`write_atomic`:
+- The output directory (`--out`): files written atomically (`atomic_path`:
   temp file, fsync, replace), and an exclusive lock (`OutputLock`, `flock` on
   `<out>/.grokstudy.lock`) that a second driver on the same directory is
   refused with at once. The kernel drops the lock when its process dies,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +40,47 @@ LEASE_FILE = "grokstudy-lease.json"
 LEASE_TTL_S = 60.0
 """A lease not renewed for this long is free: a driver that died on another host holds a study no longer."""
 LEASE_RENEW_S = 10.0
+STALE_TMP_S = 600.0
+"""A temporary file of `atomic_path` this old was left by a killed writer."""
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never half:
-    a temp file beside it, fsync, then an atomic rename."""
+@contextlib.contextmanager
+def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` to write a file into; when the block ends without an
+    error, the file is fsynced and renamed onto `path`, so a reader sees the old file or the
+    new one, never half. On an error the temporary file is removed and `path` is untouched.
+    With `exclusive`, the new file takes `path` only if nothing is there yet (another writer's
+    whole file wins). The one way this package replaces a file (texts, Parquet tables, sqlite
+    databases); temporary files older than STALE_TMP_S, left by killed writers, go first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.lstat().st_mtime > STALE_TMP_S:
+                stale.unlink()
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

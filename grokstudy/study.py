@@ -1,6 +1,6 @@
 """The study file: YAML and `--set KEY=VALUE` text in, a validated frozen `Study` out.
 
-The only module that parses user text (STYLE.md, principle 4). The schema is
+The only module that parses user text, validated once at the edge. The schema is
 read off `config.py`: a section's keys are its dataclass's fields, each value is
 checked by its field's `config.setting` rule, so what is accepted cannot drift
 from the configs or from what the training core checks (`config.validate_trial`).
@@ -46,10 +46,11 @@ from grokstudy.config import (
     did_you_mean,
     get_path,
     is_number,
+    plain,
     show,
     to_dict,
 )
-from grokstudy.errors import StudyError, raise_all
+from grokstudy.errors import StudyError, one_line, raise_all
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
@@ -135,7 +136,7 @@ def _load_yaml(text: str, source: str) -> Any:
         where = f"line {mark.line + 1}: " if mark else ""
         raise StudyError(source, f"not valid YAML: {where}{e.problem or e.context}") from None
     except yaml.YAMLError as e:
-        raise StudyError(source, f"not valid YAML: {' '.join(str(e).split())[:200]}") from None
+        raise StudyError(source, f"not valid YAML: {one_line(str(e), 200)}") from None
     except RecursionError:
         raise StudyError(source, "not valid YAML: nested too deeply") from None
 
@@ -264,7 +265,7 @@ def describe(study: Study) -> str:
         lines.append("  none: every trial is the base trial")
     seeds = f"{s.seeds} seed{'s' * (s.seeds != 1)}"
     lattice = s.sampler in LATTICE_SAMPLERS
-    n = math.prod(len(d.grid) for d in s.space) if lattice else s.num_samples or 0
+    n = s.n_points or 0
     if lattice and s.num_samples:
         lines.append(f"(num_samples is ignored by the {s.sampler} sampler)")
     if s.sampler == "boundary":
@@ -436,9 +437,7 @@ def _search(raw: Any, problems: list[StudyError], bad: set[str]) -> SearchConfig
 
 def _check_size(search: SearchConfig, problems: list[StudyError]) -> None:
     """The study's trial count is sane, and a sampler can draw as many distinct points as asked."""
-    discrete = all(d.values is not None or d.choice is not None or d.points is not None for d in search.space)
-    grid_size = math.prod(len(d.grid) for d in search.space) if discrete else None
-    points = grid_size if search.sampler in LATTICE_SAMPLERS else search.num_samples
+    grid_size, points = search.grid_size, search.n_points
     if points is not None and points * search.seeds > MAX_TRIALS:
         trials = f"{points:,} points x {search.seeds} seeds = {points * search.seeds:,} trials"
         problems.append(StudyError("search", f"{trials}; allowed: at most {MAX_TRIALS:,}"))
@@ -491,7 +490,7 @@ def _dim(key: str, raw: Any, sampler: str | None, problems: list[StudyError]) ->
         return None
     dim = SearchDim(**kwargs)
     # The searched values obey the same rules as a base value (ranges, choices).
-    if dim.values is not None or dim.choice is not None or dim.points is not None:
+    if dim.is_discrete:
         candidates = list(dim.grid)
     else:
         lo, hi = dim.log or dim.range
@@ -565,7 +564,7 @@ def _candidates_of(path: str, key: str, form: str, items: Any, problems: list[St
 
 
 def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
-    out = {form: _plain(getattr(dim, form)) for form in DIM_FORMS if getattr(dim, form) is not None}
+    out = {form: plain(getattr(dim, form)) for form in DIM_FORMS if getattr(dim, form) is not None}
     if dim.points is not None:
         out["points"] = dim.points
     if dim.integer:
@@ -574,7 +573,7 @@ def _dim_to_dict(dim: SearchDim) -> dict[str, Any]:
 
 
 def _describe_dim(dim: SearchDim, sampler: str) -> str:
-    if sampler in LATTICE_SAMPLERS or dim.values is not None or dim.choice is not None:
+    if sampler in LATTICE_SAMPLERS or dim.is_listed:
         grid = [show(v) for v in dim.grid]
         shown = grid if len(grid) <= 12 else [*grid[:5], "...", *grid[-2:]]
         kind = "log-spaced " if dim.log is not None else ""
@@ -597,7 +596,7 @@ def _cross_checks(
         dim = dims.get(key)
         if dim is None:
             return [get_path(base, key)]
-        if dim.values is not None or dim.choice is not None or dim.points is not None:
+        if dim.is_discrete:
             return list(dim.grid)
         return list(dim.log or dim.range or ()) if ends else None
 
@@ -688,9 +687,3 @@ def _unknown(path: str, key: str, allowed: Sequence[str], listing: str | None = 
     """`path: unknown key 'weight_decy'; did you mean 'weight_decay'? allowed: ...`."""
     hint = did_you_mean(key, allowed, cutoff=0.6)
     return StudyError(path, f"unknown key {key!r}{hint} allowed: {listing or ', '.join(allowed)}")
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v

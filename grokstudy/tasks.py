@@ -122,10 +122,14 @@ def build_dataset(task: TaskConfig, data: DataConfig) -> Dataset:
     (the complement) validate; `config.validate_trial` keeps both non-empty.
     """
     table = build_table(task)
-    n = table.labels.shape[0]
-    n_train = round(data.fraction * n)
-    generator = torch.Generator().manual_seed(data.split_seed)
-    order = torch.randperm(n, generator=generator)
-    train, val = order[:n_train], order[n_train:]
+    train, val = split(table.labels.shape[0], data)
     x, y = table.inputs, table.labels
     return Dataset(x[train], y[train], x[val], y[val], table.n_tokens, table.n_classes)
+
+
+def split(n: int, data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training rows, validation rows) of a table of n pairs: the first round(fraction * n) of a
+    permutation seeded by `data.split_seed` alone, and the rest."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(data.split_seed))
+    n_train = round(data.fraction * n)
+    return order[:n_train], order[n_train:]

@@ -54,9 +54,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import grokstudy
-from grokstudy.config import TrialConfig, flatten, trial_from_dict
-from grokstudy.errors import StudyError, UsageError
-from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, EvalRecord, TrialHistory
+from grokstudy import compat, storage
+from grokstudy.config import Study, TrialConfig, flatten, get_path, trial_from_dict
+from grokstudy.errors import StudyError, UsageError, one_line
+from grokstudy.points import SEED
+from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, EvalRecord, Outcome, TrialHistory
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -129,8 +131,14 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+"""Environment of an MLflow UI: no server-side job execution (MLflow's GenAI jobs: six more
+processes of about 240 MB each, which grokstudy never uses)."""
+
+
 def ui_command(tracking_uri: str, port: int = 5000, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
-    """argv of an MLflow UI (`mlflow server`) on `tracking_uri`, bound to `host:port`.
+    """argv of an MLflow UI (`mlflow server`) on `tracking_uri`, bound to `host:port`; run it
+    with `UI_ENV` in its environment.
 
     One uvicorn worker by default (mlflow's default is 4 processes, each
     importing mlflow: slow to start and pointless for one person browsing).
@@ -158,22 +166,14 @@ def _create_sqlite_store(uri: str) -> None:
     MLflow builds a new store's schema through dozens of Alembic migrations; a
     driver killed in the middle leaves a database that every later open refuses
     ("table _alembic_tmp_tags already exists"). So the schema is built in a temp
-    file beside it, which is renamed into place only when complete.
+    file beside it, which takes the store's name only when complete.
     """
     db = _sqlite_path(uri)
     if db is None or db.exists():
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
-    tmp.unlink(missing_ok=True)
-    for stale in db.parent.glob(f".{db.name}.*.creating"):  # left by a killed driver
-        if time.time() - stale.stat().st_mtime > 600:
-            stale.unlink(missing_ok=True)
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", str(db.parent / "mlartifacts"))
-    store.engine.dispose()
-    os.replace(tmp, db)
+    with storage.atomic_path(db, exclusive=True) as tmp:
+        tmp.unlink()  # MLflow creates its own database file
+        compat.create_sqlite_store(tmp, db.parent / "mlartifacts")
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -341,10 +341,12 @@ class Sender:
         self._runs: list[TrialRun] = []
         self._wake = threading.Event()
         self._stop = False
+        self._closing = threading.Event()
         self._idle = threading.Condition(self.lock)
         self._interval_s = interval_s
         self._existing: dict[str, str] | None = None
         self._down_since: float | None = None
+        self._reached_at: float | None = None
         self.last_error: str | None = None
         """The last failure to reach the store (None once a request succeeds again)."""
         self._thread = threading.Thread(target=self._loop, name="grokstudy-mlflow", daemon=True)
@@ -367,6 +369,12 @@ class Sender:
         since = self._down_since
         return 0.0 if since is None else time.monotonic() - since
 
+    @property
+    def reached_s(self) -> float | None:
+        """Seconds since the store last stored a request of this sender (None: never yet)."""
+        at = self._reached_at
+        return None if at is None else time.monotonic() - at
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -387,6 +395,7 @@ class Sender:
         checkpoint's curve replays it on resume). True when nothing was dropped."""
         flushed = self.flush(timeout_s)
         self._stop = True
+        self._closing.set()
         self.wake()
         self._thread.join(timeout=5)
         return flushed
@@ -403,6 +412,7 @@ class Sender:
         while not self._stop:
             self._wake.wait(self._interval_s)
             self._wake.clear()
+            runs: list[TrialRun] = []
             try:
                 client = client or _client(self.where.tracking_uri)
                 with self.lock:
@@ -410,17 +420,25 @@ class Sender:
                 for run in runs:
                     run._step(client, self.where, self._existing_runs)
             except Exception as err:  # the store is down or refused: keep everything, retry later
+                # A request that failed may still have been stored (the answer was lost, not the
+                # request): each run re-learns what its run holds before it sends again, and a
+                # run being created is looked up again, so nothing is stored twice.
+                self._existing = None
+                for run in runs:
+                    run._opened = False
                 if self._down_since is None:
                     self._down_since = time.monotonic()
-                self.last_error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                self.last_error = one_line(err)
                 log.warning(
                     "MLflow at %s: %s; retrying in %.1f s", self.where.tracking_uri, self.last_error, delay
                 )
-                time.sleep(delay)
+                self._closing.wait(delay)  # a backoff that `close` cuts short
                 delay = min(2 * delay, BACKOFF_S[1])
                 self._wake.set()
                 continue
-            self._down_since, self.last_error, delay = None, None, BACKOFF_S[0]
+            if runs:  # requests went through: the store answers
+                self._down_since, self.last_error, delay = None, None, BACKOFF_S[0]
+                self._reached_at = time.monotonic()
             with self.lock:
                 self._idle.notify_all()
 
@@ -777,10 +795,9 @@ def fetch_results(
 
     Runs are listed with paged `search_runs`, so any number works. Histories
     cost one `get_metric_history` request per run per metric (7 per trial),
-    sent from `workers` threads: 100 trials of 61 eval points took 12 s from a
-    local one-worker `mlflow server` on 2 busy cores (about 0.1 s a trial;
-    minutes for thousands). For big studies prefer the Parquet tables the
-    study writes. A step logged twice keeps its latest value.
+    sent from `workers` threads: about 0.1 s a trial from a local server, so
+    minutes for thousands (bench/README.md). For big studies prefer the Parquet
+    tables the study writes. A step logged twice keeps its latest value.
     """
     client = _client(tracking_uri)
     exp = _find_experiment(client, experiment, tracking_uri)
@@ -856,37 +873,54 @@ def _read_text_artifact(client: MlflowClient, run_id: str, path: str) -> str | N
 # ---- a study read back as trial histories --------------------------------------------------------
 
 
-def fetch_histories(tracking_uri: str, experiment: str) -> tuple[str, list[TrialHistory]]:
-    """(the study's resolved `study.yaml` text, one `TrialHistory` per trial run) of a study
-    read back from MLflow, for `grokstudy plot/export <experiment>` (`results.build_tables`
-    turns them into the tables).
+def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[TrialHistory]]:
+    """(the study, one `TrialHistory` per trial run) of a study read back from MLflow, for
+    `grokstudy plot/export <experiment>` (`results.build_tables` turns them into the tables).
 
-    Each trial's config comes from its params (the flattened TrialConfig), its
-    curve from its metric histories, how it ended from its tags and status.
+    The study comes from the parent run's `study.yaml`; each trial's config from its params (the
+    flattened TrialConfig), its curve from its metric histories, how it ended from its tags and
+    status (a FAILED run has no outcome).
     """
+    import yaml
+
+    from grokstudy.study import parse_study
+
     fetched = fetch_results(tracking_uri, experiment)
     if fetched.study_yaml is None:
         raise UsageError(
             "SOURCE",
             f"MLflow experiment {fetched.experiment_name!r} has no study run with a {STUDY_ARTIFACT} artifact",
         )
+    study = parse_study(yaml.safe_load(fetched.study_yaml), f"{experiment}/{STUDY_ARTIFACT}")
     histories = []
     for trial in fetched.trials:
         tags = trial["tags"]
-        failed = trial["status"] == "FAILED"
+        cfg = trial_config_from_params(trial["params"])
+        curve = tuple(records_from_metrics(trial["metrics"]))
         histories.append(
             TrialHistory(
                 trial_id=tags.get(TRIAL_KEY_TAG) or trial["run_id"],
-                point_id=tags.get("grokstudy.point_id", ""),
-                cfg=trial_config_from_params(trial["params"]),
-                records=tuple(records_from_metrics(trial["metrics"])),
-                stop_reason="error" if failed else tags.get("stop_reason") or "budget",
+                point={d.key: get_path(cfg, d.key) for d in study.search.space} | {SEED: cfg.train.seed},
+                cfg=cfg,
+                records=curve,
+                outcome=None if trial["status"] == "FAILED" else _outcome_of(tags, cfg),
                 node=tags.get("ray.node"),
                 run_id=trial["run_id"],
                 error=tags.get(ERROR_TAG),
             )
         )
-    return fetched.study_yaml, histories
+    return study, histories
+
+
+def _outcome_of(tags: dict[str, str], cfg: TrialConfig) -> Outcome:
+    """A trial run's outcome from its final tags (`member.final_tags`)."""
+    steps = {k: int(tags[k]) if tags.get(k) else None for k in ("t_train", "t_val", "t_val_loss")}
+    return Outcome(
+        phase=tags.get("phase") or "",
+        **steps,
+        objective=float(steps["t_val"] if steps["t_val"] is not None else cfg.train.max_steps),
+        stop_reason=tags.get("stop_reason") or "budget",
+    )
 
 
 def records_from_metrics(metrics: dict[str, list[tuple[int, float]]]) -> list[EvalRecord]:

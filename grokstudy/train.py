@@ -13,6 +13,7 @@ split depends on `data.split_seed` only.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,25 +111,17 @@ def run(cfg: TrialConfig, state: TrainState | None = None) -> Iterator[EvalRecor
     model.train()
     for target in (s for s in eval_steps(cfg.train) if s > state.last_eval):
         if state.step < target:
-            start = time.perf_counter()
-            while state.step < target:
-                x, y = batch(state.step)
-                loss = loss_fn(model(x), y)  # float32 logits, float64 loss
-                loss.backward()
-                optimizer.step(state.step)
-                optimizer.zero_grad()
-                state.step += 1
-            if state.device.type == "cuda":
-                torch.cuda.synchronize(state.device)  # so the clock sees the queued steps
-            state.elapsed_s += time.perf_counter() - start
+            with training_clock(state):
+                while state.step < target:
+                    x, y = batch(state.step)
+                    loss = loss_fn(model(x), y)  # float32 logits, float64 loss
+                    loss.backward()
+                    optimizer.step(state.step)
+                    optimizer.zero_grad()
+                    state.step += 1
         record = evaluate(cfg, state, loss_fn)
         state.last_eval = state.step
         yield record
-
-
-def train_to_end(cfg: TrialConfig) -> list[EvalRecord]:
-    """Every record of a fresh run (for scripts and tests)."""
-    return list(run(cfg))
 
 
 @torch.no_grad()
@@ -181,12 +175,12 @@ def configure_process() -> None:
     never by the training functions, which stay free of process-wide side effects.
 
     1. Flush denormal floats to zero. Large weight decay drives weights toward 0,
-       into denormals that CPU kernels handle 10x+ slower (a confusion-phase gromov
-       run took 13x longer per step); flushing changes no accuracy or phase.
+       into denormals that CPU kernels handle an order of magnitude slower;
+       flushing changes no accuracy or phase.
     2. Keep freed memory in glibc's heap. By default blocks over ~128 KiB-32 MiB
-       go back to the OS when freed, so each step's activations page-fault afresh:
-       ~1,400 faults and ~40% of a reference-MLP step (bench/step_efficiency.py).
+       go back to the OS when freed, so each step's activations page-fault afresh.
        The price is that the process keeps its peak heap until it exits.
+    (What each is worth: bench/README.md.)
     """
     torch.set_flush_denormal(True)
     if sys.platform.startswith("linux"):
@@ -207,19 +201,40 @@ def _tune_malloc() -> None:
 def _batches(
     train: TrainConfig, data: Dataset, device: torch.device
 ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    """step -> (x, y): the full training set, or `batch_size` distinct pairs drawn for that step."""
+    """step -> (x, y): the full training set, or the step's `minibatch` of it."""
     n = data.train_x.shape[0]
-    if train.batch_size is None or train.batch_size >= n:
+    if full_batch(train, n):
         return lambda step: (data.train_x, data.train_y)
     generator = torch.Generator(device=device)
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Seeded per step: minibatch k depends on (seed, k) only, so a restore needs no RNG state.
-        generator.manual_seed(((train.seed << 32) + step) % 2**64)
-        idx = torch.randperm(n, generator=generator, device=device)[: train.batch_size]
+        idx = minibatch(train, n, step, generator)
         return data.train_x[idx], data.train_y[idx]
 
     return batch
+
+
+def full_batch(train: TrainConfig, n: int) -> bool:
+    """Does every step train on all n training pairs (`batch_size` null, or not below n)?"""
+    return train.batch_size is None or train.batch_size >= n
+
+
+def minibatch(train: TrainConfig, n: int, step: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows of the training set in step's minibatch: `batch_size` distinct ones, drawn from a
+    generator seeded by (train.seed, step) alone, so a restore needs no RNG state."""
+    generator.manual_seed(((train.seed << 32) + step) % 2**64)
+    return torch.randperm(n, generator=generator, device=generator.device)[: train.batch_size]
+
+
+@contextlib.contextmanager
+def training_clock(state: Any) -> Iterator[None]:
+    """Add the wall-clock time of the block's training steps to `state.elapsed_s` (a `TrainState`
+    or a pack's), waiting for a GPU's queued steps first."""
+    start = time.perf_counter()
+    yield
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)  # so the clock sees the queued steps
+    state.elapsed_s += time.perf_counter() - start
 
 
 def _loss_and_accuracy(

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from grokstudy import search, train
+from grokstudy import points, search, train
 from grokstudy.config import Study
 
 
 def expected_trials(study: Study) -> set[str]:
     """The trial ids a study runs (deterministic samplers)."""
-    return {search.trial_id(p) for p in search.dry_run(study)}
+    return {points.trial_id(p) for p in search.dry_run(study)}
 
 
 def problems(out: Path, study: Study, tracking_uri: str | None = None) -> list[str]:

@@ -10,8 +10,10 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -91,7 +93,7 @@ def mlflow_server(
     if "--artifacts-destination" not in cmd:
         cmd += ["--artifacts-destination", str(root / "mlartifacts")]
     log = root / f"server-{time.monotonic_ns()}.log"
-    env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    env = os.environ | tracking.UI_ENV | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -192,3 +194,101 @@ def chromium(url: str, profile: Path, *extra: str, timeout_s: float = 90.0) -> s
     return subprocess.CompletedProcess(
         cmd, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
     )
+
+
+class Outage:
+    """A TCP proxy on 127.0.0.1:<port> to a server, for outages that start and end at once.
+
+    Clients talk to `uri`; `cut()` closes the listening socket (new connections are refused)
+    and resets every open connection, as a network outage looks to a client; `restore()` listens
+    again on the same port. The server behind it keeps running, so a test pays for its start
+    once (an MLflow server takes about ten seconds).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._losing = False
+        self.restore()
+
+    def restore(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._open = self._open, set()
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+            except OSError:
+                pass
+            _close(listener)
+        for s in sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            except OSError:
+                pass  # its pump closed it meanwhile
+            _close(s)
+
+    def close(self) -> None:
+        self.cut()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    _close(client)
+                    _close(upstream)
+                    return
+                self._open |= {client, upstream}
+            for a, b, answers in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
+
+    def lose_answers(self, lose: bool = True) -> None:
+        """Let requests through to the server but reset each connection instead of passing the
+        server's answer back: the request was stored, the client cannot know it."""
+        self._losing = lose
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if answers and self._losing:
+                    sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._open -= {source, sink}
+            _close(source)
+            _close(sink)
+
+
+def _close(s: socket.socket) -> None:
+    """Close a socket another thread may be blocked on (close alone would not wake it)."""
+    for end in (lambda: s.shutdown(socket.SHUT_RDWR), s.close):
+        try:
+            end()
+        except OSError:
+            pass

@@ -8,10 +8,11 @@ from collections import Counter
 
 import pyarrow as pa
 import pytest
+import refine_sim
 
-from grokstudy import refine, results, search
+from grokstudy import points, refine, results, search
 from grokstudy.config import Study
-from grokstudy.records import EvalRecord, TrialHistory
+from grokstudy.records import EvalRecord, Outcome, TrialHistory
 from grokstudy.study import parse_study
 
 MAPS = ("disc", "band", "staircase")
@@ -63,7 +64,7 @@ def inferred_map(study: Study, ledger: search.Ledger) -> refine.Inferred:
     observed: dict[tuple[int, ...], list[str]] = {}
     for t in ledger.ot.trials:
         if t.state.name == "COMPLETE":
-            point = search.point_from_config(study, t.params)
+            point = points.point_from_config(study, t.params)
             observed.setdefault(cell_of(study, point), []).append(t.user_attrs[search.PHASE])
     return refine.infer(lattice, observed)
 
@@ -72,13 +73,13 @@ def inferred_map(study: Study, ledger: search.Ledger) -> refine.Inferred:
 @pytest.mark.parametrize("name", MAPS)
 def test_the_boundary_of_a_map_is_found_from_at_most_40_percent_of_the_grid(name: str, batch: int) -> None:
     study = boundary_study()
-    truth = refine.synthetic_map(name, 17)
-    ledger, handed = run(study, refine.seeds_agree(truth, 2), batch)
-    assert len(set(map(search.trial_id, handed))) == len(handed), "each point x seed at most once"
+    truth = refine_sim.synthetic_map(name, 17)
+    ledger, handed = run(study, refine_sim.seeds_agree(truth, 2), batch)
+    assert len(set(map(points.trial_id, handed))) == len(handed), "each point x seed at most once"
     seeds = Counter(cell_of(study, p) for p in handed)
     assert len(seeds) <= 0.40 * 289, len(seeds)
     lattice = refine.Lattice((17, 17), (True, True))
-    edge = refine.boundary_cells(lattice, truth)
+    edge = refine_sim.boundary_cells(lattice, truth)
     assert all(n == 2 for c, n in seeds.items() if c in edge), "a boundary point runs all its seeds"
     assert any(n == 1 for n in seeds.values()), "one seed settles a point inside a region"
     assert len(handed) <= 0.30 * 2 * 289, len(handed)
@@ -90,13 +91,13 @@ def test_the_boundary_of_a_map_is_found_from_at_most_40_percent_of_the_grid(name
 def test_seeds_that_disagree_near_the_boundary_are_resolved_by_sampling_not_guessing() -> None:
     study = boundary_study()
     lattice = refine.lattice_of(study.search.space)
-    truth = refine.synthetic_map("staircase", 17)
-    labels = refine.seeds_disagree_near_boundary(lattice, truth, 2)
+    truth = refine_sim.synthetic_map("staircase", 17)
+    labels = refine_sim.seeds_disagree_near_boundary(lattice, truth, 2)
     ledger, _ = run(study, labels, batch=8)
     inferred = inferred_map(study, ledger)
     disagreeing = [c for c in lattice.cells() if inferred.measured[c] and inferred.confidence[c] < 1]
     assert disagreeing
-    edge = refine.boundary_cells(lattice, truth)
+    edge = refine_sim.boundary_cells(lattice, truth)
     plan_neighbours = {
         c: [
             tuple(c[:a]) + (c[a] + d,) + tuple(c[a + 1 :])
@@ -114,15 +115,15 @@ def test_seeds_that_disagree_near_the_boundary_are_resolved_by_sampling_not_gues
 
 def test_a_resumed_boundary_study_continues_without_repeating_or_skipping_a_point() -> None:
     study = boundary_study(n=9)
-    truth = refine.synthetic_map("disc", 9)
-    labels = refine.seeds_agree(truth, 2)
+    truth = refine_sim.synthetic_map("disc", 9)
+    labels = refine_sim.seeds_agree(truth, 2)
     whole, whole_points = run(study, labels, batch=4)
     half, first = run(study, labels, batch=1, stop_after=20)
     restored = pickle.loads(pickle.dumps(half))  # what Tune's snapshot holds
     # The driver died with its running trials: Tune restores none of them (they were lost).
     restored.reconcile({})
     _, rest = run(study, labels, batch=4, ledger=restored)
-    done = Counter(search.trial_id(p) for p in first + rest)
+    done = Counter(points.trial_id(p) for p in first + rest)
     lost = len(first) - sum(1 for t in half.ot.trials if t.state.name == "COMPLETE")
     assert max(done.values()) <= 2 and sum(n == 2 for n in done.values()) <= lost, (
         "only lost trials run again"
@@ -136,7 +137,7 @@ def test_a_resumed_boundary_study_continues_without_repeating_or_skipping_a_poin
 
 def test_a_budget_stops_the_sampler_and_facets_are_refined_apart() -> None:
     capped = boundary_study(n=9, budget=20)
-    ledger, handed = run(capped, refine.seeds_agree(refine.synthetic_map("band", 9), 2), batch=4)
+    ledger, handed = run(capped, refine_sim.seeds_agree(refine_sim.synthetic_map("band", 9), 2), batch=4)
     assert len(handed) == 20 and ledger.finished()
     faceted = parse_study(
         {
@@ -152,7 +153,7 @@ def test_a_budget_stops_the_sampler_and_facets_are_refined_apart() -> None:
             },
         }
     )
-    disc, band = refine.synthetic_map("disc", 9), refine.synthetic_map("band", 9)
+    disc, band = refine_sim.synthetic_map("disc", 9), refine_sim.synthetic_map("band", 9)
 
     def labels(cell):
         return [(disc if cell[2] == 0 else band)(cell[:2])]
@@ -165,21 +166,21 @@ def test_a_budget_stops_the_sampler_and_facets_are_refined_apart() -> None:
 
 def test_cells_table_holds_the_whole_grid_with_measured_and_inferred_cells() -> None:
     study = boundary_study(n=9)
-    truth = refine.synthetic_map("disc", 9)
-    ledger, handed = run(study, refine.seeds_agree(truth, 2), batch=4)
+    truth = refine_sim.synthetic_map("disc", 9)
+    ledger, handed = run(study, refine_sim.seeds_agree(truth, 2), batch=4)
     histories = [
         TrialHistory(
-            trial_id=search.trial_id(p),
-            point_id=search.point_id(p),
+            trial_id=points.trial_id(p),
+            point=p,
             cfg=study.trial(p),
             records=(EvalRecord(0, 1.0, 0.0, 1.0, 0.0, 1.0),),
-            stop_reason="budget",
+            outcome=Outcome("memorization", 0, None, None, 0.0, "budget"),
         )
         for p in handed
     ]
     trials, _ = results.build_tables(study, histories)
     # The phases the study would have written (build_tables classifies curves; here they are the map's).
-    phases = [truth(cell_of(study, search.point_from_config(study, r))) for r in trials.to_pylist()]
+    phases = [truth(cell_of(study, points.point_from_config(study, r))) for r in trials.to_pylist()]
     trials = trials.set_column(trials.schema.get_field_index("phase"), "phase", pa.array(phases))
     cells = results.build_cells(study, trials)
     assert cells.num_rows == 81

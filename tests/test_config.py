@@ -18,7 +18,6 @@ from grokstudy.config import (
     is_prime,
     nearest_primes,
     show,
-    spec_of,
     validate_trial,
 )
 from grokstudy.errors import StudyError, StudyErrors
@@ -138,7 +137,7 @@ def test_every_trial_field_has_a_documented_rule() -> None:
         for f in dataclasses.fields(cls):
             if section in ("diagram",) or f.name == "space":
                 continue
-            spec = spec_of(cls, f.name)
+            spec = f.metadata.get("spec")
             assert spec is not None and len(spec.doc) > 10, f"{section}.{f.name} has no rule or doc"
     assert set(TRIAL_SECTIONS) == {"task", "data", "model", "optimizer", "train"}
 

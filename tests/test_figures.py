@@ -21,8 +21,8 @@ from matplotlib.patches import Rectangle
 from grokstudy import figures
 from grokstudy.config import DiagramConfig, SearchConfig, SearchDim, Study, TrialConfig, with_overrides
 from grokstudy.errors import UsageError
-from grokstudy.phases import PHASES
-from grokstudy.records import EvalRecord, TrialHistory
+from grokstudy.phases import PHASES, TIE, vote
+from grokstudy.records import EvalRecord, Outcome, TrialHistory
 from grokstudy.results import build_tables, trials_table
 
 BUDGET = 20_000
@@ -122,10 +122,10 @@ def synthetic_study(
                 histories.append(
                     TrialHistory(
                         trial_id=f"{opt}-{wd:g}-{frac:g}-{seed}",
-                        point_id=f"{opt}-{wd:g}-{frac:g}",
+                        point=point,
                         cfg=study.trial(point),
                         records=tuple(records),
-                        stop_reason="budget",
+                        outcome=Outcome("memorization", None, None, None, 0.0, "budget"),
                     )
                 )
     return build_tables(study, histories)
@@ -138,6 +138,41 @@ def grid_study() -> tuple[pa.Table, pa.Table]:
 
 def texts(fig) -> list[str]:
     return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def rendered(fig) -> np.ndarray:
+    """The figure as drawn, RGB in [0, 1] (drawn once per figure)."""
+    if getattr(fig, "_test_image", None) is None:
+        fig.canvas.draw()
+        fig._test_image = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255
+    return fig._test_image
+
+
+def cell_pixels(ax, i: int, j: int, nx: int, ny: int) -> np.ndarray:
+    """RGB pixels (0-1) of a patch near the lower-left corner of grid cell (i, j), as drawn: clear
+    of the counts, dots and agreement labels a cell may carry."""
+    image = rendered(ax.figure)
+    (x0, y0), (x1, y1) = ax.transAxes.transform(
+        [((i + 0.1) / nx, (j + 0.1) / ny), ((i + 0.3) / nx, (j + 0.3) / ny)]
+    )
+    height = image.shape[0]  # display y runs up, image rows run down
+    return image[int(height - y1) : int(height - y0), int(x0) : int(x1)].reshape(-1, 3)
+
+
+def is_missing(pixels: np.ndarray) -> bool:
+    """The 'no finished trial' look: white with grey hatching, no colour."""
+    achromatic = np.ptp(pixels, axis=1).max() < 0.02
+    return achromatic and (pixels.min(axis=1) > 0.98).any() and (pixels.max(axis=1) < 0.9).any()
+
+
+def is_solid(pixels: np.ndarray, colour: str | None = None) -> bool:
+    """One flat fill (of `colour`, blended with white by any share, when given)."""
+    flat = np.ptp(pixels, axis=0).max() < 0.02
+    if colour is None or not flat:
+        return flat
+    fill, target = pixels.mean(axis=0), np.array(to_rgba(colour)[:3])
+    share = np.dot(1 - fill, 1 - target) / np.dot(1 - target, 1 - target)  # fill = share*c + (1-share)*white
+    return 0.2 <= share <= 1.01 and np.abs(share * target + (1 - share) - fill).max() < 0.03
 
 
 def tick_labels(ax, which: str) -> list[str]:
@@ -176,9 +211,23 @@ def test_phase_diagram_shows_disagreement_missing_cells_and_log_axes(grid_study)
     trials, _ = grid_study
     fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
     ax = fig.axes[0]
-    cells = [p for p in ax.patches if isinstance(p, Rectangle)]
-    assert len(cells) == len(WDS) * len(FRACTIONS)
-    assert sum(p.get_hatch() == "////" for p in cells) == 2  # the two skipped points
+    skipped = {(FRACTIONS.index(f), WDS.index(w)) for w, f in ((0.1, 0.4), (10.0, 0.7))}
+    rows = trials.to_pylist()
+    for i, fraction in enumerate(FRACTIONS):
+        for j, wd in enumerate(WDS):
+            pixels = cell_pixels(ax, i, j, len(FRACTIONS), len(WDS))
+            if (i, j) in skipped:
+                assert is_missing(pixels), (i, j)
+                continue
+            v = vote(
+                [
+                    r["phase"]
+                    for r in rows
+                    if (r["data.fraction"], r["optimizer.weight_decay"]) == (fraction, wd)
+                ]
+            )
+            if v.phase != TIE:  # (a tie is striped: one stripe per tied phase)
+                assert is_solid(pixels, figures.PHASE_COLORS[v.phase]), (i, j, v.phase)
     assert any(t in ("1/3", "2/3") for t in texts(fig))  # seeds disagree somewhere
     assert "$10^{-3}$" in tick_labels(ax, "y") and "$10^{1}$" in tick_labels(ax, "y")
     assert "0.1" in tick_labels(ax, "x")  # fraction spans < 2 decades: linear
@@ -204,10 +253,15 @@ def test_a_random_sample_is_drawn_as_points_over_nearest_neighbour_regions(artif
     ax = fig.axes[0]
     assert not [p for p in ax.patches if isinstance(p, Rectangle)]
     assert len([im for im in ax.get_images() if isinstance(im, AxesImage)]) == 1
-    assert len(ax.collections) == 40
+    # Every sample is a point where it lies: (fraction, log10 wd) in the axes' coordinates.
+    where = sorted((f, math.log10(w)) for w, f in points)
+    drawn = sorted(map(tuple, np.concatenate([c.get_offsets() for c in ax.collections])))
+    np.testing.assert_allclose(drawn, where, rtol=1e-12)
     fig.savefig(artifacts_dir / "figures_random_phase_diagram.png")
     delay = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay")
-    assert len(delay.axes[0].collections) == 40 and not delay.axes[0].patches
+    drawn = sorted(map(tuple, np.concatenate([c.get_offsets() for c in delay.axes[0].collections])))
+    np.testing.assert_allclose(drawn, where, rtol=1e-12)
+    assert not delay.axes[0].patches
 
 
 def test_a_facet_draws_one_panel_per_value_with_shared_axes(artifacts_dir) -> None:
@@ -229,8 +283,16 @@ def test_delay_heatmap_marks_cells_that_never_generalized_and_labels_steps(grid_
     assert "×" in texts(fig)
     colorbar = fig.axes[-1]
     assert "steps" in colorbar.get_ylabel()
-    never = [p for p in fig.axes[0].patches if p.get_facecolor()[:3] == pytest.approx((212 / 255,) * 3)]
-    assert len(never) == texts(fig).count("×")
+    # A cell where most seeds never generalized (an infinite median delay) is the flat grey of
+    # NEVER_COLOR, marked ×.
+    delays: dict[tuple[int, int], list[float]] = {}
+    for r in trials.to_pylist():
+        cell = (FRACTIONS.index(r["data.fraction"]), WDS.index(r["optimizer.weight_decay"]))
+        delays.setdefault(cell, []).append(math.inf if r["delay"] is None else r["delay"])
+    never = [c for c, ds in delays.items() if np.median(ds) == math.inf]
+    assert never and texts(fig).count("×") == len(never)
+    for cell in never:
+        assert is_solid(cell_pixels(fig.axes[0], *cell, len(FRACTIONS), len(WDS)), figures.NEVER_COLOR), cell
     t_val = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", value="t_val")
     assert t_val.axes[-1].get_ylabel().startswith("t_val (steps")
     with pytest.raises(UsageError, match="unknown heatmap value 'gap'"):
@@ -260,7 +322,15 @@ def test_learning_curves_show_one_median_trial_per_phase(grid_study) -> None:
     assert [ax.get_title(loc="left").split("}")[0].removeprefix("$\\bf{") for ax in panels] == present
     grokking = panels[PHASES.index("grokking")]
     assert grokking.get_xscale() == "symlog"
-    assert len(grokking.lines) == 4  # train, validation, t_train, t_val
+    # The panel draws one grokking trial's train and validation curves and marks its t_train and
+    # t_val: find the trial by its curve and check the marks are its own.
+    drawn = {tuple(ln.get_ydata()): ln for ln in grokking.lines if len(ln.get_xdata()) > 2}
+    rows = {r["trial_id"]: r for r in trials.to_pylist() if r["phase"] == "grokking"}
+    curve_rows = curves.to_pylist()
+    [trial] = [t for t in rows if tuple(c["val/acc"] for c in curve_rows if c["trial_id"] == t) in drawn]
+    assert tuple(c["train/acc"] for c in curve_rows if c["trial_id"] == trial) in drawn
+    marks = sorted(ln.get_xdata()[0] for ln in grokking.lines if len(set(ln.get_xdata())) == 1)
+    assert marks == [rows[trial]["t_train"], rows[trial]["t_val"]]
     fig = figures.learning_curves(trials, curves, trial_ids=["adamw-0.001-0.5-0"])
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 1
     with pytest.raises(UsageError, match="no trial 'nope'"):
@@ -304,7 +374,12 @@ def test_failed_trials_are_left_out_and_their_cells_show_as_missing() -> None:
     rows[0] |= {"stop_reason": "error", "status": "ERROR"}
     failed = trials_table(rows).replace_schema_metadata(trials.schema.metadata)
     fig = figures.phase_diagram(failed, "data.fraction", "optimizer.weight_decay")
-    assert sum(p.get_hatch() == "////" for p in fig.axes[0].patches) == 1
+    xs, ys = FRACTIONS[:3], WDS[:3]
+    failed_cell = (xs.index(rows[0]["data.fraction"]), ys.index(rows[0]["optimizer.weight_decay"]))
+    for i in range(3):
+        for j in range(3):
+            pixels = cell_pixels(fig.axes[0], i, j, 3, 3)
+            assert is_missing(pixels) if (i, j) == failed_cell else is_solid(pixels), (i, j)
 
 
 def test_a_categorical_axis_is_labelled_by_its_values() -> None:
@@ -327,11 +402,15 @@ def test_a_one_axis_sweep_draws_medians_seeds_and_never_generalized_marks(
     fig = figures.sweep(trials, "optimizer.weight_decay")
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    # Every weight decay with a seed that never generalized gets an × on the budget line.
     rows = trials.to_pylist()
-    never = sum(r["t_val"] is None for r in rows)
-    crosses = [c for c in ax.collections if c.get_paths() and len(c.get_offsets()) == 1]
-    assert never == 0 or crosses
-    assert len([ln for ln in ax.lines if ln.get_linestyle() == "-"]) == 1  # one group: one median line
+    never = sorted({r["optimizer.weight_decay"] for r in rows if r["t_val"] is None})
+    assert never, "the synthetic sweep has seeds that never generalize"
+    budget = max(r["max_steps"] for r in rows)
+    on_budget = sorted(float(x) for c in ax.collections for x, y in c.get_offsets() if y == budget)
+    assert on_budget == never
+    [median] = [ln for ln in ax.lines if ln.get_linestyle() == "-"]  # one group: one median line
+    assert list(median.get_xdata()) == wds
     paths = figures.render_study(trials, curves, tmp_path, formats=("png",))
     assert "sweep.png" in {p.name for p in paths}
     (artifacts_dir / "figures_sweep.png").write_bytes((tmp_path / "sweep.png").read_bytes())
@@ -347,8 +426,8 @@ def test_a_diverged_trial_has_its_own_colour_and_legend_line(tmp_path: Path) -> 
     fig = figures.phase_diagram(diverged, "data.fraction", "optimizer.weight_decay")
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert f"diverged: {figures.PHASE_DEFINITIONS['diverged']}" in legend
-    colour = to_rgba(figures.PHASE_COLORS["diverged"])
-    assert any(tuple(p.get_facecolor()) == colour for p in fig.axes[0].patches)
+    cell = (FRACTIONS.index(rows[0]["data.fraction"]), WDS.index(rows[0]["optimizer.weight_decay"]))
+    assert is_solid(cell_pixels(fig.axes[0], *cell, 3, 3), figures.PHASE_COLORS["diverged"])
     assert len(set(figures.PHASE_COLORS.values())) == len(figures.PHASE_COLORS) == len(PHASES)
     paths = figures.render_study(diverged, curves, tmp_path, formats=("png",))
     assert {p.name for p in paths} >= {"phase_diagram.png", "learning_curves.png"}

@@ -245,9 +245,9 @@ def test_a_study_submitted_with_ray_job_submit_runs_trials_on_both_workers_and_l
         env,
         tmp_path,
         "submitted",
-        max_steps=6000,
-        eval_every=500,
-        checkpoint_every=1000,
+        max_steps=3000,
+        eval_every=250,
+        checkpoint_every=500,
         fractions="[0.3, 0.4, 0.6, 0.8]",
     )
     output, _ = job.communicate(timeout=300)
@@ -318,9 +318,9 @@ def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_oth
         env,
         tmp_path,
         "node-loss",
-        max_steps=30000,
-        eval_every=500,
-        checkpoint_every=1000,
+        max_steps=8000,
+        eval_every=250,
+        checkpoint_every=500,
         fractions="[0.4, 0.6]",
     )
     experiment = Path(env["GROKSTUDY_STORAGE"]) / "node-loss"
@@ -332,7 +332,7 @@ def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_oth
         for trial_dir in experiment.glob("trial_*"):
             results = _results(trial_dir)
             checkpointed = list(trial_dir.glob("checkpoint_*"))
-            if results and checkpointed and results[-1]["step"] < 20000:
+            if results and checkpointed and results[-1]["step"] < 5000:
                 nodes = nodes or _nodes(env)
                 if nodes.get(results[-1]["node"], "").startswith("127.0.0.4"):  # worker2
                     victim_dir = trial_dir
@@ -347,7 +347,7 @@ def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_oth
 
     trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     assert sorted(t["data.fraction"] for t in trials) == [0.4, 0.6]
-    assert all(t["steps"] == 30000 and t["stop_reason"] == "budget" for t in trials)
+    assert all(t["steps"] == 8000 and t["stop_reason"] == "budget" for t in trials)
 
     results = _results(victim_dir)
     steps = [r["step"] for r in results]
@@ -365,7 +365,7 @@ def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_oth
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     for run in children:
         logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/acc")]
-        assert logged == sorted(set(logged)) and logged[-1] == 30000, logged
+        assert logged == sorted(set(logged)) and logged[-1] == 8000, logged
 
 
 def test_down_leaves_no_process_of_the_cluster_behind(cluster):

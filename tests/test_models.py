@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from grokstudy.config import ModelConfig
-from grokstudy.models import MODELS, build_model, count_parameters, decay_groups
+from grokstudy.models import MODELS, build_model, decay_groups
 
 # Pinned like flax's CNN_PARAMS: a change here changes every study's model.
 REFERENCE_MLP_PARAMS = 193_761  # x+y mod 97: embed 97*128 + (256*512 + 512) + (512*97 + 97)
@@ -18,6 +18,10 @@ GROMOV_PARAMS = 145_500  # p=97, width 500: 194*500 + 500*97
 def built(seed: int = 0, **model: object) -> torch.nn.Module:
     torch.manual_seed(seed)
     return build_model(ModelConfig(**model), 11, 11)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("kind", list(MODELS))

@@ -31,6 +31,7 @@ from grokstudy.config import (
     TaskConfig,
     TrainConfig,
     TrialConfig,
+    pack_key,
 )
 from grokstudy.errors import StudyError
 from grokstudy.models import decay_groups
@@ -119,8 +120,11 @@ CURVES = {
         OptimConfig(lr=3e-3, weight_decay=0.1, decay_biases=True, warmup_start="zero"),
         200,
     ),
+    # p = 13, not 11: at p = 11 one member trains through a chaotic stretch where round-off
+    # (which differs between CPUs: AVX2 and AVX-512 kernels sum in other orders) grows 1,000x past
+    # the tolerance by step 150; at p = 13 the worst deviation is 3% of it (bench/pack_equivalence.py).
     "transformer-layer-norm": trial(
-        11, replace(TRANSFORMER, layer_norm=True), OptimConfig(lr=3e-3, weight_decay=0.1), 200
+        13, replace(TRANSFORMER, layer_norm=True), OptimConfig(lr=3e-3, weight_decay=0.1), 200
     ),
 }
 
@@ -172,7 +176,7 @@ def test_pack_key_ignores_what_members_may_vary_and_keeps_what_they_share() -> N
     varied = members(base)[1:] + [
         replace(base, optimizer=replace(base.optimizer, betas=(0.8, 0.9), eps=1e-6, grokfast_lamb=5.0))
     ]
-    assert {packed.pack_key(c) for c in varied} == {packed.pack_key(base)}
+    assert {pack_key(c) for c in varied} == {pack_key(base)}
     for other in (
         replace(base, model=replace(MLP, width=32)),
         replace(base, optimizer=replace(base.optimizer, name="adam")),
@@ -181,11 +185,9 @@ def test_pack_key_ignores_what_members_may_vary_and_keeps_what_they_share() -> N
         replace(base, train=replace(base.train, loss="mse")),
         replace(base, task=TaskConfig(op="x-y", p=13)),
     ):
-        assert packed.pack_key(other) != packed.pack_key(base)
+        assert pack_key(other) != pack_key(base)
     ma = replace(base, optimizer=replace(base.optimizer, grokfast="ma", grokfast_window=5))
-    assert packed.pack_key(ma) != packed.pack_key(
-        replace(ma, optimizer=replace(ma.optimizer, grokfast_window=6))
-    )
+    assert pack_key(ma) != pack_key(replace(ma, optimizer=replace(ma.optimizer, grokfast_window=6)))
 
 
 def test_init_pack_rejects_members_that_cannot_share_and_configs_the_rules_do_not_admit() -> None:
@@ -225,11 +227,11 @@ def test_weight_decay_columns_are_exactly_the_decay_groups() -> None:
     assert torch.equal(state.tensors["params"][:, d:], before[:, d:])  # warm-up: lr = 0.1 / 10 at step 0
 
 
-def test_row_losses_average_to_the_optim_losses() -> None:
+def test_each_loss_per_row_averages_to_its_mean_and_the_pack_uses_it() -> None:
     torch.manual_seed(0)
     logits, targets = torch.randn(2, 7, 5) * 3, torch.randint(0, 5, (2, 7))
     for name, loss in LOSSES.items():
-        rows = packed.ROW_LOSSES[name](logits, targets)
+        rows = loss(logits, targets, reduction="none")
         assert rows.dtype == torch.float64 and rows.shape == (2, 7)
         rtol = 1e-6 if name == "cross_entropy_float32" else 1e-14  # its lone mean is rounded to float32
         for k in range(2):

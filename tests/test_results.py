@@ -23,7 +23,7 @@ from grokstudy.config import (
     with_overrides,
 )
 from grokstudy.errors import UsageError
-from grokstudy.records import CURVE_KEYS, EvalRecord, TrialHistory
+from grokstudy.records import CURVE_KEYS, EvalRecord, Outcome, TrialHistory
 from grokstudy.results import (
     CURVES_SCHEMA,
     TRIALS_SCHEMA,
@@ -73,6 +73,8 @@ def records(grok_at: int, fourier: bool = True) -> list[EvalRecord]:
     ]
 
 
+BUDGET = Outcome("memorization", None, None, None, 0.0, "budget")
+"""The outcome the histories carry (build_tables classifies their curves afresh)."""
 STUDY = Study(
     "demo",
     base=with_overrides(TrialConfig(), {"train.max_steps": 3000}),
@@ -90,14 +92,15 @@ def histories() -> list[TrialHistory]:
     for i, (wd, frac, grok_at, batch) in enumerate(
         [(0.1, 0.3, 2500, None), (1.0, 0.5, 200, 512), (1.0, 0.3, 10_000, None)]
     ):
-        cfg = STUDY.trial({"optimizer.weight_decay": wd, "data.fraction": frac, "train.batch_size": batch})
+        point = {"optimizer.weight_decay": wd, "data.fraction": frac, "train.batch_size": batch}
+        cfg = STUDY.trial(point)
         out.append(
             TrialHistory(
                 trial_id=f"t{i}",
-                point_id=f"p{i}",
+                point=point,
                 cfg=cfg,
                 records=tuple(records(grok_at, fourier=i != 1)),
-                stop_reason="budget",
+                outcome=BUDGET,
                 node="node-a" if i else None,
                 run_id=None if i == 2 else f"run{i}",
             )
@@ -235,11 +238,12 @@ def test_a_wrong_row_is_reported_by_row_and_column() -> None:
     with pytest.raises(ValueError, match="missing column.*delay.*unknown column.*gap"):
         trials_table([{k: v for k, v in rows[0].items() if k != "delay"} | {"gap": 1}])
     with pytest.raises(ValueError, match="stop_reason"):
-        build_tables(STUDY, [dataclasses.replace(histories()[0], stop_reason="plateau")])
+        plateau = dataclasses.replace(BUDGET, stop_reason="plateau")
+        build_tables(STUDY, [dataclasses.replace(histories()[0], outcome=plateau)])
 
 
 def test_a_trial_that_failed_before_its_first_checkpoint_is_a_row_without_a_verdict() -> None:
-    failed = dataclasses.replace(histories()[0], records=(), stop_reason="error", error="RuntimeError: boom")
+    failed = dataclasses.replace(histories()[0], records=(), outcome=None, error="RuntimeError: boom")
     trials, curves = build_tables(STUDY, [failed])
     [row] = trials.to_pylist()
     assert (row["phase"], row["t_val"], row["status"], row["error"], row["wall_s"]) == (

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from endstate import problems
+from ray.tune.search import Searcher
 
-from grokstudy import runner, search
-from grokstudy.config import ResourcesConfig, TrialConfig, with_overrides
+from grokstudy import collect, member, points, runner, search, tracking
+from grokstudy.checkpoints import SavedMember
+from grokstudy.config import ResourcesConfig, Study, TrialConfig, with_overrides
 from grokstudy.phases import PHASES
-from grokstudy.records import EvalRecord
+from grokstudy.records import EvalRecord, Outcome, TrialHistory
 from grokstudy.study import parse_study
 
 TINY = {
@@ -43,29 +48,31 @@ def test_a_member_stops_when_generalization_held_when_it_diverged_or_at_its_budg
     study = parse_study(TINY)
     cfg = study.trial({})
     running = [record(s, 1.0, 0.1) for s in (0, 50, 100)]
-    assert runner._outcome(running, cfg, study) is None
+    assert member.judge(running, cfg, study.phases) is None
     held = [record(0, 0.1, 0.0), *(record(s, 1.0, 1.0) for s in (50, 100, 150))]
-    outcome = runner._outcome(held, cfg, study)
-    assert outcome == {
-        "phase": "comprehension",
-        "t_train": 49,  # interpolated: 0.1 at step 0, 1.0 at step 50
-        "t_val": 50,  # 0.0 at step 0, 1.0 at step 50
-        "t_val_loss": None,
-        "objective": 50.0,
-        "stop_reason": "generalized",
-    }
-    diverged = [record(0, 0.1, 0.0), record(50, 0.04, 0.04, train_loss=math.nan)]
-    assert runner._outcome(diverged, cfg, study)["stop_reason"] == "diverged"
-    assert runner._outcome(diverged, cfg, study)["phase"] == "diverged"
+    assert member.judge(held, cfg, study.phases) == Outcome(
+        phase="comprehension",
+        t_train=49,  # interpolated: 0.1 at step 0, 1.0 at step 50
+        t_val=50,  # 0.0 at step 0, 1.0 at step 50
+        t_val_loss=None,
+        objective=50.0,
+        stop_reason="generalized",
+    )
+    diverged = member.judge(
+        [record(0, 0.1, 0.0), record(50, 0.04, 0.04, train_loss=math.nan)], cfg, study.phases
+    )
+    assert (diverged.stop_reason, diverged.phase) == ("diverged", "diverged")
     budget = [record(s, 1.0, 0.1) for s in (0, 100, 200, 300)]
-    assert runner._outcome(budget, cfg, study) == {
-        "phase": "memorization",
-        "t_train": 0,
-        "t_val": None,
-        "t_val_loss": None,
-        "objective": 300.0,
-        "stop_reason": "budget",
-    }
+    assert member.judge(budget, cfg, study.phases) == Outcome("memorization", 0, None, None, 300.0, "budget")
+
+
+def test_an_outcome_survives_the_report_and_the_checkpoint_as_the_same_value() -> None:
+    outcome = Outcome("grokking", 120, 2400, None, 2400.0, "generalized")
+    report = {member.OUTCOMES: json.dumps([{"trial_id": "t-s0", **outcome.to_dict(), "run_id": "r"}])}
+    assert member.outcomes_of(report) == [("t-s0", outcome)]
+    saved = SavedMember([record(0, 0.1, 0.0)], "r", outcome)
+    assert SavedMember.from_dict(json.loads(json.dumps(saved.to_dict()))) == saved
+    assert member.outcomes_of({}) == [] and member.outcomes_of({member.OUTCOMES: ""}) == []
 
 
 def test_packs_are_on_by_default_where_trials_use_a_gpu_only() -> None:
@@ -78,27 +85,30 @@ def test_packs_are_on_by_default_where_trials_use_a_gpu_only() -> None:
 
 def test_the_searcher_hands_out_each_member_once_then_says_finished() -> None:
     study = parse_study(TINY)
-    searcher = runner._Searcher(study, pack_size=1, slots=2, experiment_path="/nowhere")
+    searcher = runner.LedgerSearcher(study, pack_size=1, slots=2)
     configs = []
     while isinstance(config := searcher.suggest(f"t{len(configs)}"), dict):
         configs.append(config)
-    assert config == runner.Searcher.FINISHED
+    assert config == Searcher.FINISHED
     ids = [m["trial_id"] for c in configs for m in c["members"]]
-    assert sorted(ids) == sorted({search.trial_id(p) for p in search.dry_run(study)}) and len(ids) == 8
+    assert sorted(ids) == sorted({points.trial_id(p) for p in search.dry_run(study)}) and len(ids) == 8
     # A result told twice is told once; a pack that failed fails its members in the ledger.
-    outcome = {"trial_id": ids[0], "phase": "grokking", "objective": 120.0}
-    searcher.on_trial_result("t0", {runner.OUTCOMES: runner.json.dumps([outcome])})
-    searcher.on_trial_complete("t0", {runner.OUTCOMES: runner.json.dumps([outcome])})
+    outcome = Outcome("grokking", 20, 120, None, 120.0, "generalized")
+    result = {member.OUTCOMES: json.dumps([{"trial_id": ids[0], **outcome.to_dict()}])}
+    searcher.on_trial_result("t0", result)
+    searcher.on_trial_complete("t0", result)
     searcher.on_trial_complete("t1", None, error=True)
     trials = {t.user_attrs[search.TRIAL_ID]: t for t in searcher.ledger.ot.trials}
     assert trials[ids[0]].state.name == "COMPLETE" and trials[ids[0]].value == 120.0
+    assert trials[ids[0]].user_attrs[search.PHASE] == "grokking"
     assert trials[ids[1]].state.name == "FAIL" and trials[ids[1]].user_attrs[search.ERROR]
+    assert {t.state.name for tid, t in trials.items() if tid not in ids[:2]} == {"RUNNING"}
 
 
 def test_a_single_member_trainer_yields_each_eval_step_and_stops_when_retired() -> None:
     cfg = with_overrides(TrialConfig(), {"task.p": 11, "model.width": 8, "model.embed_dim": 4, "train.max_steps": 100,
                                          "train.eval_every": 20, "train.device": "cpu"})  # fmt: skip
-    trainer = runner._Trainer([cfg], None)
+    trainer = member.Trainer([cfg], None)
     steps = []
     for group in trainer.steps():
         [(i, rec)] = group
@@ -108,33 +118,28 @@ def test_a_single_member_trainer_yields_each_eval_step_and_stops_when_retired() 
     assert steps == [0, 1, 2, 5, 10, 20]
 
 
-def test_a_history_is_read_from_a_members_checkpoint_meta() -> None:
+def test_a_history_is_read_from_a_members_checkpoint() -> None:
     study = parse_study(TINY)
     point = {"optimizer.weight_decay": 1.0, "data.fraction": 0.4, "train.seed": 1}
-    member = {"trial_id": search.trial_id(point), "point": point}
-    saved = {
-        "records": [{"step": 0, "train/acc": 0.1, "val/acc": 0.0}],
-        "run_id": "r1",
-        "outcome": {"stop_reason": "budget"},
-    }
-    h = runner._history(study, member, saved, "node-1", None)
-    assert (h.trial_id, h.run_id, h.stop_reason, h.node, h.cfg.train.seed) == (
-        member["trial_id"],
-        "r1",
-        "budget",
-        "node-1",
-        1,
+    entry = {"trial_id": points.trial_id(point), "point": point}
+    outcome = Outcome("memorization", 0, None, None, 300.0, "budget")
+    saved = SavedMember([record(0, 0.1, 0.0)], "r1", outcome)
+    h = member.history(study, entry, saved, "node-1", None)
+    assert (h.trial_id, h.run_id, h.outcome, h.stop_reason, h.node, h.cfg.train.seed, h.point) == (
+        entry["trial_id"], "r1", outcome, "budget", "node-1", 1, point,
+    )  # fmt: skip
+    assert member.history(study, entry, None, None, None) is None  # unfinished: not a row
+    failed = member.history(study, entry, None, None, "RuntimeError: boom")
+    assert (failed.stop_reason, failed.error, failed.records, failed.outcome) == (
+        "error",
+        "RuntimeError: boom",
+        (),
+        None,
     )
-    assert runner._history(study, member, {}, None, None) is None  # unfinished: not a row
-    failed = runner._history(study, member, {}, None, "RuntimeError: boom")
-    assert (failed.stop_reason, failed.error, failed.records) == ("error", "RuntimeError: boom", ())
 
 
 def test_runs_their_trials_could_not_end_are_ended_from_the_histories_and_no_others(tmp_path: Path) -> None:
     from mlflow import MlflowClient
-
-    from grokstudy import tracking
-    from grokstudy.records import TrialHistory
 
     study = parse_study(TINY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -142,6 +147,7 @@ def test_runs_their_trials_could_not_end_are_ended_from_the_histories_and_no_oth
     experiment_id, parent = tracker.open("tiny", "name: tiny", {}, {})
     sender = tracking.Sender(tracking.Where(uri, experiment_id, parent), interval_s=0.05)
     curve = [record(s, 1.0, 0.1) for s in (0, 100, 200, 300)]  # ran to its budget: memorization
+    outcome = member.judge(curve, study.trial({}), study.phases)
     runs = {key: sender.open(key, key, {}, {}) for key in ("cut", "ended", "failed")}
     for run in runs.values():
         run.sync(curve[:2])  # "cut" and "failed" lost the rest: MLflow was down when they ended
@@ -149,13 +155,17 @@ def test_runs_their_trials_could_not_end_are_ended_from_the_histories_and_no_oth
     runs["ended"].finish("FINISHED")
     assert sender.close(60)
 
-    def history(key: str, stop: str, error: str | None = None) -> TrialHistory:
-        return TrialHistory(key, "p", study.trial({}), tuple(curve), stop, "node-1", runs[key].run_id, error)
+    def history(
+        key: str, ended: Outcome | None, run_id: str | None, error: str | None = None
+    ) -> TrialHistory:
+        return TrialHistory(
+            key, {"train.seed": 0}, study.trial({}), tuple(curve), ended, "node-1", run_id, error
+        )
 
     # "lost" never reached MLflow (its worker died first) and its checkpoint holds no run id.
-    histories = [history("cut", "budget"), history("ended", "budget"), history("failed", "error", "boom")]
-    histories.append(TrialHistory("lost", "p", study.trial({}), tuple(curve), "budget", "node-1"))
-    settled = runner._settle_runs(study, histories, tracker)
+    histories = [history(k, outcome, runs[k].run_id) for k in ("cut", "ended")]
+    histories += [history("failed", None, runs["failed"].run_id, "boom"), history("lost", outcome, None)]
+    settled = collect.settle_runs(histories, tracker)
     assert [h.run_id for h in settled[:3]] == [runs[k].run_id for k in ("cut", "ended", "failed")]
     client = MlflowClient(uri)
     lost = client.get_run(settled[3].run_id)
@@ -180,19 +190,55 @@ def test_runs_their_trials_could_not_end_are_ended_from_the_histories_and_no_oth
 # ---- a real embedded Ray -------------------------------------------------------------------------
 
 
-@pytest.mark.integration
-def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_curves(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def embedded_ray() -> Iterator[None]:
+    """One embedded Ray for the module's studies: `run_study` joins a Ray that is already up and
+    leaves it running, as it does in a notebook."""
+    import ray
+
+    started = runner.init_ray(None, num_cpus=2)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_study(
+    embedded_ray: None, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Study, collect.StudyOutcome]:
+    """TINY run once, unpacked, for the tests that read it."""
     study = parse_study(TINY)
-    outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
+    return study, runner.run_study(study, out_dir=tmp_path_factory.mktemp("tiny") / "out", num_cpus=2)
+
+
+@pytest.mark.integration
+def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_curves(tiny_study) -> None:
+    import pyarrow.parquet as pq
+
+    study, outcome = tiny_study
     assert outcome.failed == [] and outcome.n_trials == 8
-    assert set(outcome.phase_counts) <= set(PHASES)
     assert outcome.figures and all(p.exists() for p in outcome.figures)
-    assert problems(tmp_path / "out", study) == []
+    assert problems(outcome.out_dir, study) == []
+    # Each row's phase and stop reason are what its own whole curve says, and the summary counts them.
+    rows = pq.read_table(outcome.trials_path).to_pylist()
+    curves = [EvalRecord.from_values(r["step"], r) for r in pq.read_table(outcome.curves_path).to_pylist()]
+    trial_of = pq.read_table(outcome.curves_path).column("trial_id").to_pylist()
+    for row in rows:
+        curve = [c for c, t in zip(curves, trial_of, strict=True) if t == row["trial_id"]]
+        cfg = study.trial(points.point_from_config(study, row))
+        judged = member.judge(curve, cfg, study.phases)
+        assert (judged.phase, judged.stop_reason, judged.t_val) == (
+            row["phase"],
+            row["stop_reason"],
+            row["t_val"],
+        )
+    assert outcome.phase_counts == dict(Counter(r["phase"] for r in rows))
+    assert {r["phase"] for r in rows} <= set(PHASES)
 
 
 @pytest.mark.integration
 def test_a_one_axis_study_measured_by_loss_draws_its_sweeps_and_stops_only_once_its_loss_held(
-    tmp_path: Path,
+    tmp_path: Path, embedded_ray: None
 ) -> None:
     import pyarrow.parquet as pq
 
@@ -219,7 +265,9 @@ def test_a_one_axis_study_measured_by_loss_draws_its_sweeps_and_stops_only_once_
 
 
 @pytest.mark.integration
-def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_path: Path) -> None:
+def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(
+    tmp_path: Path, embedded_ray: None
+) -> None:
     import pyarrow.parquet as pq
 
     spec = dict(TINY, name="tiny-boundary")
@@ -261,7 +309,7 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(tmp_
 
 
 @pytest.mark.integration
-def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_path: Path) -> None:
+def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_path: Path, tiny_study) -> None:
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
@@ -269,8 +317,8 @@ def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_pat
     for pack in (1, 4):
         study = parse_study(dict(TINY, resources={"cpu": 1, "pack": pack}))
         out = tmp_path / f"pack{pack}"
-        outcome = runner.run_study(study, out_dir=out, num_cpus=2)
-        assert outcome.failed == [] and problems(out, study) == []
+        outcome = tiny_study[1] if pack == 1 else runner.run_study(study, out_dir=out, num_cpus=2)
+        assert outcome.failed == [] and problems(outcome.out_dir, study) == []
         tables[pack] = {r["trial_id"]: r for r in pq.read_table(outcome.trials_path).to_pylist()}
         client = MlflowClient(outcome.tracking_uri)
         runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from grokstudy import search
+from grokstudy import points, search
 from grokstudy.config import Study
 from grokstudy.study import parse_study
 
@@ -46,61 +46,61 @@ def make_study(
 def run_ledger(ledger: search.Ledger, at_once: bool, stop_after: int | None = None) -> list[dict]:
     """Ask the ledger for every member (as the runner's searcher does), all running at once or one
     by one, telling each a result; stop after `stop_after` asks (members then stay running)."""
-    members, points = [], []
-    while (stop_after is None or len(points) < stop_after) and (m := ledger.ask()) is not None:
-        points.append(m.point)
+    members, proposed = [], []
+    while (stop_after is None or len(proposed) < stop_after) and (m := ledger.ask()) is not None:
+        proposed.append(m.point)
         if at_once:
             members.append(m)
         else:
             ledger.tell(m.trial_id, 1.0, "grokking")
     for m in members if stop_after is None else []:
         ledger.tell(m.trial_id, 1.0, "grokking")
-    return points
+    return proposed
 
 
 def point_and_seed(p: dict) -> tuple[str, int]:
-    return search.point_id(p), p["train.seed"]
+    return points.point_id(p), p["train.seed"]
 
 
 @pytest.mark.parametrize("at_once", [False, True], ids=["one at a time", "all running at once"])
 def test_grid_ledger_hands_out_every_point_and_seed_exactly_once(at_once: bool) -> None:
     study = make_study()
     ledger = search.Ledger(study)
-    points = run_ledger(ledger, at_once)
-    expected = {(search.point_id(p), s) for p in search.grid_points(study) for s in range(2)}
-    assert len(expected) == search.n_trials(study) == 3 * 4 * 2 * 2
-    assert sorted(map(point_and_seed, points)) == sorted(expected)
+    proposed = run_ledger(ledger, at_once)
+    expected = {(points.point_id(p), s) for p in points.grid_points(study) for s in range(2)}
+    assert len(expected) == study.search.n_trials == 3 * 4 * 2 * 2
+    assert sorted(map(point_and_seed, proposed)) == sorted(expected)
     assert ledger.ask() is None and ledger.finished() and ledger.remaining() == 0
 
 
 def test_grid_points_are_the_product_of_the_axes_in_a_stable_order() -> None:
     study = make_study()
-    points = search.grid_points(study)
-    assert len(points) == search.n_points(study) == 24
-    assert points[0] == {
+    proposed = points.grid_points(study)
+    assert len(proposed) == study.search.n_points == 24
+    assert proposed[0] == {
         "optimizer.weight_decay": 0.001,
         "data.fraction": 0.2,
         "optimizer.betas": (0.9, 0.98),
     }
-    assert points[1]["optimizer.betas"] == (0.9, 0.999)  # the last axis varies fastest
-    assert points == search.grid_points(make_study())
-    assert search.grid_points(make_study(space={})) == [{}]
+    assert proposed[1]["optimizer.betas"] == (0.9, 0.999)  # the last axis varies fastest
+    assert proposed == points.grid_points(make_study())
+    assert points.grid_points(make_study(space={})) == [{}]
 
 
 @pytest.mark.parametrize("sampler", ["sobol", "random", "tpe"])
 def test_seeds_of_sampled_points_are_exact_replicates(sampler: str) -> None:
     study = make_study(sampler, CONTINUOUS_SPACE, seeds=3, num_samples=8)
-    points = run_ledger(search.Ledger(study), at_once=True)
+    proposed = run_ledger(search.Ledger(study), at_once=True)
     seeds_of: dict[str, list[int]] = defaultdict(list)
-    for p in points:
-        seeds_of[search.point_id(p)].append(p["train.seed"])
-    assert len(points) == search.n_trials(study) == 24
+    for p in proposed:
+        seeds_of[points.point_id(p)].append(p["train.seed"])
+    assert len(proposed) == study.search.n_trials == 24
     assert len(seeds_of) == 8
     assert all(sorted(seeds) == [0, 1, 2] for seeds in seeds_of.values())
     # A replicate repeats its point's hyperparameters exactly, and follows it.
-    for first, *replicates in (points[i : i + 3] for i in range(0, 24, 3)):
+    for first, *replicates in (proposed[i : i + 3] for i in range(0, 24, 3)):
         assert [{**r, "train.seed": 0} for r in replicates] == [first, first]
-    assert isinstance(points[0]["model.width"], int)
+    assert isinstance(proposed[0]["model.width"], int)
 
 
 def test_sobol_points_are_the_scrambled_sobol_sequence_on_a_log_scale() -> None:
@@ -108,9 +108,9 @@ def test_sobol_points_are_the_scrambled_sobol_sequence_on_a_log_scale() -> None:
 
     space = {"optimizer.weight_decay": {"log": [1e-3, 10.0]}, "data.fraction": {"range": [0.1, 0.9]}}
     study = make_study("sobol", space, seeds=2, num_samples=16)
-    points = search.dry_run(study)[::2]  # seed 0 of each point
-    wd = np.array([p["optimizer.weight_decay"] for p in points])
-    frac = np.array([p["data.fraction"] for p in points])
+    proposed = search.dry_run(study)[::2]  # seed 0 of each point
+    wd = np.array([p["optimizer.weight_decay"] for p in proposed])
+    frac = np.array([p["data.fraction"] for p in proposed])
     assert ((wd >= 1e-3) & (wd <= 10)).all() and ((frac >= 0.1) & (frac <= 0.9)).all()
     unit = np.stack([np.log(wd / 1e-3) / math.log(1e4), (frac - 0.1) / 0.8], axis=1)
     np.testing.assert_allclose(unit, qmc.Sobol(2, scramble=True, seed=0).random(16), atol=1e-12)
@@ -120,18 +120,18 @@ def test_sobol_points_are_the_scrambled_sobol_sequence_on_a_log_scale() -> None:
 
 def test_point_id_is_stable_and_seed_independent() -> None:
     point = {"optimizer.weight_decay": 0.1, "data.fraction": 0.4, "model.width": 128, "train.seed": 0}
-    assert search.point_id(point) == search.point_id({**point, "train.seed": 2})
-    assert search.point_id(point) == search.point_id(dict(reversed(point.items())))
-    assert search.point_id(point) == search.point_id({**point, "model.width": 128.0})
-    assert search.point_id(point) != search.point_id({**point, "data.fraction": 0.5})
-    assert search.point_id(point) == "6f0681fd64"  # pinned: ids name MLflow runs and Parquet rows
+    assert points.point_id(point) == points.point_id({**point, "train.seed": 2})
+    assert points.point_id(point) == points.point_id(dict(reversed(point.items())))
+    assert points.point_id(point) == points.point_id({**point, "model.width": 128.0})
+    assert points.point_id(point) != points.point_id({**point, "data.fraction": 0.5})
+    assert points.point_id(point) == "6f0681fd64"  # pinned: ids name MLflow runs and Parquet rows
 
 
 def test_point_label_uses_short_names_and_puts_the_seed_last() -> None:
     point = {"train.seed": 1, "optimizer.weight_decay": 0.1, "data.fraction": 0.4, "model.layer_norm": True}
-    assert search.point_label(point) == "wd=0.1 frac=0.4 model.layer_norm=True seed=1"
+    assert points.point_label(point) == "wd=0.1 frac=0.4 model.layer_norm=True seed=1"
     assert (
-        search.point_label({"optimizer.betas": (0.9, 0.98), "train.batch_size": None})
+        points.point_label({"optimizer.betas": (0.9, 0.98), "train.batch_size": None})
         == "betas=0.9,0.98 bs=full"
     )
 
@@ -152,13 +152,13 @@ def test_a_pickled_ledger_finishes_the_study_exactly_once(sampler: str) -> None:
     restored = pickle.loads(pickle.dumps(ledger))
     rest = run_ledger(restored, at_once=False)
     counts = Counter(map(point_and_seed, first + rest))
-    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}
+    assert len(counts) == study.search.n_trials and set(counts.values()) == {1}
 
 
 def known(ledger_points: list[dict], status: str, tune_id: str = "t") -> dict[str, search.Known]:
     return {
-        search.trial_id(p): search.Known(
-            search.trial_id(p),
+        points.trial_id(p): search.Known(
+            points.trial_id(p),
             tune_id,
             p,
             status,
@@ -187,15 +187,15 @@ def test_reconcile_requeues_lost_members_adopts_unknown_ones_and_tells_what_fini
     restored = pickle.loads(snapshot)
     tune_view = known(asked[:2], "done") | known(asked[2:3], "failed") | known(asked[3:4], "running")
     lost = restored.reconcile(tune_view)
-    assert sorted(lost) == sorted(search.trial_id(p) for p in asked[4:6])
+    assert sorted(lost) == sorted(points.trial_id(p) for p in asked[4:6])
     # Telling a finished member again, or a result for a failed one, changes nothing and raises nothing.
-    restored.tell(search.trial_id(asked[0]), 99.0, "memorization")
-    restored.tell(search.trial_id(asked[2]), 1.0, "grokking")
-    assert restored.phases()[search.trial_id(asked[0])] == "grokking"
+    restored.tell(points.trial_id(asked[0]), 99.0, "memorization")
+    restored.tell(points.trial_id(asked[2]), 1.0, "grokking")
+    assert restored.phases()[points.trial_id(asked[0])] == "grokking"
     rest = run_ledger(restored, at_once=False)
     done = asked[:4] + rest
     counts = Counter(map(point_and_seed, done))
-    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}, counts
+    assert len(counts) == study.search.n_trials and set(counts.values()) == {1}, counts
 
 
 def test_reconcile_adopts_members_the_ledger_never_saw() -> None:
@@ -208,4 +208,4 @@ def test_reconcile_adopts_members_the_ledger_never_saw() -> None:
     restored.reconcile(known(later[:1], "done") | known(later[1:], "running"))
     rest = run_ledger(restored, at_once=False)
     counts = Counter(map(point_and_seed, later + rest))
-    assert len(counts) == search.n_trials(study) and set(counts.values()) == {1}
+    assert len(counts) == study.search.n_trials and set(counts.values()) == {1}

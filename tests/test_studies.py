@@ -1,4 +1,4 @@
-"""Every shipped study file is valid and expands to its points x seeds (STYLE.md, principle 5)."""
+"""Every shipped study file is valid and expands to its points x seeds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from grokstudy import search
+from grokstudy import points, search
 from grokstudy.study import describe, load_study
 
 STUDIES = sorted((Path(__file__).resolve().parent.parent / "studies").rglob("*.yaml"))
@@ -45,19 +45,19 @@ def test_study_file_reads_back_equal_from_its_resolved_form(path: Path) -> None:
 def test_study_file_is_valid_and_expands_to_every_point_and_seed_once(path: Path) -> None:
     study = load_study(path)
     trials = search.dry_run(study)
-    counts = Counter((search.point_id(p), p["train.seed"]) for p in trials)
+    counts = Counter((points.point_id(p), p["train.seed"]) for p in trials)
     assert set(counts.values()) == {1}
     if study.search.sampler == "boundary":  # adaptive: how many depends on the phases found
-        assert search.n_trials(study) is None and len(trials) <= search.n_points(study) * study.search.seeds
+        assert study.search.n_trials is None and len(trials) <= study.search.n_points * study.search.seeds
         assert describe(study).endswith("infers the rest")
         return
-    assert len(trials) == search.n_trials(study) == search.n_points(study) * study.search.seeds
+    assert len(trials) == study.search.n_trials == study.search.n_points * study.search.seeds
     if study.search.sampler == "grid":
-        assert {pid for pid, _ in counts} == {search.point_id(p) for p in search.grid_points(study)}
+        assert {pid for pid, _ in counts} == {points.point_id(p) for p in points.grid_points(study)}
     searched = {d.key for d in study.search.space}
     drawn = {study.diagram.x, study.diagram.y} if len(searched) > 1 else {study.diagram.x}
     assert drawn <= searched, "a shipped study draws its diagram over searched axes"
-    assert describe(study).endswith(f"= {search.n_trials(study)} trials")
+    assert describe(study).endswith(f"= {study.search.n_trials} trials")
 
 
 PAPERS = sorted((REPO / "studies" / "papers").glob("*.yaml"))
@@ -108,7 +108,7 @@ def test_every_paper_study_cites_its_paper_and_its_cpu_variant_fits_the_time(pat
 
 def test_smoke_study_stays_small_enough_for_ci() -> None:
     study = load_study(STUDIES[0].parent / "smoke.yaml")
-    assert search.n_trials(study) == 4 and study.search.seeds == 1
+    assert study.search.n_trials == 4 and study.search.seeds == 1
     assert study.base.train.max_steps <= 500 and study.base.model.width <= 64
 
 
@@ -131,5 +131,5 @@ def test_the_cluster_study_is_nandas_transformer_on_a_9_by_9_grid() -> None:
         False,
     )
     assert (o.name, o.lr, o.betas, study.base.task.p) == ("adamw", 1e-3, (0.9, 0.98), 97)
-    assert search.n_trials(study) == 9 * 9 * 3 and study.resources.gpu == 0.25
-    assert study.resources.pack * 4 >= search.n_trials(study)  # four packs on one GPU hold it all
+    assert study.search.n_trials == 9 * 9 * 3 and study.resources.gpu == 0.25
+    assert study.resources.pack * 4 >= study.search.n_trials  # four packs on one GPU hold it all

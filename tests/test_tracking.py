@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,13 +115,6 @@ def start_trial(uri, experiment_id, parent_run_id, key: str, cfg: TrialConfig, *
     trial = Trial(uri, experiment_id, parent_run_id, key, flatten(cfg), **kwargs)
     trial.flush()  # the run exists (as the runner's first checkpoint makes sure)
     return trial
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[servers.MlflowServer]:
-    """One real `mlflow server` (sqlite store, local artifacts) for every test here."""
-    with servers.mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
 
 
 # ---- no server -----------------------------------------------------------------------------
@@ -341,31 +333,57 @@ def test_a_trial_started_again_without_its_run_id_finds_its_run_by_trial_key(
 
 
 @pytest.mark.integration
-def test_an_mlflow_outage_delays_metrics_but_loses_none(tmp_path: Path) -> None:
-    """The real server stops for ~20 s while a trial logs, then comes back on the same port and store."""
-    root = tmp_path / "mlflow"
-    port = servers.free_port()
-    with servers.mlflow_server(root, port=port) as server:
-        _, experiment_id, parent_run_id = open_study(server.uri, "outage")
-        trial = start_trial(server.uri, experiment_id, parent_run_id, "t", TrialConfig())
+def test_an_mlflow_outage_delays_metrics_but_loses_none(mlflow_server: servers.MlflowServer) -> None:
+    """The network to the server goes down for ~6 s while a trial logs, then comes back."""
+    outage = servers.Outage(mlflow_server.port)
+    try:
+        _, experiment_id, parent_run_id = open_study(outage.uri, "outage")
+        trial = start_trial(outage.uri, experiment_id, parent_run_id, "t", TrialConfig())
         trial.log_records([synthetic_record(s) for s in GRID[:10]])
         trial.flush()
-    # Down: the trial keeps going and nothing raises.
-    start = time.monotonic()
-    for s in GRID[10:20]:
-        trial.log_records([synthetic_record(s)])
-        time.sleep(1.0)
-    assert not trial.sender.flush(3)
-    assert trial.sender.down_s > 5 and trial.sender.last_error
-    while time.monotonic() - start < 20:
-        time.sleep(0.5)
-    with servers.mlflow_server(root, port=port) as server:
+        outage.cut()
+        # Down: the trial keeps going and nothing raises.
+        for s in GRID[10:20]:
+            trial.log_records([synthetic_record(s)])
+            time.sleep(0.3)
+        assert not trial.sender.flush(3)
+        assert trial.sender.down_s > 5 and trial.sender.last_error
+        outage.restore()
         for s in GRID[20:]:
             trial.log_records([synthetic_record(s)])
         trial.finish("FINISHED")
         assert trial.sender.down_s == 0 and trial.sender.last_error is None
-        assert [s for s, _ in history(server.uri, trial.run_id, "val/acc")] == GRID
-        assert client(server.uri).get_run(trial.run_id).info.status == "FINISHED"
+    finally:
+        outage.close()
+    assert [s for s, _ in history(mlflow_server.uri, trial.run_id, "val/acc")] == GRID
+    assert client(mlflow_server.uri).get_run(trial.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.integration
+def test_a_request_stored_whose_answer_was_lost_is_not_stored_twice(
+    mlflow_server: servers.MlflowServer,
+) -> None:
+    """The server stores a batch but the connection drops before its answer: the sender retries,
+    and must first learn what the run already holds (an outage found steps logged twice)."""
+    outage = servers.Outage(mlflow_server.port)
+    try:
+        _, experiment_id, parent_run_id = open_study(outage.uri, "lost-answers")
+        trial = start_trial(outage.uri, experiment_id, parent_run_id, "t", TrialConfig())
+        trial.log_records([synthetic_record(s) for s in GRID[:5]])
+        trial.flush()
+        outage.lose_answers()
+        trial.log_records([synthetic_record(s) for s in GRID[5:12]])
+        deadline = time.monotonic() + 30
+        while not trial.sender.down_s and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert trial.sender.down_s > 0  # it sent, the server stored, the answer never came
+        outage.lose_answers(False)
+        trial.log_records([synthetic_record(s) for s in GRID[12:]])
+        trial.finish("FINISHED")
+    finally:
+        outage.close()
+    for key in TRACKED:
+        assert [s for s, _ in history(mlflow_server.uri, trial.run_id, key)] == GRID, key
 
 
 @pytest.mark.integration
@@ -522,13 +540,14 @@ def test_a_study_read_back_from_mlflow_becomes_its_trial_histories(
     failed.finish("FAILED", error="RuntimeError: boom")
     study.finish("FINISHED")
 
-    study_yaml, histories = tracking.fetch_histories(uri, name)
-    assert parse_study(yaml.safe_load(study_yaml)) == spec
+    read_back, histories = tracking.fetch_histories(uri, name)
+    assert read_back == spec
     by_id = {h.trial_id: h for h in histories}
     assert set(by_id) == {*logged, "broken"}
     for key, (run_id, cfg, records) in logged.items():
         h = by_id[key]
         assert (h.run_id, h.cfg, h.stop_reason, h.node, h.error) == (run_id, cfg, "budget", "n1", None)
+        assert h.point == {"optimizer.weight_decay": cfg.optimizer.weight_decay, "train.seed": 0}
         assert [r.step for r in h.records] == GRID
         assert [r.val_loss for r in h.records] == pytest.approx([r.val_loss for r in records])
     assert (by_id["broken"].stop_reason, by_id["broken"].error, by_id["broken"].records) == (

@@ -22,7 +22,7 @@ from grokstudy.config import (
 )
 from grokstudy.errors import StudyError
 from grokstudy.records import EvalRecord
-from grokstudy.train import eval_steps, init_state, load_state, run, save_state, train_to_end
+from grokstudy.train import eval_steps, init_state, load_state, run, save_state
 
 SMALL = TrialConfig(
     task=TaskConfig(op="x+y", p=11),
@@ -93,11 +93,11 @@ def test_each_record_is_yielded_with_the_state_at_that_step() -> None:
         assert state.step == record.step
         steps.append(record.step)
     assert steps == eval_steps(SMALL.train)
-    assert all(0.0 <= r.train_acc <= 1.0 and 0.0 <= r.val_acc <= 1.0 for r in train_to_end(SMALL))
+    assert all(0.0 <= r.train_acc <= 1.0 and 0.0 <= r.val_acc <= 1.0 for r in list(run(SMALL)))
 
 
 def test_records_carry_every_measure() -> None:
-    first, *_, last = train_to_end(SMALL)
+    first, *_, last = list(run(SMALL))
     assert first.step == 0 and first.elapsed_s == 0.0
     assert last.elapsed_s > 0.0
     assert math.isfinite(last.train_loss) and math.isfinite(last.val_loss)
@@ -107,7 +107,7 @@ def test_records_carry_every_measure() -> None:
     )
     assert first.weights_norm == pytest.approx(expected_norm)
     perm = dataclasses.replace(SMALL, task=TaskConfig(op="perm", n=3), data=DataConfig(fraction=0.5))
-    assert math.isnan(train_to_end(perm)[-1].fourier_top_k_share)
+    assert math.isnan(list(run(perm))[-1].fourier_top_k_share)
 
 
 def test_a_run_is_deterministic_for_a_seed_and_changes_with_it() -> None:
@@ -117,7 +117,7 @@ def test_a_run_is_deterministic_for_a_seed_and_changes_with_it() -> None:
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
     other = dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, seed=1))
-    assert without_time(train_to_end(other)) != without_time(records_a)
+    assert without_time(list(run(other))) != without_time(records_a)
 
 
 @pytest.mark.parametrize("cfg", RESUMABLE.values(), ids=RESUMABLE.keys())
@@ -185,7 +185,7 @@ def first_step(records: list[EvalRecord], key: str, threshold: float = 0.99) -> 
 
 @pytest.mark.slow
 def test_model_memorizes_first_and_generalizes_much_later_only_with_weight_decay() -> None:
-    records = train_to_end(GROKS)
+    records = list(run(GROKS))
     t_train, t_val = first_step(records, "train_acc"), first_step(records, "val_acc")
     assert t_train is not None and t_val is not None, (t_train, t_val)
     assert t_val >= 5 * t_train and t_val - t_train >= 500, (t_train, t_val)
@@ -195,6 +195,6 @@ def test_model_memorizes_first_and_generalizes_much_later_only_with_weight_decay
     assert records[-1].fourier_top_k_share > at_fit.fourier_top_k_share + 0.25
 
     control = dataclasses.replace(GROKS, optimizer=dataclasses.replace(GROKS.optimizer, weight_decay=0.0))
-    records = train_to_end(control)
+    records = list(run(control))
     assert first_step(records, "train_acc") is not None
     assert max(r.val_acc for r in records) < 0.5

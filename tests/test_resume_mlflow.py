@@ -1,0 +1,81 @@
+"""Resume through MLflow outages: short ones delay the curves, long ones stop the study, and
+nothing is lost or stored twice either way."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import servers
+from drivers import (
+    assert_clean,
+    checkpointed_trials,
+    command,
+    experiment,
+    finish,
+    start,
+    wait_for,
+    write_study,
+)
+from endstate import problems
+
+from grokstudy.study import load_study
+
+pytestmark = pytest.mark.integration
+
+
+# ---- MLflow goes away -----------------------------------------------------------------------------
+
+
+def test_an_mlflow_outage_mid_study_delays_the_curves_and_loses_nothing(
+    tmp_path: Path, mlflow_server: servers.MlflowServer
+) -> None:
+    study_file = write_study(
+        tmp_path, **{"max_steps: 1500": "max_steps: 3000", "name: resume": "name: resume-outage"}
+    )
+    out = tmp_path / "out"
+    outage = servers.Outage(mlflow_server.port)
+    log = tmp_path / "driver.log"
+    try:
+        proc = start(command(study_file, out, "--tracking-uri", outage.uri), log)
+        wait_for(
+            lambda: checkpointed_trials(experiment(out, "resume-outage")) >= 1, proc, what="a checkpoint"
+        )
+        outage.cut()
+        wait_for(lambda: "unreachable" in log.read_text(), proc, timeout=60, what="the driver to notice")
+        time.sleep(2)  # trials train on; their curves wait
+        assert proc.poll() is None, "the study ended during the outage: it must outlast it"
+        outage.restore()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        outage.close()
+    assert problems(out, load_study(study_file), tracking_uri=mlflow_server.uri) == []
+
+
+def test_mlflow_down_longer_than_the_limit_stops_the_study_and_a_resume_finishes(
+    tmp_path: Path, mlflow_server: servers.MlflowServer
+) -> None:
+    replace = {
+        "resources: {cpu: 1}": "resources: {cpu: 1}\nrun: {tracking_outage_s: 5}",
+        "name: resume": "name: resume-cut",
+    }
+    study_file = write_study(tmp_path, **replace)
+    out = tmp_path / "out"
+    outage = servers.Outage(mlflow_server.port)
+    cmd = command(study_file, out, "--tracking-uri", outage.uri)
+    log = tmp_path / "driver.log"
+    try:
+        proc = start(cmd, log)
+        wait_for(lambda: checkpointed_trials(experiment(out, "resume-cut")) >= 1, proc, what="a checkpoint")
+        outage.cut()
+        assert proc.wait(timeout=180) == 3
+        [line] = [ln for ln in log.read_text().splitlines() if ln.startswith("grokstudy run:")]
+        assert line.startswith(f"grokstudy run: stopped: MLflow at {outage.uri} was unreachable for")
+        assert "run.tracking_outage_s" in line
+        assert checkpointed_trials(experiment(out, "resume-cut")) >= 1
+        outage.restore()
+        assert_clean(finish(cmd))
+    finally:
+        outage.close()
+    assert problems(out, load_study(study_file), tracking_uri=mlflow_server.uri) == []
