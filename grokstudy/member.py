@@ -191,10 +191,8 @@ class PackRun:
             )
             for tid, point, cfg in zip(self.ids, self.points, self.cfgs, strict=True)
         }
-        for tid in self.ids:
-            self.runs[tid].sync(
-                self.curves[tid]
-            )  # after a restore: replay what MLflow lost since its last step
+        for tid in self.ids:  # after a restore: replay what MLflow lost since its last step
+            self.runs[tid].sync(self.curves[tid])
 
     def run(self, report: Report) -> None:
         """Train every member to its end, reporting as the module docstring says."""

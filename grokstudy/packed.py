@@ -575,9 +575,8 @@ def _evaluate(state: PackState, row_loss: LossFn) -> list[list[float]]:
             correct = logits.argmax(-1) == y
             in_train = t["data.train_mask"][block, i : i + rows_per]
             zero = loss.new_zeros(())
-            sums[0, block] += torch.where(in_train, loss, zero).sum(
-                1
-            )  # where, not *: a val row's inf stays out
+            # where, not *: a val row's inf stays out
+            sums[0, block] += torch.where(in_train, loss, zero).sum(1)
             sums[1, block] += (correct & in_train).sum(1)
             sums[2, block] += torch.where(in_train, zero, loss).sum(1)
             sums[3, block] += (correct & ~in_train).sum(1)
