@@ -28,7 +28,7 @@ test: setup  ## everything, the integration tests included (what CI runs)
 	# Three test processes, one test file each at a time (their module fixtures stay shared): the
 	# integration tests mostly wait on process start-ups and servers, and one at a time leave
 	# the two cores half idle.
-	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -p no:faulthandler -n 3 --dist loadfile --no-loadscope-reorder
+	PYTHONFAULTHANDLER=1 $(BIN)/python -m pytest -p no:faulthandler -n 3 --dist loadfile --no-loadscope-reorder --durations=30
 
 test-fast: setup  ## skip real clusters and servers
 	$(BIN)/python -m pytest -m "not integration and not slow"
