@@ -29,27 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+import drivers  # noqa: E402
 from endstate import problems  # noqa: E402
 
 from grokstudy.study import load_study  # noqa: E402
 
-STUDY = """
-name: soak
-task: {op: "x+y", p: 23}
-data: {fraction: 0.5}
-model: {kind: mlp, embed_dim: 16, width: 64}
-train: {max_steps: 1200, eval_every: 50, checkpoint_every: 100}
-optimizer: {name: adamw, lr: 3.0e-3, weight_decay: 1.0, warmup_steps: 0}
-phases: {confirm_steps: 100}
-search:
-  sampler: grid
-  space:
-    optimizer.weight_decay: {values: [0.0, 1.0]}
-    data.fraction: {values: [0.3, 0.5, 0.8]}
-  seeds: 1
-resources: {cpu: 1}
-diagram: {x: data.fraction, y: optimizer.weight_decay}
-"""
+# The resume tests' study (tests/drivers.py), a little shorter and with a third fraction, so
+# that six trials on two cores leave room for kills between them.
+STUDY = (
+    drivers.STUDY.replace("name: resume", "name: soak")
+    .replace("max_steps: 1500", "max_steps: 1200")
+    .replace("values: [0.3, 0.8]", "values: [0.3, 0.5, 0.8]")
+)
 
 
 def command(study: Path, out: Path) -> list[str]:

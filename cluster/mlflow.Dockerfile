@@ -3,7 +3,8 @@
 # nor, in all versions, boto3; basic auth needs the `auth` extra, i.e. Flask-WTF).
 #   docker build -f cluster/mlflow.Dockerfile -t registry.example.com/grokstudy-mlflow:3.17.2 cluster
 # Keep MLFLOW_VERSION equal to cluster/constraints.txt (tests/test_cluster_configs.py checks it).
-FROM python:3.11-slim
+# Pinned by digest (a tag moves); cluster/pin-images.sh refreshes it.
+FROM python:3.11-slim@sha256:90744cff8f32887f075c47d747a173ff333e9e98801667af93c357fa9f5e28ff
 
 ARG MLFLOW_VERSION=3.17.2
 LABEL org.opencontainers.image.title="grokstudy-mlflow" \

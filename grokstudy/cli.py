@@ -1,11 +1,15 @@
 """The `grokstudy` command: parse, validate, call one library function, print, exit.
 
 The only module that prints for humans or chooses an exit code: 0 success,
-1 a study finished with failed trials (named), 2 bad input (one line per
-problem, naming its dotted path or flag; never a traceback), 3 the study
-crashed or was stopped (SIGTERM from `ray job stop`, MLflow down too long: one
-line; a crash's traceback goes to `<out>/crash.log`), 130 interrupted (Ctrl-C).
-A study stopped by 3 or 130 resumes when the same command runs again.
+1 a study finished with failed trials (named; `--retry-failed` runs them again),
+2 bad input or a place that cannot be used (one line per problem, naming its
+dotted path or flag; never a traceback; nothing written), 3 the study crashed or
+was stopped (SIGTERM from `ray job stop`, MLflow down too long: one line; a
+crash's traceback goes to `<out>/crash.log`), 4 another driver took the study's
+storage lease (this one stopped and wrote nothing more), 5 the study finished
+but MLflow did not store all of it, 130 interrupted (Ctrl-C). A study stopped
+by 3 or 130 resumes, and one that ended with 5 is settled, when the same command
+runs again. Passwords in URIs are never printed.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from pathlib import Path
 
 from grokstudy import __version__
 from grokstudy.errors import StudyError, UsageError, one_line
+from grokstudy.uris import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CRASHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_LEASE_LOST, EXIT_TRACKING_INCOMPLETE = 4, 5
 
 
 RUN_EPILOG = """examples:
@@ -50,9 +56,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str) -> None:
-    for line in message.splitlines():
+    for line in redact(message).splitlines():
         print(line, file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
+
+
+def _directory(text: str) -> Path:
+    """An --out value: never empty (Path("") would silently mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give a directory")
+    return Path(text)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port, 1 to 65535 (got {text!r})")
+    return port
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -68,13 +91,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run (or resume) a study on Ray", epilog=RUN_EPILOG, formatter_class=fmt)
     p.add_argument("study", type=Path, help="study file, e.g. studies/quickstart.yaml")
     _add_set(p)
-    p.add_argument("--out", type=Path, help="output directory (default: run.out or runs/<name>)")
+    p.add_argument("--out", type=_directory, help="output directory (default: run.out or runs/<name>)")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite in --out)"
     )
     p.add_argument("--format", default="png,pdf", help="figure formats, comma-separated (png, svg, pdf)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the embedded Ray (default: all)")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="run again the trials a finished study recorded as FAILED (beyond run.max_failures)",
+    )
 
     p = sub.add_parser(
         "train", help="train one trial locally (no Ray, no MLflow)", epilog=TRAIN_EPILOG, formatter_class=fmt
@@ -95,19 +123,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--y", help="y axis (default: the study's diagram.y)")
     p.add_argument("--facet", help="a third column: one panel per value")
     p.add_argument("--format", default="png,pdf", help="comma-separated: png, svg, pdf")
-    p.add_argument("--out", type=Path, help="where to write figures (default: <source>/figures)")
+    p.add_argument("--out", type=_directory, help="where to write figures (default: <source>/figures)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
 
     p = sub.add_parser(
         "export", help="rebuild trials.parquet and curves.parquet from MLflow or a Ray Tune experiment"
     )
     p.add_argument("source", help="MLflow experiment name/id, or a Ray Tune experiment directory")
-    p.add_argument("--out", type=Path, required=True, help="directory for the two tables")
+    p.add_argument("--out", type=_directory, required=True, help="directory for the two tables")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
     p = sub.add_parser("ui", help="open the MLflow UI on a study's local tracking store")
     p.add_argument("study_dir", type=Path, help="a study output directory, e.g. runs/quickstart")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=_port, default=5000)
     return parser
 
 
@@ -136,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except (StudyError, UsageError) as e:
         _fail("\n".join(f"grokstudy {args.command}: error: {line}" for line in str(e).splitlines()))
-        return EXIT_USAGE  # unreachable; keeps type checkers calm
+    except OSError as e:  # a file or directory that cannot be read or written (run has its own)
+        _fail(f"grokstudy {args.command}: error: {one_line(e)}")
+    return EXIT_USAGE  # unreachable; keeps type checkers calm
 
 
 # ---- subcommands ------------------------------------------------------------------------
@@ -156,11 +186,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from grokstudy.storage import LeaseLost, check_dir
     from grokstudy.study import load_study
 
     study = load_study(args.study, args.overrides)
     formats = _formats(args.format)
-    out_dir = (args.out or Path(study.run.out or Path("runs") / study.name)).resolve()
+    out_dir = check_dir(args.out or Path(study.run.out or Path("runs") / study.name), "--out").resolve()
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         # An embedded Ray: without this Ray advertises the machine's outward IP even for
         # a node at 127.0.0.1 (ray 2.60 reads it once, when ray is first imported, so
@@ -189,9 +220,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
             # end the parent run FAILED and exit 3.
             stop_on_sigterm=True,
+            retry_failed=args.retry_failed,
         )
     except (StudyError, UsageError):
         raise
+    except LeaseLost as e:
+        print(f"grokstudy run: stopped: {e}; nothing more was written", file=sys.stderr)
+        return EXIT_LEASE_LOST
     except (KeyboardInterrupt, runner.Interrupted) as e:
         stopped = runner.stop_reason()
         why = f"stopped by {stopped}" if stopped else f"interrupted: {e or 'Ctrl-C'}"
@@ -201,24 +236,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"grokstudy run: stopped: {e}", file=sys.stderr)
         return EXIT_CRASHED
     except Exception as e:
-        log = _crash_log(out_dir)
-        line = one_line(e)
+        where = _crash_log(out_dir)
         print(
-            f"grokstudy run: crashed: {line}; traceback in {log}; run the same command again to resume",
+            redact(f"grokstudy run: crashed: {one_line(e)}; traceback {where}; run the same command again "
+                   "to resume"),
             file=sys.stderr,
-        )
+        )  # fmt: skip
         return EXIT_CRASHED
     _print_summary(outcome)
+    if outcome.tracking_incomplete:
+        print(
+            redact(f"grokstudy run: MLflow is incomplete: {'; '.join(outcome.tracking_incomplete)}; run "
+                   "the same command again to settle it (the tables and figures are whole)"),
+            file=sys.stderr,
+        )  # fmt: skip
+        return EXIT_TRACKING_INCOMPLETE
     return EXIT_FAILED if outcome.failed else EXIT_OK
 
 
-def _crash_log(out_dir: Path) -> Path:
+def _crash_log(out_dir: Path) -> str:
+    """Write the current traceback to `<out>/crash.log` (atomically: a planted symlink is
+    replaced, never followed) and say where it went; never raises."""
     import traceback
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = out_dir / "crash.log"
-    log.write_text(traceback.format_exc())
-    return log
+    from grokstudy.storage import write_atomic
+
+    text = redact(traceback.format_exc())
+    try:
+        write_atomic(out_dir / "crash.log", text)
+        return f"in {out_dir / 'crash.log'}"
+    except Exception as err:  # the very directory may be what failed: the traceback goes to stderr
+        print(text, file=sys.stderr, end="")
+        return f"above (crash.log could not be written: {one_line(err, 200)})"
 
 
 def _print_progress(p) -> None:  # progress.Progress
@@ -247,6 +296,8 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
             )
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.phase_counts.items()))
     print(f"\nphases: {counts or 'none'}" + (" (resumed study)" if outcome.resumed else ""))
+    if outcome.retried:
+        print(f"ran again {outcome.retried} trial(s) that had failed")
     if outcome.lost:
         print(f"requeued {outcome.lost} trial(s) the interrupted driver had started but not recorded")
     if outcome.failed:
@@ -257,7 +308,7 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
     print(f"curves table:  {outcome.curves_path}")
     for path in outcome.figures:
         print(f"figure:        {path}")
-    print(f"MLflow:        {outcome.tracking_uri}  (parent run {outcome.parent_run_id})")
+    print(f"MLflow:        {redact(outcome.tracking_uri)}  (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"browse:        grokstudy ui {outcome.out_dir}")
 
@@ -273,12 +324,29 @@ def _steps(v: int | None) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from grokstudy import phases, train
+    from grokstudy import footprint
     from grokstudy.config import PhaseConfig
     from grokstudy.study import load_study, trial_from_overrides
 
     cfg = trial_from_overrides(args.overrides, args.study)
     phase_cfg = load_study(args.study).phases if args.study else PhaseConfig()
+    need, have = footprint.trial_bytes(cfg), footprint.machine_bytes()
+    if have and need > have:
+        raise StudyError("model", f"this trial needs about {footprint.describe(need)}, more than this "
+                         f"machine's {footprint.describe(have)}; use a smaller model, task or batch")  # fmt: skip
+    try:
+        return _train(args, cfg, phase_cfg)
+    except (MemoryError, RuntimeError) as err:
+        if not footprint.is_out_of_memory(err):
+            raise
+        print(f"grokstudy train: error: out of memory ({one_line(err, 200)}); use a smaller model, "
+              "task or batch", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+
+
+def _train(args: argparse.Namespace, cfg, phase_cfg) -> int:  # config.TrialConfig, config.PhaseConfig
+    from grokstudy import phases, train
+
     train.configure_process()
     state = train.init_state(cfg)
     curve = []
@@ -331,12 +399,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from grokstudy import figures, results
+    from grokstudy.storage import check_dir
 
     formats = _formats(args.format)
+    if args.out is not None:
+        check_dir(args.out, "--out")
     trials, curves, default_out = _load_results(args.source, args.tracking_uri)
     cells_file = Path(args.source) / results.CELLS_FILE
     cells = results.read_cells(cells_file) if cells_file.exists() else None
-    out = (args.out or default_out).resolve()
+    out = check_dir(args.out or default_out, "--out").resolve()
     paths = figures.render_study(
         trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats, cells=cells
     )
@@ -347,9 +418,11 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from grokstudy import results
+    from grokstudy.storage import check_dir
 
+    out = check_dir(args.out, "--out").resolve()
     trials, curves, _ = _load_results(args.source, args.tracking_uri, prefer_rebuild=True)
-    trials_path, curves_path = results.write_tables(trials, curves, args.out.resolve())
+    trials_path, curves_path = results.write_tables(trials, curves, out)
     print(f"trials table: {trials_path} ({trials.num_rows} trials)")
     print(f"curves table: {curves_path} ({curves.num_rows} rows)")
     return EXIT_OK
@@ -395,10 +468,11 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from grokstudy import tracking
 
     db = args.study_dir.resolve() / "mlflow.db"
-    if not db.exists():
+    if not db.is_file():
         raise UsageError(
             "STUDY_DIR", f"no MLflow store at {db}; run the study first or pass its output directory"
         )
+    tracking.check_store(db)
     cmd = tracking.ui_command(f"sqlite:///{db}", port=args.port)
     print(f"grokstudy ui: serving {db} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.environ.update(tracking.UI_ENV)

@@ -20,8 +20,10 @@ from typing import Any
 
 from grokstudy import checkpoints, member, results, tracking
 from grokstudy.config import Study, flatten
+from grokstudy.errors import one_line
 from grokstudy.points import point_label
 from grokstudy.records import TrialHistory
+from grokstudy.uris import redact
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,11 @@ class StudyOutcome:
     resumed: bool
     lost: int
     """Trials a killed driver had started but not recorded, run again by this resume."""
+    retried: int = 0
+    """Failed trials this run ran again (`--retry-failed`, or Tune's snapshot had missed the failure)."""
+    tracking_incomplete: list[str] = dataclasses.field(default_factory=list)
+    """What MLflow did not store at the end (empty: every run is whole and ended); running the
+    same command again settles it."""
 
 
 def histories(study: Study, trials: Sequence[Ended]) -> tuple[list[TrialHistory], int]:
@@ -79,11 +86,13 @@ def write_results(
     study_tracker: tracking.StudyTracker,
     resumed: bool,
     lost: int,
+    retried: int = 0,
 ) -> StudyOutcome:
     """Tables, cells and figures into `out_dir`; the parent run gets them and its end."""
     from grokstudy import figures  # here: trial workers import the modules above, and need no matplotlib
 
-    trial_histories = tracked(study, trial_histories, study_tracker)
+    trial_histories, unsettled = tracked(study, trial_histories, study_tracker)
+    incomplete = [unsettled] if unsettled else []
     trials, curves = results.build_tables(study, trial_histories)
     trials_path, curves_path = results.write_tables(trials, curves, out_dir)
     cells = results.build_cells(study, trials)
@@ -94,14 +103,16 @@ def write_results(
         else []
     )
     failed = [h.trial_id for h in trial_histories if h.outcome is None]
-    best_effort(study_tracker.log_artifacts, tables, "results")
-    best_effort(study_tracker.log_artifacts, figure_paths, "figures")
     phase_counts = dict(Counter(p for p in trials.column("phase").to_pylist() if p))
-    best_effort(
-        study_tracker.set_tags,
-        {f"phases.{k}": str(v) for k, v in phase_counts.items()} | {"trials.failed": str(len(failed))},
-    )
-    best_effort(study_tracker.finish, "FAILED" if failed else "FINISHED")
+    tags = {f"phases.{k}": str(v) for k, v in phase_counts.items()} | {"trials.failed": str(len(failed))}
+    for fn, *args in [
+        (study_tracker.log_artifacts, tables, "results"),
+        (study_tracker.log_artifacts, figure_paths, "figures"),
+        (study_tracker.set_tags, tags),
+        (study_tracker.finish, "FAILED" if failed else "FINISHED"),
+    ]:
+        if (problem := best_effort(fn, *args)) is not None:
+            incomplete.append(problem)
     return StudyOutcome(
         out_dir=out_dir,
         trials_path=trials_path,
@@ -114,26 +125,29 @@ def write_results(
         parent_run_id=study_tracker.run_id,
         resumed=resumed,
         lost=lost,
+        retried=retried,
+        tracking_incomplete=incomplete,
     )
 
 
 def tracked(
     study: Study, trial_histories: list[TrialHistory], study_tracker: tracking.StudyTracker
-) -> list[TrialHistory]:
-    """The histories, each linked to its MLflow run, every run holding its trial's whole curve
-    and ended as its trial ended (best effort: MLflow may be down at the very end)."""
+) -> tuple[list[TrialHistory], str | None]:
+    """(the histories, each linked to its MLflow run, every run holding its trial's whole curve
+    and ended as its trial ended; why not, when MLflow could not be made so at the very end)."""
     try:
-        return settle_runs(trial_histories, study_tracker)
+        return settle_runs(trial_histories, study_tracker), None
     except Exception as err:
-        log.warning("MLflow: the trial runs were not settled: %s", err)
+        problem = f"the trial runs were not settled ({redact(one_line(err, 300))})"
+        log.warning("MLflow: %s", problem)
     try:
         runs = study_tracker.trial_runs()
     except Exception:
-        return trial_histories
+        return trial_histories, problem
     return [
         h if h.run_id else dataclasses.replace(h, run_id=runs.get(h.trial_id, (None,))[0])
         for h in trial_histories
-    ]
+    ], problem
 
 
 def settle_runs(
@@ -164,9 +178,13 @@ def settle_runs(
     return [dataclasses.replace(h, run_id=h.run_id or run_ids.get(h.trial_id)) for h in trial_histories]
 
 
-def best_effort(fn: Callable[..., Any], *args: Any) -> None:
-    """MLflow at the end of a study is best effort: the tables are written either way."""
+def best_effort(fn: Callable[..., Any], *args: Any) -> str | None:
+    """MLflow at the end of a study is best effort: the tables are written either way. Returns
+    what failed (None: it was stored)."""
     try:
         fn(*args)
     except Exception as err:
-        log.warning("MLflow: %s failed: %s", getattr(fn, "__name__", fn), err)
+        problem = f"{getattr(fn, '__name__', fn)} failed ({redact(one_line(err, 300))})"
+        log.warning("MLflow: %s", problem)
+        return problem
+    return None

@@ -544,6 +544,14 @@ class RunConfig:
     tracking_uri: str | None = setting(
         None, "MLflow tracking URI; default sqlite:///<out>/mlflow.db (absolute)"
     )
+    resource_wait_s: float = setting(
+        900.0,
+        "on a cluster, how long a study waits for a node that can run a trial (an autoscaler "
+        "adding one) before it fails; an embedded Ray refuses at once",
+        lo=0,
+        hi=10**6,
+        unit="seconds",
+    )
     tracking_outage_s: float = setting(
         600.0,
         "how long trials keep training while MLflow cannot be reached before the study stops "
@@ -606,7 +614,7 @@ def nearest_primes(n: int) -> tuple[int | None, int]:
     return below, above
 
 
-MAX_EVALS = 10**6
+MAX_EVALS = 100_000
 """Eval points of one trial: max_steps / eval_every above this is a typo (the schedule is a list)."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grokstudy import member
+from grokstudy.uris import redact
 
 
 class TrackingUnavailable(Exception):
@@ -85,7 +86,7 @@ class StudyProgress:
         self.last_error = result.get("tracking_error") or (self.last_error if down > 0 else None)
         warning = None
         if down > 0:
-            warning = f"MLflow at {self.tracking_uri} unreachable for {down:.0f} s ({self.last_error}); trials keep training"
+            warning = f"MLflow at {redact(self.tracking_uri)} unreachable for {down:.0f} s ({self.last_error}); trials keep training"
         if warning != self.warning and (warning is None or self.warning is None):
             self.warning = warning
             self._maybe_emit(force=True)
@@ -101,7 +102,7 @@ class StudyProgress:
         down = 0.0 if self.down_since is None else time.monotonic() - self.down_since
         if down > self.outage_limit_s:
             raise TrackingUnavailable(
-                f"MLflow at {self.tracking_uri} was unreachable for {down:.0f} s, longer than "
+                f"MLflow at {redact(self.tracking_uri)} was unreachable for {down:.0f} s, longer than "
                 f"run.tracking_outage_s ({self.outage_limit_s:g} s); checkpoints are kept: run the same command "
                 "again to resume"
             )

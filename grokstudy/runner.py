@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import pickle
+import secrets
 import signal
 import tempfile
 from collections.abc import Callable, Iterator
@@ -46,7 +47,7 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
-from grokstudy import checkpoints, collect, compat, member, phases, search, storage, tracking
+from grokstudy import checkpoints, collect, compat, member, phases, preflight, search, storage, tracking
 from grokstudy.collect import Ended, StudyOutcome
 from grokstudy.config import Study, flatten, pack_key, plain, to_dict
 from grokstudy.errors import StudyError, UsageError, one_line
@@ -56,8 +57,6 @@ from grokstudy.records import TrialHistory
 
 log = logging.getLogger(__name__)
 
-STUDY_FILE = "grokstudy-study.yaml"
-"""Beside the Tune experiment: the resolved study it runs (a resume must match it)."""
 DEFAULT_GPU_PACK = 16
 FAILED_BEYOND_RETRIES = "failed beyond run.max_failures retries"
 
@@ -229,15 +228,18 @@ class LedgerSearcher(Searcher):
         self.packs = {}
         for k in known.values():
             self.packs.setdefault(k.tune_trial_id, []).append(k.trial_id)
-        self.told = {tid for tid, k in known.items() if k.status != "running"}
-        self.running = {k.tune_trial_id for k in known.values() if k.status == "running"}
+        self.told = {tid for tid, k in known.items() if k.status in ("done", "failed")}
+        self.running = {k.tune_trial_id for k in known.values() if k.status in ("running", "retry")}
         self.held = []
         if _current is not None:
             _current.searcher = self
 
 
-def restored_members(study: Study, experiment_path: str) -> dict[str, search.Known]:
-    """{member trial id: what Tune's saved experiment says of it} (running, done or failed)."""
+def restored_members(
+    study: Study, experiment_path: str, retry_failed: bool = False
+) -> dict[str, search.Known]:
+    """{member trial id: what Tune's saved experiment says of it} (running, done, failed, or
+    with `retry_failed` retry where it failed)."""
     known: dict[str, search.Known] = {}
     for trial in tune.ExperimentAnalysis(experiment_path).trials:
         done = dict(member.outcomes_of(trial.last_result or {}))
@@ -248,7 +250,7 @@ def restored_members(study: Study, experiment_path: str) -> dict[str, search.Kno
                 o = done[tid]
                 known[tid] = search.Known(tid, trial.trial_id, point, "done", o.objective, o.phase)
             else:
-                status = "failed" if trial.status == "ERROR" else "running"
+                status = "running" if trial.status != "ERROR" else "retry" if retry_failed else "failed"
                 known[tid] = search.Known(tid, trial.trial_id, point, status)
     return known
 
@@ -274,6 +276,8 @@ class _Callback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info) -> None:
         _current.progress.tick()
+        if _current.waiting is not None:
+            _current.waiting.check()
 
 
 @dataclass(slots=True)
@@ -284,6 +288,8 @@ class _DriverRun:
     known: dict[str, search.Known]
     """Every member Tune's saved experiment holds (empty on a fresh start); read once."""
     searcher: LedgerSearcher | None = None
+    waiting: preflight.WaitForNodes | None = None
+    """While a cluster has no node that fits a trial (`preflight.check_fits`)."""
 
 
 _current: _DriverRun | None = None
@@ -302,7 +308,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, log_to_driver=False)
         return True
-    _private_token_file()
+    ensure_ray_token()
     # Embedded: loopback only, sized to the machine, a small object store (trials
     # pass no large objects).
     ray.init(
@@ -312,16 +318,29 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         object_store_memory=256 * 1024 * 1024,
         _node_ip_address="127.0.0.1",
     )
-    _private_token_file()
     return True
 
 
-def _private_token_file() -> None:
-    """Ray >= 2.59 writes its token to ~/.ray/auth_token for a local cluster; keep it 0600."""
+def ensure_ray_token() -> Path:
+    """The token file an embedded Ray (>= 2.59) authenticates with, created 0600 with a random
+    token before Ray starts (Ray writes one world-readable, then narrows it, when there is
+    none). Created exclusively: of several processes starting at once, the first one's wins."""
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    with contextlib.suppress(OSError):
-        if token.exists() and token.stat().st_mode & 0o077:
-            token.chmod(0o600)
+    if token.exists():
+        with contextlib.suppress(OSError):
+            if token.stat().st_mode & 0o077:
+                token.chmod(0o600)
+        return token
+    token.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=token.parent)  # mode 0600 from the start
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, token)
+    finally:
+        os.unlink(tmp)
+    return token
 
 
 def pack_size(study: Study) -> int:
@@ -341,34 +360,47 @@ def run_study(
     progress: Callable[[Progress], None] | None = None,
     num_cpus: int | None = None,
     stop_on_sigterm: bool = False,
+    retry_failed: bool = False,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its tables and figures.
 
     With `stop_on_sigterm`, SIGTERM (`ray job stop`) stops the study as `request_stop` does.
+    With `retry_failed`, a resumed study runs again the trials that failed beyond
+    run.max_failures (from their last checkpoint).
 
     Raises StudyError/UsageError for what can be refused before anything runs (unsupported
-    versions, a changed study on resume, cuda without a GPU, a locked output), Interrupted
-    when Ctrl-C stopped it, TrackingUnavailable when MLflow stayed down too long; the parent
-    run then ends KILLED or FAILED and the study resumes when run again.
+    versions, an output or storage that cannot be written, MLflow unreachable, a changed study
+    on resume, cuda without a GPU, a locked output or leased storage), Interrupted when Ctrl-C
+    stopped it, TrackingUnavailable when MLflow stayed down too long (the parent run then ends
+    KILLED or FAILED and the study resumes when run again), storage.LeaseLost when another
+    driver took the study over (this driver writes nothing more).
     """
     compat.check()
-    out_dir = Path(out_dir).resolve()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # compat.ENV_KNOBS
+    # Everything a run needs, checked before it writes anything anywhere or starts Ray.
+    out_dir = storage.check_dir(out_dir, "--out").resolve()
     storage_path = study.run.storage or str(out_dir / "ray")
-    experiment_path = storage.join(storage_path, study.name)
+    if study.run.storage:
+        storage.check_storage(study.run.storage)
     uri = tracking.resolve_tracking_uri(tracking_uri, study.run.tracking_uri, out_dir)
+    tracking.check_reachable(uri)
+    state_file = out_dir / "study-state.json"
+    saved = storage.read_json(state_file, "STUDY_DIR")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # compat.ENV_KNOBS
+    experiment_path = storage.join(storage_path, study.name)
     study_yaml = _study_yaml(study)
     previous_sigterm = _stop_on_sigterm() if stop_on_sigterm else None
+    global _stop_reason
+    _stop_reason = None
     try:
-        with storage.OutputLock(out_dir), storage.Lease(experiment_path):
-            resumed = _check_same_study(study, study_yaml, experiment_path)
-            state_file = out_dir / "study-state.json"
-            saved = storage.read_json(state_file, "STUDY_DIR")
+        with storage.OutputLock(out_dir), storage.Lease(experiment_path, on_lost=request_stop) as lease:
+            resumed = preflight.check_same_study(study, study_yaml, experiment_path)
             started_ray = init_ray(address, num_cpus)
             if stop_on_sigterm:
                 _stop_on_sigterm()  # again: ray.init installs its own SIGTERM handler, which aborts
             try:
-                _check_devices(study)
+                preflight.check_devices(study)
+                embedded = not (address or os.environ.get("RAY_ADDRESS"))  # this machine: no autoscaler
+                waiting = preflight.check_fits(study, pack_size(study), embedded)
                 study_tracker = tracking.StudyTracker(uri)
                 # A resume continues its parent run; a fresh start continues one only if a
                 # driver died before it could record it (it is still RUNNING).
@@ -380,8 +412,10 @@ def run_study(
                 storage.write_atomic(out_dir / "study.yaml", study_yaml)
                 try:
                     return _fit(study, out_dir, storage_path, experiment_path, resumed, formats, progress,
-                                study_tracker)  # fmt: skip
+                                study_tracker, retry_failed, waiting)  # fmt: skip
                 except (Interrupted, KeyboardInterrupt):
+                    if lease.lost:  # the new holder owns the study now: touch nothing of it
+                        raise storage.LeaseLost(lease.lost) from None
                     collect.best_effort(study_tracker.finish, "FAILED" if _stop_reason else "KILLED")
                     raise
                 except BaseException:
@@ -410,6 +444,8 @@ def _fit(
     formats: tuple[str, ...],
     emit: Callable[[Progress], None] | None,
     study_tracker: tracking.StudyTracker,
+    retry_failed: bool,
+    waiting: preflight.WaitForNodes | None,
 ) -> StudyOutcome:
     global _current
     where = study_tracker.where()
@@ -417,15 +453,17 @@ def _fit(
         tune.with_parameters(_trial_fn, ctx=TrialContext(study, where)),
         {"cpu": study.resources.cpu, "gpu": study.resources.gpu},
     )
-    known = restored_members(study, experiment_path) if resumed else {}
+    known = restored_members(study, experiment_path, retry_failed) if resumed else {}
     already = {t: k.phase or "?" for t, k in known.items() if k.status == "done"}
     progress = StudyProgress(
         study.search.n_trials, emit, study.run.tracking_outage_s, where.tracking_uri, already
     )
-    _current = _DriverRun(progress, known)
+    _current = _DriverRun(progress, known, waiting=waiting)
     slots = _trial_slots(study)
     if resumed:
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(
+            experiment_path, trainable, resume_unfinished=True, resume_errored=retry_failed
+        )
     else:
         _current.searcher = LedgerSearcher(study, pack_size(study), slots)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, _current.searcher),
@@ -437,7 +475,7 @@ def _fit(
         with _pending_trials(max(slots, ahead)):
             grid = tuner.fit()
     except Exception as err:  # Tune wraps what a callback raised in its own TuneError
-        raise _cause(err, TrackingUnavailable) or err from None
+        raise _cause(err, TrackingUnavailable) or _cause(err, StudyError) or err from None
     finally:
         searcher, _current = _current.searcher, None
     ended = [
@@ -454,8 +492,9 @@ def _fit(
         raise RuntimeError("Tune did not restore the study's searcher; see grokstudy.compat")
     searcher.ledger.export(out_dir / "optuna.db")
     return collect.write_results(
-        study, out_dir, histories, formats, study_tracker, resumed, len(searcher.lost)
-    )
+        study, out_dir, histories, formats, study_tracker, resumed, len(searcher.lost),
+        len(searcher.ledger.retried),
+    )  # fmt: skip
 
 
 def _tune_config(study: Study, searcher: LedgerSearcher) -> tune.TuneConfig:
@@ -498,12 +537,14 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
     """The study and trial histories of a Ray Tune experiment directory (`grokstudy export`)."""
     from grokstudy.study import parse_study
 
-    text = storage.read_text(storage.join(str(path), STUDY_FILE))
+    text = storage.read_text(storage.join(str(path), preflight.STUDY_FILE))
     if text is None:
-        raise UsageError("SOURCE", f"{path} holds no {STUDY_FILE}: not a grokstudy Ray Tune experiment")
+        raise UsageError(
+            "SOURCE", f"{path} holds no {preflight.STUDY_FILE}: not a grokstudy Ray Tune experiment"
+        )
     import yaml
 
-    study = parse_study(yaml.safe_load(text), f"{path}/{STUDY_FILE}")
+    study = parse_study(yaml.safe_load(text), f"{path}/{preflight.STUDY_FILE}")
     ended = [
         Ended(t.config, (t.checkpoint.filesystem, t.checkpoint.path) if t.checkpoint else None,
               FAILED_BEYOND_RETRIES if t.status == "ERROR" else None, (t.last_result or {}).get("node"))
@@ -513,45 +554,6 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
 
 
 # ---- before anything runs ----------------------------------------------------------------------------
-
-
-def _check_same_study(study: Study, study_yaml: str, experiment_path: str) -> bool:
-    """True when the experiment exists (a resume): then it must be the same study."""
-    import yaml
-
-    from grokstudy.study import changes, fingerprint, parse_study
-
-    file = storage.join(experiment_path, STUDY_FILE)
-    # Resumable once Tune has saved an experiment snapshot; a driver killed before the first
-    # one leaves nothing that needs keeping: its trials start afresh and re-attach to their runs.
-    resumed = compat.has_experiment_snapshot(experiment_path)
-    text = storage.read_text(file) if resumed else None
-    if text is not None:
-        before = parse_study(yaml.safe_load(text), file)
-        diff = changes(fingerprint(before), fingerprint(study))
-        if diff:
-            raise StudyError(
-                "study",
-                f"changed since its trials started, so resuming would mislabel them: {diff}; "
-                "run the original study, or give the changed one a new name",
-            )
-    storage.write_text(file, study_yaml)
-    return resumed
-
-
-def _check_devices(study: Study) -> None:
-    """Refuse `train.device: cuda` where no trial would get a GPU."""
-    devices = {study.base.train.device} | {
-        v for d in study.search.space if d.key == "train.device" for v in (d.choice or d.values or ())
-    }
-    if "cuda" not in devices:
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if study.resources.gpu <= 0 or gpus <= 0:
-        why = "resources.gpu is 0" if study.resources.gpu <= 0 else "the Ray cluster has no GPU"
-        raise StudyError(
-            "train.device", f"cuda asked for, but {why}; use train.device: auto, or give trials a GPU"
-        )
 
 
 def _open_parent(

@@ -345,6 +345,8 @@ DUPLICATE = "grokstudy.duplicate"
 """User attribute of a trial FAILed because its point x seed was already taken."""
 ERROR = "grokstudy.error"
 """User attribute of a trial that failed for good (beyond run.max_failures retries)."""
+RETRY_OF = "grokstudy.retry_of"
+"""User attribute of a trial that runs a failed one again (`--retry-failed`): the failed one's number."""
 PHASE = "grokstudy.phase"
 """User attribute of a COMPLETE trial: its phase (the boundary sampler reads it)."""
 
@@ -357,7 +359,7 @@ class Known:
     tune_trial_id: str
     point: dict[str, Any]
     status: str
-    """running | done | failed"""
+    """running | done | failed | retry (failed, and run again by `--retry-failed`)"""
     objective: float | None = None
     phase: str | None = None
 
@@ -392,6 +394,8 @@ class Ledger:
         self.ot = optuna.create_study(
             storage=optuna.storages.InMemoryStorage(), sampler=make_sampler(study), direction="minimize"
         )
+        self.retried: list[str] = []
+        """Failed members a restore hands to Tune to run again (`reconcile`)."""
 
     # -- handing out work --
 
@@ -454,9 +458,13 @@ class Ledger:
         between the two halves of a snapshot): it is FAILed as lost and its point x
         seed is handed out again. A member Tune knows but the ledger does not (the
         experiment state was written after the ledger's snapshot) is adopted, and
-        what Tune saw finish or fail is told.
+        what Tune saw finish or fail is told. A member the ledger holds as failed that Tune
+        will run again (asked to, `--retry-failed`, or because its snapshot was taken while
+        the trial was saving and so never recorded the failure) gets a new trial; their ids
+        are left in `self.retried`.
         """
-        lost = []
+        lost: list[str] = []
+        self.retried = []
         for t in self.ot.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             tid = t.user_attrs.get(TRIAL_ID)
             if tid in known:
@@ -469,13 +477,23 @@ class Ledger:
                     attrs = {k: v for k, v in t.user_attrs.items() if k in (SEED, REPLICATE_OF)}
                     self.ot.enqueue_trial({k: v for k, v in t.params.items() if k != SEED}, user_attrs=attrs)
         for tid, k in known.items():
-            if self._holder(tid) is None:
+            held = self._holder(tid)
+            if held is None:
                 self._adopt(tid, k.point)
+            elif held.state == TrialState.FAIL and k.status in ("running", "retry"):
+                self._retry(tid, k.point)
+                self.retried.append(tid)
             if k.status == "done":
                 self.tell(tid, k.objective, k.phase)
             elif k.status == "failed":
                 self.fail(tid, "failed beyond run.max_failures retries")
         return lost
+
+    def _retry(self, tid: str, point: dict[str, Any]) -> None:
+        """A failed trial runs again: its FAIL is kept, and a new trial (the newest, so the one
+        `_holder` finds) holds its point x seed."""
+        failed = self._holder(tid)
+        self._adopt(tid, point).set_user_attr(RETRY_OF, failed.number)
 
     def remaining(self) -> int | None:
         """Point x seeds still to hand out, when the sampler knows (None: it decides as it goes)."""
@@ -488,7 +506,7 @@ class Ledger:
             max(0, self.study.search.n_points - len(_held_points(trials))) * self.study.search.seeds + waiting
         )
 
-    def _adopt(self, tid: str, point: dict[str, Any]) -> None:
+    def _adopt(self, tid: str, point: dict[str, Any]) -> optuna.Trial:
         params = {k: encode(v) for k, v in point.items() if k != SEED}
         if self.space.seed_is_axis:
             params[SEED] = point[SEED]
@@ -498,12 +516,15 @@ class Ledger:
         trial = self.ot.ask()
         self.space(trial)
         trial.set_user_attr(TRIAL_ID, tid)
+        return trial
 
     def _holder(self, tid: str) -> FrozenTrial | None:
+        """The newest trial holding `tid` (a retried trial's new one, not its FAIL)."""
         return next(
-            (t for t in self.ot.get_trials(deepcopy=False) if t.user_attrs.get(TRIAL_ID) == tid and holds(t)),
+            (t for t in reversed(self.ot.get_trials(deepcopy=False))
+             if t.user_attrs.get(TRIAL_ID) == tid and holds(t)),
             None,
-        )
+        )  # fmt: skip
 
     # -- reading it --
 

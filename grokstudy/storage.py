@@ -6,11 +6,11 @@
   refused with at once. The kernel drops the lock when its process dies,
   however it dies, so a killed driver never leaves it stuck.
 - `run.storage` (a local path, an NFS mount, `s3://`, `gs://`): files beside
-  the Ray Tune experiment, read and written through `pyarrow.fs`, and a lease
-  (`Lease`) that a driver renews while it runs there, so two drivers of one
-  study on different machines (or output directories) refuse each other too.
-  A lease that is not renewed for `LEASE_TTL_S` lapses; a dead driver on the
-  same host is recognised at once by its process id.
+  the Ray Tune experiment, read and written through `pyarrow.fs`, and a fenced
+  lease (`Lease`) that a driver renews while it runs there, so two drivers of
+  one study on different machines (or output directories) refuse each other,
+  and a driver that lost its lease (paused or cut off past `LEASE_TTL_S`)
+  learns it at its next renewal instead of overwriting the new holder's.
 
 Standard library and pyarrow only.
 """
@@ -18,28 +18,39 @@ Standard library and pyarrow only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import glob
 import json
+import logging
 import os
 import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 
-from grokstudy.errors import UsageError
+from grokstudy.errors import UsageError, one_line
+from grokstudy.uris import redact
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".grokstudy.lock"
-LEASE_FILE = "grokstudy-lease.json"
+LEASE_PREFIX = "grokstudy-lease."
 LEASE_TTL_S = 60.0
-"""A lease not renewed for this long is free: a driver that died on another host holds a study no longer."""
+"""A lease seen unchanged for this long (on the reader's clock) is free: a driver that died on
+another host holds a study no longer."""
 LEASE_RENEW_S = 10.0
+LEASE_POLL_S = 1.0
+LEASE_READ_TRIES = 3
+LEASE_SETTLE_S = 1.0
+"""On an object store, how long a new lease waits before reading itself back (no conditional put)."""
 STALE_TMP_S = 600.0
 """A temporary file of `atomic_path` this old was left by a killed writer."""
 
@@ -70,11 +81,54 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
                 os.link(tmp, path)
             os.unlink(tmp)
         else:
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # replaces a planted symlink itself, never the file it points to
+        _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a crash right after it keeps the new name)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_dir(path: Path, flag: str) -> Path:
+    """`path`, absolute, when it is a directory this process may write, or could create one
+    there; a one-line UsageError naming `flag` otherwise. Creates nothing."""
+    if not str(path).strip():
+        raise UsageError(flag, "empty; give a directory")
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists() and not existing.is_symlink():
+        existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise UsageError(flag, f"{existing} is a dangling symlink")
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise UsageError(flag, f"{path} {what}; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing} is not writable)"
+        raise UsageError(flag, f"{path} cannot be written{where}; give a directory you can write")
+    return path
+
+
+def check_storage(uri: str) -> None:
+    """`run.storage` can be written: a local directory as `check_dir` says, a URI's filesystem
+    opens and answers (credentials, network, bucket); a one-line UsageError otherwise."""
+    if "://" not in uri or uri.startswith("file://"):
+        check_dir(Path(uri.removeprefix("file://")), "run.storage")
+        return
+    try:
+        fs, path = _fs(uri)
+        fs.get_file_info(path)
+    except Exception as err:  # pyarrow raises OSError, ArrowInvalid, ArrowNotImplementedError
+        raise UsageError("run.storage", f"cannot use {redact(uri)}: {one_line(err, 300)}") from None
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -105,8 +159,14 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            why = (
+                "it is a symlink, which grokstudy never follows" if err.errno == errno.ELOOP else err.strerror
+            )
+            raise UsageError("--out", f"cannot lock {self.path}: {why}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -174,36 +234,62 @@ def has_file(directory_uri: str, prefix: str, suffix: str) -> bool:
     return any(i.base_name.startswith(prefix) and i.base_name.endswith(suffix) for i in infos)
 
 
-class Lease:
-    """A renewed claim on a study's storage (a context manager): `grokstudy-lease.json`
-    beside the Tune experiment holds {driver, host, pid, renewed_at}; a thread renews it
-    every LEASE_RENEW_S while the driver runs, and `__exit__` removes it.
+class LeaseLost(Exception):
+    """This driver's storage lease was taken by another driver (or could not be renewed)."""
 
-    Taking it fails with a one-line UsageError while another driver's lease is
-    fresh; a lease older than LEASE_TTL_S, or one whose holder is a dead process
-    on this host, is taken over. Object stores offer no compare-and-swap here,
-    so two drivers starting within the same second could both win; the output
-    lock and this lease together cover what happens in practice (a resubmitted
-    job, a second terminal).
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    """One generation of the lease as read from storage."""
+
+    gen: int
+    fields: dict[str, Any]
+    """{driver, host, host_id, pid, seq}; {} when the file is not a lease we can parse."""
+    text: str
+    """The file's text: a renewal changes it (seq), so an unchanged text means no renewal."""
+
+
+class Lease:
+    """A fenced, renewed claim on a study's storage (a context manager).
+
+    The lease is a series of generations beside the Tune experiment, `grokstudy-lease.<gen>.json`
+    ({driver, host, host_id, pid, seq}); the highest generation holds it. A driver takes the
+    next generation with a create that fails if the file exists (a hard link on a local or NFS
+    path; on object stores, where pyarrow offers no conditional put, write then read back),
+    renews its own file every LEASE_RENEW_S (after reading that no higher generation exists),
+    and removes it in `__exit__`. A driver that finds a higher generation, or cannot renew for
+    LEASE_TTL_S / 2, has lost the lease: `on_lost(reason)` is called once (the runner stops the
+    study and writes nothing more).
+
+    Taking it, a holder is judged alive or gone without comparing two hosts' clocks: on this
+    host (same boot and PID namespace, so not a container that shares the host name) a dead
+    process id means gone at once, a live one refuses at once; otherwise the reader watches the
+    lease on its own monotonic clock and takes it over only when it has not changed for
+    LEASE_TTL_S (a live holder renews every LEASE_RENEW_S: refused as soon as a renewal is
+    seen). A lease that cannot be read after LEASE_READ_TRIES tries is refused in one line,
+    never taken as "no lease".
     """
 
-    def __init__(self, experiment_uri: str) -> None:
-        self.uri = join(experiment_uri, LEASE_FILE)
+    def __init__(self, experiment_uri: str, on_lost: Callable[[str], None] | None = None) -> None:
+        self.dir = experiment_uri
         self.driver = uuid.uuid4().hex
+        self.gen: int | None = None
+        self.lost: str | None = None
+        """Why the lease was lost, once it was."""
+        self._on_lost = on_lost
+        self._seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Lease:
-        held = self._read()
-        if held and held.get("driver") != self.driver and self._alive(held):
-            age = time.time() - held["renewed_at"]
-            raise UsageError(
-                "run.storage",
-                f"the study at {self.uri.rsplit('/', 1)[0]} is run by another driver (pid {held.get('pid')} "
-                f"on {held.get('host')}, lease renewed {age:.0f} s ago); if it is dead, its lease lapses "
-                f"{LEASE_TTL_S:.0f} s after its last renewal",
-            )
-        self._write()
+        held = self._wait_until_free()
+        gen = (held.gen if held else self._highest_gen()) + 1
+        self._seq = 0
+        if not self._create(gen):
+            raise self._refusal(self._read_highest(), "took the lease at the same moment")
+        self.gen = gen
+        self._remove_older(gen)
+        self._renewed_at = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name="grokstudy-lease", daemon=True)
         self._thread.start()
         return self
@@ -212,43 +298,185 @@ class Lease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            if self._read().get("driver") == self.driver:
-                fs, path = _fs(self.uri)
-                fs.delete_file(path)
+        if self.lost is None and self.gen is not None:
+            with contextlib.suppress(Exception):
+                held = self._read_highest()
+                if held is not None and held.gen == self.gen and held.fields.get("driver") == self.driver:
+                    fs, path = _fs(self._file(self.gen))
+                    fs.delete_file(path)
 
-    def _read(self) -> dict[str, Any]:
-        """The lease on storage, or {} when there is none or it cannot be read (it is taken over)."""
-        try:
-            held = json.loads(read_text(self.uri) or "{}")
-            if held:
-                held["renewed_at"], held["pid"] = float(held.get("renewed_at", 0)), int(held.get("pid", 0))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return {}
+    # -- taking it --
+
+    def _wait_until_free(self) -> _Held | None:
+        """The lease's last generation once it is free (None: there is none); a one-line
+        UsageError while another driver holds it."""
+        held = self._read_highest()
+        if held is None:
+            return None
+        verdict = _judge_locally(held.fields)
+        if verdict == "alive":
+            raise self._refusal(held, "it runs on this host")
+        if verdict == "gone":
+            return held
+        log.warning(
+            "grokstudy: the study's storage is leased by %s; waiting up to %.0f s for a renewal "
+            "before taking it over",
+            _holder(held),
+            LEASE_TTL_S,
+        )
+        seen, since = held.text, time.monotonic()
+        while time.monotonic() - since < LEASE_TTL_S:
+            time.sleep(min(LEASE_POLL_S, max(0.0, LEASE_TTL_S - (time.monotonic() - since))))
+            now = self._read_highest()
+            if now is None:
+                return held  # released meanwhile: the next generation is free
+            if now.text != seen or now.gen != held.gen:
+                raise self._refusal(now, "it renewed its lease just now")
         return held
 
-    def _write(self) -> None:
-        lease = {
-            "driver": self.driver,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "renewed_at": time.time(),
-        }
-        write_text(self.uri, json.dumps(lease))
+    def _refusal(self, held: _Held | None, why: str) -> UsageError:
+        return UsageError(
+            "run.storage",
+            f"the study at {self.dir} is run by another driver ({_holder(held)}; {why}); "
+            f"wait for it to end; if it is dead, its lease is taken over {LEASE_TTL_S:.0f} s after "
+            "its last renewal",
+        )
 
-    def _alive(self, held: dict[str, Any]) -> bool:
-        if time.time() - held["renewed_at"] > LEASE_TTL_S:
-            return False
-        if held.get("host") == socket.gethostname():
-            try:
-                os.kill(held["pid"], 0)
-            except (ProcessLookupError, ValueError):
+    def _create(self, gen: int) -> bool:
+        """Create generation `gen` as this driver's; False when another driver has it."""
+        uri = self._file(gen)
+        text = self._text()
+        if "://" not in uri:
+            with atomic_path(Path(uri), exclusive=True) as tmp:
+                tmp.write_text(text)
+        else:
+            if self._read(gen) is not None:
                 return False
-            except PermissionError:
-                return True
-        return True
+            write_text(uri, text)
+            time.sleep(LEASE_SETTLE_S)  # no conditional put: a racing writer's object shows here
+        held = self._read(gen)
+        return held is not None and held.fields.get("driver") == self.driver
+
+    # -- holding it --
 
     def _renew(self) -> None:
         while not self._stop.wait(LEASE_RENEW_S):
-            with contextlib.suppress(Exception):  # a missed renewal is retried; the TTL is 6 renewals
-                self._write()
+            try:
+                held = self._read_highest()
+                if held is None or held.gen != self.gen or held.fields.get("driver") != self.driver:
+                    self._lose(f"another driver holds it now ({_holder(held)})")
+                    return
+                self._seq += 1
+                write_text(self._file(self.gen), self._text())
+                self._renewed_at = time.monotonic()
+            except (OSError, UsageError) as err:  # retried at the next renewal, until it may lapse
+                if time.monotonic() - self._renewed_at > LEASE_TTL_S / 2:
+                    self._lose(f"it could not be renewed for {LEASE_TTL_S / 2:.0f} s ({one_line(err, 200)})")
+                    return
+
+    def _lose(self, why: str) -> None:
+        self.lost = f"this driver lost its lease on {self.dir}: {why}"
+        log.warning("grokstudy: %s", self.lost)
+        if self._on_lost is not None:
+            self._on_lost(self.lost)
+
+    # -- the files --
+
+    def _file(self, gen: int) -> str:
+        return join(self.dir, f"{LEASE_PREFIX}{gen:010d}.json")
+
+    def _text(self) -> str:
+        return json.dumps({"driver": self.driver, "host": socket.gethostname(), "host_id": host_id(),
+                           "pid": os.getpid(), "seq": self._seq})  # fmt: skip
+
+    def _gens(self) -> list[int]:
+        fs, path = _fs(self.dir)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        gens = []
+        for info in infos:
+            name = info.base_name
+            if name.startswith(LEASE_PREFIX) and name.endswith(".json"):
+                with contextlib.suppress(ValueError):
+                    gens.append(int(name[len(LEASE_PREFIX) : -len(".json")]))
+        return sorted(gens)
+
+    def _highest_gen(self) -> int:
+        return _retried(lambda: max(self._gens(), default=0), self.dir)
+
+    def _read(self, gen: int) -> _Held | None:
+        text = read_text(self._file(gen))
+        if text is None:
+            return None
+        try:
+            fields = json.loads(text)
+        except ValueError:
+            fields = {}
+        return _Held(gen, fields if isinstance(fields, dict) else {}, text)
+
+    def _read_highest(self) -> _Held | None:
+        """The highest generation (None: no lease); a read error is retried, then refused."""
+
+        def read() -> _Held | None:
+            for gen in reversed(self._gens()):
+                held = self._read(gen)
+                if held is not None:
+                    return held
+            return None  # removed between listing and reading: released
+
+        return _retried(read, self.dir)
+
+    def _remove_older(self, gen: int) -> None:
+        fs, _ = _fs(self.dir)
+        for old in self._gens():
+            if old < gen:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(_fs(self._file(old))[1])
+
+
+def _retried(read: Callable[[], Any], where: str) -> Any:
+    """`read()`, tried LEASE_READ_TRIES times; then a one-line UsageError (never "no lease")."""
+    for attempt in range(LEASE_READ_TRIES):
+        try:
+            return read()
+        except OSError as err:
+            if attempt == LEASE_READ_TRIES - 1:
+                raise UsageError(
+                    "run.storage",
+                    f"cannot read the study's lease at {where} ({one_line(err, 200)}); "
+                    "refusing to start, as another driver may hold it; run the command again",
+                ) from None
+            time.sleep(LEASE_POLL_S * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def host_id() -> str:
+    """This machine and PID namespace: the boot id and the PID namespace's inode (Linux), so
+    two containers with one host name differ; "" where neither can be read."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    return ":".join(parts) if len(parts) == 2 else ""
+
+
+def _judge_locally(fields: dict[str, Any]) -> str:
+    """ "alive" or "gone" for a holder on this host and PID namespace; "unknown" otherwise."""
+    here, pid = host_id(), fields.get("pid")
+    if not here or fields.get("host_id") != here or type(pid) is not int or pid <= 0:
+        return "unknown"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        return "alive"
+    except (OverflowError, ValueError):
+        return "unknown"
+    return "alive"
+
+
+def _holder(held: _Held | None) -> str:
+    if held is None or not held.fields:
+        return "an unreadable lease" if held is not None else "unknown"
+    return f"pid {held.fields.get('pid')} on {held.fields.get('host')}"

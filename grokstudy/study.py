@@ -36,6 +36,7 @@ from grokstudy.config import (
     PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
+    RunConfig,
     SearchConfig,
     SearchDim,
     Spec,
@@ -51,6 +52,7 @@ from grokstudy.config import (
     to_dict,
 )
 from grokstudy.errors import StudyError, one_line, raise_all
+from grokstudy.uris import STORAGE_SCHEMES, has_credentials
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
@@ -58,7 +60,9 @@ TOP_LEVEL = ("name", *STUDY_SECTIONS)
 DIM_FORMS = ("log", "range", "values", "choice")
 DIM_KEYS = (*DIM_FORMS, "points", "integer")
 MAX_POINTS = 10_000
-"""Grid points of one log/range axis."""
+"""Grid points of one log/range axis, and values of one values/choice axis."""
+MAX_STUDY_BYTES = 1_000_000
+"""A study file larger than this is not a hand-written study (YAML parsing alone takes seconds)."""
 MAX_TRIALS = 10**6
 """Trials of one study (points x seeds): more is a typo, not a study."""
 
@@ -155,6 +159,9 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     path = Path(path)
     source = str(path)
     try:
+        if path.stat().st_size > MAX_STUDY_BYTES:
+            size = f"{path.stat().st_size:,} bytes"
+            raise StudyError(source, f"the study file is {size}; allowed: at most {MAX_STUDY_BYTES:,}")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise StudyError(source, "no such study file") from None
@@ -317,8 +324,30 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
     if study.diagram.x == study.diagram.y:
         problems.append(StudyError("diagram.y", "the same key as diagram.x; a phase diagram needs two axes"))
     _cross_checks(base, {d.key: d for d in search.space}, problems, bad)
+    _check_places(study.run, problems)
     raise_all(problems)
     return study
+
+
+def _check_places(run: RunConfig, problems: list[StudyError]) -> None:
+    """Where a study writes: a storage scheme pyarrow can write to, no credentials in a URI
+    (the study file is stored and printed), no empty path."""
+    for key in ("out", "storage", "tracking_uri"):
+        value = getattr(run, key)
+        if value is not None and not value.strip():
+            problems.append(StudyError(f"run.{key}", "empty; leave it out for the default"))
+    if run.storage and "://" in run.storage:
+        scheme = run.storage.split("://", 1)[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            problems.append(StudyError("run.storage", f"unsupported scheme {scheme}:// (allowed: "
+                                       f"{', '.join(f'{s}://' for s in STORAGE_SCHEMES)} or a path)"))  # fmt: skip
+    for key in ("storage", "tracking_uri"):
+        value = getattr(run, key)
+        if value and has_credentials(value):
+            problems.append(StudyError(f"run.{key}", "holds credentials (user:password@); the study file is "
+                                       "stored and printed: set MLFLOW_TRACKING_USERNAME and "
+                                       "MLFLOW_TRACKING_PASSWORD (or the store's own credential "
+                                       "variables) instead"))  # fmt: skip
 
 
 def _section(section: str, raw: Any, problems: list[StudyError], bad: set[str]) -> dict[str, Any]:
@@ -552,6 +581,8 @@ def _candidates_of(path: str, key: str, form: str, items: Any, problems: list[St
     try:
         if not isinstance(items, list) or not items:
             raise _Bad(f"{form} takes a non-empty list (got {show(items)})")
+        if len(items) > MAX_POINTS:
+            raise _Bad(f"{form} lists {len(items):,} values; allowed: at most {MAX_POINTS:,}")
         if form == "values" and TYPES[key] not in (int, float):
             raise _Bad(f"values are numbers and {key} is not; use choice: [...]")
         out = tuple(_coerce(key, TYPES[key], item) for item in items)

@@ -39,6 +39,7 @@ mlflow itself is imported lazily (about 2 s), so `grokstudy train`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -46,12 +47,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 import grokstudy
 from grokstudy import compat, storage
@@ -59,6 +61,7 @@ from grokstudy.config import Study, TrialConfig, flatten, get_path, trial_from_d
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import SEED
 from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, EvalRecord, Outcome, TrialHistory
+from grokstudy.uris import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -176,6 +179,47 @@ def _create_sqlite_store(uri: str) -> None:
         compat.create_sqlite_store(tmp, db.parent / "mlartifacts")
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Before a study starts anything: a server answers its health check, a sqlite store's
+    directory can be written; a one-line StudyError naming run.tracking_uri otherwise.
+    Other stores (PostgreSQL, Databricks) are first reached when the parent run opens."""
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            parts = urlsplit(tracking_uri)  # the health check needs no user: drop it from the URL
+            netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+            url = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/health"
+            with urllib.request.urlopen(url, timeout=timeout_s) as answer:  # noqa: S310 - http(s) only
+                answer.read(64)
+        except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+            raise StudyError(
+                "run.tracking_uri",
+                f"cannot reach MLflow at {redact(tracking_uri)} ({one_line(err, 200)}); start the server "
+                "or pass another --tracking-uri",
+            ) from None
+        return
+    db = _sqlite_path(tracking_uri)
+    if db is not None:
+        try:
+            storage.check_dir(db.parent, "run.tracking_uri")
+        except UsageError as err:
+            raise StudyError("run.tracking_uri", err.msg) from None
+        if db.exists() and not db.is_file():
+            raise StudyError("run.tracking_uri", f"{db} is not a sqlite file")
+
+
+def check_store(db: Path) -> None:
+    """`db` is a readable MLflow sqlite store (before an MLflow UI is started on it); a one-line
+    UsageError otherwise, instead of the server's own traceback."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            conn.execute("SELECT count(*) FROM experiments").fetchone()
+    except sqlite3.Error as err:
+        raise UsageError("STUDY_DIR", f"{db} is not a readable MLflow store ({one_line(err, 200)})") from None
+
+
 def _client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
@@ -183,9 +227,10 @@ def _client(tracking_uri: str) -> MlflowClient:
     # run ends; that would interleave with the CLI's own output and every trial's log.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow's own HTTP retries default to 7 with backoff factor 2 (minutes per call);
-    # the sender retries by itself, so each attempt stays short.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    # MLflow's own HTTP retries (7, backoff factor 2: minutes per call) resend a POST whose
+    # answer was lost, so a run is created or a batch stored twice. None here: the sender
+    # retries by itself, first asking the store what it holds (tests/test_tracking.py).
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     _create_sqlite_store(tracking_uri)
@@ -430,7 +475,10 @@ class Sender:
                     self._down_since = time.monotonic()
                 self.last_error = one_line(err)
                 log.warning(
-                    "MLflow at %s: %s; retrying in %.1f s", self.where.tracking_uri, self.last_error, delay
+                    "MLflow at %s: %s; retrying in %.1f s",
+                    redact(self.where.tracking_uri),
+                    self.last_error,
+                    delay,
                 )
                 self._closing.wait(delay)  # a backoff that `close` cuts short
                 delay = min(2 * delay, BACKOFF_S[1])
@@ -595,7 +643,7 @@ class StudyTracker:
             runs.append(run)
         if not sender.close(timeout_s):
             raise TimeoutError(
-                f"MLflow at {self.tracking_uri} did not store the ends of {len(ends)} trial runs "
+                f"MLflow at {redact(self.tracking_uri)} did not store the ends of {len(ends)} trial runs "
                 f"within {timeout_s:g} s ({sender.last_error})"
             )
         return {run.key: run.run_id for run in runs if run.run_id is not None}

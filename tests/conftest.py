@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,22 +21,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _one_ray_token() -> None:
-    """Make sure ~/.ray/auth_token exists before any test starts a Ray: an embedded Ray (Ray >=
-    2.59) writes one when there is none, and two starting at once (tests run in parallel) would
-    each write their own, and later processes of one cluster read the other's."""
-    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-    if token.exists():
-        return
-    token.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=token.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    os.chmod(tmp, 0o600)
-    try:
-        os.link(tmp, token)  # exclusive: the first process to get here sets everyone's token
-    except FileExistsError:
-        pass
-    os.unlink(tmp)
+    """Make sure ~/.ray/auth_token exists before any test starts a Ray: two embedded Rays
+    starting at once (tests run in parallel) would each write their own, and later processes of
+    one cluster read the other's. The runner's own rule, run once up front."""
+    from grokstudy.runner import ensure_ray_token
+
+    ensure_ray_token()
 
 
 _one_ray_token()

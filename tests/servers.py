@@ -213,6 +213,7 @@ class Outage:
         self._open: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self._losing = False
+        self._losing_of: bytes | None = None
         self.restore()
 
     def restore(self) -> None:
@@ -261,18 +262,23 @@ class Outage:
                     _close(upstream)
                     return
                 self._open |= {client, upstream}
+            lose = threading.Event()  # this connection's answer is to be lost
             for a, b, answers in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pump, args=(a, b, answers), daemon=True).start()
+                threading.Thread(target=self._pump, args=(a, b, answers, lose), daemon=True).start()
 
-    def lose_answers(self, lose: bool = True) -> None:
+    def lose_answers(self, lose: bool = True, of: str | None = None) -> None:
         """Let requests through to the server but reset each connection instead of passing the
-        server's answer back: the request was stored, the client cannot know it."""
+        server's answer back: the request was stored, the client cannot know it. With `of` (a
+        request path), only the answers to requests of that path are lost."""
         self._losing = lose
+        self._losing_of = of.encode() if of else None
 
-    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool, lose: threading.Event) -> None:
         try:
             while data := source.recv(65536):
-                if answers and self._losing:
+                if not answers and self._losing and (self._losing_of is None or self._losing_of in data):
+                    lose.set()
+                if answers and lose.is_set():
                     sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     break
                 sink.sendall(data)

@@ -182,3 +182,39 @@ def test_run_of_the_smoke_study_prints_and_tracks_its_tables_and_figures_and_bad
     assert len(typo.stderr.strip().splitlines()) == 1 and "optimizer.weight_decy" in typo.stderr
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     assert len(client.search_runs([experiment.experiment_id])) == 5
+
+
+def test_train_refuses_a_trial_larger_than_the_machine_before_it_allocates(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--set", "model.width=65536", "--set", "model.depth=64"])
+    assert exc.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("grokstudy train: error: model: this trial needs about") and "GiB" in line
+
+
+OUT_OF_MEMORY = {
+    "cuda": lambda: __import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu-allocator": lambda: RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"
+    ),
+    "python": MemoryError,
+}
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY.values(), ids=OUT_OF_MEMORY.keys())
+def test_train_out_of_memory_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, error
+) -> None:
+    from grokstudy import train
+
+    def run_out(*args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(train, "init_state", run_out)
+    assert main(["train", "--set", "train.max_steps=10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    [line] = err.splitlines()
+    assert line.startswith("grokstudy train: error: out of memory")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 RAY_UP_CONFIGS = ("aws.yaml", "gcp.yaml")
-MLFLOW_URI_IN_CLUSTER = "http://mlflow.grokstudy.svc.cluster.local:5000"
+MLFLOW_URI_IN_CLUSTER = "http://mlflow.grokstudy-mlflow.svc.cluster.local:5000"
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def _schema_validator(api_version: str, kind: str) -> Draft202012Validator:
         ("v1", "Service"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.Service",
         ("v1", "Secret"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.Secret",
         ("v1", "ConfigMap"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.ConfigMap",
+        ("v1", "Namespace"): f"{core['$id']}#/$defs/io.k8s.api.core.v1.Namespace",
         (
             "networking.k8s.io/v1",
             "NetworkPolicy",
@@ -183,6 +184,63 @@ def test_ray_up_configs_turn_token_auth_on_and_ship_the_token_from_a_file(name):
     assert not re.search(r"\b[0-9a-f]{64}\b", (CLUSTER / name).read_text())
 
 
+@pytest.mark.parametrize("name", RAY_UP_CONFIGS)
+def test_ray_up_configs_give_every_node_its_own_least_privilege_identity(name):
+    """Without one, Ray attaches its default role to the head (AWS: EC2 and S3 full access;
+    GCP: project-wide compute.admin and storage.objectAdmin) and workers get the defaults."""
+    config = _ray_up(name)
+    head_type = config["head_node_type"]
+    for node_type, node in config["available_node_types"].items():
+        role = "head" if node_type == head_type else "worker"
+        node_config = node["node_config"]
+        if name == "aws.yaml":
+            arn = node_config["IamInstanceProfile"]["Arn"]
+            assert arn.endswith(f":instance-profile/grokstudy-{role}"), node_type
+        else:
+            [account] = node_config["serviceAccounts"]
+            assert account["email"].startswith(f"grokstudy-{role}@"), node_type
+    start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in start  # reached through `ray dashboard` (an SSH tunnel)
+
+
+def test_aws_allows_ssh_from_a_stated_range_and_iam_policies_reach_only_the_study_prefix():
+    rules = _ray_up("aws.yaml")["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    assert all(ip["CidrIp"] != "0.0.0.0/0" for r in rules for ip in r["IpRanges"])
+    policies = {
+        n: json.loads((CLUSTER / "aws-iam" / f"{n}-policy.json").read_text()) for n in ("head", "worker")
+    }
+    for name, policy in policies.items():
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert not [a for a in actions if a.endswith("*")], (name, actions)  # no wildcard actions
+            if any(a.startswith("s3:") for a in actions):
+                resource = statement["Resource"]
+                assert resource == "arn:aws:s3:::your-bucket/grokstudy/*" or statement["Condition"][
+                    "StringLike"
+                ]["s3:prefix"] == ["grokstudy/*", "grokstudy"], (name, statement["Sid"])
+    worker_actions = {
+        a
+        for st in policies["worker"]["Statement"]
+        for a in ([st["Action"]] if isinstance(st["Action"], str) else st["Action"])
+    }
+    assert {a.split(":")[0] for a in worker_actions} == {"s3"}
+    head = {st["Sid"]: st for st in policies["head"]["Statement"]}
+    assert head["GiveWorkersTheWorkerRoleOnly"]["Resource"].endswith(":role/grokstudy-worker")
+    assert head["EndOnlyThisClustersInstances"]["Condition"] == {
+        "StringEquals": {"ec2:ResourceTag/ray-cluster-name": _ray_up("aws.yaml")["cluster_name"]}
+    }
+    trust = json.loads((CLUSTER / "aws-iam" / "trust-policy.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+
+
+def test_git_ignores_the_secrets_the_build_context_leaves_out():
+    dockerignore = (REPO / ".dockerignore").read_text().splitlines()
+    gitignore = set((REPO / ".gitignore").read_text().splitlines())
+    secrets = [p for p in dockerignore if p in ("*.db", "**/auth_token", "**/.env")]
+    assert len(secrets) == 3 and set(secrets) <= gitignore
+
+
 # ---- Kubernetes --------------------------------------------------------------------------
 
 
@@ -265,7 +323,7 @@ def test_kubernetes_manifests_reference_secrets_and_never_inline_them():
     for label, doc in _k8s_docs():
         assert doc["kind"] != "Secret", f"{label}: secrets are created by the user, not shipped"
         text = yaml.safe_dump(doc)
-        assert not re.search(r"\b[0-9a-f]{64}\b", text)
+        assert not re.search(r"(?<!sha256:)\b[0-9a-f]{64}\b", text)  # a token (digests aside)
         assert not PASSWORD_IN_URI.search(text), f"{label}: a URI carries a password"
         spec = doc.get("spec", {})
         pod = spec.get("template") or spec.get("headGroupSpec", {}).get("template")
@@ -362,12 +420,13 @@ def _selects(selector: dict, labels: dict) -> bool:
     return selector.get("matchLabels", {}).items() <= labels.items()
 
 
-def _pod_labels() -> dict[str, dict]:
-    """The labels of every kind of pod the kit creates, KubeRay's own labels included."""
+def _pod_labels() -> dict[str, tuple[str, dict]]:
+    """(namespace, labels) of every kind of pod the kit creates, KubeRay's own labels included."""
     pods = {}
     for label, doc in _k8s_docs():
+        namespace = doc["metadata"].get("namespace")
         if doc["kind"] in ("Deployment", "StatefulSet"):
-            pods[label] = doc["spec"]["template"]["metadata"]["labels"]
+            pods[label] = (namespace, doc["spec"]["template"]["metadata"]["labels"])
         elif doc["kind"] == "RayCluster":
             spec = doc["spec"]
             # KubeRay labels every pod of a RayCluster ray.io/cluster=<name>.
@@ -376,36 +435,166 @@ def _pod_labels() -> dict[str, dict]:
                 *((g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]),
             ]:
                 own = template.get("metadata", {}).get("labels", {})
-                pods[f"{label}:{group}"] = {**own, "ray.io/cluster": doc["metadata"]["name"]}
+                pods[f"{label}:{group}"] = (namespace, {**own, "ray.io/cluster": doc["metadata"]["name"]})
+        elif doc["kind"] == "RayJob":
+            pods[f"{label}:submitter"] = (
+                namespace,
+                doc["spec"]["submitterPodTemplate"]["metadata"]["labels"],
+            )
     return pods
+
+
+def _admits(peer: dict, policy_namespace: str, namespace: str, labels: dict) -> bool:
+    """Does one `from` peer of a policy in `policy_namespace` admit a pod (namespace, labels)?"""
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, "no ipBlock peers"
+    if "namespaceSelector" in peer:
+        ns = peer["namespaceSelector"]
+        assert set(ns) == {"matchLabels"} and set(ns["matchLabels"]) == {"kubernetes.io/metadata.name"}
+        in_namespace = ns["matchLabels"]["kubernetes.io/metadata.name"] == namespace
+    else:
+        in_namespace = namespace == policy_namespace
+    return in_namespace and _selects(peer.get("podSelector", {}), labels)
+
+
+def _policies(namespace: str) -> list[dict]:
+    return [
+        d for _, d in _k8s_docs() if d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == namespace
+    ]
 
 
 def test_network_policies_let_only_the_ray_pods_reach_mlflow_and_only_mlflow_reach_postgres():
     pods = _pod_labels()
     mlflow_pod = _doc("Deployment", "mlflow")["spec"]["template"]
     postgres_pod = _doc("StatefulSet", "mlflow-postgres")["spec"]["template"]
+    ray_pods = {p for p in pods if p.startswith("raycluster.yaml:RayCluster/")}
     cases = {
         # policy: (the pod it guards, the port, the pods allowed in)
-        "mlflow": (mlflow_pod, "http", {p for p in pods if p.startswith("raycluster.yaml:RayCluster/")}),
+        "mlflow": (mlflow_pod, "http", ray_pods),
         "mlflow-postgres": (postgres_pod, "postgres", {"mlflow.yaml:Deployment/mlflow"}),
     }
     for name, (guarded, port_name, allowed) in cases.items():
         policy = _doc("NetworkPolicy", name)
-        assert policy["metadata"]["namespace"] == "grokstudy"
+        namespace = policy["metadata"]["namespace"]
+        assert namespace == "grokstudy-mlflow"
         spec = policy["spec"]
-        guarded_label = next(k for k, v in pods.items() if v == guarded["metadata"]["labels"])
-        assert {p for p, labels in pods.items() if _selects(spec["podSelector"], labels)} == {guarded_label}
+        guarded_label = next(k for k, (_, v) in pods.items() if v == guarded["metadata"]["labels"])
+        assert {
+            p for p, (ns, labels) in pods.items() if ns == namespace and _selects(spec["podSelector"], labels)
+        } == {guarded_label}
         assert spec["policyTypes"] == ["Ingress"]
         [rule] = spec["ingress"]
         [port] = [p for c in _containers(guarded) for p in c["ports"] if p["name"] == port_name]
         assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
-        for peer in rule["from"]:
-            assert set(peer) == {"podSelector"}, "same namespace, by pod labels only"
         admitted = {
-            p for p, labels in pods.items() if any(_selects(f["podSelector"], labels) for f in rule["from"])
+            p
+            for p, (ns, labels) in pods.items()
+            if any(_admits(f, namespace, ns, labels) for f in rule["from"])
         }
         assert admitted == allowed, name
-    assert len(cases["mlflow"][2]) == 2  # the head and the GPU worker group
+    assert len(ray_pods) == 2  # the head and the GPU worker group
+
+
+def test_every_namespace_denies_by_default_and_rays_ports_open_only_to_its_own_pods():
+    pods = _pod_labels()
+    for namespace in ("grokstudy", "grokstudy-mlflow"):
+        default = [p for p in _policies(namespace) if p["metadata"]["name"] == "default-deny"]
+        assert [p["spec"] for p in default] == [{"podSelector": {}, "policyTypes": ["Ingress"]}], namespace
+    policy = _doc("NetworkPolicy", "grokstudy-ray")
+    ray_pods = {p for p, (ns, labels) in pods.items() if ns == "grokstudy" and "ray.io/cluster" in labels}
+    assert {
+        p
+        for p, (ns, labels) in pods.items()
+        if ns == "grokstudy" and _selects(policy["spec"]["podSelector"], labels)
+    } == ray_pods
+    every_port, dashboard = policy["spec"]["ingress"]
+    assert "ports" not in every_port  # GCS, object managers and workers use many ports
+    assert {
+        p
+        for p, (ns, labels) in pods.items()
+        if any(_admits(f, "grokstudy", ns, labels) for f in every_port["from"])
+    } == ray_pods
+    assert dashboard["ports"] == [{"protocol": "TCP", "port": 8265}]
+    from_pods = {
+        p
+        for p, (ns, labels) in pods.items()
+        if any(_admits(f, "grokstudy", ns, labels) for f in dashboard["from"])
+    }
+    assert from_pods == {"rayjob.yaml:RayJob/grokstudy-quickstart:submitter"}
+    [operator] = [f for f in dashboard["from"] if "namespaceSelector" in f]
+    assert operator == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
+    }
+
+
+def test_mlflow_and_its_secrets_live_outside_the_namespace_the_ray_head_can_patch():
+    mlflow_secrets = {"mlflow-postgres", "mlflow-auth", "mlflow-artifacts"}
+    for label, doc in _k8s_docs():
+        text = yaml.safe_dump(doc)
+        if doc["metadata"].get("namespace") == "grokstudy":
+            assert not {s for s in mlflow_secrets if re.search(rf"\bname: {s}\b", text)}, label
+        if label.startswith("mlflow.yaml") and doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "grokstudy-mlflow", label
+
+
+def _pod_templates() -> list[tuple[str, dict]]:
+    out = []
+    for label, doc in _k8s_docs():
+        spec = doc.get("spec", {})
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            out.append((label, spec["template"]))
+        elif doc["kind"] == "RayCluster":
+            out += [(f"{label}:head", spec["headGroupSpec"]["template"])]
+            out += [(f"{label}:{g['groupName']}", g["template"]) for g in spec["workerGroupSpecs"]]
+        elif doc["kind"] == "RayJob":
+            out.append((f"{label}:submitter", spec["submitterPodTemplate"]))
+    return out
+
+
+def test_every_container_runs_unprivileged_with_no_capabilities():
+    templates = _pod_templates()
+    assert len(templates) == 5
+    for label, template in templates:
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}, label
+        assert pod["runAsUser"] > 0, label
+        for container in _containers(template):
+            security = container["securityContext"]
+            assert security["allowPrivilegeEscalation"] is False, label
+            assert security["capabilities"] == {"drop": ["ALL"]}, label
+    # where it works, the root filesystem is read-only too (Ray caches under its home)
+    for name in ("mlflow", "mlflow-postgres"):
+        kind = "Deployment" if name == "mlflow" else "StatefulSet"
+        [container] = _containers(_doc(kind, name)["spec"]["template"])
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+
+
+OWN_IMAGES = "registry.example.com/"
+"""Images the user builds from this repository (their digest is known once pushed:
+cluster/pin-images.sh pins them)."""
+
+
+def _image_references() -> list[tuple[str, str]]:
+    refs = []
+    for path in [*sorted((CLUSTER / "k8s").glob("*.yaml")), CLUSTER / "mlflow-compose.yaml"]:
+        refs += [(path.name, m) for m in re.findall(r"^\s*image:\s*(\S+)", path.read_text(), re.M)]
+    for path in (CLUSTER / "mlflow.Dockerfile",):
+        refs += [(path.name, a.split()[0]) for op, a in _dockerfile(path) if op == "FROM"]
+    return refs
+
+
+def test_third_party_images_are_pinned_by_digest_and_the_pin_script_refreshes_them():
+    refs = _image_references()
+    assert len(refs) >= 5
+    for where, image in refs:
+        if image.startswith(OWN_IMAGES) or image.startswith("grokstudy-mlflow:"):
+            continue
+        if image.startswith("quay.io/minio/"):
+            assert re.search(r":RELEASE\.\d{4}-\d\d-\d\dT", image), (where, image)  # immutable release tags
+            continue
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", image), (where, image)
+    script = (CLUSTER / "pin-images.sh").read_text()
+    assert "imagetools inspect" in script
+    subprocess.run(["bash", "-n", str(CLUSTER / "pin-images.sh")], check=True)
 
 
 # ---- Docker Compose ----------------------------------------------------------------------

@@ -96,7 +96,7 @@ BAD_TRIALS = {
     "too many eval points": (
         TrialConfig(train=TrainConfig(max_steps=10**9, eval_every=1, checkpoint_every=1)),
         "train.eval_every",
-        "at most 1,000,000",
+        "at most 100,000",
     ),
     "a batch of 1e30": (TrialConfig(train=TrainConfig(batch_size=10**30)), "train.batch_size", "or full"),
     "unknown loss": (TrialConfig(train=TrainConfig(loss="hinge")), "train.loss", "allowed: cross_entropy"),

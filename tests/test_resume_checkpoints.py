@@ -24,6 +24,7 @@ from drivers import (
 from endstate import problems
 
 from grokstudy.cli import main
+from grokstudy.storage import LEASE_PREFIX
 from grokstudy.study import load_study
 
 pytestmark = pytest.mark.integration
@@ -80,7 +81,7 @@ def test_a_running_study_refuses_a_second_driver_a_stopped_one_a_changed_study_a
                    "--set", "search.space.data.fraction={values: [0.3]}")  # fmt: skip
     assert line.startswith("grokstudy run: error: study: changed since its trials started")
     assert "optimizer.lr: 0.003 -> 0.01" in line and "search.space.data.fraction" in line
-    bookkeeping = (".grokstudy.lock", "grokstudy-lease.json")  # the refused run takes and drops both
+    bookkeeping = (".grokstudy.lock", f"{LEASE_PREFIX}{1:010d}.json")  # a refused run takes, drops both
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "driver.log"}
     assert {p: t for p, t in after.items() if p.name not in bookkeeping} == {
         p: t for p, t in before.items() if p.name not in bookkeeping

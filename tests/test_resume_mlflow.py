@@ -28,17 +28,21 @@ pytestmark = pytest.mark.integration
 # ---- MLflow goes away -----------------------------------------------------------------------------
 
 
-def test_an_mlflow_outage_mid_study_delays_the_curves_and_loses_nothing(
+def test_an_mlflow_outage_mid_study_delays_the_curves_and_an_incomplete_end_exits_5_until_settled(
     tmp_path: Path, mlflow_server: servers.MlflowServer
 ) -> None:
+    """MLflow goes away mid-study (trials train on) and, at the end, stores the study's results
+    but loses its answers: the study exits 5 and says so; the same command again settles it."""
     study_file = write_study(
         tmp_path, **{"max_steps: 1500": "max_steps: 3000", "name: resume": "name: resume-outage"}
     )
     out = tmp_path / "out"
     outage = servers.Outage(mlflow_server.port)
+    outage.lose_answers(of="/artifacts/results/")  # only the end of the study uploads these
     log = tmp_path / "driver.log"
+    cmd = command(study_file, out, "--tracking-uri", outage.uri)
     try:
-        proc = start(command(study_file, out, "--tracking-uri", outage.uri), log)
+        proc = start(cmd, log)
         wait_for(
             lambda: checkpointed_trials(experiment(out, "resume-outage")) >= 1, proc, what="a checkpoint"
         )
@@ -47,7 +51,13 @@ def test_an_mlflow_outage_mid_study_delays_the_curves_and_loses_nothing(
         time.sleep(2)  # trials train on; their curves wait
         assert proc.poll() is None, "the study ended during the outage: it must outlast it"
         outage.restore()
-        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+        assert proc.wait(timeout=400) == 5, log.read_text()[-3000:]
+        [line] = [ln for ln in log.read_text().splitlines() if ln.startswith("grokstudy run:")]
+        assert line.startswith("grokstudy run: MLflow is incomplete: log_artifacts failed")
+        assert line.endswith("run the same command again to settle it (the tables and figures are whole)")
+        assert (out / "trials.parquet").exists()
+        outage.lose_answers(False)
+        assert_clean(finish(cmd))
     finally:
         outage.close()
     assert problems(out, load_study(study_file), tracking_uri=mlflow_server.uri) == []

@@ -12,6 +12,7 @@ from drivers import (
     checkpointed_trials,
     command,
     experiment,
+    finish,
     start,
     trial_workers,
     wait_for,
@@ -72,3 +73,14 @@ def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_or_marked_fail
     }
     assert states[failed[0]["trial_id"]] == "FAIL"
     assert sorted(states.values()) == ["COMPLETE", "FAIL"]
+
+    # --retry-failed runs the failed trial again (from its last checkpoint), in the same study
+    retried = finish([*command(study_file, out), "--retry-failed"])
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-3000:]
+    assert "ran again 1 trial(s) that had failed" in retried.stdout
+    assert problems(out, study) == []
+    assert client.get_run(failed[0]["run_id"]).info.status == "FINISHED"
+    ot = optuna.load_study(study_name="resume", storage=f"sqlite:///{out / 'optuna.db'}")
+    again = [t for t in ot.trials if t.user_attrs.get("grokstudy.trial_id") == failed[0]["trial_id"]]
+    assert [t.state.name for t in again] == ["FAIL", "COMPLETE"]
+    assert again[1].user_attrs["grokstudy.retry_of"] == again[0].number

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from ray.tune.search import Searcher
 from grokstudy import collect, member, points, runner, search, tracking
 from grokstudy.checkpoints import SavedMember
 from grokstudy.config import ResourcesConfig, Study, TrialConfig, with_overrides
+from grokstudy.errors import StudyError
 from grokstudy.phases import PHASES
 from grokstudy.records import EvalRecord, Outcome, TrialHistory
 from grokstudy.study import parse_study
@@ -336,3 +338,98 @@ def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_pat
     for tid, row in single.items():
         assert {k: packed[tid][k] for k in same} == {k: row[k] for k in same}, tid
         assert packed[tid]["final_val_acc"] == pytest.approx(row["final_val_acc"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("change", "field", "says"),
+    [
+        (
+            {"resources": {"cpu": 1024}},
+            "resources.cpu",
+            "asks 1024 CPU and 0 GPU per trial, and no node has that",
+        ),
+        ({"model": {"kind": "mlp", "width": 65536, "depth": 64}}, "model", "more than the largest node's"),
+    ],
+    ids=["cpus", "memory"],
+)
+def test_a_study_no_node_can_run_is_refused_before_a_trial_starts(
+    tmp_path: Path, embedded_ray: None, change: dict, field: str, says: str
+) -> None:
+    study = parse_study(dict(TINY, name="cannot-run") | change)
+    with pytest.raises(StudyError) as refused:
+        runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
+    assert refused.value.path == field and says in str(refused.value) and "\n" not in str(refused.value)
+    assert (
+        not list((tmp_path / "out" / "ray").rglob("trial_*"))
+        and not (tmp_path / "out" / "trials.parquet").exists()
+    )
+
+
+@pytest.mark.integration
+def test_on_a_cluster_a_study_waits_for_a_node_that_fits_then_fails_in_one_line(
+    embedded_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grokstudy import preflight
+
+    study = parse_study(dict(TINY, name="waits", resources={"cpu": 1024}, run={"resource_wait_s": 0.5}))
+    waiting = preflight.check_fits(study, pack=1, embedded=False)  # an autoscaler might add a node
+    assert waiting is not None
+    monkeypatch.setattr(preflight, "LOOK_EVERY_S", 0.0)
+    time.sleep(0.6)
+    with pytest.raises(StudyError, match=r"resources.cpu: no node could run a trial \(1024 CPU, 0 GPU\)"):
+        waiting.check()
+    fits = parse_study(dict(TINY, name="fits", run={"resource_wait_s": 0.5}))
+    assert preflight.check_fits(fits, pack=1, embedded=False) is None
+
+
+def test_the_embedded_rays_token_is_created_0600_before_ray_starts_and_never_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = tmp_path / "ray" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert runner.ensure_ray_token() == token
+    first = token.read_text()
+    assert token.stat().st_mode & 0o777 == 0o600 and len(first) == 64 and int(first, 16) >= 0
+    assert not [p for p in token.parent.iterdir() if p != token]  # no temp file left beside it
+    token.chmod(0o644)  # as an older Ray left it
+    runner.ensure_ray_token()
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == first
+
+
+@pytest.mark.integration
+def test_a_driver_whose_lease_another_driver_took_stops_at_once_and_writes_nothing_more(
+    tmp_path: Path, embedded_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease fencing end to end: while trials train, another driver takes the next
+    generation of the lease (as after this one was paused past the TTL); this driver learns it
+    at its next renewal, stops its study, and writes no tables, ledger or figures."""
+    import json
+    import threading
+
+    from grokstudy import storage
+
+    monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.5)
+    store = tmp_path / "storage"
+    spec = dict(TINY, name="taken-over", train=dict(TINY["train"], max_steps=20_000))
+    study = parse_study(spec | {"run": {"storage": str(store)}})
+    experiment = store / "taken-over"
+    theirs = experiment / f"{storage.LEASE_PREFIX}{2:010d}.json"
+
+    def take_over() -> None:
+        deadline = time.monotonic() + 120
+        while not list(experiment.glob("trial_*/checkpoint_*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        theirs.write_text(
+            json.dumps({"driver": "theirs", "host": "elsewhere", "host_id": "x", "pid": 1, "seq": 0})
+        )
+
+    thief = threading.Thread(target=take_over, daemon=True)
+    thief.start()
+    out = tmp_path / "out"
+    with pytest.raises(storage.LeaseLost, match="another driver holds it now"):
+        runner.run_study(study, out_dir=out, num_cpus=2)
+    thief.join()
+    assert json.loads(theirs.read_text())["driver"] == "theirs"  # not overwritten, not removed
+    assert not (out / "trials.parquet").exists() and not (out / "optuna.db").exists()
+    assert not (out / "figures").exists()

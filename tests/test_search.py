@@ -209,3 +209,23 @@ def test_reconcile_adopts_members_the_ledger_never_saw() -> None:
     rest = run_ledger(restored, at_once=False)
     counts = Counter(map(point_and_seed, later + rest))
     assert len(counts) == study.search.n_trials and set(counts.values()) == {1}
+
+
+@pytest.mark.parametrize("status", ["retry", "running"])
+def test_a_failed_member_tune_runs_again_gets_a_new_trial_that_its_result_completes(status: str) -> None:
+    """`--retry-failed` ("retry"), or a Tune snapshot that missed the failure ("running"): the
+    FAIL stays, a new trial holds the point x seed, and its result completes that one."""
+    study = make_study()
+    ledger = search.Ledger(study)
+    m = ledger.ask()
+    ledger.fail(m.trial_id, "failed beyond run.max_failures retries")
+    restored = pickle.loads(pickle.dumps(ledger))
+    restored.reconcile(known([m.point], status))
+    assert restored.retried == [m.trial_id]
+    restored.tell(m.trial_id, 1.0, "grokking")
+    mine = [t for t in restored.ot.trials if t.user_attrs.get(search.TRIAL_ID) == m.trial_id]
+    assert [t.state.name for t in mine] == ["FAIL", "COMPLETE"]
+    assert mine[1].user_attrs[search.RETRY_OF] == mine[0].number
+    assert restored.phases() == {m.trial_id: "grokking"}
+    restored.reconcile(known([m.point], "done"))  # a later resume: nothing runs again
+    assert restored.retried == []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,47 +18,212 @@ from grokstudy import storage
 from grokstudy.errors import UsageError
 
 
-def _lease_file(experiment: Path, **fields) -> Path:
-    path = experiment / storage.LEASE_FILE
+@pytest.fixture
+def quick_lease(monkeypatch) -> None:
+    """Lease timings a test can wait out: TTL 1.5 s, renewals every 0.2 s."""
+    monkeypatch.setattr(storage, "LEASE_TTL_S", 1.5)
+    monkeypatch.setattr(storage, "LEASE_RENEW_S", 0.2)
+    monkeypatch.setattr(storage, "LEASE_POLL_S", 0.05)
+
+
+def _lease_file(experiment: Path, gen: int = 1, text: str | None = None, **fields) -> Path:
+    path = experiment / f"{storage.LEASE_PREFIX}{gen:010d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fields) if fields else "")
+    path.write_text(json.dumps(fields) if text is None else text)
     return path
 
 
-def test_a_fresh_lease_of_a_live_driver_is_refused_in_one_line(tmp_path: Path) -> None:
-    _lease_file(tmp_path, driver="other", host=socket.gethostname(), pid=os.getpid(), renewed_at=time.time())
+def _leases(experiment: Path) -> list[str]:
+    return sorted(p.name for p in experiment.glob(f"{storage.LEASE_PREFIX}*"))
+
+
+def _dead_pid() -> int:
+    return int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout
+    )
+
+
+def test_a_live_driver_on_this_host_is_refused_at_once_in_one_line(tmp_path: Path) -> None:
+    path = _lease_file(tmp_path, driver="other", host=socket.gethostname(), host_id=storage.host_id(),
+                       pid=os.getpid(), seq=0)  # fmt: skip
+    before = path.read_text()
+    started = time.monotonic()
     with pytest.raises(UsageError) as refused, storage.Lease(str(tmp_path)):
         pass
+    assert time.monotonic() - started < 1  # no watching: the process is alive here
     assert refused.value.flag == "run.storage" and "\n" not in str(refused.value)
     assert f"pid {os.getpid()}" in str(refused.value)
+    assert _leases(tmp_path) == [path.name] and path.read_text() == before
 
 
-def test_a_lapsed_lease_or_one_of_a_dead_process_is_taken_over_and_removed_on_exit(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
-    host = socket.gethostname()
-    for held in (
-        {
-            "driver": "other",
-            "host": "elsewhere",
-            "pid": 1,
-            "renewed_at": time.time() - 2 * storage.LEASE_TTL_S,
-        },
-        {"driver": "other", "host": host, "pid": int(dead.stdout), "renewed_at": time.time()},
-    ):
-        path = _lease_file(tmp_path, **held)
-        with storage.Lease(str(tmp_path)) as lease:
-            assert json.loads(path.read_text())["driver"] == lease.driver
-        assert not path.exists()
+def test_a_dead_driver_on_this_host_is_taken_over_at_once_and_released_on_exit(tmp_path: Path) -> None:
+    _lease_file(tmp_path, driver="other", host=socket.gethostname(), host_id=storage.host_id(),
+                pid=_dead_pid(), seq=3)  # fmt: skip
+    started = time.monotonic()
+    with storage.Lease(str(tmp_path)) as lease:
+        assert time.monotonic() - started < 1
+        assert lease.gen == 2 and _leases(tmp_path) == [f"{storage.LEASE_PREFIX}{2:010d}.json"]
+    assert _leases(tmp_path) == []
+
+
+@pytest.mark.parametrize("text", [None, "{not json", "[1, 2]"], ids=["elsewhere", "corrupt", "not-an-object"])
+def test_a_lease_seen_unchanged_for_the_ttl_on_the_readers_clock_is_taken_over(
+    tmp_path: Path, quick_lease: None, text: str | None
+) -> None:
+    _lease_file(tmp_path, text=text, driver="other", host="elsewhere", host_id="x", pid=1, seq=7)
+    started = time.monotonic()
+    with storage.Lease(str(tmp_path)) as lease:
+        assert time.monotonic() - started >= storage.LEASE_TTL_S
+        assert json.loads((tmp_path / _leases(tmp_path)[0]).read_text())["driver"] == lease.driver
+
+
+class _Renewer:
+    """Another driver's lease, renewed every 0.1 s by a thread, with the given fields."""
+
+    def __init__(self, experiment: Path, **fields) -> None:
+        self.path = _lease_file(experiment, **fields, seq=0)
+        self.fields = fields
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        seq = 0
+        while not self._stop.wait(0.1):
+            seq += 1
+            storage.write_atomic(self.path, json.dumps(self.fields | {"seq": seq}))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @pytest.mark.parametrize(
-    "text", ["[1, 2]", '"text"', '{"renewed_at": "soon"}', '{"pid": null}', "{not json"], ids=repr
+    "holder",
+    [
+        # Another container with this host name (Ray's Docker launcher): its process id means
+        # nothing here, and this host's process with that id is dead.
+        {"host_id": "another-boot:pid:[4026531836]", "pid_is_dead_here": True},
+        # A host whose clock runs two minutes behind: its timestamps look lapsed, it is not.
+        {"host_id": "elsewhere", "renewed_at_s_ago": 120},
+    ],
+    ids=["other-pid-namespace", "skewed-clock"],
 )
-def test_an_unreadable_lease_is_taken_over_not_a_traceback(tmp_path: Path, text: str) -> None:
-    path = tmp_path / storage.LEASE_FILE
-    path.write_text(text)
-    with storage.Lease(str(tmp_path)) as lease:
-        assert json.loads(path.read_text())["driver"] == lease.driver
+def test_a_renewed_lease_is_refused_whatever_its_pid_or_clock_say(
+    tmp_path: Path, quick_lease: None, holder: dict
+) -> None:
+    fields = {"driver": "other", "host": socket.gethostname(), "host_id": holder["host_id"],
+              "pid": _dead_pid() if holder.get("pid_is_dead_here") else 1,
+              "renewed_at": time.time() - holder.get("renewed_at_s_ago", 0)}  # fmt: skip
+    renewer = _Renewer(tmp_path, **fields)
+    try:
+        with pytest.raises(UsageError, match="renewed its lease just now"), storage.Lease(str(tmp_path)):
+            pass
+    finally:
+        renewer.close()
+    assert _leases(tmp_path) == [renewer.path.name]
+
+
+def test_a_lease_that_cannot_be_read_is_refused_not_taken(tmp_path: Path, monkeypatch) -> None:
+    path = _lease_file(tmp_path, driver="other", host="elsewhere", host_id="x", pid=1, seq=0)
+    monkeypatch.setattr(storage, "LEASE_POLL_S", 0.01)
+
+    def flaky(uri: str) -> str | None:
+        raise OSError("When reading information for key 'grokstudy-lease': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(storage, "read_text", flaky)
+    with (
+        pytest.raises(UsageError, match="cannot read the study's lease") as refused,
+        storage.Lease(str(tmp_path)),
+    ):
+        pass
+    assert "\n" not in str(refused.value) and "NETWORK_CONNECTION" in str(refused.value)
+    assert _leases(tmp_path) == [path.name]
+
+
+def _race(experiment: Path) -> tuple[list[storage.Lease], list[bool]]:
+    """Two drivers creating generation 1 at the same moment: (drivers, which won)."""
+    drivers = [storage.Lease(str(experiment)) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    won = [False, False]
+
+    def take(i: int) -> None:
+        barrier.wait()
+        won[i] = drivers[i]._create(1)
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return drivers, won
+
+
+def test_only_one_of_two_drivers_racing_for_a_generation_takes_it(tmp_path: Path) -> None:
+    for attempt in range(20):
+        experiment = tmp_path / str(attempt)
+        experiment.mkdir()
+        drivers, won = _race(experiment)
+        assert sorted(won) == [False, True], attempt
+        holder = json.loads((experiment / _leases(experiment)[0]).read_text())["driver"]
+        assert holder == drivers[won.index(True)].driver
+
+
+HOLDER = """
+import os, sys, time
+from grokstudy import storage
+storage.LEASE_TTL_S, storage.LEASE_RENEW_S, storage.LEASE_POLL_S = 1.5, 0.2, 0.05
+storage.host_id = lambda: "another-host"  # as if on another machine: its liveness is its renewals
+def lost(why):
+    print(why, flush=True)
+    os._exit(4)
+with storage.Lease(sys.argv[1], on_lost=lost):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_driver_paused_past_the_ttl_finds_its_lease_taken_and_stops_without_writing(
+    tmp_path: Path, quick_lease: None
+) -> None:
+    """The fencing defect: a driver stopped (SIGSTOP, a long GC pause, a cut network) past the
+    TTL comes back; it must not overwrite the new holder's lease, and must stop."""
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        os.kill(first.pid, signal.SIGSTOP)
+        with storage.Lease(str(tmp_path)) as second:  # waits out the TTL of an unchanging lease
+            ours = tmp_path / _leases(tmp_path)[-1]
+            assert json.loads(ours.read_text())["driver"] == second.driver
+            os.kill(first.pid, signal.SIGCONT)
+            assert first.wait(timeout=30) == 4
+            assert "another driver holds it now" in first.stdout.read()
+            time.sleep(3 * storage.LEASE_RENEW_S)
+            assert second.lost is None
+            assert _leases(tmp_path) == [ours.name]
+            assert json.loads(ours.read_text())["driver"] == second.driver
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_holder_that_cannot_renew_for_half_the_ttl_gives_the_lease_up(
+    tmp_path: Path, quick_lease: None, monkeypatch
+) -> None:
+    lost: list[str] = []
+    with storage.Lease(str(tmp_path), on_lost=lost.append) as lease:
+
+        def down(uri: str) -> str | None:
+            raise OSError("connection reset")
+
+        monkeypatch.setattr(storage, "read_text", down)
+        deadline = time.monotonic() + 10
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost and "could not be renewed" in lost[0] and lease.lost == lost[0]
+        monkeypatch.undo()
+    assert len(lost) == 1
+    assert _leases(tmp_path) == [f"{storage.LEASE_PREFIX}{1:010d}.json"]  # a lost lease is left as it is
 
 
 def test_a_second_driver_on_one_output_directory_is_refused_until_the_first_exits(tmp_path: Path) -> None:

@@ -186,6 +186,24 @@ MALFORMED = {
         "run.optuna_storage",
         "travels with the Ray Tune experiment",
     ),
+    "an axis of 20,000 values": (
+        (
+            "  seeds: 2",
+            "    model.width: {values: [" + ", ".join(map(str, range(1, 20_001))) + "]}\n  seeds: 2",
+        ),
+        "search.space.model.width",
+        "lists 20,000 values; allowed: at most 10,000",
+    ),
+    "storage over ftp": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1}\nrun: {storage: 'ftp://host/studies'}"),
+        "run.storage",
+        "unsupported scheme ftp://",
+    ),
+    "a password in the tracking URI": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1}\nrun: {tracking_uri: 'http://me:hunter2@mlflow:5000'}"),
+        "run.tracking_uri",
+        "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    ),
     "repeated integer grid values": (
         ("  seeds: 2", "    model.width: {log: [1, 4], points: 9}\n  seeds: 2"),
         "search.space.model.width",
@@ -247,8 +265,12 @@ def test_yaml_syntax_errors_and_duplicate_keys_name_the_file_and_line(tmp_path: 
             b"name: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n",
             "name: not a safe name",
         ),
+        (
+            b"name: big\n" + b"# padding\n" * 200_000,
+            "the study file is 2,000,010 bytes; allowed: at most 1,000,000",
+        ),
     ],
-    ids=["non-UTF-8 byte", "3000 open brackets", "YAML alias bomb"],
+    ids=["non-UTF-8 byte", "3000 open brackets", "YAML alias bomb", "a 2 MB file"],
 )
 def test_hostile_files_get_one_short_line(tmp_path: Path, content: bytes, fragment: str) -> None:
     path = tmp_path / "study.yaml"

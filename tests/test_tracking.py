@@ -387,6 +387,37 @@ def test_a_request_stored_whose_answer_was_lost_is_not_stored_twice(
 
 
 @pytest.mark.integration
+def test_a_run_created_whose_answer_was_lost_is_found_by_its_trial_key_not_created_twice(
+    mlflow_server: servers.MlflowServer,
+) -> None:
+    """create_run is stored, its answer lost: the retry must find the run by trial key."""
+    outage = servers.Outage(mlflow_server.port)
+    try:
+        _, experiment_id, parent_run_id = open_study(outage.uri, "lost-create")
+        outage.lose_answers(of="/api/2.0/mlflow/runs/create")
+        trial = Trial(outage.uri, experiment_id, parent_run_id, "t", flatten(TrialConfig()))
+        trial.log_records([synthetic_record(s) for s in GRID[:3]])
+        store = client(mlflow_server.uri)  # straight to the server, past the proxy
+
+        def created() -> list:
+            return store.search_runs([experiment_id], f"tags.{tracking.TRIAL_KEY_TAG} = 't'")
+
+        deadline = time.monotonic() + 60
+        while not created() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert created() and trial.run_id is None  # stored, and the sender does not know it
+        outage.lose_answers(False)
+        trial.log_records([synthetic_record(s) for s in GRID[3:]])
+        trial.finish("FINISHED")
+    finally:
+        outage.close()
+    [run] = created()
+    assert run.info.run_id == trial.run_id and run.info.status == "FINISHED"
+    for key in TRACKED:
+        assert [s for s, _ in history(mlflow_server.uri, trial.run_id, key)] == GRID, key
+
+
+@pytest.mark.integration
 def test_a_resumed_study_reopens_its_parent_run_and_refuses_a_changed_study(
     mlflow_server: servers.MlflowServer,
 ) -> None:

@@ -22,6 +22,7 @@ ROOTS = (
     "io.k8s.api.core.v1.Service",
     "io.k8s.api.core.v1.Secret",
     "io.k8s.api.core.v1.ConfigMap",
+    "io.k8s.api.core.v1.Namespace",
     "io.k8s.api.networking.v1.NetworkPolicy",
     "io.k8s.api.core.v1.PodTemplateSpec",
     "io.k8s.api.core.v1.ResourceRequirements",
