@@ -56,18 +56,20 @@ def _activations_per_row(model: ModelConfig, vocab: int) -> int:
     return per_row + 2 * vocab  # logits and their gradient
 
 
-def trial_bytes(cfg: TrialConfig) -> int:
-    """Estimated peak memory of one trial, in bytes."""
+def trial_bytes(cfg: TrialConfig, pack: int = 1) -> int:
+    """Estimated peak memory of one trial, or of a pack of `pack` such trials trained as one
+    stacked model (packed.py: one table shared, a mask per member, evaluation chunked across
+    members), in bytes."""
     vocab = vocabulary(cfg.task)
     params = parameters(cfg.model, vocab)
     slots = 2 + OPTIMIZER_SLOTS.get(cfg.optimizer.name, 2)  # weights, gradients, optimizer state
     grokfast = {"none": 0, "ema": 1, "ma": cfg.optimizer.grokfast_window}[cfg.optimizer.grokfast]
-    state = params * FLOAT32 * (slots + grokfast)
+    state = pack * params * FLOAT32 * (slots + grokfast)
     pairs = vocab * vocab
-    data = pairs * (2 * INT64 + INT64)
-    train_rows = cfg.train.batch_size or math.ceil(pairs * cfg.data.fraction)
+    data = pairs * (2 * INT64 + INT64) + (pack * pairs if pack > 1 else 0)  # + a bool mask each
+    train_rows = pack * (cfg.train.batch_size or math.ceil(pairs * cfg.data.fraction))
     per_row = _activations_per_row(cfg.model, vocab) * FLOAT32 + 2 * vocab * FLOAT64  # float64 loss
-    activations = max(train_rows, min(pairs, EVAL_ROWS)) * per_row
+    activations = max(train_rows, min(pack * pairs, EVAL_ROWS)) * per_row
     return state + data + activations
 
 

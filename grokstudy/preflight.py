@@ -79,7 +79,7 @@ def check_fits(study: Study, pack: int, embedded: bool) -> WaitForNodes | None:
     final; on a cluster an autoscaler may add a node, so it is a warning, and the wait it starts
     (`WaitForNodes`). None when a node fits. GPU memory is not checked (Ray does not report it)."""
     nodes = _nodes()
-    need = largest_trial_bytes(study) * pack
+    need = largest_trial_bytes(study, pack)
     memory = max((r.get("memory", 0) for r in nodes), default=0)
     if memory and need > memory:
         what = "pack" if pack > 1 else "trial"
@@ -129,9 +129,10 @@ class WaitForNodes:
             )
 
 
-def largest_trial_bytes(study: Study) -> int:
-    """The estimate (`footprint.trial_bytes`) of the study's largest trial: each searched axis
-    set, in turn, to its value that needs the most (a grid's values, a range's ends)."""
+def largest_trial_bytes(study: Study, pack: int = 1) -> int:
+    """The estimate (`footprint.trial_bytes`) of the study's largest trial (or pack): each
+    searched axis set, in turn, to its value that needs the most (a grid's values, a range's
+    ends)."""
     point: dict[str, Any] = {}
     for dim in study.search.space:
         candidates = list(dim.grid) if dim.is_discrete else list(dim.log or dim.range or ())

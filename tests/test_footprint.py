@@ -38,3 +38,11 @@ def test_the_estimate_covers_the_trials_own_tensors_and_grows_with_what_it_holds
         footprint.trial_bytes(ma) - footprint.trial_bytes(cfg) == params * 4 * cfg.optimizer.grokfast_window
     )
     assert footprint.EVAL_ROWS == train.EVAL_CHUNK
+
+
+def test_a_pack_needs_its_members_state_but_shares_the_table_and_the_evaluation_chunk() -> None:
+    cfg = TrialConfig()
+    one, sixty_four = footprint.trial_bytes(cfg), footprint.trial_bytes(cfg, pack=64)
+    params = footprint.parameters(cfg.model, cfg.task.p)
+    assert sixty_four >= 64 * params * 4 * 4  # weights, gradients and Adam's two moments each
+    assert one < sixty_four < 64 * one  # one table, and evaluation chunked across members

@@ -34,7 +34,7 @@ def test_an_mlflow_outage_mid_study_delays_the_curves_and_an_incomplete_end_exit
     """MLflow goes away mid-study (trials train on) and, at the end, stores the study's results
     but loses its answers: the study exits 5 and says so; the same command again settles it."""
     study_file = write_study(
-        tmp_path, **{"max_steps: 1500": "max_steps: 3000", "name: resume": "name: resume-outage"}
+        tmp_path, **{"max_steps: 1500": "max_steps: 2000", "name: resume": "name: resume-outage"}
     )
     out = tmp_path / "out"
     outage = servers.Outage(mlflow_server.port)
@@ -69,6 +69,7 @@ def test_mlflow_down_longer_than_the_limit_stops_the_study_and_a_resume_finishes
     replace = {
         "resources: {cpu: 1}": "resources: {cpu: 1}\nrun: {tracking_outage_s: 5}",
         "name: resume": "name: resume-cut",
+        "max_steps: 1500": "max_steps: 600",  # a checkpoint (step 100) before the cut is all it needs
     }
     study_file = write_study(tmp_path, **replace)
     out = tmp_path / "out"
