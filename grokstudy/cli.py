@@ -42,6 +42,12 @@ TRAIN_EPILOG = """examples:
   grokstudy train --set task.p=47 --set optimizer.weight_decay=0 --json
   grokstudy train --study studies/quickstart.yaml --set data.fraction=0.3"""
 
+STATUS_EPILOG = """examples:
+  grokstudy status runs/quickstart --watch
+  grokstudy status s3://bucket/grokstudy/quickstart      # a cluster study's run.storage/<name>
+  grokstudy status --experiment quickstart --tracking-uri http://mlflow:5000
+grid: one letter per cell of the study's diagram (legend below it); ~ while a trial there runs."""
+
 PLOT_EPILOG = """examples:
   grokstudy plot runs/quickstart
   grokstudy plot runs/quickstart/trials.parquet --x optimizer.weight_decay --y data.fraction --format png,svg
@@ -76,6 +82,16 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port, 1 to 65535 (got {text!r})")
     return port
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds, 0.1 to 3600 (got {text!r})")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -133,6 +149,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_directory, required=True, help="directory for the two tables")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
 
+    p = sub.add_parser(
+        "status", help="where a study stands, while it runs or after (read-only)", epilog=STATUS_EPILOG,
+        formatter_class=fmt,
+    )  # fmt: skip
+    p.add_argument("source", nargs="?", help="study output dir, or a Ray Tune experiment dir or URI")
+    p.add_argument("--experiment", help="read the study from this MLflow experiment instead")
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI for --experiment (default: MLFLOW_TRACKING_URI)"
+    )
+    p.add_argument(
+        "--watch", type=_seconds, nargs="?", const=2.0, metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C or the study ends",
+    )  # fmt: skip
+
     p = sub.add_parser("ui", help="open the MLflow UI on a study's local tracking store")
     p.add_argument("study_dir", type=Path, help="a study output directory, e.g. runs/quickstart")
     p.add_argument("--port", type=_port, default=5000)
@@ -159,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plot": _cmd_plot,
         "export": _cmd_export,
         "ui": _cmd_ui,
+        "status": _cmd_status,
     }[args.command]
     try:
         return handler(args)
@@ -198,30 +229,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # here, before the runner imports ray). Never for a cluster: there the driver's
         # address must be reachable from other hosts.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from grokstudy import runner
+    from grokstudy import console, runner
     from grokstudy.progress import TrackingUnavailable
 
     n = study.search.n_trials
     count = f"{study.search.n_points} points x {study.search.seeds} seeds = {n} trials" if n else "adaptive"
     print(
         f"grokstudy: study {study.name!r}: {count} ({study.search.sampler}, packs of up to "
-        f"{runner.pack_size(study)}); output in {out_dir}",
+        f"{runner.pack_size(study)}); output in {out_dir} (Ray, MLflow and Tune log to {console.DRIVER_LOG})",
         flush=True,
     )
+    view = console.ProgressView(sys.stdout)
     try:
-        outcome = runner.run_study(
-            study,
-            out_dir=out_dir,
-            address=args.address,
-            tracking_uri=args.tracking_uri,
-            formats=formats,
-            progress=_print_progress,
-            num_cpus=args.num_cpus,
-            # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
-            # end the parent run FAILED and exit 3.
-            stop_on_sigterm=True,
-            retry_failed=args.retry_failed,
-        )
+        try:
+            outcome = runner.run_study(
+                study,
+                out_dir=out_dir,
+                address=args.address,
+                tracking_uri=args.tracking_uri,
+                formats=formats,
+                progress=view,
+                num_cpus=args.num_cpus,
+                # `ray job stop` sends SIGTERM: stop as Ctrl-C does (Tune saves the experiment), then
+                # end the parent run FAILED and exit 3.
+                stop_on_sigterm=True,
+                retry_failed=args.retry_failed,
+                quiet_libraries=True,
+            )
+        finally:
+            view.close()
     except (StudyError, UsageError):
         raise
     except LeaseLost as e:
@@ -270,15 +306,8 @@ def _crash_log(out_dir: Path) -> str:
         return f"above (crash.log could not be written: {one_line(err, 200)})"
 
 
-def _print_progress(p) -> None:  # progress.Progress
-    phases = ", ".join(f"{k} {v}" for k, v in sorted(p.phases.items())) or "-"
-    pending = "" if p.pending is None else f", {p.pending} pending"
-    print(
-        f"  trials: {p.done} done, {p.running} running, {p.failed} failed{pending} | phases: {phases}",
-        flush=True,
-    )
-    if p.warning:
-        print(f"  warning: {p.warning}", flush=True)
+SUMMARY_BY_POINT_ABOVE = 50
+"""A study with more trials than this prints one summary row per point, not per trial."""
 
 
 def _print_summary(outcome) -> None:  # collect.StudyOutcome
@@ -286,14 +315,11 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
 
     rows = results.read_trials(outcome.trials_path).to_pylist()
     if rows:
-        labels = {r["trial_id"]: _label(r) for r in rows}
-        width = max(len(v) for v in labels.values())
-        print(f"\n{'trial':<{width}}  {'phase':<13} {'t_train':>8} {'t_val':>8} {'stop':>11}")
-        for r in sorted(rows, key=lambda r: labels[r["trial_id"]]):
-            print(
-                f"{labels[r['trial_id']]:<{width}}  {r['phase'] or '-':<13} {_steps(r['t_train']):>8} "
-                f"{_steps(r['t_val']):>8} {r['stop_reason']:>11}"
-            )
+        rows.sort(key=_numeric_order)
+        if len(rows) > SUMMARY_BY_POINT_ABOVE:
+            _print_points(rows)
+        else:
+            _print_trials(rows)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.phase_counts.items()))
     print(f"\nphases: {counts or 'none'}" + (" (resumed study)" if outcome.resumed else ""))
     if outcome.retried:
@@ -311,6 +337,65 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
     print(f"MLflow:        {redact(outcome.tracking_uri)}  (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"browse:        grokstudy ui {outcome.out_dir}")
+    if outcome.elapsed_s is not None:
+        from grokstudy.console import duration
+
+        print(f"wall-clock:    {duration(outcome.elapsed_s)} since the study first started")
+
+
+def _numeric_order(row: dict) -> tuple:
+    """Rows by their searched values as numbers (0.1 < 0.3 < 1), in the study's axis order,
+    then by seed; text values after numbers."""
+    from grokstudy.points import SEED
+
+    def key(v: object) -> tuple:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return (1, 0.0, str(v))
+        return (0, float(v), "")
+
+    return tuple(key(row[k]) for k in row["searched"] if k != SEED) + (key(row[SEED]),)
+
+
+def _print_trials(rows: list[dict]) -> None:
+    labels = {r["trial_id"]: _label(r) for r in rows}
+    width = max(len(v) for v in labels.values())
+    print(f"\n{'trial':<{width}}  {'phase':<13} {'t_train':>8} {'t_val':>8} {'stop':>11}")
+    for r in rows:
+        print(
+            f"{labels[r['trial_id']]:<{width}}  {r['phase'] or '-':<13} {_steps(r['t_train']):>8} "
+            f"{_steps(r['t_val']):>8} {r['stop_reason'] or '-':>11}"
+        )
+
+
+def _print_points(rows: list[dict]) -> None:
+    """One row per point: its seeds' majority phase (k/n), median t_train and t_val over the
+    seeds that reached them, failed seeds."""
+    import statistics
+
+    from grokstudy.phases import vote
+    from grokstudy.points import SEED, point_label
+
+    points: dict[str, list[dict]] = {}
+    for r in rows:
+        points.setdefault(r["point_id"], []).append(r)
+    labels = {
+        pid: point_label({k: rs[0][k] for k in rs[0]["searched"] if k != SEED}) for pid, rs in points.items()
+    }
+    width = max(len(v) for v in labels.values())
+    print(
+        f"\n{'point':<{width}}  {'phase':<18} {'t_train':>8} {'t_val':>8} {'failed':>6}   (medians over seeds)"
+    )
+    for pid, rs in points.items():
+        phases = [r["phase"] for r in rs if r["phase"]]
+        v = vote(phases)
+        phase = f"{v.phase} {v.count}/{len(rs)}" if phases else "-"
+
+        def median(col: str, rs: list[dict] = rs) -> str:
+            values = [r[col] for r in rs if r[col] is not None]
+            return _steps(round(statistics.median(values))) if values else "-"
+
+        failed = sum(r["status"] == "ERROR" for r in rs)
+        print(f"{labels[pid]:<{width}}  {phase:<18} {median('t_train'):>8} {median('t_val'):>8} {failed:>6}")
 
 
 def _label(row: dict) -> str:
@@ -462,6 +547,41 @@ def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = 
     study, histories = tracking.fetch_histories(uri, source)
     trials, curves = results.build_tables(study, histories)
     return trials, curves, Path("runs") / source / "figures"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from grokstudy import status
+
+    if args.source is None and args.experiment is None:
+        raise UsageError("SOURCE", "give a study directory (or Tune experiment), or --experiment NAME")
+    if args.source is not None and args.experiment is not None:
+        raise UsageError("SOURCE", "give a study directory or --experiment NAME, not both")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.experiment is not None and not uri:
+        raise UsageError("--tracking-uri", "--experiment needs --tracking-uri (or MLFLOW_TRACKING_URI)")
+
+    def read() -> status.StudyStatus:
+        if args.experiment is not None:
+            return status.read_mlflow(uri, args.experiment)
+        return status.read_directory(args.source)
+
+    current = read()
+    if args.watch is None:
+        print(status.render(current))
+        return EXIT_OK
+    tty = sys.stdout.isatty()
+    try:
+        while True:
+            text = status.render(current)
+            print(("\033[H\033[2J" if tty else "") + text + ("" if tty else "\n"), flush=True)
+            if current.snapshot.driver.get("state", "running") != "running" or current.alive is False:
+                return EXIT_OK
+            time.sleep(args.watch)
+            current = read()
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:

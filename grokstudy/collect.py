@@ -5,20 +5,24 @@ written. No Ray here: the runner hands over each Tune trial as a `Ended`.
 - `settle_runs`: the MLflow runs their trials could not end (MLflow was down at the end, the
   worker died before it reached MLflow, the trial failed beyond retries) get what they lack from
   the checkpoint's whole curve: their tail, their outcome tags, their end.
-- `write_results`: the tables, the figures, the parent run's artifacts and end.
+- `write_results`: the tables, the figures, the parent run's artifacts, description and end.
+- `LiveResults`: the same tables and figures while the study runs, every `run.results_every`
+  finished trials or `run.results_every_s`; trials still training are rows with status RUNNING
+  and no phase, and are drawn as running.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from grokstudy import checkpoints, member, results, tracking
+from grokstudy import checkpoints, member, phases, results, tracking
 from grokstudy.config import Study, flatten
 from grokstudy.errors import one_line
 from grokstudy.points import point_label
@@ -26,6 +30,8 @@ from grokstudy.records import TrialHistory
 from grokstudy.uris import redact
 
 log = logging.getLogger(__name__)
+
+FAILED_BEYOND_RETRIES = "failed beyond run.max_failures retries"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +67,8 @@ class StudyOutcome:
     tracking_incomplete: list[str] = dataclasses.field(default_factory=list)
     """What MLflow did not store at the end (empty: every run is whole and ended); running the
     same command again settles it."""
+    elapsed_s: float | None = None
+    """Wall-clock seconds since the study first started (resumes included)."""
 
 
 def histories(study: Study, trials: Sequence[Ended]) -> tuple[list[TrialHistory], int]:
@@ -87,28 +95,21 @@ def write_results(
     resumed: bool,
     lost: int,
     retried: int = 0,
+    started_at: float | None = None,
 ) -> StudyOutcome:
-    """Tables, cells and figures into `out_dir`; the parent run gets them and its end."""
-    from grokstudy import figures  # here: trial workers import the modules above, and need no matplotlib
-
+    """Tables, cells and figures into `out_dir`; the parent run gets them and its end.
+    `started_at`: when the study first started (Unix time), for its wall-clock."""
     trial_histories, unsettled = tracked(study, trial_histories, study_tracker)
     incomplete = [unsettled] if unsettled else []
-    trials, curves = results.build_tables(study, trial_histories)
-    trials_path, curves_path = results.write_tables(trials, curves, out_dir)
-    cells = results.build_cells(study, trials)
-    tables = [trials_path, curves_path] + ([results.write_cells(cells, out_dir)] if cells is not None else [])
-    figure_paths = (
-        figures.render_study(trials, curves, out_dir / "figures", formats=formats, cells=cells)
-        if trials.num_rows
-        else []
-    )
+    trials, tables, figure_paths = write_files(study, out_dir, trial_histories, formats)
+    trials_path, curves_path = tables[:2]
     failed = [h.trial_id for h in trial_histories if h.outcome is None]
     phase_counts = dict(Counter(p for p in trials.column("phase").to_pylist() if p))
     tags = {f"phases.{k}": str(v) for k, v in phase_counts.items()} | {"trials.failed": str(len(failed))}
     for fn, *args in [
         (study_tracker.log_artifacts, tables, "results"),
         (study_tracker.log_artifacts, figure_paths, "figures"),
-        (study_tracker.set_tags, tags),
+        (study_tracker.set_tags, tags | {tracking.NOTE_TAG: description(study, trials, "finished")}),
         (study_tracker.finish, "FAILED" if failed else "FINISHED"),
     ]:
         if (problem := best_effort(fn, *args)) is not None:
@@ -127,7 +128,136 @@ def write_results(
         lost=lost,
         retried=retried,
         tracking_incomplete=incomplete,
+        elapsed_s=None if started_at is None else time.time() - started_at,
     )
+
+
+def write_files(
+    study: Study, out_dir: Path, trial_histories: list[TrialHistory], formats: tuple[str, ...]
+) -> tuple[Any, list[Path], list[Path]]:
+    """(the trials table, [trials, curves, cells] paths written, figure paths): every file
+    replaced atomically, so a reader never sees half of one."""
+    from grokstudy import figures  # here: trial workers import the modules above, and need no matplotlib
+
+    trials, curves = results.build_tables(study, trial_histories)
+    tables = list(results.write_tables(trials, curves, out_dir))
+    cells = results.build_cells(study, trials)
+    if cells is not None:
+        tables.append(results.write_cells(cells, out_dir))
+    figure_paths = (
+        figures.render_study(trials, curves, out_dir / "figures", formats=formats, cells=cells)
+        if trials.num_rows
+        else []
+    )
+    return trials, tables, figure_paths
+
+
+def description(study: Study, trials: Any, state: str) -> str:
+    """The parent run's description (markdown): the study, its phases so far as a letter grid,
+    what `phase_code` means, how to reproduce it."""
+    from grokstudy import status
+    from grokstudy.snapshot import MemberState
+
+    rows = trials.to_pylist()
+    members = [
+        MemberState(r["trial_id"], {k: r[k] for k in [*r["searched"], "train.seed"]},
+                    {"RUNNING": "running", "ERROR": "failed"}.get(r["status"], "done"), r["phase"])
+        for r in rows
+    ]  # fmt: skip
+    counts = Counter(m.phase for m in members if m.status == "done" and m.phase)
+    total = study.search.n_trials
+    done = sum(m.status != "running" for m in members)
+    lines = [
+        f"**grokstudy study `{study.name}`** ({state}): {done}/{total or '?'} trials ended, "
+        f"{study.search.sampler} sampler over {', '.join(f'`{d.key}`' for d in study.search.space) or 'no axes'}, "
+        f"{study.search.seeds} seed(s) per point.",
+        "",
+        "Phases: " + (", ".join(f"{p} {n}" for p, n in sorted(counts.items())) or "none yet"),
+        "",
+    ]
+    grid = status.phase_grid(study, members)
+    if grid:
+        lines += ["```", *grid, "```", ""]
+    codes = ", ".join(f"{i} {p}" for i, p in enumerate(phases.PHASES))
+    lines += [
+        "Compare the trial runs: metrics `t_val`, `t_train`, `delay`, `final_val_acc` and `phase_code` "
+        f"({codes}) against params `{study.diagram.x}` and `{study.diagram.y}`.",
+        "The diagram is under Artifacts, `figures/phase_diagram.png`; tables under `results/`.",
+        "",
+        f"Reproduce: download `{tracking.STUDY_ARTIFACT}` and run `grokstudy run {tracking.STUDY_ARTIFACT}`.",
+    ]
+    return "\n".join(lines)
+
+
+class LiveResults:
+    """The tables and figures while the study runs, rewritten every `run.results_every`
+    finished trials or `run.results_every_s`, whichever comes first; the parent run gets the
+    diagram and a fresh description each time. Reads each trial's newest checkpoint (a finished
+    member's history once); never raises (results while running are a view, not the record)."""
+
+    def __init__(
+        self, study: Study, out_dir: Path, formats: tuple[str, ...], study_tracker: tracking.StudyTracker
+    ) -> None:
+        self.study, self.out_dir, self.formats, self.tracker = study, out_dir, formats, study_tracker
+        self.trials: dict[str, tuple[dict[str, Any], tuple[Any, str] | None, str | None]] = {}
+        """Tune trial id -> (config, its newest checkpoint, node)."""
+        self.finished: dict[str, TrialHistory] = {}
+        self.failed: set[str] = set()
+        """Tune trials that failed beyond retries: their unfinished members are failed, not running."""
+        self.done_at_last = 0
+        self.last_at = time.monotonic()
+        self.writes = 0
+
+    def seen(
+        self, trial_id: str, config: dict[str, Any], checkpoint: tuple[Any, str] | None, node: str | None
+    ) -> None:
+        old = self.trials.get(trial_id)
+        self.trials[trial_id] = (
+            config,
+            checkpoint or (old[1] if old else None),
+            node or (old[2] if old else None),
+        )
+
+    def due(self, done: int) -> bool:
+        every = self.study.run
+        if done - self.done_at_last >= every.results_every:
+            return True
+        return bool(self.trials) and time.monotonic() - self.last_at >= every.results_every_s
+
+    def write(self, done: int) -> None:
+        self.done_at_last, self.last_at = done, time.monotonic()
+        try:
+            trials, tables, figure_paths = write_files(
+                self.study, self.out_dir, self._histories(), self.formats
+            )
+        except Exception as err:
+            log.warning("results while running not written: %s", one_line(err, 300))
+            return
+        self.writes += 1
+        for fn, *args in [
+            (self.tracker.log_artifacts, [p for p in figure_paths if p.stem == "phase_diagram"], "figures"),
+            (self.tracker.set_tags, {tracking.NOTE_TAG: description(self.study, trials, "running")}),
+        ]:
+            best_effort(fn, *args)
+
+    def _histories(self) -> list[TrialHistory]:
+        out = []
+        for trial_id, (config, checkpoint, node) in list(self.trials.items()):
+            error = FAILED_BEYOND_RETRIES if trial_id in self.failed else None
+            members = (config or {}).get("members", [])
+            if any(m["trial_id"] not in self.finished for m in members):
+                try:
+                    saved = checkpoints.read_members(*checkpoint) if checkpoint else {}
+                except Exception:  # the trial pruned it as it was read: its next one will do
+                    saved = {}
+                for m in members:
+                    h = member.history(self.study, m, saved.get(m["trial_id"]), node, error, running=True)
+                    if h is not None and not h.running:
+                        self.finished[m["trial_id"]] = h
+                    elif h is not None:
+                        out.append(h)
+            out += [self.finished[m["trial_id"]] for m in members if m["trial_id"] in self.finished]
+        return out
 
 
 def tracked(
@@ -167,11 +297,13 @@ def settle_runs(
         if status == want:
             continue
         tags = member.run_tags(h.point, h.cfg)
+        summary = None
         if h.outcome is not None:
             tags |= member.final_tags(h.outcome, h.node or "")
+            summary = member.outcome_metrics(h.outcome, h.records[-1] if h.records else None)
         error = (h.error or "failed") if h.outcome is None else None
         ends.append(tracking.TrialEnd(h.trial_id, run_id, point_label(h.point), flatten(h.cfg), tags,
-                                      h.records, want, error))  # fmt: skip
+                                      h.records, want, error, summary))  # fmt: skip
     run_ids = {key: run_id for key, (run_id, _) in runs.items()} | (
         study_tracker.settle_trial_runs(ends, member.CLOSE_TIMEOUT_S) if ends else {}
     )

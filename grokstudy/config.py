@@ -15,6 +15,7 @@ Standard library only: importing this costs nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -544,6 +545,20 @@ class RunConfig:
     tracking_uri: str | None = setting(
         None, "MLflow tracking URI; default sqlite:///<out>/mlflow.db (absolute)"
     )
+    results_every: int = setting(
+        10,
+        "while the study runs, rewrite its tables and figures (and the parent run's diagram) "
+        "after this many more trials finished",
+        lo=1,
+        hi=10**6,
+    )
+    results_every_s: float = setting(
+        300.0,
+        "... or after this long, whichever comes first (trials still training are drawn as running)",
+        lo=10,
+        hi=10**6,
+        unit="seconds",
+    )
     resource_wait_s: float = setting(
         900.0,
         "on a cluster, how long a study waits for a node that can run a trial (an autoscaler "
@@ -805,6 +820,37 @@ def trial_from_dict(d: dict[str, Any]) -> TrialConfig:
 # A config value travels as a tuple (in dataclasses) or a list (JSON, YAML, Parquet), as an int or
 # a float (128 from YAML, 128.0 from a float column). These two functions are the one place that
 # says how each form is written and compared (`points.point_id` hashes the key's JSON text).
+
+
+def param_text(v: Any) -> str:
+    """A value as text, written as a study file writes it: `full` for the full batch (None),
+    `[0.9, 0.98]`, `false`, `0.001`, `adamw`. The one text of a value in MLflow params and
+    labels; `param_value` reads it back."""
+    if v is None:
+        return "full"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(param_text(x) for x in v) + "]"
+    return str(v)
+
+
+def param_value(text: str) -> Any:
+    """Inverse of `param_text` (lists come back as lists); also reads the Python reprs grokstudy
+    0.1 logged (`(0.9, 0.98)`, `None`, `False`). Text that is no number, list or flag stays text."""
+    import ast
+
+    if text == "full":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return list(value) if isinstance(value, tuple) else value
 
 
 def plain(v: Any) -> Any:

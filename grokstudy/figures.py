@@ -13,7 +13,9 @@ Conventions shared by every figure:
   distinguishable under the common colour-vision deficiencies. A cell or panel
   without finished trials is white with grey hatching.
 - Trials that ended in an error (`stop_reason == "error"`) are left out: their
-  curve stopped for a reason other than the science.
+  curve stopped for a reason other than the science. Trials still training (status RUNNING,
+  in tables written while a study runs) are never drawn as a phase or a time: a point with one
+  is drawn as running (`RUNNING_STYLE`, an open marker off the grid) until all its seeds end.
 - Axes are labelled with the dotted column names. A numeric axis is drawn in
   log10 space as the study drew it: the scale of each searched axis is in the
   trials table's metadata (`results.AXES_META`, from `SearchDim.is_log`); an
@@ -52,6 +54,7 @@ from grokstudy.config import LATTICE_SAMPLERS, is_log_scale, value_key
 from grokstudy.errors import UsageError
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES, TIE, phase_order, vote
 from grokstudy.results import table_info
+from grokstudy.storage import atomic_path
 
 PHASE_COLORS: dict[str, str] = {
     "comprehension": "#0072B2",  # Okabe–Ito blue
@@ -68,6 +71,9 @@ NEVER_COLOR = "#D4D4D4"
 MISSING_HATCH = dict(facecolor="white", edgecolor="#BBBBBB", hatch="////", linewidth=0)
 INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
 """A cell a boundary study did not train: its inferred phase, lighter and dotted."""
+RUNNING_STYLE = dict(facecolor="#EEF3F8", edgecolor="#5B7A99", hatch="\\\\", linewidth=0)
+"""A point with a trial still training: no verdict yet."""
+RUNNING_LABEL = "still training: no verdict yet"
 FORMATS = ("png", "svg", "pdf")
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
 
@@ -144,6 +150,7 @@ def phase_diagram(
             drew_inferred, drew_fewer = drew_inferred or inferred, drew_fewer or fewer
         else:
             _draw_phase_scatter(axis, data, cells_here)
+            _draw_running_points(axis, data, value)
         _finish_axes(axis, data, value)
     shown = set(data.phase) | {p for p, _ in data.inferred.values()}
     present = [p for p in PHASES if p in shown]
@@ -152,6 +159,7 @@ def phase_diagram(
         handles.append(
             Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
         )
+    handles += _running_handles(data)
     if data.grid and data.has_missing():
         handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
     unit = "trials" if data.aggregated else "seeds"
@@ -204,7 +212,7 @@ def delay_heatmap(
     fig, axes = _panels(data, None)
     draw = _draw_value_cells if data.grid else _draw_value_scatter
     for axis, fv in zip(axes, data.facet_values, strict=True):
-        draw(axis, data, data.cells(fv), values, norm, cmap)
+        draw(axis, data, data.cells(fv), values, norm, cmap, fv)
         _finish_axes(axis, data, fv)
     label = "t_val − t_train" if value == "delay" else "t_val"
     fig.colorbar(
@@ -221,6 +229,7 @@ def delay_heatmap(
         if data.grid
         else Line2D([], [], ls="", marker="x", color="#777777", markeredgewidth=1.2, label=never)
     ]
+    handles += _running_handles(data)
     if data.grid and data.has_missing():
         handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
     _legend(fig, axes, handles, title=None, own_axes=False)
@@ -440,7 +449,9 @@ def render_study(
     with mpl.rc_context(STYLE):  # constrained layout already fits titles and legends
         for name, fig in figures:
             for fmt in formats:
-                fig.savefig(out_dir / f"{name}.{fmt}", format=fmt)
+                # Atomically: figures are rewritten while a study runs, and a viewer may be open.
+                with atomic_path(out_dir / f"{name}.{fmt}") as tmp:
+                    fig.savefig(tmp, format=fmt)
     return [out_dir / f"{name}.{fmt}" for name, _ in figures for fmt in formats]
 
 
@@ -568,7 +579,16 @@ class _Data:
             self.facet_values = sorted(
                 set(_keys(trials, facet)) | {k[2] for k in self.inferred}, key=_sort_key
             )
-        self.table = table = _finished(trials)
+        self.running = _running_keys(trials, x, y, facet)
+        """(x, y, facet) of the points with a trial still training: drawn as running."""
+        table = _finished(trials)
+        if self.running:  # a point is a verdict only once every seed of it ended
+            keep = [
+                k not in self.running
+                for k in zip(_keys(table, x), _keys(table, y), _keys(table, facet), strict=True)
+            ]
+            table = table.filter(pa.array(keep, pa.bool_()))
+        self.table = table
         self.xs, self.ys, self.fs = _keys(table, x), _keys(table, y), _keys(table, facet)
         self.phase: list[str] = table.column("phase").to_pylist()
         self.t_val = _keys(table, "t_val" if "t_val" in table.column_names else None)
@@ -595,7 +615,8 @@ class _Data:
     def has_missing(self) -> bool:
         full = len(self.x.values) * len(self.y.values)
         return any(
-            len(self.cells(fv)) + sum(k[2] == fv for k in self.inferred) < full for fv in self.facet_values
+            len(self.cells(fv)) + sum(k[2] == fv for k in self.inferred | dict.fromkeys(self.running)) < full
+            for fv in self.facet_values
         )
 
     def seeds_text(self) -> str:
@@ -616,10 +637,22 @@ class _Data:
 
 
 def _finished(trials: pa.Table) -> pa.Table:
+    """The trials that ended (neither failed nor still running)."""
+    if "status" in trials.column_names:
+        keep = pc.invert(pc.is_in(trials.column("status"), pa.array(["ERROR", "RUNNING"])))
+        trials = trials.filter(pc.fill_null(keep, True))
     if "stop_reason" not in trials.column_names:
         return trials
     keep = pc.not_equal(trials.column("stop_reason"), "error")
     return trials.filter(pc.fill_null(keep, True))
+
+
+def _running_keys(trials: pa.Table, x: str, y: str, facet: str | None) -> set[tuple[Any, Any, Any]]:
+    """(x, y, facet) of every point with a trial still training."""
+    if "status" not in trials.column_names:
+        return set()
+    running = trials.filter(pc.fill_null(pc.equal(trials.column("status"), "RUNNING"), False))
+    return set(zip(_keys(running, x), _keys(running, y), _keys(running, facet), strict=True))
 
 
 def _check_columns(trials: pa.Table, columns: dict[str, str | None]) -> None:
@@ -717,6 +750,9 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
         for j, yv in enumerate(data.y.values):
             cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
             box = (ex[i], ey[j]), w, h
+            if (xv, yv, facet_value) in data.running:
+                _draw_running(axis, box, cx, ey[j] + 0.5 * h, fs)
+                continue
             rows = cells.get((xv, yv))
             if not rows:
                 guess = data.inferred.get((xv, yv, facet_value))
@@ -759,6 +795,20 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
     return drew_inferred, drew_fewer
 
 
+def _draw_running(axis: Any, box: tuple, cx: float, cy: float, fs: float) -> None:
+    axis.add_patch(Rectangle(*box, **RUNNING_STYLE, gid="running"))
+    axis.add_patch(Rectangle(*box, facecolor="none", edgecolor="white", linewidth=0.8))
+    axis.text(cx, cy, "running", ha="center", va="center", fontsize=fs - 1, color="#3D5A78", style="italic")
+
+
+def _draw_running_points(axis: Any, data: _Data, facet_value: Any) -> None:
+    """Off the grid: an open marker at each point still training."""
+    here = [(x, y) for x, y, f in data.running if f == facet_value]
+    if here:
+        axis.scatter([data.x.pos(x) for x, _ in here], [data.y.pos(y) for _, y in here], s=34, facecolors="white",
+                     edgecolors="#5B7A99", linewidths=1.2, zorder=3, gid="running")  # fmt: skip
+
+
 def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:
     points = [
         (xv, yv, (v := vote([data.phase[r] for r in rows])).phase, v.count, len(rows))
@@ -791,7 +841,21 @@ def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: _Axis, extent: float
     return ((grid[:, None] - pts[None, :]) / (extent or 1.0)) ** 2
 
 
-def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap) -> None:
+def _running_handles(data: _Data) -> list[Any]:
+    if not data.running:
+        return []
+    if data.grid:
+        return [Patch(**RUNNING_STYLE, label=RUNNING_LABEL)]
+    return [
+        Line2D(
+            [], [], ls="", marker="o", markerfacecolor="white", markeredgecolor="#5B7A99", label=RUNNING_LABEL
+        )
+    ]
+
+
+def _draw_value_cells(
+    axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap, facet_value: Any
+) -> None:
     ex, ey = data.x.edges(), data.y.edges()
     fs = _cell_fontsize(data)
     for i, xv in enumerate(data.x.values):
@@ -799,6 +863,9 @@ def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, n
             box = (ex[i], ey[j]), ex[i + 1] - ex[i], ey[j + 1] - ey[j]
             rows = cells.get((xv, yv))
             cx, cy = (ex[i] + ex[i + 1]) / 2, (ey[j] + ey[j + 1]) / 2
+            if (xv, yv, facet_value) in data.running:
+                _draw_running(axis, box, cx, cy, fs)
+                continue
             if not rows:
                 axis.add_patch(Rectangle(*box, **MISSING_HATCH))
                 continue
@@ -819,7 +886,10 @@ def _draw_value_cells(axis: Any, data: _Data, cells: dict, values: np.ndarray, n
                 )
 
 
-def _draw_value_scatter(axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap) -> None:
+def _draw_value_scatter(
+    axis: Any, data: _Data, cells: dict, values: np.ndarray, norm, cmap, facet_value: Any
+) -> None:
+    _draw_running_points(axis, data, facet_value)
     for (xv, yv), rows in cells.items():
         cell = values[rows]
         cell = cell[~np.isnan(cell)]

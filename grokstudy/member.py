@@ -19,12 +19,13 @@ string as it is); `outcomes_of` reads them back on the driver.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grokstudy import checkpoints, phases, tracking
+from grokstudy import checkpoints, footprint, phases, tracking
 from grokstudy.checkpoints import Found, SavedMember
 from grokstudy.config import PhaseConfig, Study, TrialConfig, flatten
 from grokstudy.errors import one_line
@@ -138,11 +139,46 @@ def run_tags(point: dict[str, Any], cfg: TrialConfig) -> dict[str, str]:
     }
 
 
+def data_split(cfg: TrialConfig) -> tracking.DataSplit:
+    """The trial's split as an MLflow dataset: decided by the task, the fraction and the split
+    seed alone (`tasks.split`), so trials of every init seed at one fraction share it."""
+    import hashlib
+
+    task = f"perm S_{cfg.task.n}" if cfg.task.op == "perm" else f"{cfg.task.op} mod {cfg.task.p}"
+    source = {"task": task, "data.fraction": cfg.data.fraction, "data.split_seed": cfg.data.split_seed}
+    digest = hashlib.sha1(json.dumps(source, sort_keys=True).encode()).hexdigest()[:10]
+    v = footprint.vocabulary(cfg.task)
+    pairs = v * (v - 1) if cfg.task.op == "x/y" else v * v  # x/y leaves out y = 0
+    train = round(cfg.data.fraction * pairs)
+    return tracking.DataSplit(
+        task, digest, source, {"pairs": pairs, "train_pairs": train, "val_pairs": pairs - train}
+    )
+
+
 def final_tags(outcome: Outcome, node: str) -> dict[str, str]:
     """Tags a trial run gets when its trial ends: its outcome, where it ran."""
     keys = ("phase", "t_train", "t_val", "t_val_loss", "stop_reason")
     values = outcome.to_dict()
     return {k: "" if values[k] is None else str(values[k]) for k in keys} | {"ray.node": node}
+
+
+def outcome_metrics(outcome: Outcome, last: EvalRecord | None) -> dict[str, float]:
+    """How a trial ended as MLflow metrics (the UI's compare view plots metrics, not tags):
+    its timings, final accuracies and losses, and `phase_code` (the index of its phase in
+    `phases.PHASES`). A timing it never reached, or a non-finite loss, is left out."""
+    values: dict[str, float | None] = {
+        "t_train": outcome.t_train,
+        "t_val": outcome.t_val,
+        "t_val_loss": outcome.t_val_loss,
+        "delay": None
+        if outcome.t_val is None or outcome.t_train is None
+        else outcome.t_val - outcome.t_train,
+        "phase_code": phases.PHASES.index(outcome.phase) if outcome.phase in phases.PHASES else None,
+    }
+    if last is not None:
+        values |= {"final_train_acc": last.train_acc, "final_val_acc": last.val_acc,
+                   "final_train_loss": last.train_loss, "final_val_loss": last.val_loss}  # fmt: skip
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def outcomes_of(result: dict[str, Any]) -> list[tuple[str, Outcome]]:
@@ -188,6 +224,7 @@ class PackRun:
                 params=flatten(cfg),
                 tags=run_tags(point, cfg) | {"grokstudy.pack_size": str(len(self.ids))},
                 run_id=kept[tid].run_id if tid in kept else None,
+                dataset=data_split(cfg),
             )
             for tid, point, cfg in zip(self.ids, self.points, self.cfgs, strict=True)
         }
@@ -207,6 +244,7 @@ class PackRun:
                 everyone = len(self.outcomes) == len(self.ids)
                 checkpoint_due = everyone or step % self.cfgs[0].train.checkpoint_every == 0
                 if checkpoint_due or finished_now or time.monotonic() - last_report > REPORT_EVERY_S:
+                    self._log_gpu(step)
                     report(self.metrics(step), self._checkpointed() if checkpoint_due else None)
                     last_report = time.monotonic()
                 if everyone:
@@ -236,8 +274,20 @@ class PackRun:
         self.outcomes[tid] = outcome
         self.trainer.retire(i)
         self.runs[tid].set_tags(final_tags(outcome, self.node))
+        self.runs[tid].log_metrics(record.step, outcome_metrics(outcome, record))
         self.runs[tid].finish("FINISHED")
         return True
+
+    def _log_gpu(self, step: int) -> None:
+        """The GPU's utilisation and memory (`gpu.sample`) to the runs of the members still training."""
+        if self.cfgs[0].train.device == "cpu":
+            return
+        from grokstudy import gpu
+
+        values = gpu.sample()
+        for tid in self.ids:
+            if tid not in self.outcomes:
+                self.runs[tid].log_metrics(step, values)
 
     def metrics(self, step: int) -> dict[str, Any]:
         """The report: progress, the finished members' outcomes, MLflow's health, the node."""
@@ -267,12 +317,17 @@ class PackRun:
 
 
 def history(
-    study: Study, member: dict[str, Any], saved: SavedMember | None, node: str | None, error: str | None
+    study: Study,
+    member: dict[str, Any],
+    saved: SavedMember | None,
+    node: str | None,
+    error: str | None,
+    running: bool = False,
 ) -> TrialHistory | None:
     """A member as the table builder takes it; None when it neither finished nor failed (the
-    study was interrupted)."""
+    study was interrupted), unless it is `running` (a table written while the study runs)."""
     outcome = saved.outcome if saved is not None else None
-    if outcome is None and error is None:
+    if outcome is None and error is None and not running:
         return None
     point = point_from_config(study, member["point"])
     return TrialHistory(
@@ -284,4 +339,5 @@ def history(
         node=node,
         run_id=saved.run_id if saved is not None else None,
         error=None if outcome else error,
+        running=outcome is None and error is None,
     )

@@ -64,16 +64,17 @@ def trial_id(point: dict[str, Any]) -> str:
 def point_label(point: dict[str, Any]) -> str:
     """A human label, `wd=0.1 frac=0.4 seed=1`: short aliases for common keys, the seed last."""
     keys = [k for k in point if k != SEED] + ([SEED] if SEED in point else [])
-    return " ".join(f"{ALIASES.get(k, k)}={_fmt(point[k])}" for k in keys)
+    return " ".join(f"{ALIASES.get(k, k)}={value_text(point[k])}" for k in keys)
 
 
-def _fmt(v: Any) -> str:
+def value_text(v: Any) -> str:
+    """A value as labels write it: 4 significant digits, `full` for a full batch, lists by commas."""
     if v is None:
         return "full"  # train.batch_size: None is the full batch, as the study file says it
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, (list, tuple)):
-        return ",".join(_fmt(x) for x in v)
+        return ",".join(value_text(x) for x in v)
     return str(v)
 
 

@@ -1,9 +1,11 @@
-"""A running study's progress, counted from its trials' reports: what the live line shows, and
-the one rule that stops a study on an MLflow outage. No Ray here: the runner's Tune callback
-forwards each trial's events (a trial is anything with `trial_id` and `config`)."""
+"""A running study's progress, counted from its trials' reports: what the live bar shows, the
+snapshot `grokstudy status` reads (`snapshot.Snapshot`), and the one rule that stops a study on
+an MLflow outage. No Ray here: the runner's Tune callback forwards each trial's events (a trial
+is anything with `trial_id` and `config`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grokstudy import member
+from grokstudy.snapshot import HEARTBEAT_S, MemberState, Snapshot, this_driver
 from grokstudy.uris import redact
 
 
@@ -20,7 +23,7 @@ class TrackingUnavailable(Exception):
 
 @dataclass(slots=True)
 class Progress:
-    """A snapshot for the live progress line: counts of trials (pack members)."""
+    """A snapshot for the live progress bar: counts of trials (pack members)."""
 
     total: int | None
     """Trials the study will run (None: the sampler decides as it goes)."""
@@ -30,6 +33,10 @@ class Progress:
     phases: Counter = field(default_factory=Counter)
     warning: str | None = None
     """A problem the trials report (MLflow unreachable), shown once per change."""
+    elapsed_s: float = 0.0
+    """Since the study first started (resumes included)."""
+    eta_s: float | None = None
+    """Until the last trial ends, at this driver run's rate (None: not known yet)."""
 
     @property
     def pending(self) -> int | None:
@@ -37,7 +44,8 @@ class Progress:
 
 
 class StudyProgress:
-    """Counts members from trial reports; stops the study when MLflow stays down too long."""
+    """Counts members from trial reports; keeps the study's snapshot; stops the study when
+    MLflow stays down too long."""
 
     def __init__(
         self,
@@ -45,43 +53,98 @@ class StudyProgress:
         emit: Callable[[Progress], None] | None,
         outage_limit_s: float,
         tracking_uri: str,
-        already: dict[str, str],
+        known: dict[str, MemberState],
         every_s: float = 2.0,
+        *,
+        study: str = "",
+        save: Callable[[Snapshot], None] | None = None,
+        started_at: float | None = None,
     ) -> None:
-        self.total, self.emit, self.every_s = total, emit, every_s
+        """`known`: the members a restored experiment holds; `save`: where each snapshot goes
+        (at most every `every_s`, and every HEARTBEAT_S when nothing changes); `started_at`: when
+        the study first started (a resume's previous snapshot), else now."""
+        self.total, self.emit, self.every_s, self.save = total, emit, every_s, save
         self.outage_limit_s, self.tracking_uri = outage_limit_s, tracking_uri
-        self.done: dict[str, str] = dict(already)  # member trial id -> phase
-        self.running: dict[str, int] = {}  # Tune trial id -> members still training
-        self.failed: dict[str, int] = {}
+        self.study = study
+        self.members: dict[str, MemberState] = {
+            tid: m if m.status != "running" else dataclasses.replace(m, status="pending")
+            for tid, m in known.items()
+        }  # a restored member runs again only once Tune starts its trial
+        self.trials: dict[str, list[str]] = {}  # Tune trial id -> its members
+        now = time.time()
+        self.run_started_at = now
+        self.started_at = started_at or now
+        self.done_at_run_start = sum(m.status in ("done", "failed") for m in self.members.values())
         self.warning: str | None = None
         self.down_since: float | None = None
         """When MLflow stopped answering, by this driver's clock (None: it answers)."""
         self.last_error: str | None = None
-        self.last_emit = 0.0
+        self.last_emit = self.last_save = 0.0
         self.last_line: tuple | None = None
 
-    def _maybe_emit(self, force: bool = False) -> None:
-        if self.emit is None:
-            return
-        running, failed = sum(self.running.values()), sum(self.failed.values())
-        p = Progress(self.total, len(self.done), running, failed, Counter(self.done.values()), self.warning)
-        key = (p.done, p.running, p.failed, tuple(sorted(p.phases.items())), p.warning)
-        now = time.monotonic()
-        if key != self.last_line and (force or now - self.last_emit >= self.every_s):
-            self.last_emit, self.last_line = now, key
-            self.emit(p)
+    # -- counts --
 
-    def _unfinished(self, trial: Any) -> int:
-        return sum(1 for m in trial.config.get("members", []) if m["trial_id"] not in self.done)
+    def snapshot(self, state: str = "running") -> Snapshot:
+        return Snapshot(
+            study=self.study,
+            total=self.total,
+            started_at=self.started_at,
+            run_started_at=self.run_started_at,
+            done_at_run_start=self.done_at_run_start,
+            updated_at=time.time(),
+            members=list(self.members.values()),
+            driver=this_driver(state),
+            warning=self.warning,
+        )
+
+    def ended_count(self) -> int:
+        """Members done or failed."""
+        return sum(m.status in ("done", "failed") for m in self.members.values())
+
+    def _maybe_emit(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.emit is None and self.save is None:
+            return
+        snap = self.snapshot()
+        count = Counter(m.status for m in snap.members)
+        phases = Counter(m.phase for m in snap.members if m.status == "done")
+        key = (count["done"], count["running"], count["failed"], tuple(sorted(phases.items())), self.warning)
+        changed = key != self.last_line
+        if self.save is not None and (
+            (changed and (force or now - self.last_save >= self.every_s))
+            or now - self.last_save >= HEARTBEAT_S
+        ):
+            self.last_save = now
+            self.save(snap)
+        if self.emit is not None and changed and (force or now - self.last_emit >= self.every_s):
+            self.last_emit, self.last_line = now, key
+            self.emit(
+                Progress(self.total, count["done"], count["running"], count["failed"], phases, self.warning,
+                         elapsed_s=snap.updated_at - self.started_at, eta_s=snap.eta_s(snap.updated_at))
+            )  # fmt: skip
+        elif self.emit is None and changed:
+            self.last_line = key
+
+    def _set(self, trial: Any, status: str) -> None:
+        """Every member of `trial` not finished yet gets `status` (running or failed)."""
+        members = trial.config.get("members", [])
+        self.trials[trial.trial_id] = [m["trial_id"] for m in members]
+        for m in members:
+            tid = m["trial_id"]
+            if tid not in self.members or self.members[tid].status not in ("done",):
+                self.members[tid] = MemberState(tid, dict(m.get("point") or {}), status)
 
     def started(self, trial: Any) -> None:
-        self.running[trial.trial_id] = self._unfinished(trial)
+        self._set(trial, "running")
         self._maybe_emit()
 
     def reported(self, trial: Any, result: dict[str, Any]) -> None:
+        if trial.trial_id not in self.trials:
+            self._set(trial, "running")
         for tid, outcome in member.outcomes_of(result):
-            self.done[tid] = outcome.phase
-        self.running[trial.trial_id] = self._unfinished(trial)
+            old = self.members.get(tid)
+            point = old.point if old is not None else {}
+            self.members[tid] = MemberState(tid, point, "done", outcome.phase)
         down = self._outage_s(result)
         self.last_error = result.get("tracking_error") or (self.last_error if down > 0 else None)
         warning = None
@@ -95,8 +158,14 @@ class StudyProgress:
 
     def tick(self) -> None:
         """Between reports (Tune's every loop step): an outage may outlast the limit while no
-        trial reports (trials ending wait a while for MLflow)."""
+        trial reports (trials ending wait a while for MLflow); the snapshot's heartbeat."""
         self._stop_if_down_too_long()
+        self._maybe_emit()
+
+    def ended(self, state: str) -> None:
+        """The driver run ends (finished, interrupted, crashed): the last snapshot says so."""
+        if self.save is not None:
+            self.save(self.snapshot(state))
 
     def _stop_if_down_too_long(self) -> None:
         down = 0.0 if self.down_since is None else time.monotonic() - self.down_since
@@ -121,10 +190,15 @@ class StudyProgress:
         return 0.0 if self.down_since is None else now - self.down_since
 
     def completed(self, trial: Any) -> None:
-        self.running.pop(trial.trial_id, None)
+        for tid in self.trials.get(trial.trial_id, []):
+            if self.members[tid].status == "running":  # ended without an outcome
+                self.members[tid] = dataclasses.replace(self.members[tid], status="failed")
         self._maybe_emit(force=True)
 
     def errored(self, trial: Any) -> None:
-        self.running.pop(trial.trial_id, None)
-        self.failed[trial.trial_id] = self._unfinished(trial)
+        if trial.trial_id not in self.trials:
+            self._set(trial, "failed")
+        for tid in self.trials[trial.trial_id]:
+            if self.members[tid].status == "running":
+                self.members[tid] = dataclasses.replace(self.members[tid], status="failed")
         self._maybe_emit(force=True)

@@ -136,8 +136,12 @@ class TrialHistory:
     """The trial's MLflow run (None when untracked)."""
     error: str | None = None
     """Why it failed, when it has no outcome."""
+    running: bool = False
+    """Still training (a table written while the study runs): no outcome yet, and no phase."""
 
     @property
-    def stop_reason(self) -> str:
-        """One of STOP_REASONS."""
+    def stop_reason(self) -> str | None:
+        """One of STOP_REASONS; None while it runs."""
+        if self.running:
+            return None
         return self.outcome.stop_reason if self.outcome is not None else "error"

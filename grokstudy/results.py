@@ -179,7 +179,12 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
         _field("best_val_acc", pa.float64(), "highest val/acc at any eval point", "fraction correct", True),
         _field("steps", pa.int64(), "last eval step taken into account (steps run)", steps),
         _field("max_steps", pa.int64(), "step budget the phase was judged against", steps),
-        _field("stop_reason", pa.string(), " | ".join(STOP_REASONS) + " (records.STOP_REASONS)"),
+        _field(
+            "stop_reason",
+            pa.string(),
+            " | ".join(STOP_REASONS) + " (records.STOP_REASONS); null while it runs",
+            nullable=True,
+        ),
         _field(
             "wall_s",
             pa.float64(),
@@ -188,7 +193,12 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
             "seconds",
         ),
         _field("node", pa.string(), "cluster node the trial last ran on", nullable=True),
-        _field("status", pa.string(), "TERMINATED, or ERROR when it failed beyond run.max_failures retries"),
+        _field(
+            "status",
+            pa.string(),
+            "TERMINATED; ERROR when it failed beyond run.max_failures retries; RUNNING in a table "
+            "written while the study runs (no phase yet)",
+        ),
         _field("error", pa.string(), "why it failed (status ERROR)", nullable=True),
     ]
     return pa.schema(head + hyperparameter_fields(trial_cls) + tail, metadata=_metadata("trials"))
@@ -271,12 +281,14 @@ def table_info(trials: pa.Table) -> tuple[str | None, dict[str, str], dict[str, 
 
 def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Study) -> dict[str, Any]:
     """One trials-table row: the trial's identity, its full config, its verdict."""
-    if h.stop_reason not in STOP_REASONS:
+    if h.stop_reason not in STOP_REASONS and not h.running:
         raise ValueError(f"stop_reason {h.stop_reason!r} is not one of {', '.join(STOP_REASONS)}")
     if h.records:
         verdict = dataclasses.asdict(classify_records(h.records, config.phases, h.cfg.train.max_steps))
     else:
         verdict = dict.fromkeys(f.name for f in dataclasses.fields(PhaseResult)) | {"steps": 0}
+    if h.running:  # no verdict until it ends: a phase or t_val now could change
+        verdict |= dict.fromkeys(("phase", "t_val", "delay", "t_val_loss"))
     last = h.records[-1] if h.records else None
     hyper = plain(flatten(h.cfg))
     return {
@@ -294,7 +306,7 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
         "stop_reason": h.stop_reason,
         "wall_s": float(last.elapsed_s) if last else 0.0,
         "node": h.node,
-        "status": "ERROR" if h.stop_reason == "error" else "TERMINATED",
+        "status": "RUNNING" if h.running else "ERROR" if h.stop_reason == "error" else "TERMINATED",
         "error": h.error,
     }
 
@@ -471,7 +483,8 @@ def cells_schema(searched: Sequence[pa.Field]) -> pa.Schema:
             _field(
                 "phase",
                 pa.string(),
-                "majority phase of the cell's seeds, or the inferred phase",
+                "majority phase of the cell's seeds, or the inferred phase; null while a seed of "
+                "the cell still trains (a table written while the study runs)",
                 nullable=True,
             ),
             _field(
@@ -501,12 +514,16 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
     lattice = refine.lattice_of(dims)
     index = [{value_key(v): i for i, v in enumerate(d.grid)} for d in dims]
     observed: dict[tuple[int, ...], list[str]] = {}
+    running: set[tuple[int, ...]] = set()
     for row in trials.to_pylist():
-        if row["phase"] is None or row["stop_reason"] == "error":
-            continue
         cell = tuple(index[a].get(value_key(row[d.key])) for a, d in enumerate(dims))
-        if None not in cell:
+        if None in cell:
+            continue
+        if row["status"] == "RUNNING":
+            running.add(cell)
+        elif row["phase"] is not None and row["stop_reason"] != "error":
             observed.setdefault(cell, []).append(row["phase"])
+    observed = {c: v for c, v in observed.items() if c not in running}
     inferred = refine.infer(lattice, observed)
     hyper = {f.name: f for f in hyperparameter_fields()}
     rows = []
@@ -515,9 +532,9 @@ def build_cells(study: Study, trials: pa.Table) -> pa.Table | None:
             {
                 "study": study.name,
                 **{d.key: plain(d.grid[i]) for d, i in zip(dims, cell, strict=True)},
-                "phase": inferred.phase[cell],
+                "phase": None if cell in running else inferred.phase[cell],
                 "measured": bool(inferred.measured[cell]),
-                "confidence": float(inferred.confidence[cell]),
+                "confidence": 0.0 if cell in running else float(inferred.confidence[cell]),
                 "seeds": len(observed.get(cell, ())),
             }
         )

@@ -47,18 +47,29 @@ import ray
 from ray import tune
 from ray.tune.search import Searcher
 
-from grokstudy import checkpoints, collect, compat, member, phases, preflight, search, storage, tracking
-from grokstudy.collect import Ended, StudyOutcome
+from grokstudy import (
+    checkpoints,
+    collect,
+    compat,
+    console,
+    member,
+    phases,
+    preflight,
+    search,
+    storage,
+    tracking,
+)
+from grokstudy.collect import FAILED_BEYOND_RETRIES, Ended, StudyOutcome
 from grokstudy.config import Study, flatten, pack_key, plain, to_dict
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import point_from_config
 from grokstudy.progress import Progress, StudyProgress, TrackingUnavailable
 from grokstudy.records import TrialHistory
+from grokstudy.snapshot import SNAPSHOT_FILE, STORAGE_SNAPSHOT_FILE, MemberState, Snapshot
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_PACK = 16
-FAILED_BEYOND_RETRIES = "failed beyond run.max_failures retries"
 
 __all__ = ["Interrupted", "Progress", "StudyOutcome", "TrackingUnavailable", "pack_size", "run_study"]
 
@@ -235,13 +246,11 @@ class LedgerSearcher(Searcher):
             _current.searcher = self
 
 
-def restored_members(
-    study: Study, experiment_path: str, retry_failed: bool = False
-) -> dict[str, search.Known]:
-    """{member trial id: what Tune's saved experiment says of it} (running, done, failed, or
-    with `retry_failed` retry where it failed)."""
+def restored_members(study: Study, trials: list[Any], retry_failed: bool = False) -> dict[str, search.Known]:
+    """{member trial id: what Tune's saved experiment (its `trials`) says of it} (running, done,
+    failed, or with `retry_failed` retry where it failed)."""
     known: dict[str, search.Known] = {}
-    for trial in tune.ExperimentAnalysis(experiment_path).trials:
+    for trial in trials:
         done = dict(member.outcomes_of(trial.last_result or {}))
         for m in (trial.config or {}).get("members", []):
             tid = m["trial_id"]
@@ -264,20 +273,30 @@ class _Callback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         _current.progress.started(trial)
+        _current.live.seen(trial.trial_id, trial.config, None, None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         _current.progress.reported(trial, result)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info) -> None:
+        _current.live.seen(
+            trial.trial_id, trial.config, _checkpoint(checkpoint), (trial.last_result or {}).get("node")
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         _current.progress.completed(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         _current.progress.errored(trial)
+        _current.live.failed.add(trial.trial_id)
 
     def on_step_end(self, iteration, trials, **info) -> None:
         _current.progress.tick()
         if _current.waiting is not None:
             _current.waiting.check()
+        ended = _current.progress.ended_count()
+        if _current.live.due(ended):
+            _current.live.write(ended)
 
 
 @dataclass(slots=True)
@@ -287,6 +306,7 @@ class _DriverRun:
     progress: StudyProgress
     known: dict[str, search.Known]
     """Every member Tune's saved experiment holds (empty on a fresh start); read once."""
+    live: collect.LiveResults
     searcher: LedgerSearcher | None = None
     waiting: preflight.WaitForNodes | None = None
     """While a cluster has no node that fits a trial (`preflight.check_fits`)."""
@@ -361,12 +381,14 @@ def run_study(
     num_cpus: int | None = None,
     stop_on_sigterm: bool = False,
     retry_failed: bool = False,
+    quiet_libraries: bool = False,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its tables and figures.
 
     With `stop_on_sigterm`, SIGTERM (`ray job stop`) stops the study as `request_stop` does.
     With `retry_failed`, a resumed study runs again the trials that failed beyond
-    run.max_failures (from their last checkpoint).
+    run.max_failures (from their last checkpoint). With `quiet_libraries`, what Ray, MLflow and
+    Tune write to stderr goes to `<out>/driver.log` once the checks passed (`console`).
 
     Raises StudyError/UsageError for what can be refused before anything runs (unsupported
     versions, an output or storage that cannot be written, MLflow unreachable, a changed study
@@ -392,7 +414,13 @@ def run_study(
     global _stop_reason
     _stop_reason = None
     try:
-        with storage.OutputLock(out_dir), storage.Lease(experiment_path, on_lost=request_stop) as lease:
+        with (
+            storage.OutputLock(out_dir),
+            storage.Lease(experiment_path, on_lost=request_stop) as lease,
+            console.library_output_to(out_dir / console.DRIVER_LOG)
+            if quiet_libraries
+            else contextlib.nullcontext(),
+        ):
             resumed = preflight.check_same_study(study, study_yaml, experiment_path)
             started_ray = init_ray(address, num_cpus)
             if stop_on_sigterm:
@@ -453,12 +481,20 @@ def _fit(
         tune.with_parameters(_trial_fn, ctx=TrialContext(study, where)),
         {"cpu": study.resources.cpu, "gpu": study.resources.gpu},
     )
-    known = restored_members(study, experiment_path, retry_failed) if resumed else {}
-    already = {t: k.phase or "?" for t, k in known.items() if k.status == "done"}
+    restored = tune.ExperimentAnalysis(experiment_path).trials if resumed else []
+    known = restored_members(study, restored, retry_failed)
     progress = StudyProgress(
-        study.search.n_trials, emit, study.run.tracking_outage_s, where.tracking_uri, already
-    )
-    _current = _DriverRun(progress, known, waiting=waiting)
+        study.search.n_trials, emit, study.run.tracking_outage_s, where.tracking_uri,
+        {t: MemberState(t, plain(k.point), _MEMBER_STATUS[k.status], k.phase) for t, k in known.items()},
+        study=study.name, save=_snapshot_writer(study, out_dir, experiment_path),
+        started_at=_first_started(out_dir) if resumed else None,
+    )  # fmt: skip
+    live = collect.LiveResults(study, out_dir, formats, study_tracker)
+    for t in restored:
+        live.seen(t.trial_id, t.config, _checkpoint(t.checkpoint), (t.last_result or {}).get("node"))
+        if t.status == "ERROR" and not retry_failed:
+            live.failed.add(t.trial_id)
+    _current = _DriverRun(progress, known, live, waiting=waiting)
     slots = _trial_slots(study)
     if resumed:
         tuner = tune.Tuner.restore(
@@ -475,15 +511,17 @@ def _fit(
         with _pending_trials(max(slots, ahead)):
             grid = tuner.fit()
     except Exception as err:  # Tune wraps what a callback raised in its own TuneError
+        _end_snapshot(progress, "crashed")
         raise _cause(err, TrackingUnavailable) or _cause(err, StudyError) or err from None
     finally:
         searcher, _current = _current.searcher, None
     ended = [
-        Ended(r.config, (r.checkpoint.filesystem, r.checkpoint.path) if r.checkpoint else None,
+        Ended(r.config, _checkpoint(r.checkpoint),
               None if r.error is None else one_line(r.error, 2000), (r.metrics or {}).get("node"))
         for r in grid
     ]  # fmt: skip
     histories, unfinished = collect.histories(study, ended)
+    _end_snapshot(progress, "interrupted" if unfinished else "finished")
     if unfinished:
         raise Interrupted(
             f"{unfinished} trial(s) did not finish (interrupted); run the same command again to resume"
@@ -493,8 +531,49 @@ def _fit(
     searcher.ledger.export(out_dir / "optuna.db")
     return collect.write_results(
         study, out_dir, histories, formats, study_tracker, resumed, len(searcher.lost),
-        len(searcher.ledger.retried),
+        len(searcher.ledger.retried), progress.started_at,
     )  # fmt: skip
+
+
+_MEMBER_STATUS = {"done": "done", "failed": "failed", "running": "running", "retry": "running"}
+"""A restored member's `search.Known` status as a snapshot's."""
+
+
+def _snapshot_writer(study: Study, out_dir: Path, experiment_path: str) -> Callable[[Snapshot], None]:
+    """Where the study's progress snapshots go: `<out>/progress.json`, and beside the Tune
+    experiment (under `run.storage`, where `grokstudy status` finds a cluster study's)."""
+    local = out_dir / SNAPSHOT_FILE
+    remote = storage.join(experiment_path, STORAGE_SNAPSHOT_FILE)
+
+    def save(snap: Snapshot) -> None:
+        text = snap.to_json()
+        storage.write_atomic(local, text)
+        try:
+            storage.write_text(remote, text)
+        except OSError as err:  # progress is for people: a failed put never stops a study
+            log.warning("progress snapshot not written to %s: %s", remote, one_line(err, 200))
+
+    return save
+
+
+def _end_snapshot(progress: StudyProgress, state: str) -> None:
+    try:
+        progress.ended(state)
+    except OSError as err:
+        log.warning("the last progress snapshot was not written: %s", one_line(err, 200))
+
+
+def _first_started(out_dir: Path) -> float | None:
+    """When the study first started, from the snapshot of its previous driver run."""
+    text = storage.read_text(str(out_dir / SNAPSHOT_FILE))
+    try:
+        return Snapshot.from_json(text).started_at if text else None
+    except ValueError:
+        return None
+
+
+def _checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[Any, str] | None:
+    return (checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
 
 
 def _tune_config(study: Study, searcher: LedgerSearcher) -> tune.TuneConfig:
@@ -546,7 +625,7 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
 
     study = parse_study(yaml.safe_load(text), f"{path}/{preflight.STUDY_FILE}")
     ended = [
-        Ended(t.config, (t.checkpoint.filesystem, t.checkpoint.path) if t.checkpoint else None,
+        Ended(t.config, _checkpoint(t.checkpoint),
               FAILED_BEYOND_RETRIES if t.status == "ERROR" else None, (t.last_result or {}).get("node"))
         for t in tune.ExperimentAnalysis(str(path)).trials
     ]  # fmt: skip

@@ -70,6 +70,7 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
             if time.time() - stale.lstat().st_mtime > STALE_TMP_S:
                 stale.unlink()
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; the file is as open() would make it
     os.close(fd)
     tmp = Path(name)
     try:
@@ -87,6 +88,15 @@ def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask would, for every thread)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _fsync_dir(directory: Path) -> None:

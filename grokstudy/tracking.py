@@ -40,6 +40,7 @@ mlflow itself is imported lazily (about 2 s), so `grokstudy train`,
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -57,7 +58,7 @@ from urllib.parse import unquote, urlsplit
 
 import grokstudy
 from grokstudy import compat, storage
-from grokstudy.config import Study, TrialConfig, flatten, get_path, trial_from_dict
+from grokstudy.config import Study, TrialConfig, flatten, get_path, param_text, param_value, trial_from_dict
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import SEED
 from grokstudy.records import CURVE_KEYS, ELAPSED_KEY, EvalRecord, Outcome, TrialHistory
@@ -83,6 +84,8 @@ TUNE_EXPERIMENT_TAG = "grokstudy.tune_experiment"
 TRIAL_KEY_TAG = "grokstudy.trial_key"
 """A trial run's trial id (`<point_id>-s<seed>`); `find_trial_runs` maps it back to the run."""
 ERROR_TAG = "grokstudy.error"
+NOTE_TAG = "mlflow.note.content"
+"""A run's description in the MLflow UI (markdown)."""
 """On a FAILED trial run: why it failed."""
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 STUDY_ARTIFACT = "study.yaml"
@@ -262,6 +265,27 @@ class TrialEnd:
     records: Sequence[EvalRecord]
     status: str
     error: str | None = None
+    summary: dict[str, float] | None = None
+    """Its outcome as metrics at its last step (`TrialRun.log_metrics`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DataSplit:
+    """A trial's train/validation split as an MLflow dataset input: runs that share a split
+    show the same dataset (name and digest) in the UI."""
+
+    name: str
+    digest: str
+    source: dict[str, Any]
+    """What decides the split (task, fraction, split seed): the same values give the same split."""
+    profile: dict[str, Any]
+
+    def as_input(self) -> Any:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(self.name, self.digest, "code", json.dumps(self.source, sort_keys=True),
+                          profile=json.dumps(self.profile, sort_keys=True))  # fmt: skip
+        return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "training")])
 
 
 class TrialRun:
@@ -276,14 +300,17 @@ class TrialRun:
         params: dict[str, Any],
         tags: dict[str, str],
         run_id: str | None,
+        dataset: DataSplit | None = None,
     ) -> None:
         self._sender = sender
+        self._dataset = dataset
         self.key = key
         self.name = name
         self.run_id = run_id
         """None until the sender has found or created the run."""
-        self._params = _str_dict(params)
+        self._params = _param_dict(params)
         self._tags = _str_dict(tags) | {KIND_TAG: "trial", TRIAL_KEY_TAG: key}
+        self._extra: list[tuple[int, dict[str, float]]] = []  # metrics beside the curve, by step
         self._opened = False
         self._stored_step: int | None = None  # the run's last stored step, once known
         self._queued: list[EvalRecord] = []  # records past the stored step, in step order
@@ -305,6 +332,15 @@ class TrialRun:
             self._tags |= _str_dict(tags)
         self._sender.wake()
 
+    def log_metrics(self, step: int, values: dict[str, float]) -> None:
+        """Metrics beside the curve at `step`: how the trial ended (`member.outcome_metrics`, so
+        the MLflow UI can plot it), a GPU's system metrics; stored after the curve records
+        queued before them, and before the run ends."""
+        if values:
+            with self._sender.lock:
+                self._extra.append((step, dict(values)))
+            self._sender.wake()
+
     def finish(self, status: str, error: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED once everything queued is stored."""
         if status not in RUN_STATUSES:
@@ -320,7 +356,8 @@ class TrialRun:
         """Nothing queued for this run (finished, if asked to)."""
         return (
             self._opened and not self._queued and not self._params and not self._tags and self._status is None
-        )
+            and not self._extra
+        )  # fmt: skip
 
     # -- on the sender's thread --
 
@@ -329,7 +366,7 @@ class TrialRun:
             self._open(client, where, existing)
         with self._sender.lock:
             params, tags = self._params, self._tags
-            records, status = list(self._queued), self._status
+            records, status, extra = list(self._queued), self._status, list(self._extra)
         requests = _requests(params, tags, records)
         for p, t, recs in requests:
             client.log_batch(self.run_id, metrics=_metrics(recs), params=_params(p), tags=_tags(t))
@@ -342,7 +379,14 @@ class TrialRun:
                 if recs:
                     self._stored_step = recs[-1].step
                     self._queued = [r for r in self._queued if r.step > recs[-1].step]
-        if status is not None and not self._queued:
+        if extra and not self._queued:
+            now_ms = int(time.time() * 1000)
+            metrics = [_metric(k, v, now_ms, step) for step, values in extra for k, v in values.items()]
+            for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
+            with self._sender.lock:
+                del self._extra[: len(extra)]  # only appended to since: the first ones were sent
+        if status is not None and not self._queued and not self._extra:
             client.set_terminated(self.run_id, status=status)
             with self._sender.lock:
                 if self._status == status:
@@ -359,12 +403,17 @@ class TrialRun:
             try:
                 client.update_run(run_id, status="RUNNING")
                 stored = _last_logged_step(client, run_id)
+                logged = client.get_run(run_id).data.params
+                with self._sender.lock:  # MLflow refuses a param logged again with other text
+                    self._params = {k: v for k, v in self._params.items() if k not in logged}
             except MlflowException as err:
                 if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
                 run_id = None  # a checkpoint from another store: start the run afresh here
         if run_id is None:
             run_id = client.create_run(where.experiment_id, tags=tags, run_name=self.name).info.run_id
+        if self._dataset is not None:  # MLflow keeps one input per dataset: logging it again is a no-op
+            client.log_inputs(run_id, datasets=[self._dataset.as_input()])
         with self._sender.lock:
             self.run_id = run_id
             self._stored_step = stored
@@ -398,11 +447,13 @@ class Sender:
         self._thread.start()
 
     def open(
-        self, key: str, name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None
-    ) -> TrialRun:
+        self, key: str, name: str, params: dict[str, Any], tags: dict[str, str], run_id: str | None = None,
+        dataset: DataSplit | None = None,
+    ) -> TrialRun:  # fmt: skip
         """The run of trial `key`: `run_id` (from a checkpoint), else the parent's existing run
-        with that trial key, else a new child run; params and tags are (re)sent either way."""
-        run = TrialRun(self, key, name, params, tags, run_id)
+        with that trial key, else a new child run; params and tags are (re)sent either way; a new
+        run gets `dataset` as its input."""
+        run = TrialRun(self, key, name, params, tags, run_id, dataset)
         with self.lock:
             self._runs.append(run)
         self.wake()
@@ -513,14 +564,18 @@ def _requests(
 
 
 def _metrics(records: Sequence[EvalRecord]) -> list[Metric]:
-    from mlflow.entities import Metric
-
     now_ms = int(time.time() * 1000)
     out = []
     for record in records:
         values = record.metrics() | {ELAPSED_KEY: float(record.elapsed_s)}
-        out += [Metric(key, value, now_ms, record.step) for key, value in values.items()]
+        out += [_metric(key, value, now_ms, record.step) for key, value in values.items()]
     return out
+
+
+def _metric(key: str, value: float, timestamp_ms: int, step: int) -> Metric:
+    from mlflow.entities import Metric
+
+    return Metric(key, value, timestamp_ms, step)
 
 
 def _params(params: dict[str, str]) -> list:
@@ -639,6 +694,8 @@ class StudyTracker:
         for end in ends:
             run = sender.open(end.trial_id, end.name, end.params, end.tags, run_id=end.run_id)
             run.sync(end.records)
+            if end.summary and end.records:
+                run.log_metrics(end.records[-1].step, end.summary)
             run.finish(end.status, end.error)
             runs.append(run)
         if not sender.close(timeout_s):
@@ -694,8 +751,9 @@ def _get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str
 
 def _check_same_params(run: Run, params: dict[str, Any]) -> None:
     old = run.data.params
-    for key, value in _str_dict(params).items():
-        if key in old and old[key] != value:
+    for key, value in _param_dict(params).items():
+        # Read back, so the text of an earlier grokstudy (Python reprs) compares by value
+        if key in old and param_value(old[key]) != param_value(value):
             raise StudyError(
                 key,
                 f"is {value} but the study's MLflow run {run.info.run_id} was started with {old[key]}; "
@@ -719,9 +777,14 @@ def _str_dict(d: dict[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in d.items()}
 
 
+def _param_dict(d: dict[str, Any]) -> dict[str, str]:
+    """Params as the study file writes their values (`config.param_text`)."""
+    return {str(k): v if isinstance(v, str) else param_text(v) for k, v in d.items()}
+
+
 def _log(client: MlflowClient, run_id: str, params: dict[str, Any], tags: dict[str, str]) -> None:
     """Log params and tags in as few `log_batch` requests as MLflow's limits allow."""
-    for p, t, _ in _requests(_str_dict(params), _str_dict(tags), []):
+    for p, t, _ in _requests(_param_dict(params), _str_dict(tags), []):
         client.log_batch(run_id, params=_params(p), tags=_tags(t))
 
 
@@ -828,6 +891,10 @@ class FetchedStudy:
     trials: list[dict[str, Any]] = field(default_factory=list)
     """Per child run: {"run_id", "run_name", "status", "params": {dotted: str},
     "tags": {str: str}, "metrics": {key: [(step, value), ...] by increasing step}}."""
+    parent_status: str | None = None
+    parent_started_s: float | None = None
+    """Unix time the study run started."""
+    parent_ended_s: float | None = None
 
 
 def fetch_results(
@@ -837,6 +904,7 @@ def fetch_results(
     *,
     page_size: int = 1000,
     workers: int = 8,
+    histories: bool = True,
 ) -> FetchedStudy:
     """Read every trial run of a study's experiment (by name or id) with its
     params, tags and full metric histories.
@@ -845,7 +913,8 @@ def fetch_results(
     cost one `get_metric_history` request per run per metric (7 per trial),
     sent from `workers` threads: about 0.1 s a trial from a local server, so
     minutes for thousands (bench/README.md). For big studies prefer the Parquet
-    tables the study writes. A step logged twice keeps its latest value.
+    tables the study writes. A step logged twice keeps its latest value. Without `histories`,
+    only each metric's latest value is read (one request per page of runs: `grokstudy status`).
     """
     client = _client(tracking_uri)
     exp = _find_experiment(client, experiment, tracking_uri)
@@ -860,7 +929,7 @@ def fetch_results(
         parent_run_id = parents[0].info.run_id if parents else None
     runs = _child_runs(client, exp.experiment_id, parent_run_id, page_size)
 
-    jobs = [(run.info.run_id, key) for run in runs for key in run.data.metrics]
+    jobs = [(run.info.run_id, key) for run in runs for key in run.data.metrics] if histories else []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         histories = list(pool.map(lambda job: _history(client, *job), jobs))
     metrics: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -879,7 +948,13 @@ def fetch_results(
         for run in runs
     ]
     study_yaml = _read_text_artifact(client, parent_run_id, STUDY_ARTIFACT) if parent_run_id else None
-    return FetchedStudy(exp.experiment_id, exp.name, parent_run_id, study_yaml, trials)
+    parent = client.get_run(parent_run_id).info if parent_run_id else None
+    return FetchedStudy(
+        exp.experiment_id, exp.name, parent_run_id, study_yaml, trials,
+        parent_status=parent.status if parent else None,
+        parent_started_s=parent.start_time / 1000 if parent and parent.start_time else None,
+        parent_ended_s=parent.end_time / 1000 if parent and parent.end_time else None,
+    )  # fmt: skip
 
 
 def _find_experiment(client: MlflowClient, experiment: str, tracking_uri: str) -> Experiment:
@@ -927,7 +1002,7 @@ def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[Tri
 
     The study comes from the parent run's `study.yaml`; each trial's config from its params (the
     flattened TrialConfig), its curve from its metric histories, how it ended from its tags and
-    status (a FAILED run has no outcome).
+    status (a FAILED run has no outcome; a RUNNING one is still training, drawn as running).
     """
     import yaml
 
@@ -951,10 +1026,13 @@ def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[Tri
                 point={d.key: get_path(cfg, d.key) for d in study.search.space} | {SEED: cfg.train.seed},
                 cfg=cfg,
                 records=curve,
-                outcome=None if trial["status"] == "FAILED" else _outcome_of(tags, cfg),
+                outcome=None
+                if trial["status"] in ("FAILED", "RUNNING", "SCHEDULED")
+                else _outcome_of(tags, cfg),
                 node=tags.get("ray.node"),
                 run_id=trial["run_id"],
                 error=tags.get(ERROR_TAG),
+                running=trial["status"] in ("RUNNING", "SCHEDULED"),  # still training: no verdict
             )
         )
     return study, histories
@@ -987,26 +1065,18 @@ def records_from_metrics(metrics: dict[str, list[tuple[int, float]]]) -> list[Ev
 
 
 def trial_config_from_params(params: dict[str, str]) -> TrialConfig:
-    """The TrialConfig a trial run logged as params (`str` of each flattened value).
+    """The TrialConfig a trial run logged as params (`config.param_text` of each flattened value).
 
     Unknown keys (another grokstudy version) are ignored and missing ones take
     their defaults; string fields keep their text as is.
     """
-    import ast
-
     defaults = flatten(TrialConfig())
     nested: dict[str, dict[str, Any]] = {}
     for key, default in defaults.items():
         if key not in params:
             continue
         text = params[key]
-        if isinstance(default, str):
-            value: Any = text
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text
+        value = text if isinstance(default, str) else param_value(text)
         section, name = key.split(".", 1)
         nested.setdefault(section, {})[name] = value
     return trial_from_dict(nested)

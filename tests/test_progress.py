@@ -25,7 +25,7 @@ def report(down_s: float = 0.0, reached_s: float = -1.0, done: tuple[str, ...] =
 
 def test_members_are_counted_done_running_failed_and_pending() -> None:
     shown: list[progress.Progress] = []
-    p = progress.StudyProgress(total=5, emit=shown.append, outage_limit_s=60, tracking_uri="u", already={},
+    p = progress.StudyProgress(total=5, emit=shown.append, outage_limit_s=60, tracking_uri="u", known={},
                                every_s=0)  # fmt: skip
     a, b = trial("A", "a0", "a1"), trial("B", "b0")
     p.started(a)
@@ -48,7 +48,7 @@ def test_an_outage_counts_from_the_first_trial_that_saw_it_even_when_each_trial_
     """Trials of a few seconds each see only their own part of an outage; the study sees all of it."""
     now = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    p = progress.StudyProgress(total=None, emit=None, outage_limit_s=13, tracking_uri="u", already={})
+    p = progress.StudyProgress(total=None, emit=None, outage_limit_s=13, tracking_uri="u", known={})
     for i in range(3):  # three short trials one after another, each down for 4 s when it reports
         now[0] += 4
         p.reported(trial(f"T{i}", f"t{i}"), report(down_s=4))
@@ -63,7 +63,7 @@ def test_an_outage_ends_only_when_a_trial_stored_something_after_it_began(
 ) -> None:
     now = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
-    p = progress.StudyProgress(total=None, emit=None, outage_limit_s=60, tracking_uri="u", already={})
+    p = progress.StudyProgress(total=None, emit=None, outage_limit_s=60, tracking_uri="u", known={})
     p.reported(trial("A", "a"), report(down_s=5))
     now[0] += 5
     p.reported(trial("B", "b"), report(down_s=0, reached_s=-1))  # a new trial that has not tried yet

@@ -233,8 +233,8 @@ def test_a_wrong_row_is_reported_by_row_and_column() -> None:
     bad = dict(rows[1], **{"task.p": 97.5})  # pyarrow alone would truncate this to 97
     with pytest.raises(ValueError, match=r"trials row 1, column 'task.p': expected int64"):
         trials_table([rows[0], bad])
-    with pytest.raises(ValueError, match=r"column 'stop_reason': expected string \(not null\), got None"):
-        trials_table([dict(rows[0], stop_reason=None)])
+    with pytest.raises(ValueError, match=r"column 'status': expected string \(not null\), got None"):
+        trials_table([dict(rows[0], status=None)])
     with pytest.raises(ValueError, match="missing column.*delay.*unknown column.*gap"):
         trials_table([{k: v for k, v in rows[0].items() if k != "delay"} | {"gap": 1}])
     with pytest.raises(ValueError, match="stop_reason"):

@@ -21,8 +21,8 @@ import pytest
 import servers
 import yaml
 
-from grokstudy import tracking
-from grokstudy.config import OptimConfig, TrainConfig, TrialConfig, flatten
+from grokstudy import results, tracking
+from grokstudy.config import OptimConfig, TrainConfig, TrialConfig, flatten, param_text
 from grokstudy.errors import StudyError
 from grokstudy.records import ELAPSED_KEY, METRIC_KEYS, EvalRecord
 from grokstudy.study import parse_study
@@ -147,9 +147,15 @@ def test_logged_params_read_back_as_the_same_trial_config() -> None:
         optimizer=OptimConfig(name="sgd", lr=0.01, betas=(0.8, 0.95), weight_decay=0.3),
         train=TrainConfig(batch_size=512, max_steps=2000),
     )
-    params = {k: str(v) for k, v in flatten(cfg).items()}
+    params = {k: v if isinstance(v, str) else param_text(v) for k, v in flatten(cfg).items()}
+    assert params["optimizer.betas"] == "[0.8, 0.95]" and params["model.layer_norm"] == "false"
     assert tracking.trial_config_from_params(params) == cfg
     assert tracking.trial_config_from_params(params | {"model.gone_field": "1"}) == cfg
+    # What grokstudy 0.1 logged (Python reprs) reads back the same.
+    assert tracking.trial_config_from_params({k: str(v) for k, v in flatten(cfg).items()}) == cfg
+    full = TrialConfig(train=TrainConfig(batch_size=None))
+    assert tracking.trial_config_from_params({"train.batch_size": "full"}) == full
+    assert tracking.trial_config_from_params({"train.batch_size": "None"}) == full
 
 
 def test_ui_command_serves_the_store_on_loopback_with_artifacts_beside_the_database(tmp_path: Path) -> None:
@@ -235,7 +241,8 @@ def test_trials_nest_under_the_study_run_with_params_metrics_tags_and_artifacts(
         run = c.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params == {
-            k: str(v) for k, v in flatten(TrialConfig(optimizer=OptimConfig(weight_decay=wd))).items()
+            k: v if isinstance(v, str) else param_text(v)
+            for k, v in flatten(TrialConfig(optimizer=OptimConfig(weight_decay=wd))).items()
         }
         assert run.data.tags["phase"] == "grokking" and run.data.tags["ray.node"] == "node-1"
         assert (
@@ -569,12 +576,21 @@ def test_a_study_read_back_from_mlflow_becomes_its_trial_histories(
         logged[f"wd={wd}"] = (trial.run_id, cfg, records)
     failed = start_trial(uri, experiment_id, parent_run_id, "broken", spec.trial({"train.seed": 0}))
     failed.finish("FAILED", error="RuntimeError: boom")
-    study.finish("FINISHED")
+    # A trial still training (the study runs): read as running, never as a budget-ended trial.
+    running = start_trial(uri, experiment_id, parent_run_id, "training", spec.trial({"train.seed": 1}))
+    running.log_records([synthetic_record(s) for s in GRID[:8]])
+    running.flush()
 
     read_back, histories = tracking.fetch_histories(uri, name)
     assert read_back == spec
     by_id = {h.trial_id: h for h in histories}
-    assert set(by_id) == {*logged, "broken"}
+    assert set(by_id) == {*logged, "broken", "training"}
+    h = by_id.pop("training")
+    assert h.running and h.outcome is None and h.stop_reason is None and len(h.records) == 8
+    trials, _ = results.build_tables(spec, [h])
+    assert trials.to_pylist()[0]["status"] == "RUNNING" and trials.to_pylist()[0]["phase"] is None
+    running.finish("FINISHED")
+    study.finish("FINISHED")
     for key, (run_id, cfg, records) in logged.items():
         h = by_id[key]
         assert (h.run_id, h.cfg, h.stop_reason, h.node, h.error) == (run_id, cfg, "budget", "n1", None)
@@ -672,3 +688,59 @@ def test_a_postgres_backend_store_holds_a_resumable_study(tmp_path: Path) -> Non
         assert [s for s, _ in fetched.trials[0]["metrics"]["val/acc"]] == GRID
         assert not any(math.isnan(v) for _, v in fetched.trials[0]["metrics"]["train/acc"])
         assert fetched.trials[0]["tags"]["grokstudy.trial_key"] == "t0"
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.path.exists(servers.CHROMIUM), reason=f"no Chromium at {servers.CHROMIUM}")
+def test_the_compare_view_offers_each_trials_outcome_as_metrics_beside_its_params(
+    mlflow_server: servers.MlflowServer, tmp_path: Path, artifacts_dir: Path
+) -> None:
+    """The UI's compare view (parallel coordinates, contour, scatter) plots params against
+    metrics: a trial's outcome must be metrics for t_val to be plotted against weight decay."""
+    import json
+    from urllib.parse import quote
+
+    from grokstudy import member
+    from grokstudy.records import Outcome
+
+    uri = mlflow_server.uri
+    study, experiment_id, parent_run_id = open_study(uri, "compare-study")
+    run_ids = []
+    for i, wd in enumerate((0.1, 0.3, 1.0)):
+        cfg = TrialConfig(
+            optimizer=OptimConfig(weight_decay=wd, betas=(0.9, 0.98)), train=TrainConfig(batch_size=None)
+        )
+        trial = start_trial(uri, experiment_id, parent_run_id, f"wd={wd}", cfg)
+        curve = [synthetic_record(s, wd) for s in GRID]
+        trial.log_records(curve)
+        outcome = Outcome("grokking", 400, 800 + 100 * i, None, 800.0 + 100 * i, "generalized")
+        trial.run.log_metrics(curve[-1].step, member.outcome_metrics(outcome, curve[-1]))
+        trial.finish("FINISHED")
+        run_ids.append(trial.run_id)
+    study.finish("FINISHED")
+
+    run = client(uri).get_run(run_ids[2])
+    assert run.data.metrics["t_val"] == 1000 and run.data.metrics["delay"] == 600
+    assert run.data.metrics["phase_code"] == 1 and "t_val_loss" not in run.data.metrics  # never reached
+    assert (
+        run.data.params["optimizer.betas"] == "[0.9, 0.98]" and run.data.params["train.batch_size"] == "full"
+    )
+    assert [(m.step, m.value) for m in client(uri).get_metric_history(run_ids[2], "t_val")] == [
+        (1000, 1000.0)
+    ]
+
+    url = f"{uri}/#/compare-runs?runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
+    shown = servers.chromium(
+        url, tmp_path / "profile", "--virtual-time-budget=20000", "--window-size=1400,2200", "--dump-dom",
+        f"--screenshot={artifacts_dir / 'mlflow-compare.png'}",
+    )  # fmt: skip
+    (artifacts_dir / "mlflow-compare.html").write_text(shown.stdout)
+    text = visible_text(shown.stdout)
+    assert "Comparing 3 Runs" in text, shown.stderr[-2000:]
+    assert all(plot in text for plot in ("Parallel Coordinates Plot", "Scatter Plot", "Contour Plot"))
+    # The metrics the plots offer are the runs' metrics: the outcome is among them, by name.
+    assert all(key in text for key in ("t_val", "t_train", "delay", "phase_code", "final_val_acc")), text[
+        -3000:
+    ]
+    # Params as the study file writes them (the UI pretty-prints a JSON list), not Python reprs.
+    assert re.search(r"optimizer\.betas \[ ?0\.9, 0\.98 ?\]", text) and "train.batch_size full" in text, text
