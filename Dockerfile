@@ -40,18 +40,19 @@ ENV PYTHONUNBUFFERED=1 \
     RAY_AUTH_MODE=token
 
 # 1. Dependencies. Only the files that decide them are copied, so editing grokstudy/
-#    reuses this (large) layer.
+#    reuses this (large) layer. The s3 extra (boto3): the study's storage lease on S3 is
+#    taken by a conditional put.
 COPY --chown=ray:users pyproject.toml ./
 COPY --chown=ray:users cluster/install.sh cluster/constraints.txt cluster/
 RUN TORCH_SPEC="${TORCH_SPEC}${TORCH_INDEX_URL:+ --index-url ${TORCH_INDEX_URL}}" \
     EXTRA_CONSTRAINTS="$(if [ -n "${RAY_CONSTRAINTS}" ] && [ -f "${RAY_CONSTRAINTS}" ]; then echo "${RAY_CONSTRAINTS}"; fi)" \
-    PYTHON=python GROKSTUDY_PART=deps GROKSTUDY_EXTRAS= GROKSTUDY_EDITABLE=0 \
+    PYTHON=python GROKSTUDY_PART=deps GROKSTUDY_EXTRAS=s3 GROKSTUDY_EDITABLE=0 \
     sh cluster/install.sh
 
 # 2. grokstudy itself, without touching the dependencies.
 COPY --chown=ray:users README.md ./
 COPY --chown=ray:users grokstudy/ grokstudy/
-RUN PYTHON=python GROKSTUDY_PART=package GROKSTUDY_EXTRAS= GROKSTUDY_EDITABLE=0 \
+RUN PYTHON=python GROKSTUDY_PART=package GROKSTUDY_EXTRAS=s3 GROKSTUDY_EDITABLE=0 \
     sh cluster/install.sh
 
 # The shipped study files, so a RayJob can run one without uploading a working dir.

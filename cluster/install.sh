@@ -4,7 +4,7 @@
 # install step fails CI even where no Docker engine runs.
 #
 #   PYTHON=.venv/bin/python cluster/install.sh          # dev install (editable, with tests)
-#   GROKSTUDY_EXTRAS= GROKSTUDY_EDITABLE=0 cluster/install.sh   # what the image does
+#   GROKSTUDY_EXTRAS=s3 GROKSTUDY_EDITABLE=0 cluster/install.sh   # what the image does
 #
 # TORCH_SPEC is what gets installed when no torch is present. The default
 # torch==2.13.0 matches the CPU wheel our CI machines keep on disk; on a GPU

@@ -209,9 +209,10 @@ def _fs(uri: str) -> tuple[Any, str]:
 
 
 def join(base: str, *parts: str) -> str:
-    """`base/part/...` for a local path or a URI."""
+    """`base/part/...` for a local path or a URI (a URI's query, `?endpoint_override=...`, stays last)."""
     if "://" in base:
-        return "/".join([base.rstrip("/"), *parts])
+        path, mark, query = base.partition("?")
+        return "/".join([path.rstrip("/"), *parts]) + mark + query
     return str(Path(base, *parts))
 
 
@@ -244,6 +245,44 @@ def has_file(directory_uri: str, prefix: str, suffix: str) -> bool:
     return any(i.base_name.startswith(prefix) and i.base_name.endswith(suffix) for i in infos)
 
 
+def put_if_absent(uri: str, text: str) -> bool | None:
+    """Create the object at `uri` only if none is there, in one request: True when created,
+    False when one existed, None where this store or this machine offers no such write.
+
+    pyarrow.fs has no conditional put (apache/arrow#44281), so S3 (`s3://`; AWS since
+    2024-08, and MinIO, R2 and the other S3-compatible stores that honour `If-None-Match: *`)
+    goes through boto3 when it is installed (`pip install grokstudy[s3]`), with the endpoint and
+    region the URI names (`?endpoint_override=host:port&scheme=http&region=...`) or boto3's own
+    configuration. GCS (`ifGenerationMatch=0`) is not wired: without it, and without boto3, the
+    caller falls back to write-then-read-back."""
+    if not uri.startswith("s3://"):
+        return None
+    try:
+        import boto3
+        from botocore.exceptions import ClientError
+    except ImportError:
+        return None
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    endpoint = query.get("endpoint_override")
+    if endpoint and "://" not in endpoint:
+        endpoint = f"{query.get('scheme', 'https')}://{endpoint}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=query.get("region"))
+    try:
+        client.put_object(
+            Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=text.encode(), IfNoneMatch="*"
+        )
+    except ClientError as err:
+        # 412: the object exists; 409: another conditional write to it is in flight (S3 says retry,
+        # and the retry would find the other's object): either way not ours.
+        if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            return False
+        raise OSError(f"cannot create {uri}: {err}") from None
+    return True
+
+
 class LeaseLost(Exception):
     """This driver's storage lease was taken by another driver (or could not be renewed)."""
 
@@ -265,7 +304,8 @@ class Lease:
     The lease is a series of generations beside the Tune experiment, `grokstudy-lease.<gen>.json`
     ({driver, host, host_id, pid, seq}); the highest generation holds it. A driver takes the
     next generation with a create that fails if the file exists (a hard link on a local or NFS
-    path; on object stores, where pyarrow offers no conditional put, write then read back),
+    path, `put_if_absent` on S3; elsewhere, where no conditional put is at hand, a write then a
+    read back after LEASE_SETTLE_S),
     renews its own file every LEASE_RENEW_S (after reading that no higher generation exists),
     and removes it in `__exit__`. A driver that finds a higher generation, or cannot renew for
     LEASE_TTL_S / 2, has lost the lease: `on_lost(reason)` is called once (the runner stops the
@@ -360,10 +400,14 @@ class Lease:
             with atomic_path(Path(uri), exclusive=True) as tmp:
                 tmp.write_text(text)
         else:
-            if self._read(gen) is not None:
+            created = put_if_absent(uri, text)
+            if created is False:
                 return False
-            write_text(uri, text)
-            time.sleep(LEASE_SETTLE_S)  # no conditional put: a racing writer's object shows here
+            if created is None:  # no conditional put here: write, then see whose object stayed
+                if self._read(gen) is not None:
+                    return False
+                write_text(uri, text)
+                time.sleep(LEASE_SETTLE_S)
         held = self._read(gen)
         return held is not None and held.fields.get("driver") == self.driver
 

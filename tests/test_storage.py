@@ -141,7 +141,7 @@ def test_a_lease_that_cannot_be_read_is_refused_not_taken(tmp_path: Path, monkey
     assert _leases(tmp_path) == [path.name]
 
 
-def _race(experiment: Path) -> tuple[list[storage.Lease], list[bool]]:
+def _race(experiment: Path | str) -> tuple[list[storage.Lease], list[bool]]:
     """Two drivers creating generation 1 at the same moment: (drivers, which won)."""
     drivers = [storage.Lease(str(experiment)) for _ in range(2)]
     barrier = threading.Barrier(2)
@@ -233,3 +233,101 @@ def test_a_second_driver_on_one_output_directory_is_refused_until_the_first_exit
         assert second.returncode != 0 and "is in use by another grokstudy run" in second.stderr
     again = subprocess.run([sys.executable, "-c", holder, str(tmp_path)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
+
+
+# ---- S3: the lease by conditional put (a moto S3 server on loopback) --------------------------------
+
+moto_server = pytest.importorskip(
+    "moto.server", reason="moto is not installed (pip install 'moto[s3,server]')"
+)
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """An S3 endpoint on 127.0.0.1 (moto's server, which honours If-None-Match since 5.0) with a
+    bucket: (uri prefix with the endpoint in its query, boto3 client)."""
+    import boto3
+
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    client = boto3.client("s3", endpoint_url=f"http://{host}:{port}")
+    client.create_bucket(Bucket="grokstudy-leases")
+    try:
+        yield (
+            f"s3://grokstudy-leases/{{}}?endpoint_override={host}:{port}&scheme=http&region=us-east-1",
+            client,
+        )
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_an_s3_object_is_created_only_if_absent_in_one_request(s3_bucket) -> None:
+    prefix, client = s3_bucket
+    uri = storage.join(prefix.format("put"), "once.json")
+    assert uri.endswith("/put/once.json?" + uri.split("?", 1)[1])  # the query stays last
+    assert storage.put_if_absent(uri, "first") is True
+    assert storage.put_if_absent(uri, "second") is False
+    assert storage.read_text(uri) == "first"
+    assert storage.put_if_absent("gs://bucket/x.json", "x") is None  # no conditional put wired there
+
+
+def test_on_s3_one_of_two_drivers_racing_for_a_generation_takes_it_without_a_settle_delay(
+    s3_bucket, monkeypatch
+) -> None:
+    """With a conditional put the race is decided by S3 itself: the write-then-read-back fallback
+    (and its LEASE_SETTLE_S sleep) must not run."""
+    prefix, _ = s3_bucket
+
+    def no_fallback(*_):
+        raise AssertionError("the write-then-read-back fallback ran on S3")
+
+    monkeypatch.setattr(storage, "write_text", no_fallback)
+    for attempt in range(10):
+        drivers, won = _race(prefix.format(f"race-{attempt}"))
+        assert sorted(won) == [False, True], attempt
+
+
+def test_an_s3_lease_is_taken_refused_to_a_second_driver_and_released(s3_bucket, quick_lease) -> None:
+    prefix, client = s3_bucket
+    experiment = prefix.format("study")
+    with storage.Lease(experiment) as first:
+        assert first.gen == 1
+        with pytest.raises(UsageError, match="is run by another driver"):
+            with storage.Lease(experiment):
+                pass
+    listed = client.list_objects_v2(Bucket="grokstudy-leases", Prefix="study/").get("Contents", [])
+    # Released: its generation removed (pyarrow keeps an empty "study/" directory marker).
+    assert [o["Key"] for o in listed if storage.LEASE_PREFIX in o["Key"]] == []
+
+
+def test_status_reads_a_cluster_studys_progress_from_s3(s3_bucket) -> None:
+    """What `grokstudy status s3://...` reads: the copies a driver keeps beside its Tune experiment."""
+    import yaml
+
+    from grokstudy import preflight, snapshot, status
+    from grokstudy.study import parse_study, study_to_dict
+
+    prefix, _ = s3_bucket
+    experiment = prefix.format("runs/cluster-study")
+    study = parse_study({"name": "cluster-study", "search": {"sampler": "grid", "seeds": 1, "space": {
+        "optimizer.weight_decay": {"values": [0.1, 1.0]}, "data.fraction": {"values": [0.3, 0.6]}}}})  # fmt: skip
+    done = snapshot.MemberState(
+        "a", {"optimizer.weight_decay": 1.0, "data.fraction": 0.6, "train.seed": 0}, "done", "grokking"
+    )
+    snap = snapshot.Snapshot("cluster-study", 4, time.time() - 60, time.time() - 60, 0, time.time(), [done],
+                             {"pid": 1, "host": "head", "host_id": "elsewhere", "state": "running"})  # fmt: skip
+    storage.write_text(storage.join(experiment, snapshot.STORAGE_SNAPSHOT_FILE), snap.to_json())
+    storage.write_text(storage.join(experiment, preflight.STUDY_FILE), yaml.safe_dump(study_to_dict(study)))
+    read = status.read_directory(experiment)
+    assert read.snapshot == snap and read.alive is True  # a fresh heartbeat from another machine
+    text = status.render(read)
+    assert "trials 1/4: 1 done, 0 running, 0 failed, 3 pending" in text and "phases: grokking 1" in text

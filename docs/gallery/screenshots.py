@@ -39,6 +39,7 @@ def status(study_dir: str, out: Path) -> None:
         [sys.executable, "-m", "grokstudy", "status", study_dir], check=True, capture_output=True, text=True
     ).stdout
     lines = text.count("\n") + 1
+    width = max(len(line) for line in text.splitlines()) * 9.2 + 40
     page = (
         "<html><body style='margin:0;background:#1e1e1e'><pre style='margin:0;padding:14px;color:#e6e6e6;"
         f"font:15px/1.35 DejaVu Sans Mono,monospace'>$ grokstudy status {html.escape(study_dir)}\n"
@@ -46,7 +47,7 @@ def status(study_dir: str, out: Path) -> None:
     )
     with tempfile.NamedTemporaryFile("w", suffix=".html", delete=False) as f:
         f.write(page)
-    shoot(f"file://{f.name}", out, f"1060,{int(lines * 20.3 + 60)}")
+    shoot(f"file://{f.name}", out, f"{int(width)},{int(lines * 20.3 + 60)}")
 
 
 def compare(study_dir: str, out: Path) -> None:
