@@ -32,6 +32,7 @@ from grokstudy.uris import redact
 log = logging.getLogger(__name__)
 
 FAILED_BEYOND_RETRIES = "failed beyond run.max_failures retries"
+ENDED_WITHOUT_OUTCOME = "its Tune trial ended without an outcome for it"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ class Ended:
     error: str | None
     """Why it failed beyond run.max_failures retries (None: it did not fail)."""
     node: str | None
+    done: bool = False
+    """Tune finished the trial (its function returned): a member without an outcome will get none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +75,24 @@ class StudyOutcome:
 
 
 def histories(study: Study, trials: Sequence[Ended]) -> tuple[list[TrialHistory], int]:
-    """(one history per member of every trial, the number of members left unfinished)."""
-    out: list[TrialHistory] = []
-    unfinished = 0
+    """(one history per member, the number of members left unfinished). A member that more
+    than one Tune trial holds (one that ended without an outcome for it, then one that ran it
+    again) is what its best attempt says: finished, else still unfinished, else failed."""
+    best: dict[str, TrialHistory | None] = {}
     for trial in trials:
         saved = checkpoints.read_members(*trial.checkpoint) if trial.checkpoint else {}
+        error = trial.error or (ENDED_WITHOUT_OUTCOME if trial.done else None)
         for m in (trial.config or {}).get("members", []):
-            h = member.history(study, m, saved.get(m["trial_id"]), trial.node, trial.error)
-            if h is None:
-                unfinished += 1
-            else:
-                out.append(h)
-    return out, unfinished
+            h = member.history(study, m, saved.get(m["trial_id"]), trial.node, error)
+            tid = m["trial_id"]
+            if tid not in best or _rank(h) > _rank(best[tid]):
+                best[tid] = h
+    out = [h for h in best.values() if h is not None]
+    return out, sum(h is None for h in best.values())
+
+
+def _rank(h: TrialHistory | None) -> int:
+    return 0 if h is not None and h.outcome is None else 1 if h is None else 2
 
 
 def write_results(
@@ -205,8 +214,11 @@ class LiveResults:
         self.trials: dict[str, tuple[dict[str, Any], tuple[Any, str] | None, str | None]] = {}
         """Tune trial id -> (config, its newest checkpoint, node)."""
         self.finished: dict[str, TrialHistory] = {}
+        """Members with an outcome: read from their checkpoint once."""
         self.failed: set[str] = set()
         """Tune trials that failed beyond retries: their unfinished members are failed, not running."""
+        self.ended: set[str] = set()
+        """Tune trials Tune finished: a member without an outcome there will get none from them."""
         self.done_at_last = 0
         self.last_at = time.monotonic()
         self.writes = 0
@@ -244,23 +256,30 @@ class LiveResults:
             best_effort(fn, *args)
 
     def _histories(self) -> list[TrialHistory]:
-        out = []
+        best: dict[str, TrialHistory] = {}
         for trial_id, (config, checkpoint, node) in list(self.trials.items()):
             error = FAILED_BEYOND_RETRIES if trial_id in self.failed else None
-            members = (config or {}).get("members", [])
-            if any(m["trial_id"] not in self.finished for m in members):
-                try:
-                    saved = checkpoints.read_members(*checkpoint) if checkpoint else {}
-                except Exception:  # the trial pruned it as it was read: its next one will do
-                    saved = {}
-                for m in members:
-                    h = member.history(self.study, m, saved.get(m["trial_id"]), node, error, running=True)
-                    if h is not None and not h.running:
-                        self.finished[m["trial_id"]] = h
-                    elif h is not None:
-                        out.append(h)
-            out += [self.finished[m["trial_id"]] for m in members if m["trial_id"] in self.finished]
-        return out
+            error = error or (ENDED_WITHOUT_OUTCOME if trial_id in self.ended else None)
+            saved = None
+            for m in (config or {}).get("members", []):
+                tid = m["trial_id"]
+                h = self.finished.get(tid)
+                if h is None:
+                    if saved is None:
+                        try:
+                            saved = checkpoints.read_members(*checkpoint) if checkpoint else {}
+                        except Exception:  # the trial pruned it as it was read: its next one will do
+                            saved = {}
+                    h = member.history(self.study, m, saved.get(tid), node, error, running=True)
+                    if h.outcome is not None:
+                        self.finished[tid] = h
+                if tid not in best or _live_rank(h) > _live_rank(best[tid]):
+                    best[tid] = h  # a member run again by a newer trial: its best attempt
+        return list(best.values())
+
+
+def _live_rank(h: TrialHistory) -> int:
+    return 2 if h.outcome is not None else 1 if h.running else 0
 
 
 def tracked(

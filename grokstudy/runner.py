@@ -59,7 +59,7 @@ from grokstudy import (
     storage,
     tracking,
 )
-from grokstudy.collect import FAILED_BEYOND_RETRIES, Ended, StudyOutcome
+from grokstudy.collect import ENDED_WITHOUT_OUTCOME, FAILED_BEYOND_RETRIES, Ended, StudyOutcome
 from grokstudy.config import Study, flatten, pack_key, plain, to_dict
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import point_from_config
@@ -216,7 +216,7 @@ class LedgerSearcher(Searcher):
             self._tell(result)
         for tid in self.packs.get(trial_id, []):
             if tid not in self.told:
-                self.ledger.fail(tid, FAILED_BEYOND_RETRIES if error else "ended without an outcome")
+                self.ledger.fail(tid, FAILED_BEYOND_RETRIES if error else ENDED_WITHOUT_OUTCOME)
                 self.told.add(tid)
 
     def _tell(self, result: dict[str, Any]) -> None:
@@ -241,14 +241,18 @@ class LedgerSearcher(Searcher):
             self.packs.setdefault(k.tune_trial_id, []).append(k.trial_id)
         self.told = {tid for tid, k in known.items() if k.status in ("done", "failed")}
         self.running = {k.tune_trial_id for k in known.values() if k.status in ("running", "retry")}
-        self.held = []
+        # Tune resumes no finished trial: a member to run again from one goes into a new trial.
+        self.held = [search.Member(tid, k.point) for tid, k in known.items() if k.status == "rerun"]
         if _current is not None:
             _current.searcher = self
 
 
 def restored_members(study: Study, trials: list[Any], retry_failed: bool = False) -> dict[str, search.Known]:
-    """{member trial id: what Tune's saved experiment (its `trials`) says of it} (running, done,
-    failed, or with `retry_failed` retry where it failed)."""
+    """{member trial id: what Tune's saved experiment (its `trials`) says of it}: done, running,
+    failed (its trial failed beyond retries, or Tune finished its trial without an outcome for
+    it), or with `retry_failed` retry (Tune resumes its errored trial) or rerun (Tune will not
+    resume a finished trial: a new one runs it). A member two trials hold is what the better
+    attempt says."""
     known: dict[str, search.Known] = {}
     for trial in trials:
         done = dict(member.outcomes_of(trial.last_result or {}))
@@ -257,11 +261,19 @@ def restored_members(study: Study, trials: list[Any], retry_failed: bool = False
             point = point_from_config(study, m["point"])
             if tid in done:
                 o = done[tid]
-                known[tid] = search.Known(tid, trial.trial_id, point, "done", o.objective, o.phase)
+                k = search.Known(tid, trial.trial_id, point, "done", o.objective, o.phase)
+            elif trial.status == "ERROR":
+                k = search.Known(tid, trial.trial_id, point, "retry" if retry_failed else "failed")
+            elif trial.status == "TERMINATED":
+                k = search.Known(tid, trial.trial_id, point, "rerun" if retry_failed else "failed")
             else:
-                status = "running" if trial.status != "ERROR" else "retry" if retry_failed else "failed"
-                known[tid] = search.Known(tid, trial.trial_id, point, status)
+                k = search.Known(tid, trial.trial_id, point, "running")
+            if tid not in known or _KNOWN_RANK[k.status] > _KNOWN_RANK[known[tid].status]:
+                known[tid] = k
     return known
+
+
+_KNOWN_RANK = {"failed": 0, "rerun": 1, "retry": 1, "running": 2, "done": 3}
 
 
 # ---- live progress ---------------------------------------------------------------------------------
@@ -285,6 +297,7 @@ class _Callback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         _current.progress.completed(trial)
+        _current.live.ended.add(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         _current.progress.errored(trial)
@@ -494,6 +507,8 @@ def _fit(
         live.seen(t.trial_id, t.config, _checkpoint(t.checkpoint), (t.last_result or {}).get("node"))
         if t.status == "ERROR" and not retry_failed:
             live.failed.add(t.trial_id)
+        elif t.status == "TERMINATED":
+            live.ended.add(t.trial_id)
     _current = _DriverRun(progress, known, live, waiting=waiting)
     slots = _trial_slots(study)
     if resumed:
@@ -516,8 +531,8 @@ def _fit(
     finally:
         searcher, _current = _current.searcher, None
     ended = [
-        Ended(r.config, _checkpoint(r.checkpoint),
-              None if r.error is None else one_line(r.error, 2000), (r.metrics or {}).get("node"))
+        Ended(r.config, _checkpoint(r.checkpoint), None if r.error is None else one_line(r.error, 2000),
+              (r.metrics or {}).get("node"), done=bool((r.metrics or {}).get("done")))
         for r in grid
     ]  # fmt: skip
     histories, unfinished = collect.histories(study, ended)
@@ -535,7 +550,13 @@ def _fit(
     )  # fmt: skip
 
 
-_MEMBER_STATUS = {"done": "done", "failed": "failed", "running": "running", "retry": "running"}
+_MEMBER_STATUS = {
+    "done": "done",
+    "failed": "failed",
+    "running": "running",
+    "retry": "running",
+    "rerun": "pending",
+}
 """A restored member's `search.Known` status as a snapshot's."""
 
 
@@ -625,8 +646,8 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
 
     study = parse_study(yaml.safe_load(text), f"{path}/{preflight.STUDY_FILE}")
     ended = [
-        Ended(t.config, _checkpoint(t.checkpoint),
-              FAILED_BEYOND_RETRIES if t.status == "ERROR" else None, (t.last_result or {}).get("node"))
+        Ended(t.config, _checkpoint(t.checkpoint), FAILED_BEYOND_RETRIES if t.status == "ERROR" else None,
+              (t.last_result or {}).get("node"), done=t.status == "TERMINATED")
         for t in tune.ExperimentAnalysis(str(path)).trials
     ]  # fmt: skip
     return study, collect.histories(study, ended)[0]

@@ -359,7 +359,8 @@ class Known:
     tune_trial_id: str
     point: dict[str, Any]
     status: str
-    """running | done | failed | retry (failed, and run again by `--retry-failed`)"""
+    """running | done | failed | retry (failed, and its Tune trial resumed by `--retry-failed`) |
+    rerun (its Tune trial finished without an outcome for it: a new Tune trial runs it, `--retry-failed`)"""
     objective: float | None = None
     phase: str | None = None
 
@@ -480,7 +481,7 @@ class Ledger:
             held = self._holder(tid)
             if held is None:
                 self._adopt(tid, k.point)
-            elif held.state == TrialState.FAIL and k.status in ("running", "retry"):
+            elif held.state == TrialState.FAIL and k.status in ("running", "retry", "rerun"):
                 self._retry(tid, k.point)
                 self.retried.append(tid)
             if k.status == "done":

@@ -433,3 +433,41 @@ def test_a_driver_whose_lease_another_driver_took_stops_at_once_and_writes_nothi
     assert json.loads(theirs.read_text())["driver"] == "theirs"  # not overwritten, not removed
     assert not (out / "trials.parquet").exists() and not (out / "optuna.db").exists()
     assert not (out / "figures").exists()
+
+
+# ---- a member whose Tune trial ended without an outcome for it -------------------------------------
+
+
+def _tune_trial(trial_id: str, status: str, members: list[dict], outcomes: dict | None = None):
+    """What tune.ExperimentAnalysis gives for a trial: its id, status, config and last result."""
+    from types import SimpleNamespace
+
+    rows = [{"trial_id": t, **o.to_dict()} for t, o in (outcomes or {}).items()]
+    return SimpleNamespace(trial_id=trial_id, status=status, config={"members": members},
+                           last_result={member.OUTCOMES: json.dumps(rows)} if rows else {})  # fmt: skip
+
+
+def test_a_member_its_finished_trial_left_without_an_outcome_is_failed_or_run_again_in_a_new_trial() -> None:
+    """Tune resumes no TERMINATED trial: such a member is failed (so the study ends, exit 1),
+    and `--retry-failed` runs it in a new Tune trial rather than waiting on the old one."""
+    study = parse_study(dict(TINY, name="rerun"))
+    point = {"optimizer.weight_decay": 1.0, "data.fraction": 0.4, "train.seed": 0}
+    m = {"trial_id": points.trial_id(point), "point": point}
+    ended = [_tune_trial("old", "TERMINATED", [m])]
+    assert runner.restored_members(study, ended)[m["trial_id"]].status == "failed"
+    assert runner.restored_members(study, ended, retry_failed=True)[m["trial_id"]].status == "rerun"
+    # A later run ran it in a new trial, to its end: that attempt is what counts.
+    outcome = Outcome("grokking", 100, 900, None, 900.0, "generalized")
+    again = [*ended, _tune_trial("new", "TERMINATED", [m], {m["trial_id"]: outcome})]
+    assert runner.restored_members(study, again, retry_failed=True)[m["trial_id"]].status == "done"
+
+    # The tables say the same: failed when Tune finished the trial, resumable while a newer one runs.
+    failed, unfinished = collect.histories(
+        study, [collect.Ended({"members": [m]}, None, None, None, done=True)]
+    )
+    assert unfinished == 0 and failed[0].error == collect.ENDED_WITHOUT_OUTCOME and failed[0].outcome is None
+    both = [
+        collect.Ended({"members": [m]}, None, None, None, done=True),
+        collect.Ended({"members": [m]}, None, None, None),
+    ]
+    assert collect.histories(study, both) == ([], 1)
