@@ -240,7 +240,7 @@ class LedgerSearcher(Searcher):
         for k in known.values():
             self.packs.setdefault(k.tune_trial_id, []).append(k.trial_id)
         self.told = {tid for tid, k in known.items() if k.status in ("done", "failed")}
-        self.running = {k.tune_trial_id for k in known.values() if k.status in ("running", "retry")}
+        self.running = {k.tune_trial_id for k in known.values() if k.status == "running"}
         # Tune resumes no finished trial: a member to run again from one goes into a new trial.
         self.held = [search.Member(tid, k.point) for tid, k in known.items() if k.status == "rerun"]
         if _current is not None:
@@ -250,9 +250,8 @@ class LedgerSearcher(Searcher):
 def restored_members(study: Study, trials: list[Any], retry_failed: bool = False) -> dict[str, search.Known]:
     """{member trial id: what Tune's saved experiment (its `trials`) says of it}: done, running,
     failed (its trial failed beyond retries, or Tune finished its trial without an outcome for
-    it), or with `retry_failed` retry (Tune resumes its errored trial) or rerun (Tune will not
-    resume a finished trial: a new one runs it). A member two trials hold is what the better
-    attempt says."""
+    it), or with `retry_failed` rerun (a new Tune trial runs it again). A member two trials hold
+    is what the better attempt says."""
     known: dict[str, search.Known] = {}
     for trial in trials:
         done = dict(member.outcomes_of(trial.last_result or {}))
@@ -262,9 +261,7 @@ def restored_members(study: Study, trials: list[Any], retry_failed: bool = False
             if tid in done:
                 o = done[tid]
                 k = search.Known(tid, trial.trial_id, point, "done", o.objective, o.phase)
-            elif trial.status == "ERROR":
-                k = search.Known(tid, trial.trial_id, point, "retry" if retry_failed else "failed")
-            elif trial.status == "TERMINATED":
+            elif trial.status in ("ERROR", "TERMINATED"):
                 k = search.Known(tid, trial.trial_id, point, "rerun" if retry_failed else "failed")
             else:
                 k = search.Known(tid, trial.trial_id, point, "running")
@@ -273,7 +270,7 @@ def restored_members(study: Study, trials: list[Any], retry_failed: bool = False
     return known
 
 
-_KNOWN_RANK = {"failed": 0, "rerun": 1, "retry": 1, "running": 2, "done": 3}
+_KNOWN_RANK = {"failed": 0, "rerun": 1, "running": 2, "done": 3}
 
 
 # ---- live progress ---------------------------------------------------------------------------------
@@ -399,8 +396,8 @@ def run_study(
     """Run (or resume) a study to completion and write its tables and figures.
 
     With `stop_on_sigterm`, SIGTERM (`ray job stop`) stops the study as `request_stop` does.
-    With `retry_failed`, a resumed study runs again the trials that failed beyond
-    run.max_failures (from their last checkpoint). With `quiet_libraries`, what Ray, MLflow and
+    With `retry_failed`, a resumed study runs again, from the start and in new Tune trials, the
+    trials that failed beyond run.max_failures or that Tune ended without an outcome. With `quiet_libraries`, what Ray, MLflow and
     Tune write to stderr goes to `<out>/driver.log` once the checks passed (`console`).
 
     Raises StudyError/UsageError for what can be refused before anything runs (unsupported
@@ -505,16 +502,17 @@ def _fit(
     live = collect.LiveResults(study, out_dir, formats, study_tracker)
     for t in restored:
         live.seen(t.trial_id, t.config, _checkpoint(t.checkpoint), (t.last_result or {}).get("node"))
-        if t.status == "ERROR" and not retry_failed:
+        if t.status == "ERROR":
             live.failed.add(t.trial_id)
         elif t.status == "TERMINATED":
             live.ended.add(t.trial_id)
     _current = _DriverRun(progress, known, live, waiting=waiting)
     slots = _trial_slots(study)
     if resumed:
-        tuner = tune.Tuner.restore(
-            experiment_path, trainable, resume_unfinished=True, resume_errored=retry_failed
-        )
+        # Failed trials stay failed in Tune's eyes: `--retry-failed` runs their members in new
+        # trials (LedgerSearcher.restore). Tune's own resume of an errored trial
+        # (resume_errored) was seen to end it after one report, its member never trained.
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
         _current.searcher = LedgerSearcher(study, pack_size(study), slots)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, _current.searcher),
@@ -554,7 +552,6 @@ _MEMBER_STATUS = {
     "done": "done",
     "failed": "failed",
     "running": "running",
-    "retry": "running",
     "rerun": "pending",
 }
 """A restored member's `search.Known` status as a snapshot's."""

@@ -359,8 +359,7 @@ class Known:
     tune_trial_id: str
     point: dict[str, Any]
     status: str
-    """running | done | failed | retry (failed, and its Tune trial resumed by `--retry-failed`) |
-    rerun (its Tune trial finished without an outcome for it: a new Tune trial runs it, `--retry-failed`)"""
+    """running | done | failed | rerun (failed, and run again in a new Tune trial: `--retry-failed`)"""
     objective: float | None = None
     phase: str | None = None
 
@@ -481,7 +480,7 @@ class Ledger:
             held = self._holder(tid)
             if held is None:
                 self._adopt(tid, k.point)
-            elif held.state == TrialState.FAIL and k.status in ("running", "retry", "rerun"):
+            elif held.state == TrialState.FAIL and k.status in ("running", "rerun"):
                 self._retry(tid, k.point)
                 self.retried.append(tid)
             if k.status == "done":

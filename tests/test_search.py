@@ -211,11 +211,10 @@ def test_reconcile_adopts_members_the_ledger_never_saw() -> None:
     assert len(counts) == study.search.n_trials and set(counts.values()) == {1}
 
 
-@pytest.mark.parametrize("status", ["retry", "rerun", "running"])
+@pytest.mark.parametrize("status", ["rerun", "running"])
 def test_a_failed_member_tune_runs_again_gets_a_new_trial_that_its_result_completes(status: str) -> None:
-    """`--retry-failed` ("retry": Tune resumes its errored trial; "rerun": Tune finished its
-    trial without an outcome for it, and a new trial runs it), or a Tune snapshot that missed
-    the failure ("running"): the FAIL stays, a new trial holds the point x seed, and its result
+    """`--retry-failed` ("rerun": a new Tune trial runs it), or a Tune snapshot that missed the
+    failure ("running"): the FAIL stays, a new trial holds the point x seed, and its result
     completes that one."""
     study = make_study()
     ledger = search.Ledger(study)
