@@ -14,6 +14,11 @@ Checked against ray 2.60.0, optuna 5.0.0, mlflow 3.17.2:
 - Ray Tune writes its experiment snapshots as `experiment_state-<session>.json` in the experiment
   directory (`TuneController.CKPT_FILE_TMPL`); a driver killed before the first one leaves only
   `tuner.pkl`, which `Tuner.can_restore` accepts but a restore cannot use (`has_experiment_snapshot`).
+- Tune's `SearchGenerator` saves whether its searcher once said FINISHED (`_finished`, in
+  `search_gen_state-*`), and a restored one never asks the searcher again: a searcher with work
+  for a restored study (`--retry-failed`) would never be asked for it. `reopening_search` wraps
+  the searcher in a `SearchGenerator` that clears that flag when restored; the searcher says
+  FINISHED again at once when it has nothing.
 - `TUNE_MAX_PENDING_TRIALS_PG` (how many trials Tune starts at once with a searcher; it keeps one
   pending otherwise) and `RAY_AIR_NEW_OUTPUT=0` (the legacy reporter, silent at verbose=0; the new
   one prints its own table): environment knobs Tune reads internally (`ENV_KNOBS`).
@@ -26,6 +31,7 @@ Checked against ray 2.60.0, optuna 5.0.0, mlflow 3.17.2:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 from pathlib import Path
@@ -50,6 +56,32 @@ def has_experiment_snapshot(experiment_path: str) -> bool:
     from grokstudy import storage
 
     return storage.has_file(experiment_path, *EXPERIMENT_SNAPSHOT)
+
+
+def reopening_search(searcher: Any) -> Any:
+    """Tune's search algorithm around `searcher`, asking it again after every restore."""
+    return _reopening_class()(searcher)
+
+
+@functools.cache
+def _reopening_class() -> type:
+    from ray.tune.search import SearchGenerator
+
+    class ReopeningSearchGenerator(SearchGenerator):
+        def set_state(self, state: dict) -> None:
+            super().set_state(state)
+            self._finished = False  # private: SearchGenerator._finished
+
+    # Pickled with the Tuner (tuner.pkl): found again through this module's __getattr__.
+    ReopeningSearchGenerator.__module__ = __name__
+    ReopeningSearchGenerator.__qualname__ = ReopeningSearchGenerator.__name__
+    return ReopeningSearchGenerator
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ReopeningSearchGenerator":  # unpickling a restored Tuner (ray is imported then)
+        return _reopening_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- Optuna ------------------------------------------------------------------------------------
@@ -118,6 +150,15 @@ def _tune_snapshot_name() -> bool:
     return TuneController.CKPT_FILE_TMPL == f"{prefix}{{}}{suffix}"
 
 
+def _search_generator_reopens() -> bool:
+    from ray.tune.search import Searcher
+
+    generator = reopening_search(Searcher())
+    state = generator.get_state() | {"finished": True}
+    generator.set_state(state)
+    return generator._finished is False
+
+
 def _env_knobs() -> bool:
     for name, where in ENV_KNOBS.items():
         module, attribute = where.split(":")
@@ -149,6 +190,7 @@ def _mlflow_sqlite_store() -> bool:
 
 PROBES = {
     "ray.tune TuneController.CKPT_FILE_TMPL": _tune_snapshot_name,
+    "ray.tune SearchGenerator._finished": _search_generator_reopens,
     f"ray's environment knobs {', '.join(ENV_KNOBS)}": _env_knobs,
     "optuna Study._storage / Trial._trial_id": _optuna_storage,
     "mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore": _mlflow_sqlite_store,

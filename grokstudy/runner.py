@@ -596,7 +596,7 @@ def _checkpoint(checkpoint: tune.Checkpoint | None) -> tuple[Any, str] | None:
 
 def _tune_config(study: Study, searcher: LedgerSearcher) -> tune.TuneConfig:
     return tune.TuneConfig(
-        search_alg=searcher,
+        search_alg=compat.reopening_search(searcher),  # asks the searcher again after a restore
         num_samples=-1,  # the searcher says when the study is complete
         max_concurrent_trials=study.run.max_concurrent,
         # Function trainables reuse their actor between trials: this saves
