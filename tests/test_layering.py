@@ -175,6 +175,6 @@ def test_the_private_api_check_knows_every_private_api_compat_wraps() -> None:
         for n in ast.parse(source).body
         if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")
     ]
-    assert set(wrapped) == {"has_experiment_snapshot", "set_system_attr", "set_user_attr", "storage_of",
-                            "create_sqlite_store", "check"}  # fmt: skip
-    assert len(compat.PROBES) == 4
+    assert set(wrapped) == {"has_experiment_snapshot", "reopening_search", "set_system_attr", "set_user_attr",
+                            "storage_of", "create_sqlite_store", "check"}  # fmt: skip
+    assert len(compat.PROBES) == 5
