@@ -117,7 +117,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-failed",
         action="store_true",
-        help="run again the trials a finished study recorded as FAILED (beyond run.max_failures)",
+        help="run again, from the start, the trials a finished study recorded as FAILED (beyond run.max_failures)",
     )
 
     p = sub.add_parser(
