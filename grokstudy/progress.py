@@ -80,6 +80,7 @@ class StudyProgress:
         """When MLflow stopped answering, by this driver's clock (None: it answers)."""
         self.last_error: str | None = None
         self.last_emit = self.last_save = 0.0
+        self.driver = this_driver()  # read once: its host id reads /proc
         self.last_line: tuple | None = None
 
     # -- counts --
@@ -93,7 +94,7 @@ class StudyProgress:
             done_at_run_start=self.done_at_run_start,
             updated_at=time.time(),
             members=list(self.members.values()),
-            driver=this_driver(state),
+            driver=self.driver | {"state": state},
             warning=self.warning,
         )
 
@@ -102,28 +103,29 @@ class StudyProgress:
         return sum(m.status in ("done", "failed") for m in self.members.values())
 
     def _maybe_emit(self, force: bool = False) -> None:
-        now = time.monotonic()
+        """Emit a changed count (at most every `every_s`, unless forced) and save the snapshot
+        with it, or every HEARTBEAT_S when nothing changed. Called at every Tune loop step: the
+        snapshot is built only when it is written."""
         if self.emit is None and self.save is None:
             return
-        snap = self.snapshot()
-        count = Counter(m.status for m in snap.members)
-        phases = Counter(m.phase for m in snap.members if m.status == "done")
+        now = time.monotonic()
+        count = Counter(m.status for m in self.members.values())
+        phases = Counter(m.phase for m in self.members.values() if m.status == "done")
         key = (count["done"], count["running"], count["failed"], tuple(sorted(phases.items())), self.warning)
-        changed = key != self.last_line
-        if self.save is not None and (
-            (changed and (force or now - self.last_save >= self.every_s))
-            or now - self.last_save >= HEARTBEAT_S
-        ):
+        show = key != self.last_line and (force or now - self.last_emit >= self.every_s)
+        if not show and now - self.last_save < HEARTBEAT_S:
+            return
+        snap = self.snapshot()
+        if self.save is not None:
             self.last_save = now
             self.save(snap)
-        if self.emit is not None and changed and (force or now - self.last_emit >= self.every_s):
+        if show:
             self.last_emit, self.last_line = now, key
-            self.emit(
-                Progress(self.total, count["done"], count["running"], count["failed"], phases, self.warning,
-                         elapsed_s=snap.updated_at - self.started_at, eta_s=snap.eta_s(snap.updated_at))
-            )  # fmt: skip
-        elif self.emit is None and changed:
-            self.last_line = key
+            if self.emit is not None:
+                self.emit(
+                    Progress(self.total, count["done"], count["running"], count["failed"], phases, self.warning,
+                             elapsed_s=snap.updated_at - self.started_at, eta_s=snap.eta_s(snap.updated_at))
+                )  # fmt: skip
 
     def _set(self, trial: Any, status: str) -> None:
         """Every member of `trial` not finished yet gets `status` (running or failed)."""

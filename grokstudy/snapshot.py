@@ -22,7 +22,6 @@ STORAGE_SNAPSHOT_FILE = "grokstudy-progress.json"
 """Its copy in the Tune experiment's directory under `run.storage` (for a cluster study)."""
 HEARTBEAT_S = 30.0
 """A live driver rewrites its snapshot at least this often, even when nothing changed."""
-STATUSES = ("pending", "running", "done", "failed")
 
 
 @dataclass(frozen=True, slots=True)
