@@ -46,9 +46,11 @@ bench: setup  ## the quick benchmarks (not tests): see bench/README.md
 	$(BIN)/python bench/tracking_overhead.py
 	$(BIN)/python bench/orchestration_overhead.py
 
-gallery: setup  ## docs/gallery/: the quickstart's figures (runs the quickstart first if it has not run)
+gallery: setup  ## docs/gallery/: the quickstart's figures and report (runs the quickstart first if it has not run)
 	[ -f runs/quickstart/trials.parquet ] || $(BIN)/grokstudy run studies/quickstart.yaml
 	$(BIN)/grokstudy plot runs/quickstart --out docs/gallery --format png
+	[ -f runs/quickstart/report.html ] || $(BIN)/grokstudy report runs/quickstart
+	$(BIN)/python docs/gallery/screenshots.py report runs/quickstart docs/gallery/report.png  # needs chromium
 
 papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about 30 minutes on 2 cores)
 	for f in studies/papers/*-cpu.yaml; do \

@@ -54,19 +54,25 @@ class SavedMember:
     records: list[EvalRecord]
     run_id: str | None
     outcome: Outcome | None
+    weights_uri: str | None = None
+    """Its final weights (`weights`), once it finished with `run.save_weights: final`."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "records": records.to_dicts(self.records),
             "run_id": self.run_id,
             "outcome": None if self.outcome is None else self.outcome.to_dict(),
+            "weights_uri": self.weights_uri,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SavedMember:
         outcome = d.get("outcome")
         return cls(
-            records.from_dicts(d.get("records", [])), d.get("run_id"), outcome and Outcome.from_dict(outcome)
+            records.from_dicts(d.get("records", [])),
+            d.get("run_id"),
+            outcome and Outcome.from_dict(outcome),
+            d.get("weights_uri"),
         )
 
 

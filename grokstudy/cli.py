@@ -51,7 +51,15 @@ grid: one letter per cell of the study's diagram (legend below it); ~ while a tr
 PLOT_EPILOG = """examples:
   grokstudy plot runs/quickstart
   grokstudy plot runs/quickstart/trials.parquet --x optimizer.weight_decay --y data.fraction --format png,svg
-  grokstudy plot quickstart --tracking-uri sqlite:///$PWD/runs/quickstart/mlflow.db"""
+  grokstudy plot quickstart --tracking-uri sqlite:///$PWD/runs/quickstart/mlflow.db
+  grokstudy plot runs/quickstart --where 'phase == "grokking" and `data.fraction` < 0.5'
+  grokstudy plot runs/quickstart --trials 3f9c2a1b7e-s0,3f9c2a1b7e-s1 --format pdf   # ids: trials.parquet
+  grokstudy plot runs/wd_adamw runs/wd_adam --out figures/compare   # two studies side by side"""
+
+REPORT_EPILOG = """examples:
+  grokstudy report runs/quickstart
+  grokstudy report runs/quickstart --out /tmp/quickstart.html --tracking-uri http://mlflow:5000
+One file, no server: open it in any browser, offline. Hover a cell for its trials; click it for their curves."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,12 +142,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plot", help="export phase diagrams and learning curves", epilog=PLOT_EPILOG, formatter_class=fmt
     )
-    p.add_argument("source", help="study output dir, trials.parquet, or MLflow experiment name/id")
+    p.add_argument(
+        "source", nargs="+",
+        help="study output dir, trials.parquet, or MLflow experiment name/id; two: their phase diagrams side by side",
+    )  # fmt: skip
     p.add_argument("--x", help="x axis (default: the study's diagram.x)")
     p.add_argument("--y", help="y axis (default: the study's diagram.y)")
     p.add_argument("--facet", help="a third column: one panel per value")
+    p.add_argument("--trials", metavar="ID,ID", help="draw only the learning curves of these trials")
+    p.add_argument(
+        "--where", metavar="EXPR",
+        help="draw only the learning curves of the trials where this pandas query over trials.parquet holds, "
+        "e.g. 'phase == \"grokking\"'; dotted columns go in backticks: '`optimizer.weight_decay` > 0.1'",
+    )  # fmt: skip
     p.add_argument("--format", default="png,pdf", help="comma-separated: png, svg, pdf")
-    p.add_argument("--out", type=_directory, help="where to write figures (default: <source>/figures)")
+    p.add_argument("--out", type=_directory, help="where to write figures (default: <first source>/figures)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
 
     p = sub.add_parser(
@@ -166,6 +183,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="open the MLflow UI on a study's local tracking store")
     p.add_argument("study_dir", type=Path, help="a study output directory, e.g. runs/quickstart")
     p.add_argument("--port", type=_port, default=5000)
+
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML page of a study's results", epilog=REPORT_EPILOG,
+        formatter_class=fmt,
+    )  # fmt: skip
+    p.add_argument("dir", type=Path, metavar="DIR", help="a study output directory (holds trials.parquet)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="the page to write (default: DIR/report.html)")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow server whose run pages to link, http(s) (default: MLFLOW_TRACKING_URI, else the "
+        "study's run.tracking_uri)",
+    )
     return parser
 
 
@@ -190,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "export": _cmd_export,
         "ui": _cmd_ui,
         "status": _cmd_status,
+        "report": _cmd_report,
     }[args.command]
     try:
         return handler(args)
@@ -223,12 +253,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     study = load_study(args.study, args.overrides)
     formats = _formats(args.format)
     out_dir = check_dir(args.out or Path(study.run.out or Path("runs") / study.name), "--out").resolve()
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        # An embedded Ray: without this Ray advertises the machine's outward IP even for
-        # a node at 127.0.0.1 (ray 2.60 reads it once, when ray is first imported, so
-        # here, before the runner imports ray). Never for a cluster: there the driver's
-        # address must be reachable from other hosts.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from grokstudy.api import prepare_embedded_ray
+
+    prepare_embedded_ray(args.address)  # before the runner imports ray
     from grokstudy import console, runner
     from grokstudy.progress import TrackingUnavailable
 
@@ -334,6 +361,11 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
     print(f"curves table:  {outcome.curves_path}")
     for path in outcome.figures:
         print(f"figure:        {path}")
+    if outcome.report is not None:
+        print(f"report:        {outcome.report}  (open it in a browser: hover and click the cells)")
+    if outcome.weights is not None:
+        files, size, where = outcome.weights
+        print(f"weights:       {files} trials' final weights, {size / 1e6:.1f} MB, in {redact(where)}")
     print(f"MLflow:        {redact(outcome.tracking_uri)}  (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"browse:        grokstudy ui {outcome.out_dir}")
@@ -487,15 +519,38 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from grokstudy.storage import check_dir
 
     formats = _formats(args.format)
+    if len(args.source) > 2:
+        raise UsageError("SOURCE", f"give one study, or two to compare; got {len(args.source)}")
+    trial_ids = [t.strip() for t in args.trials.split(",") if t.strip()] if args.trials is not None else None
+    choosing = trial_ids is not None or args.where is not None
+    comparing = len(args.source) == 2
+    if comparing and (choosing or args.facet):
+        flag = "--facet" if args.facet else "--trials" if trial_ids is not None else "--where"
+        raise UsageError(flag, "draws one study; two SOURCEs draw their phase diagrams side by side")
     if args.out is not None:
         check_dir(args.out, "--out")
-    trials, curves, default_out = _load_results(args.source, args.tracking_uri)
-    cells_file = Path(args.source) / results.CELLS_FILE
-    cells = results.read_cells(cells_file) if cells_file.exists() else None
+    loaded = [_load_results(source, args.tracking_uri) for source in args.source]
+    trials, curves, default_out = loaded[0]
+    cells_files = [Path(source) / results.CELLS_FILE for source in args.source]
+    cells = [results.read_cells(f) if f.exists() else None for f in cells_files]
     out = check_dir(args.out or default_out, "--out").resolve()
-    paths = figures.render_study(
-        trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats, cells=cells
-    )
+    if comparing:
+        names = [", ".join(sorted(set(t.column("study").to_pylist()))) for t, _, _ in loaded]
+        if names[0] == names[1]:  # two runs of one study: tell them apart by where they are
+            names = list(args.source)
+        studies = [(name, t) for name, (t, _, _) in zip(names, loaded, strict=True)]
+        fig = figures.compare_phase_diagrams(studies, args.x, args.y, cells=cells)
+        paths = figures.save_figure(fig, out, "compare_phase_diagram", formats)
+    elif choosing:
+        if curves is None:
+            raise UsageError("SOURCE", f"{args.source[0]} has no curves table to draw learning curves from")
+        chosen = figures.select_trials(trials, trial_ids, args.where)
+        fig = figures.learning_curves(trials, curves, trial_ids=chosen)
+        paths = figures.save_figure(fig, out, "learning_curves", formats)
+    else:
+        paths = figures.render_study(
+            trials, curves, out, x=args.x, y=args.y, facet=args.facet, formats=formats, cells=cells[0]
+        )
     for path in paths:
         print(f"figure: {path}")
     return EXIT_OK
@@ -514,39 +569,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = False):
-    """(trials, curves, default figure dir) from any kind of SOURCE: a study output
-    directory, a trials.parquet, a Ray Tune experiment directory, or an MLflow experiment."""
-    from grokstudy import results
+    """(trials, curves, default figure dir) from any kind of SOURCE (`api.load_tables`)."""
+    from grokstudy.api import load_tables
 
-    path = Path(source)
-    if path.exists():
-        if path.is_dir() and (path / results.TRIALS_FILE).exists() and not prefer_rebuild:
-            trials, curves = results.load_source(path)
-            return trials, curves, path / "figures"
-        if path.suffix == ".parquet":
-            trials, curves = results.load_source(path)
-            return trials, curves, path.parent / "figures"
-        if path.is_dir():
-            from grokstudy import runner
-
-            study, histories = runner.histories_from_tune_dir(path)
-            trials, curves = results.build_tables(study, histories)
-            return trials, curves, path / "figures"
-        raise UsageError(
-            "SOURCE", f"{source!r} is neither a study directory, a trials.parquet nor a Ray Tune experiment"
-        )
-    from grokstudy import tracking
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise UsageError(
-            "SOURCE",
-            f"{source!r} is not a file or directory; to read an MLflow experiment pass --tracking-uri "
-            "(or set MLFLOW_TRACKING_URI)",
-        )
-    study, histories = tracking.fetch_histories(uri, source)
-    trials, curves = results.build_tables(study, histories)
-    return trials, curves, Path("runs") / source / "figures"
+    return load_tables(source, tracking_uri, prefer_rebuild)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -597,6 +623,15 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     print(f"grokstudy ui: serving {db} at http://127.0.0.1:{args.port} (Ctrl-C to stop)", flush=True)
     os.environ.update(tracking.UI_ENV)
     os.execvp(cmd[0], cmd)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from grokstudy import report
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    path = report.write_study_report(args.dir, args.out, tracking_uri=uri)
+    print(f"report: {path} ({path.stat().st_size / 1000:.0f} kB)")
     return EXIT_OK
 
 

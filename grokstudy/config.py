@@ -567,6 +567,12 @@ class RunConfig:
         hi=10**6,
         unit="seconds",
     )
+    save_weights: str = setting(
+        "final",
+        "final: keep each trial's weights when it ends (<storage>/<name>/weights/<trial_id>.pt, its "
+        "MLflow run's weights/ artifact, trials.parquet's weights_uri); none: keep none",
+        choices=("final", "none"),
+    )
     tracking_outage_s: float = setting(
         600.0,
         "how long trials keep training while MLflow cannot be reached before the study stops "
@@ -582,6 +588,8 @@ class DiagramConfig:
     x: str = "data.fraction"
     y: str = "optimizer.weight_decay"
     facet: str | None = None
+    labels: dict[str, str] | None = None
+    """{dotted key: axis label} over the figures' defaults ("weight decay", "training fraction", ...)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,26 @@ class ProgressView:
         self._newline()
 
 
+class NotebookProgress:
+    """A study's progress as a `tqdm.auto` bar: a widget in Jupyter, text elsewhere (on stdout:
+    while a study runs, stderr goes to driver.log)."""
+
+    def __init__(self, total: int | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="trial", desc="trials", file=sys.stdout, dynamic_ncols=True)
+
+    def __call__(self, p: Progress) -> None:
+        if p.total is not None and self.bar.total != p.total:
+            self.bar.total = p.total
+        self.bar.n = p.done + p.failed
+        self.bar.set_postfix_str(_counts(p), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def line(p: Progress) -> str:
     """One line of a study's progress: counts, elapsed, ETA, phases."""
     total = "?" if p.total is None else str(p.total)

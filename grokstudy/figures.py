@@ -1,4 +1,5 @@
-"""Figures from result tables: phase diagrams, delay heatmaps, sweeps, learning curves.
+"""Figures from result tables: phase diagrams (one study's, or two side by side), delay heatmaps,
+sweeps, learning curves.
 
 Reads only the tables of `results.py` and the phase names of `phases.py`.
 Matplotlib (checked against 3.11.2) is used through `matplotlib.figure.Figure`
@@ -16,13 +17,20 @@ Conventions shared by every figure:
   curve stopped for a reason other than the science. Trials still training (status RUNNING,
   in tables written while a study runs) are never drawn as a phase or a time: a point with one
   is drawn as running (`RUNNING_STYLE`, an open marker off the grid) until all its seeds end.
-- Axes are labelled with the dotted column names. A numeric axis is drawn in
-  log10 space as the study drew it: the scale of each searched axis is in the
-  trials table's metadata (`results.AXES_META`, from `SearchDim.is_log`); an
-  axis the study did not search follows the same rule (`config.is_log_scale`);
-  `log_x`/`log_y` override. A zero on a log axis gets its own slot one grid
-  step below the smallest positive value, ticked "0". Non-numeric columns
-  (optimizer.name, ...) become categorical axes.
+- Axes, facets and legend lines name a config key in words (`axis_label`: a
+  figure call's `labels`, else the study's `diagram.labels`, else
+  `AXIS_LABELS`, else the dotted key itself).
+- `Axis` is the one rule of where a value sits on a diagram's axis, here and in
+  `report`'s HTML diagram. A numeric axis is drawn in log10 space as the study
+  drew it: the scale of each searched axis is in the trials table's metadata
+  (`results.AXES_META`, from `SearchDim.is_log`); an axis the study did not
+  search follows the same rule (`config.is_log_scale`); `log_x`/`log_y`
+  override. A zero on a log axis gets its own slot one median grid step below
+  the smallest positive value, ticked "0". Non-numeric columns (optimizer.name,
+  ...), a study's choice axes and a single value become categorical axes, one
+  slot per value; on a grid, so do linear values that are only two or unevenly
+  spaced (cells sized by value would be lopsided). A grid's log axis is ticked at
+  its cells' values, a sampled study's at decades.
 - The table's metadata also names the study's sampler (`results.SAMPLER_META`):
   a grid study is drawn as cells; sobol, random and tpe samples as points
   scattered over regions shaded by their nearest sample in (log-)axis space,
@@ -33,10 +41,13 @@ Conventions shared by every figure:
 from __future__ import annotations
 
 import math
+import statistics
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +62,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
 from grokstudy.config import LATTICE_SAMPLERS, is_log_scale, value_key
-from grokstudy.errors import UsageError
+from grokstudy.errors import UsageError, one_line
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES, TIE, phase_order, vote
 from grokstudy.results import table_info
 from grokstudy.storage import atomic_path
@@ -74,8 +85,59 @@ INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
 RUNNING_STYLE = dict(facecolor="#EEF3F8", edgecolor="#5B7A99", hatch="\\\\", linewidth=0)
 """A point with a trial still training: no verdict yet."""
 RUNNING_LABEL = "still training: no verdict yet"
+MEASURE_COLOR = "#4D4D4D"  # a curve that is neither train nor validation (weight norm, Fourier share)
 FORMATS = ("png", "svg", "pdf")
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
+MAX_TICK_LABELS = 10  # a grid axis with more values labels every 2nd (3rd, ...) tick: labels never collide
+X_TICK_CHARS = 48  # characters of 8-point tick labels (and gaps) side by side under a 3.4-inch panel
+MAX_CURVE_TRIALS = 12  # rows of a learning-curves figure chosen by --trials/--where
+
+AXIS_LABELS: dict[str, str] = {
+    "task.op": "operation",
+    "task.p": "modulus p",
+    "task.n": "degree n of S_n",
+    "data.fraction": "training fraction",
+    "data.split_seed": "split seed",
+    "model.kind": "model",
+    "model.embed_dim": "embedding width",
+    "model.width": "width",
+    "model.depth": "depth",
+    "model.heads": "attention heads",
+    "model.activation": "activation",
+    "model.layer_norm": "layer norm",
+    "model.init_scale": "initialisation scale",
+    "optimizer.name": "optimizer",
+    "optimizer.lr": "learning rate",
+    "optimizer.betas": "Adam betas",
+    "optimizer.eps": "Adam ε",
+    "optimizer.momentum": "momentum",
+    "optimizer.weight_decay": "weight decay",
+    "optimizer.decay_to": "decay toward",
+    "optimizer.warmup_steps": "warm-up steps",
+    "optimizer.grokfast": "Grokfast",
+    "optimizer.grokfast_alpha": "Grokfast α",
+    "optimizer.grokfast_lamb": "Grokfast λ",
+    "optimizer.grokfast_window": "Grokfast window",
+    "optimizer.orthograd": "⊥Grad",
+    "train.max_steps": "step budget",
+    "train.batch_size": "batch size",
+    "train.loss": "loss",
+    "train.seed": "seed",
+}
+"""Words for the config keys a study may put on an axis; a key without one is shown dotted."""
+
+
+def axis_label(key: str, labels: Mapping[str, str] | None = None, trials: pa.Table | None = None) -> str:
+    """How a figure names the dotted config key `key` on an axis, a facet title or a legend line.
+
+    A figure call's `labels` win over the study's own (`diagram.labels`, kept in the metadata
+    of `trials`), which win over AXIS_LABELS: a paper can rename an axis without a rerun.
+    """
+    study = table_info(trials)[2].get("labels") if trials is not None else None
+    for names in (labels, study, AXIS_LABELS):
+        if names and key in names:
+            return names[key]
+    return key
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -125,6 +187,7 @@ def phase_diagram(
     log_y: bool | None = None,
     ax: Any = None,
     cells: pa.Table | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Majority phase over seeds at each (x, y) point, one panel per `facet` value.
 
@@ -139,41 +202,56 @@ def phase_diagram(
     seeds) shows its count in a corner. Sampled studies: points coloured by
     majority phase over nearest-neighbour phase regions. `ax` draws a single
     panel (no facet) into an existing Axes; the legend then goes beside it.
+    `labels` names config keys in words (see `axis_label`).
     """
-    data = _Data(trials, x, y, facet, log_x, log_y, cells)
+    data = _Data(trials, x, y, facet, log_x, log_y, cells, labels)
     fig, axes = _panels(data, ax)
-    drew_inferred = drew_fewer = False
-    for axis, value in zip(axes, data.facet_values, strict=True):
-        cells_here = data.cells(value)
-        if data.grid:
-            inferred, fewer = _draw_phase_cells(axis, data, cells_here, value)
-            drew_inferred, drew_fewer = drew_inferred or inferred, drew_fewer or fewer
-        else:
-            _draw_phase_scatter(axis, data, cells_here)
-            _draw_running_points(axis, data, value)
-        _finish_axes(axis, data, value)
-    shown = set(data.phase) | {p for p, _ in data.inferred.values()}
-    present = [p for p in PHASES if p in shown]
-    handles = [Patch(facecolor=_color(p), label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
-    if drew_inferred:
-        handles.append(
-            Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
-        )
-    handles += _running_handles(data)
-    if data.grid and data.has_missing():
-        handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
-    unit = "trials" if data.aggregated else "seeds"
-    agreement = None
-    if data.max_per_cell > 1 and data.grid:
-        agreement = f"cell: majority phase over {unit} (k/n and opacity: its share)"
-        agreement += f"\ndot: one disagreeing {unit[:-1]}"
-    elif data.max_per_cell > 1:
-        agreement = f"marker opacity: share of {unit} in the majority phase"
-    if drew_fewer:  # drawn only in grid cells, so `agreement` is set
-        agreement += f"\ncorner number: {unit} in a cell with fewer than {data.max_per_cell}"
-    _legend(fig, axes, handles, title=agreement, own_axes=ax is not None)
+    drawn = [
+        _draw_phase_panel(axis, data, value) for axis, value in zip(axes, data.facet_values, strict=True)
+    ]
+    _phase_legend(fig, axes, [data], drawn, own_axes=ax is not None)
     if ax is None:
         _suptitle(fig, f"{data.study}: phase diagram", data.seeds_text())
+    return fig
+
+
+@mpl.rc_context(STYLE)
+def compare_phase_diagrams(
+    studies: Sequence[tuple[str, pa.Table]],
+    x: str | None = None,
+    y: str | None = None,
+    *,
+    log_x: bool | None = None,
+    log_y: bool | None = None,
+    cells: Sequence[pa.Table | None] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Figure:
+    """The phase diagrams of (name, trials) studies side by side, one panel each, titled by name.
+
+    The panels share their axes: the union of the studies' values, on the scales and with
+    the sampler (cells or points) and diagram axes of the first study, so that a cell
+    sits at the same place in every panel and a value only one study has shows as missing
+    in the other. Facets are not drawn: a study's other keys are pooled, and the title
+    says so. `cells` holds each study's cells.parquet (or None), in the studies' order.
+    """
+    if not studies:
+        raise UsageError("SOURCE", "no study to compare")
+    cells = list(cells) if cells is not None else [None] * len(studies)
+    first = studies[0][1]
+    x, y, _ = _diagram_axes(first, x, y, None)
+    datas = [_Data(t, x, y, None, log_x, log_y, c, labels) for (_, t), c in zip(studies, cells, strict=True)]
+    _share_axes(datas)
+    fig = _figure((3.4 * len(datas) + 1.8, 5.4))
+    axes = fig.subplots(1, len(datas), sharex=True, sharey=True, squeeze=False).ravel().tolist()
+    drawn = []
+    for axis, data, (name, _) in zip(axes, datas, studies, strict=True):
+        drawn.append(_draw_phase_panel(axis, data, None))
+        axis.set_title(name)
+    _phase_legend(fig, axes, datas, drawn, own_axes=False)
+    details = "; ".join(
+        f"{name}: {data.seeds_text()}" for (name, _), data in zip(studies, datas, strict=True)
+    )
+    _suptitle(fig, f"{' vs '.join(name for name, _ in studies)}: phase diagrams", details)
     return fig
 
 
@@ -187,6 +265,7 @@ def delay_heatmap(
     facet: str | None = None,
     log_x: bool | None = None,
     log_y: bool | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Median over seeds of `delay` (t_val − t_train) or `t_val`, on a log10 colour scale in steps.
 
@@ -198,7 +277,7 @@ def delay_heatmap(
     """
     if value not in ("delay", "t_val"):
         raise UsageError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
-    data = _Data(trials, x, y, facet, log_x, log_y)
+    data = _Data(trials, x, y, facet, log_x, log_y, labels=labels)
     values = np.array(data.column(value), dtype=float)  # None (a delay without t_train) -> NaN: left out
     values[[t is None for t in data.t_val]] = math.inf
     finite = values[np.isfinite(values)]
@@ -247,6 +326,7 @@ def sweep(
     line: str | None = None,
     log_x: bool | None = None,
     value: str = "t_val",
+    labels: Mapping[str, str] | None = None,
 ) -> Figure:
     """Steps to generalize (`value`: t_val or t_val_loss) and to fit (t_train) against one axis,
     one line per value of `line` (an op, an optimizer, a loss...).
@@ -259,6 +339,7 @@ def sweep(
     if value not in ("t_val", "t_val_loss"):
         raise UsageError("value", f"unknown sweep value {value!r}; choose one of: t_val, t_val_loss")
     _check_columns(trials, {"--x": x, "--facet": line})
+    label = partial(axis_label, labels=labels, trials=trials)
     rows = _finished(trials).to_pylist()
     scales = table_info(trials)[1]
     if log_x is None:
@@ -289,9 +370,9 @@ def sweep(
                 medians.append(float(np.median(np.append(finite, [math.inf] * never))) if ts else math.nan)
             m = np.array(medians)
             m[~np.isfinite(m)] = np.nan  # break the line where most seeds never generalized
-            label = f"{line} = {_fmt(group)}" if line and key == value else None
+            legend = f"{label(line)} = {_fmt(group)}" if line and key == value else None
             marker = "o" if key == value else None
-            ax.plot(xs, m, ls=style, lw=width, color=color, marker=marker, ms=4, label=label)
+            ax.plot(xs, m, ls=style, lw=width, color=color, marker=marker, ms=4, label=legend)
     ax.axhline(budget, color="#888888", lw=0.8, ls=":", zorder=1)
     ax.text(
         0.005, budget, "budget", transform=ax.get_yaxis_transform(), va="bottom", fontsize=7, color="#666666"
@@ -299,7 +380,7 @@ def sweep(
     ax.set_yscale("log")
     if log_x:
         ax.set_xscale("log")
-    ax.set_xlabel(x)
+    ax.set_xlabel(label(x))
     ax.set_ylabel("steps")
     median = "median over seeds"
     handles = [
@@ -316,7 +397,7 @@ def sweep(
         if value == "t_val"
         else "generalized: validation loss holds below phases.loss_threshold"
     )
-    _suptitle(fig, f"{study}: steps to generalize against {x}", detail)
+    _suptitle(fig, f"{study}: steps to generalize against {label(x)}", detail)
     return fig
 
 
@@ -326,69 +407,99 @@ def numeric_axes(trials: pa.Table) -> list[str]:
     return [k for k, scale in scales.items() if scale != "category" and k in trials.column_names]
 
 
-# Long on purpose: one figure drawn top to bottom, one panel per shown trial.
-@mpl.rc_context(STYLE)
-def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[str] | None = None) -> Figure:
-    """Train and validation accuracy against optimizer steps, one panel per trial.
+@dataclass(frozen=True, slots=True)
+class CurvePanel:
+    """One column of a learning-curves figure: its header and the curves it draws."""
 
-    By default one representative trial per phase present, in `PHASES` order:
-    the trial with the median delay (comprehension, grokking; t_val when a
-    trial has no t_train) or the median best_val_acc (the other phases). The
-    step axis is symlog (linear in [0, 1], log above), so step 0 is shown at
-    its true value without shifting any step. Dashed lines mark t_train and
-    t_val.
+    header: str
+    lines: tuple[tuple[str, str, float], ...]
+    """(curves-table column, colour, line width) of each curve."""
+    log_y: bool = False
+    share: bool = False
+    """Values are shares in [0, 1]: the y axis shows all of [0, 1], in every row alike."""
+
+
+CURVE_PANELS: dict[str, CurvePanel] = {
+    "accuracy": CurvePanel(
+        "accuracy", (("train/acc", TRAIN_COLOR, 1.3), ("val/acc", VAL_COLOR, 2.0)), share=True
+    ),
+    "loss": CurvePanel(
+        "loss (log scale)", (("train/loss", TRAIN_COLOR, 1.3), ("val/loss", VAL_COLOR, 2.0)), log_y=True
+    ),
+    "weight_norm": CurvePanel("weight norm (L2)", (("weights/norm", MEASURE_COLOR, 1.6),)),
+    # Nanda et al. 2023: the generalizing circuit uses a few key frequencies of the embedding.
+    "fourier": CurvePanel(
+        "Fourier share (top-k frequencies)", (("fourier/top_k_share", MEASURE_COLOR, 1.6),), share=True
+    ),
+}
+"""The columns `learning_curves` can draw, by the name its `metrics` take, in default order."""
+
+
+@mpl.rc_context(STYLE)
+def learning_curves(
+    trials: pa.Table,
+    curves: pa.Table,
+    *,
+    trial_ids: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> Figure:
+    """Each trial's curves against optimizer steps: one row per trial, one column per metric.
+
+    `metrics` are names of CURVE_PANELS; by default accuracy, loss and weight norm, and the
+    Fourier share when a shown trial has one (it applies to modular operations only). By
+    default the trials are one representative per phase present, in `PHASES` order: the
+    trial with the median delay (comprehension, grokking; t_val when a trial has no t_train)
+    or the median best_val_acc (the other phases). A row's first panel names the trial's
+    phase (its colour on the panel's top edge), t_train, t_val and point; dashed lines mark
+    t_train and t_val in every panel. The step axis is symlog (linear in [0, 1], log
+    above), so step 0 is shown at its true value without shifting any step. `labels` names
+    the config keys of each point in words (see `axis_label`).
     """
+    if metrics is not None and (not metrics or not set(metrics) <= CURVE_PANELS.keys()):
+        bad = next((m for m in metrics if m not in CURVE_PANELS), "")
+        raise UsageError("metrics", f"unknown metric {bad!r}; choose from: {', '.join(CURVE_PANELS)}")
     chosen = trial_ids is not None
     rows = {r["trial_id"]: r for r in (trials if chosen else _finished(trials)).to_pylist()}
     curve_ids = set(curves.column("trial_id").to_pylist())
     if chosen:
         for tid in trial_ids:
             if tid not in rows or tid not in curve_ids:
-                raise UsageError("trial_ids", f"no trial {tid!r} with a curve in these tables")
+                raise UsageError("--trials", f"no trial {tid!r} with a curve in these tables")
     else:
         trial_ids = _representatives([r for tid, r in rows.items() if tid in curve_ids])
     if not trial_ids:
         raise UsageError("SOURCE", "no finished trial with a curve to draw")
 
-    n = len(trial_ids)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = _figure((3.5 * ncols + 0.4, 2.8 * nrows + 0.9))
-    fig.get_layout_engine().set(w_pad=0.06, wspace=0.06)
-    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     shown = curves.filter(pc.is_in(curves.column("trial_id"), value_set=pa.array(list(trial_ids))))
     ids = np.asarray(shown.column("trial_id").to_pylist(), dtype=object)
-    step_col, train_col, val_col = (
-        shown.column(c).to_numpy(zero_copy_only=False).astype(float) for c in ("step", "train/acc", "val/acc")
-    )
-    for axis, tid in zip(axes, trial_ids, strict=False):
-        row = rows[tid]
+    values = {
+        column: shown.column(column).to_numpy(zero_copy_only=False).astype(float)  # null -> NaN
+        for column in {"step"} | {c for panel in CURVE_PANELS.values() for c, _, _ in panel.lines}
+    }
+    if metrics is None:  # a measure no shown trial has would be a column of empty panels
+        metrics = [m for m, panel in CURVE_PANELS.items() if np.isfinite(values[panel.lines[0][0]]).any()]
+    panels = [CURVE_PANELS[m] for m in metrics]
+
+    label = partial(axis_label, labels=labels, trials=trials)
+    width = 2.6 * len(panels) + 0.5
+    titles = [_row_title(rows[tid], label, chars=int(width * 15)) for tid in trial_ids]
+    lines = max(t.count("\n") + 1 for t in titles)
+    fig = _figure((width, (1.9 + 0.17 * lines) * len(trial_ids) + 1.2))
+    fig.get_layout_engine().set(w_pad=0.06, wspace=0.06)
+    axes = fig.subplots(len(trial_ids), len(panels), squeeze=False)
+    for r, (axes_row, tid, title) in enumerate(zip(axes, trial_ids, titles, strict=True)):
         mask = ids == tid
-        order = np.argsort(step_col[mask])
-        steps = step_col[mask][order]
-        axis.plot(steps, train_col[mask][order], color=TRAIN_COLOR, lw=1.3, label="train")
-        axis.plot(steps, val_col[mask][order], color=VAL_COLOR, lw=2.0, label="validation")
-        for t, color in ((row["t_train"], TRAIN_COLOR), (row["t_val"], VAL_COLOR)):
-            if t is not None:
-                axis.axvline(t, color=color, lw=0.9, ls=(0, (4, 3)), alpha=0.8)
-        axis.set_xscale("symlog", linthresh=1, linscale=0.5)
-        top = max(float(steps.max()) if steps.size else 1.0, row.get("max_steps") or 1)
-        axis.set_xticks([0] + [10.0**k for k in range(1, int(math.log10(top)) + 1)])
-        axis.set_xlim(0, top * 1.1)
-        axis.set_ylim(-0.03, 1.05)
-        axis.grid(axis="y", color="#E6E6E6", lw=0.6)
+        order = np.argsort(values["step"][mask])
+        curve = {column: v[mask][order] for column, v in values.items()}
+        row_title = _draw_curve_row(axes_row, panels, rows[tid], curve, title)
+        if r == 0:
+            _column_headers(axes_row, panels, row_title)
+    for axis in axes[-1]:
         axis.set_xlabel("optimizer step")
-        axis.spines["top"].set(visible=True, color=_color(row["phase"]), linewidth=5)
-        # Mathtext bolds the phase name inside an otherwise plain title.
-        title = f"$\\bf{{{row['phase']}}}$   {_timings(row)}\n{_point_text(row)}"
-        axis.set_title(title, loc="left", fontsize=8, pad=8, linespacing=1.5)
-    for axis in axes[n:]:
-        axis.set_visible(False)
-    for axis in axes[::ncols]:
-        axis.set_ylabel("accuracy")
     handles = [
-        Line2D([], [], color=TRAIN_COLOR, lw=1.3, label="train accuracy"),
-        Line2D([], [], color=VAL_COLOR, lw=2.0, label="validation accuracy"),
+        Line2D([], [], color=TRAIN_COLOR, lw=1.3, label="train"),
+        Line2D([], [], color=VAL_COLOR, lw=2.0, label="validation"),
         Line2D([], [], color="#555555", lw=0.9, ls=(0, (4, 3)), label="t_train (black), t_val (green)"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
@@ -396,6 +507,55 @@ def learning_curves(trials: pa.Table, curves: pa.Table, *, trial_ids: Sequence[s
     which = "selected trials" if chosen else "one representative trial per phase"
     fig.suptitle(f"{study}: learning curves ({which})")
     return fig
+
+
+def select_trials(
+    trials: pa.Table,
+    trial_ids: Sequence[str] | None = None,
+    where: str | None = None,
+    *,
+    limit: int | None = MAX_CURVE_TRIALS,
+    allow_empty: bool = False,
+) -> list[str]:
+    """The ids of the trials whose learning curves to draw: `trial_ids` (in their order), those
+    of the trials table for which `where` holds (in table order), or those of both.
+
+    `where` is a pandas `DataFrame.query` expression over the trials table, e.g.
+    'phase == "grokking"'; dotted column names go in backticks: '`optimizer.weight_decay` > 0.1'.
+    Raises UsageError("--trials" or "--where", one line) for an unknown id, an expression
+    pandas cannot evaluate, no trial at all (unless `allow_empty`), or more than `limit` trials.
+    """
+    table_ids = trials.column("trial_id").to_pylist()
+    ids = table_ids if trial_ids is None else list(dict.fromkeys(trial_ids))
+    known = set(table_ids)
+    for tid in ids:
+        if tid not in known:
+            example = f"; ids look like {table_ids[0]!r}" if table_ids else ""
+            raise UsageError("--trials", f"no trial {tid!r} in this study{example}")
+    flag, wanted = "--trials", "the named trials"
+    if where is not None:
+        matched = set(_query(trials, where))
+        ids = [tid for tid in ids if tid in matched]
+        flag, wanted = "--where", repr(where)
+    if not ids and not allow_empty:
+        raise UsageError(flag, f"no trial matches {wanted}")
+    if limit is not None and len(ids) > limit:
+        raise UsageError(
+            flag,
+            f"{len(ids)} trials match {wanted}; learning curves show at most {limit}: narrow it",
+        )
+    return ids
+
+
+def _query(trials: pa.Table, where: str) -> list[str]:
+    """The trial ids of the rows for which the pandas query `where` holds."""
+    frame = trials.to_pandas()  # pandas comes with mlflow; only --where needs it
+    try:
+        matched = frame.query(where)
+    except Exception as e:  # the expression is the user's: any failure of it is a usage error
+        hint = "dotted columns go in backticks: `optimizer.weight_decay` > 0.1"
+        raise UsageError("--where", f"cannot evaluate {where!r} ({hint}): {one_line(e)}") from None
+    return matched["trial_id"].tolist()
 
 
 def render_study(
@@ -410,6 +570,7 @@ def render_study(
     log_x: bool | None = None,
     log_y: bool | None = None,
     cells: pa.Table | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write phase_diagram, delay_heatmap, t_val_heatmap, learning_curves (and, for a study with one
     numeric axis, sweep and sweep_loss) in each format; return the written paths.
@@ -423,14 +584,9 @@ def render_study(
     written. PNGs are 200 dpi; PDFs embed TrueType fonts (pdf.fonttype 42), as journals ask.
     """
     check_formats(formats)
-    diagram = table_info(trials)[2]
-    x = x or diagram.get("x") or "data.fraction"
-    y = y or diagram.get("y") or "optimizer.weight_decay"
-    facet = facet or diagram.get("facet")
+    x, y, facet = _diagram_axes(trials, x, y, facet)
     _check_columns(trials, {"--x": x, "--y": y, "--facet": facet})
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    axes = dict(x=x, y=y, facet=facet, log_x=log_x, log_y=log_y)
+    axes = dict(x=x, y=y, facet=facet, log_x=log_x, log_y=log_y, labels=labels)
     figures: list[tuple[str, Figure]] = [
         ("phase_diagram", phase_diagram(trials, **axes, cells=cells)),
         ("delay_heatmap", delay_heatmap(trials, value="delay", **axes)),
@@ -440,52 +596,94 @@ def render_study(
     if len(numeric) == 1:  # a sweep over one axis (categorical axes become its lines)
         others = [k for k in table_info(trials)[1] if k not in numeric]
         line = others[0] if len(others) == 1 else None
-        figures.append(("sweep", sweep(trials, numeric[0], line=line)))
+        figures.append(("sweep", sweep(trials, numeric[0], line=line, labels=labels)))
         if "t_val_loss" in trials.column_names and trials.column("t_val_loss").null_count < trials.num_rows:
-            figures.append(("sweep_loss", sweep(trials, numeric[0], line=line, value="t_val_loss")))
+            figures.append(
+                ("sweep_loss", sweep(trials, numeric[0], line=line, value="t_val_loss", labels=labels))
+            )
     curve_ids = set(curves.column("trial_id").to_pylist()) if curves is not None else set()
     if curve_ids & set(_finished(trials).column("trial_id").to_pylist()):
-        figures.append(("learning_curves", learning_curves(trials, curves)))
+        figures.append(("learning_curves", learning_curves(trials, curves, labels=labels)))
+    return [path for name, fig in figures for path in save_figure(fig, out_dir, name, formats)]
+
+
+def save_figure(fig: Figure, out_dir: Path, name: str, formats: Sequence[str]) -> list[Path]:
+    """Write `fig` as out_dir/<name>.<format> for each format; return the paths.
+
+    Atomically: figures are rewritten while a study runs, and a viewer may have one open.
+    """
+    check_formats(formats)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.{fmt}" for fmt in formats]
     with mpl.rc_context(STYLE):  # constrained layout already fits titles and legends
-        for name, fig in figures:
-            for fmt in formats:
-                # Atomically: figures are rewritten while a study runs, and a viewer may be open.
-                with atomic_path(out_dir / f"{name}.{fmt}") as tmp:
-                    fig.savefig(tmp, format=fmt)
-    return [out_dir / f"{name}.{fmt}" for name, _ in figures for fmt in formats]
+        for path, fmt in zip(paths, formats, strict=True):
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format=fmt)
+    return paths
+
+
+def _diagram_axes(
+    trials: pa.Table, x: str | None, y: str | None, facet: str | None
+) -> tuple[str, str, str | None]:
+    """The x, y and facet to draw: those given, else the study's diagram (in the table's metadata)."""
+    diagram = table_info(trials)[2]
+    return (
+        x or diagram.get("x") or "data.fraction",
+        y or diagram.get("y") or "optimizer.weight_decay",
+        facet or diagram.get("facet"),
+    )
 
 
 # ---- the data behind a diagram ----------------------------------------------------------
 
 
-@dataclass
-class _Axis:
-    """How one column's values map to positions on a linear matplotlib axis."""
+@dataclass(frozen=True)
+class Axis:
+    """How one column's values map to positions along a diagram's axis: the one rule of the
+    diagrams here and of `report`'s HTML diagram.
 
-    name: str
+    A position is a plain number on a linear axis: log10 of the value on a log axis, the value
+    on a linear one, its index on a category axis. A zero on a log axis gets its own slot one
+    median grid step below the smallest positive value (`zero_pos`).
+    """
+
+    name: str | None
     kind: str  # "log" | "linear" | "category"
     values: list[Any]  # distinct keys, in axis order
     zero_pos: float | None = None
+    scale: str | None = None
+    """The scale asked for (see `build`): an axis rebuilt over more values keeps it."""
 
     @classmethod
-    def build(cls, name: str, raw: list[Any], log: bool | None) -> _Axis:
+    def build(
+        cls, name: str | None, raw: Iterable[Any], scale: str | bool | None = None, grid: bool = False
+    ) -> Axis:
+        """The axis of a column's values `raw` (repeats and all).
+
+        `scale` is the study's scale of the column ("log", "linear" or "category", from
+        `results.AXES_META`), or a figure's `log_x`/`log_y` (True/False); None leaves it to
+        `config.is_log_scale`. Fewer than two values, any value that is not a number, or a
+        "category" scale make a category axis; a negative value, or none above zero, a linear
+        one. On a grid the axis goes through `for_grid`.
+        """
+        if isinstance(scale, bool):
+            scale = "log" if scale else "linear"
         keys = sorted({value_key(v) for v in raw}, key=_sort_key)
         # One value has no scale to show: label it like a category.
-        if len(keys) == 1 or not all(_is_number(k) for k in keys):
-            return cls(name, "category", keys)
-        pos = [k for k in keys if k > 0]
-        if log is None:
-            log = is_log_scale(keys)
-        if not log or not pos or any(k < 0 for k in keys):
-            return cls(name, "linear", keys)
-        zero_pos = None
-        if 0 in keys:
-            logs = np.log10(pos)
-            gap = float(np.median(np.diff(logs))) if len(pos) > 1 else 1.0
-            zero_pos = float(logs[0]) - gap
-        return cls(name, "log", keys, zero_pos)
+        if len(keys) < 2 or scale == "category" or not all(_is_number(k) for k in keys):
+            axis = cls(name, "category", keys, scale=scale)
+        elif any(k < 0 for k in keys) or not any(k > 0 for k in keys):
+            axis = cls(name, "linear", keys, scale=scale)
+        elif not (scale == "log" if scale in ("log", "linear") else is_log_scale(keys)):
+            axis = cls(name, "linear", keys, scale=scale)
+        else:
+            logs = [math.log10(k) for k in keys if k > 0]
+            gap = statistics.median(b - a for a, b in pairwise(logs)) if len(logs) > 1 else 1.0
+            axis = cls(name, "log", keys, logs[0] - gap if 0 in keys else None, scale)
+        return axis.for_grid() if grid else axis
 
-    def for_grid(self) -> _Axis:
+    def for_grid(self) -> Axis:
         """A linear axis whose grid values are few or unevenly spaced becomes evenly spaced cells.
 
         Cells sized by value would otherwise be lopsided, or reach below zero
@@ -496,7 +694,7 @@ class _Axis:
         gaps = np.diff(self.positions())
         if len(self.values) > 2 and gaps.max() <= 1.05 * gaps.min():
             return self
-        return _Axis(self.name, "category", self.values)
+        return replace(self, kind="category")
 
     def pos(self, key: Any) -> float:
         if self.kind == "category":
@@ -505,49 +703,68 @@ class _Axis:
             return self.zero_pos if key == 0 else math.log10(key)
         return float(key)
 
-    def positions(self) -> np.ndarray:
-        return np.array([self.pos(k) for k in self.values], dtype=float)
+    def positions(self) -> list[float]:
+        """The position of each value, in axis order."""
+        return [self.pos(k) for k in self.values]
 
-    def edges(self) -> np.ndarray:
-        """Cell boundaries around each value: midpoints, half a gap beyond the ends."""
+    def edges(self) -> list[float]:
+        """Grid cell boundaries around each value: midpoints, half a gap beyond the ends."""
         p = self.positions()
-        if len(p) == 1:  # a single value (build() makes it a category): a unit-wide cell
-            return np.array([p[0] - 0.5, p[0] + 0.5])
-        mid = (p[1:] + p[:-1]) / 2
-        return np.concatenate([[p[0] - (p[1] - p[0]) / 2], mid, [p[-1] + (p[-1] - p[-2]) / 2]])
+        if len(p) <= 1:  # a single value (build() makes it a category): a unit-wide cell
+            middle = p[0] if p else 0.0
+            return [middle - 0.5, middle + 0.5]
+        mids = [(a + b) / 2 for a, b in pairwise(p)]
+        return [p[0] - (p[1] - p[0]) / 2, *mids, p[-1] + (p[-1] - p[-2]) / 2]
+
+    def cell(self, key: Any) -> tuple[float, float]:
+        """The (low, high) edges of the grid cell around the value `key`."""
+        e, i = self.edges(), self.values.index(key)
+        return e[i], e[i + 1]
 
     def span(self, grid: bool) -> tuple[float, float]:
-        if grid:
+        """The axis's limits: a grid's outer cell edges; a sample's values with 5% to spare (half
+        a slot beyond a category's ends)."""
+        if grid or self.kind == "category":
             e = self.edges()
-            return float(e[0]), float(e[-1])
+            return e[0], e[-1]
         p = self.positions()
-        if self.kind == "category":
-            return -0.5, len(p) - 0.5
-        pad = (p.max() - p.min()) * 0.05 or 0.5
-        return float(p.min() - pad), float(p.max() + pad)
+        pad = (p[-1] - p[0]) * 0.05 or 0.5
+        return p[0] - pad, p[-1] + pad
+
+    def with_zero(self, ticks: list[tuple[float, str]]) -> list[tuple[float, str]]:
+        """A log axis's (position, label) ticks with its zero's slot ticked "0" first, and the
+        ticks below or just above the slot left out (they would collide with it)."""
+        if self.zero_pos is None:
+            return ticks
+        return [(self.zero_pos, "0")] + [t for t in ticks if t[0] > self.zero_pos + 0.3]
 
     def decorate(self, axis: Any, which: str, grid: bool) -> None:
+        """Limits and ticks: a category or grid cell is ticked at its value, a sampled log axis at decades."""
         set_lim, set_ticks = getattr(axis, f"set_{which}lim"), getattr(axis, f"set_{which}ticks")
         lo, hi = self.span(grid)
         set_lim(lo, hi)
         if self.kind == "category":
             set_ticks(range(len(self.values)), [_fmt(v) for v in self.values])
+        elif self.kind == "log" and grid:  # the zero slot's value formats as "0"
+            labels = [_fmt(v) for v in self.values]
+            every = math.ceil(len(labels) / MAX_TICK_LABELS)
+            if which == "x":  # side by side, labels also need their width
+                every = max(every, math.ceil(len(labels) * (max(map(len, labels)) + 2) / X_TICK_CHARS))
+            set_ticks(self.positions(), [text if i % every == 0 else "" for i, text in enumerate(labels)])
         elif self.kind == "log":
             decades = list(range(math.ceil(lo), math.floor(hi) + 1))
             if len(decades) < 2:  # too narrow for decade ticks: label the values themselves
                 ticks = [(self.pos(v), _fmt(v)) for v in self.values]
             else:
                 ticks = [(float(k), f"$10^{{{k}}}$") for k in decades]
-                if not grid:  # cells already mark the grid; minor ticks would only add noise
-                    minor = [
-                        math.log10(m) + k
-                        for k in range(decades[0] - 1, decades[-1] + 1)
-                        for m in range(2, 10)
-                        if lo <= math.log10(m) + k <= hi
-                    ]
-                    set_ticks(minor, minor=True)
-            if self.zero_pos is not None:
-                ticks = [(self.zero_pos, "0")] + [t for t in ticks if t[0] > self.zero_pos + 0.3]
+                minor = [
+                    math.log10(m) + k
+                    for k in range(decades[0] - 1, decades[-1] + 1)
+                    for m in range(2, 10)
+                    if lo <= math.log10(m) + k <= hi
+                ]
+                set_ticks(minor, minor=True)
+            ticks = self.with_zero(ticks)
             set_ticks([t[0] for t in ticks], [t[1] for t in ticks])
 
 
@@ -555,24 +772,38 @@ class _Data:
     """Finished trials with their positions on the two axes and the facet."""
 
     def __init__(
-        self, trials: pa.Table, x: str, y: str, facet: str | None, log_x, log_y, cells: pa.Table | None = None
+        self,
+        trials: pa.Table,
+        x: str,
+        y: str,
+        facet: str | None,
+        log_x: bool | None,
+        log_y: bool | None,
+        cells: pa.Table | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         _check_columns(trials, {"--x": x, "--y": y, "--facet": facet})
         sampler, scales, _ = table_info(trials)
-        if log_x is None and x in scales:
-            log_x = scales[x] == "log"
-        if log_y is None and y in scales:
-            log_y = scales[y] == "log"
+        self.label: Callable[[str], str] = partial(axis_label, labels=labels, trials=trials)
         self.study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
         self.inferred: dict[tuple[Any, Any, Any], tuple[str, float]] = _inferred(cells, x, y, facet)
         """(x, y, facet) of a cell that was not trained -> (inferred phase, confidence)."""
-        # Axes span every trial, finished or not, so that failed points still show as missing
-        # cells, and every point of the grid a boundary study inferred.
-        self.x = _Axis.build(x, _keys(trials, x) + [k[0] for k in self.inferred], log_x)
-        self.y = _Axis.build(y, _keys(trials, y) + [k[1] for k in self.inferred], log_y)
         self.grid = sampler in (None, *LATTICE_SAMPLERS)
-        if self.grid:
-            self.x, self.y = self.x.for_grid(), self.y.for_grid()
+        # Axes span every trial, finished or not, so that failed points still show as missing
+        # cells, and every point of the grid a boundary study inferred. log_x/log_y override
+        # the study's scales.
+        self.x = Axis.build(
+            x,
+            _keys(trials, x) + [k[0] for k in self.inferred],
+            scales.get(x) if log_x is None else log_x,
+            self.grid,
+        )
+        self.y = Axis.build(
+            y,
+            _keys(trials, y) + [k[1] for k in self.inferred],
+            scales.get(y) if log_y is None else log_y,
+            self.grid,
+        )
         self.facet = facet
         self.facet_values: list[Any] = [None]
         if facet:
@@ -629,7 +860,7 @@ class _Data:
         else:
             text = "no finished trials"
         if self.aggregated:
-            text += f", pooled over {', '.join(self.aggregated)}"
+            text += f", pooled over {', '.join(map(self.label, self.aggregated))}"
         budgets = set(self.column("max_steps")) if "max_steps" in self.table.column_names else set()
         if len(budgets) == 1:
             text += f", budget {_steps_text(budgets.pop())} steps"
@@ -697,14 +928,66 @@ def _panels(data: _Data, ax: Any) -> tuple[Figure, list[Any]]:
 def _finish_axes(axis: Any, data: _Data, facet_value: Any) -> None:
     data.x.decorate(axis, "x", data.grid)
     data.y.decorate(axis, "y", data.grid)
-    axis.set_xlabel(data.x.name)
+    axis.set_xlabel(data.label(data.x.name))
     if axis.get_subplotspec() is None or axis.get_subplotspec().is_first_col():
-        axis.set_ylabel(data.y.name)
+        axis.set_ylabel(data.label(data.y.name))
     if data.facet is not None:
-        axis.set_title(f"{data.facet} = {_fmt(facet_value)}")
+        axis.set_title(f"{data.label(data.facet)} = {_fmt(facet_value)}")
     axis.tick_params(which="minor", length=2)
     if data.grid:
         axis.spines[["top", "right"]].set_visible(True)
+
+
+def _draw_phase_panel(axis: Any, data: _Data, facet_value: Any) -> tuple[bool, bool]:
+    """One panel of a phase diagram; (an inferred cell was drawn, a cell with fewer trials was)."""
+    cells = data.cells(facet_value)
+    drawn = (False, False)
+    if data.grid:
+        drawn = _draw_phase_cells(axis, data, cells, facet_value)
+    else:
+        _draw_phase_scatter(axis, data, cells)
+        _draw_running_points(axis, data, facet_value)
+    _finish_axes(axis, data, facet_value)
+    return drawn
+
+
+def _phase_legend(
+    fig: Figure, axes: list[Any], datas: Sequence[_Data], drawn: Sequence[tuple[bool, bool]], own_axes: bool
+) -> None:
+    """One legend for the panels of one or more diagrams: the phases shown, then each mark drawn."""
+    drew_inferred, drew_fewer = any(i for i, _ in drawn), any(f for _, f in drawn)
+    shown = {p for d in datas for p in d.phase} | {p for d in datas for p, _ in d.inferred.values()}
+    present = [p for p in PHASES if p in shown]
+    handles = [Patch(facecolor=_color(p), label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
+    if drew_inferred:
+        handles.append(
+            Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
+        )
+    running = [d for d in datas if d.running]
+    handles += _running_handles(running[0]) if running else []
+    grid = datas[0].grid
+    if grid and any(d.has_missing() for d in datas):
+        handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
+    unit = "trials" if any(d.aggregated for d in datas) else "seeds"
+    fullest = max(d.max_per_cell for d in datas)
+    agreement = None
+    if fullest > 1 and grid:
+        agreement = f"cell: majority phase over {unit} (k/n and opacity: its share)"
+        agreement += f"\ndot: one disagreeing {unit[:-1]}"
+    elif fullest > 1:
+        agreement = f"marker opacity: share of {unit} in the majority phase"
+    if drew_fewer:  # drawn only in grid cells, so `agreement` is set
+        agreement += f"\ncorner number: {unit} in a cell with fewer than {fullest}"
+    _legend(fig, axes, handles, title=agreement, own_axes=own_axes)
+
+
+def _share_axes(datas: Sequence[_Data]) -> None:
+    """Put every diagram on the same axes: the union of their values, drawn as the first is."""
+    first = datas[0]
+    x = Axis.build(first.x.name, [v for d in datas for v in d.x.values], first.x.scale, first.grid)
+    y = Axis.build(first.y.name, [v for d in datas for v in d.y.values], first.y.scale, first.grid)
+    for d in datas:
+        d.x, d.y, d.grid = x, y, first.grid
 
 
 def _suptitle(fig: Figure, title: str, detail: str) -> None:
@@ -834,7 +1117,7 @@ def _draw_phase_scatter(axis: Any, data: _Data, cells: dict) -> None:
         axis.scatter(xp, yp, s=34, color=color, edgecolors="#222222", linewidths=0.6, zorder=3)
 
 
-def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: _Axis, extent: float) -> np.ndarray:
+def _scaled_distance(grid: np.ndarray, pts: np.ndarray, ax: Axis, extent: float) -> np.ndarray:
     """(len(grid), len(pts)) squared distances in [0, 1]-scaled axis units."""
     if ax.kind == "category":
         return np.where(np.rint(grid)[:, None] == pts[None, :], 0.0, np.inf)
@@ -946,10 +1229,60 @@ def _timings(row: dict[str, Any]) -> str:
     )
 
 
-def _point_text(row: dict[str, Any]) -> str:
+def _row_title(row: dict[str, Any], label: Callable[[str], str], chars: int) -> str:
+    """A learning-curves row's title: the phase in bold (mathtext), its timings, then its point
+    wrapped to `chars` characters a line."""
     keys = [k for k in (row.get("searched") or []) if k != "train.seed"] + ["train.seed"]
-    text = ", ".join(f"{k}={_fmt(row.get(k))}" for k in keys if k in row)
-    return "\n".join(textwrap.wrap(text, 50))
+    point = ", ".join(f"{label(k)} = {_fmt(row.get(k))}" for k in keys if k in row)
+    return "\n".join(
+        [f"$\\bf{{{row['phase'] or 'running'}}}$   {_timings(row)}", *textwrap.wrap(point, chars)]
+    )
+
+
+def _draw_curve_row(
+    axes_row: Sequence[Any], panels: Sequence[CurvePanel], row: dict[str, Any], curve: dict, title: str
+) -> Any:
+    """One trial's panels, from its `curve` ({column: values in step order}); returns its title."""
+    steps = curve["step"]
+    top = max(float(steps.max()) if steps.size else 1.0, row.get("max_steps") or 1)
+    for axis, panel in zip(axes_row, panels, strict=True):
+        for column, color, width in panel.lines:
+            axis.plot(steps, curve[column], color=color, lw=width)
+        for t, color in ((row["t_train"], TRAIN_COLOR), (row["t_val"], VAL_COLOR)):
+            if t is not None:
+                axis.axvline(t, color=color, lw=0.9, ls=(0, (4, 3)), alpha=0.8)
+        _step_axis(axis, top)
+        if panel.log_y:
+            axis.set_yscale("log")
+        if panel.share:
+            axis.set_ylim(-0.03, 1.05)
+        axis.grid(axis="y", color="#E6E6E6", lw=0.6)
+    first = axes_row[0]
+    first.spines["top"].set(visible=True, color=_color(row["phase"]), linewidth=5)
+    return first.set_title(title, loc="left", fontsize=8, pad=8, linespacing=1.5)
+
+
+def _column_headers(axes_row: Sequence[Any], panels: Sequence[CurvePanel], row_title: Any) -> None:
+    """Each column's header, set above the first row's title (which may run across the row)."""
+    for axis, panel in zip(axes_row, panels, strict=True):
+        axis.annotate(
+            panel.header,
+            xy=(0.5, 1),
+            xycoords=(axis.transAxes, row_title),  # y: the top of the row's title
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontweight="bold",
+            gid="column header",
+        )
+
+
+def _step_axis(axis: Any, top: float) -> None:
+    """Symlog steps from 0 to a little past `top` (the budget), ticked at 0 and each decade."""
+    axis.set_xscale("symlog", linthresh=1, linscale=0.5)
+    axis.set_xticks([0] + [10.0**k for k in range(1, int(math.log10(top)) + 1)])
+    axis.set_xlim(0, top * 1.1)
 
 
 # ---- values --------------------------------------------------------------------------------------

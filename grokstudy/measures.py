@@ -66,13 +66,7 @@ def fourier_top_k_share_tensor(model: nn.Module, task: TaskConfig, k: int = 5) -
     """
     if not fourier_applies(task) or not hasattr(model, "operand_embeddings"):
         return torch.tensor(math.nan, dtype=torch.float64, device=next(model.parameters()).device)
-    powers = []
-    for emb in model.operand_embeddings():
-        rows = emb.detach().double()  # (p, d)
-        if FOURIER_BASIS[task.op] == "multiplicative":
-            rows = rows[_log_order(task.p, rows.device)]  # (p-1, d): row j is the embedding of g^j
-        # rfft folds f and m-f into one bin; the Nyquist bin (m even) has no twin, which barely moves ranks.
-        powers.append(torch.fft.rfft(rows, dim=0).abs().pow(2)[1:])  # (m//2, d): frequencies 1..m//2
+    powers = _powers(model, task)
     total = sum(power.sum() for power in powers)
     if getattr(model, "fourier_per_column", False):
         top = sum(power.topk(min(k, power.shape[0]), dim=0).values.sum() for power in powers)
@@ -80,6 +74,29 @@ def fourier_top_k_share_tensor(model: nn.Module, task: TaskConfig, k: int = 5) -
         spectrum = sum(power.sum(1) for power in powers)  # (m//2,)
         top = spectrum.topk(min(k, spectrum.numel())).values.sum()
     return (top / total.clamp_min(1e-300)).clamp(max=1.0)  # rounding can give 1 + 1e-16
+
+
+@torch.no_grad()
+def fourier_spectrum(model: nn.Module, task: TaskConfig) -> torch.Tensor:
+    """The operand embedding's Fourier power at frequencies 1..m//2 (m = p, or p-1 for the
+    multiplicative ops), summed over embedding dimensions: float64 [m//2], on the model's device.
+    A model that grokked puts nearly all of it in a few key frequencies (Nanda et al. 2023).
+    ValueError where no basis applies (see FOURIER_BASIS)."""
+    if not fourier_applies(task) or not hasattr(model, "operand_embeddings"):
+        raise ValueError(f"no Fourier basis for task {task.op} with this model")
+    return sum(power.sum(1) for power in _powers(model, task))
+
+
+def _powers(model: nn.Module, task: TaskConfig) -> list[torch.Tensor]:
+    """Per operand embedding, its power at frequencies 1..m//2 per dimension: (m//2, d) each."""
+    powers = []
+    for emb in model.operand_embeddings():
+        rows = emb.detach().double()  # (p, d)
+        if FOURIER_BASIS[task.op] == "multiplicative":
+            rows = rows[_log_order(task.p, rows.device)]  # (p-1, d): row j is the embedding of g^j
+        # rfft folds f and m-f into one bin; the Nyquist bin (m even) has no twin, which barely moves ranks.
+        powers.append(torch.fft.rfft(rows, dim=0).abs().pow(2)[1:])  # (m//2, d): frequencies 1..m//2
+    return powers
 
 
 def fourier_top_k_share(model: nn.Module, task: TaskConfig, k: int = 5) -> float:

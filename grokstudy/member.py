@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from grokstudy import checkpoints, footprint, phases, tracking
+from grokstudy import checkpoints, footprint, phases, storage, tracking, weights
 from grokstudy.checkpoints import Found, SavedMember
 from grokstudy.config import PhaseConfig, Study, TrialConfig, flatten
 from grokstudy.errors import one_line
@@ -69,6 +70,12 @@ class Trainer:
         self.retired.add(i)
         if not self.single:
             self.state.retire(i)
+
+    def member_state_dict(self, i: int) -> dict[str, Any]:
+        """Member i's weights as its `nn.Module`'s state dict, on CPU (before it is retired)."""
+        if self.single:
+            return {k: v.detach().cpu().clone() for k, v in self.state.model.state_dict().items()}
+        return self._packed.member_state_dict(self.state, i)
 
     def save(self, path: Path) -> None:
         if self.single:
@@ -198,8 +205,11 @@ class PackRun:
         saved: Found | None,
         where: tracking.Where,
         node: str,
+        weights_dir: str | None = None,
     ) -> None:
         self.study, self.node = study, node
+        self.weights_dir = weights_dir
+        """Where each member's final weights go (`weights.directory`); None: nowhere."""
         self.ids = [m["trial_id"] for m in members]
         self.points = [point_from_config(study, m["point"]) for m in members]
         self.cfgs = [study.trial(p) for p in self.points]
@@ -208,6 +218,8 @@ class PackRun:
         kept = saved.members if saved is not None else {}
         self.curves = {t: list(kept[t].records) if t in kept else [] for t in self.ids}
         self.outcomes = {t: kept[t].outcome for t in self.ids if t in kept and kept[t].outcome is not None}
+        self.weights_uris = {t: kept[t].weights_uri for t in self.outcomes if kept[t].weights_uri}
+        self._scratch: tempfile.TemporaryDirectory | None = None  # weights files until MLflow has them
         if saved is None:
             self.trainer = Trainer(self.cfgs, None)
         else:
@@ -259,6 +271,8 @@ class PackRun:
             # While MLflow is down, an ending trial does not wait for it: the driver settles its
             # run from the checkpoint at the end of the study.
             self.sender.close(0.0 if self.sender.down_s > 0 else CLOSE_TIMEOUT_S)
+            if self._scratch is not None:
+                self._scratch.cleanup()
 
     def _record(self, i: int, record: EvalRecord) -> bool:
         """Add member i's record; True when it finished the member."""
@@ -272,11 +286,28 @@ class PackRun:
         if outcome is None:
             return False
         self.outcomes[tid] = outcome
+        self._keep_weights(i, record.step)
         self.trainer.retire(i)
         self.runs[tid].set_tags(final_tags(outcome, self.node))
         self.runs[tid].log_metrics(record.step, outcome_metrics(outcome, record))
         self.runs[tid].finish("FINISHED")
         return True
+
+    def _keep_weights(self, i: int, step: int) -> None:
+        """Member i's final weights to the study's storage and, as an artifact, to its MLflow run
+        (`weights`); before it retires, while a pack still holds them."""
+        if self.weights_dir is None:
+            return
+        tid = self.ids[i]
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="grokstudy-weights-")
+        local = Path(self._scratch.name) / weights.file_name(tid)
+        weights.write_local(local, tid, step, self.cfgs[i], self.trainer.member_state_dict(i))
+        uri = storage.join(self.weights_dir, weights.file_name(tid))
+        storage.put_file(local, uri)
+        self.weights_uris[tid] = uri
+        self.runs[tid].set_tags({tracking.WEIGHTS_TAG: uri})
+        self.runs[tid].log_artifact(local, weights.ARTIFACT_PATH)
 
     def _log_gpu(self, step: int) -> None:
         """The GPU's utilisation and memory (`gpu.sample`) to the runs of the members still training."""
@@ -312,7 +343,12 @@ class PackRun:
 
     def write_checkpoint(self, directory: Path) -> None:
         """Write this pack's checkpoint into `directory` (`checkpoints.write`)."""
-        kept = {t: SavedMember(self.curves[t], self.runs[t].run_id, self.outcomes.get(t)) for t in self.ids}
+        kept = {
+            t: SavedMember(
+                self.curves[t], self.runs[t].run_id, self.outcomes.get(t), self.weights_uris.get(t)
+            )
+            for t in self.ids
+        }
         checkpoints.write(directory, self.trainer.state.step, kept, self.trainer.save)
 
 
@@ -340,4 +376,5 @@ def history(
         run_id=saved.run_id if saved is not None else None,
         error=None if outcome else error,
         running=outcome is None and error is None,
+        weights_uri=saved.weights_uri if saved is not None and outcome is not None else None,
     )

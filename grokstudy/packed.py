@@ -615,6 +615,18 @@ def _fourier(state: PackState) -> torch.Tensor:
 
 # ---- checkpoints -----------------------------------------------------------------------------
 
+
+def member_state_dict(state: PackState, i: int) -> dict[str, torch.Tensor]:
+    """Member i's weights as its lone `nn.Module`'s `state_dict()`, on CPU: what `load_state_dict`
+    of `models.build_model(cfg.model, ...)` takes. Member i must still be stacked (it is until the
+    step after it retires)."""
+    row = state.members.index(i)
+    own = {name: view[row].detach().cpu().clone() for name, view in state.views.items()}
+    return {
+        k: own[k] if k in own else v.detach().cpu().clone() for k, v in state.template.state_dict().items()
+    }
+
+
 _SAVED = ("params", "opt.", "grokfast.")
 """State tensors a checkpoint holds; hyper.* and data.* are rebuilt from the configs."""
 

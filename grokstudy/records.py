@@ -138,6 +138,8 @@ class TrialHistory:
     """Why it failed, when it has no outcome."""
     running: bool = False
     """Still training (a table written while the study runs): no outcome yet, and no phase."""
+    weights_uri: str | None = None
+    """Its final weights file (`grokstudy.weights`); None when it kept none."""
 
     @property
     def stop_reason(self) -> str | None:

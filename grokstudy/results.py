@@ -47,7 +47,8 @@ SAMPLER_META = "grokstudy.sampler"
 AXES_META = "grokstudy.axes"
 """Trials-table metadata: JSON {searched key: "log" | "linear" | "category"} (`SearchDim.is_log`)."""
 DIAGRAM_META = "grokstudy.diagram"
-"""Trials-table metadata: JSON {"x": key, "y": key, "facet": key or null}, the study's diagram."""
+"""Trials-table metadata: JSON {"x": key, "y": key, "facet": key or null, "labels": {key: label}
+(only when the study sets diagram.labels)}, the study's diagram."""
 
 
 def _field(name: str, type_: pa.DataType, description: str, unit: str | None = None, nullable=False):
@@ -135,6 +136,13 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
             "hash of the searched hyperparameters; the same for every seed of a point",
         ),
         _field("run_id", pa.string(), "MLflow run id of the trial's child run", nullable=True),
+        _field(
+            "weights_uri",
+            pa.string(),
+            "the finished trial's final weights (grokstudy.load_model reads them): a path or URI on "
+            "the study's storage, or runs:/<run_id>/weights/<trial_id>.pt; null: none kept",
+            nullable=True,
+        ),
     ]
     tail = [
         _field(
@@ -253,6 +261,8 @@ def study_metadata(study: Study) -> dict[bytes, bytes]:
     """What figures need to know of a study, as trials-table schema metadata."""
     axes = {d.key: _scale(d) for d in study.search.space}
     diagram = {"x": study.diagram.x, "y": study.diagram.y, "facet": study.diagram.facet}
+    if study.diagram.labels:
+        diagram["labels"] = study.diagram.labels
     return {
         SAMPLER_META.encode(): study.search.sampler.encode(),
         AXES_META.encode(): json.dumps(axes).encode(),
@@ -296,6 +306,7 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
         "trial_id": h.trial_id,
         "point_id": point_id(h.point),
         "run_id": h.run_id,
+        "weights_uri": h.weights_uri,
         **hyper,
         "optimizer.weight_decay_form": h.cfg.optimizer.weight_decay_form,
         "searched": list(searched),

@@ -58,6 +58,7 @@ from grokstudy import (
     search,
     storage,
     tracking,
+    weights,
 )
 from grokstudy.collect import ENDED_WITHOUT_OUTCOME, FAILED_BEYOND_RETRIES, Ended, StudyOutcome
 from grokstudy.config import Study, flatten, pack_key, plain, to_dict
@@ -104,6 +105,8 @@ class TrialContext:
 
     study: Study
     where: tracking.Where
+    weights_dir: str | None = None
+    """Where members' final weights go (`weights.directory`); None: `run.save_weights: none`."""
 
 
 def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
@@ -127,7 +130,7 @@ def _trial_fn(config: dict[str, Any], ctx: TrialContext) -> None:
         if saved is None:
             log.warning("trial %s: none of its checkpoints is whole; it starts over", trial_dir)
     node = ray.get_runtime_context().get_node_id()
-    pack = member.PackRun(ctx.study, config["members"], saved, ctx.where, node)
+    pack = member.PackRun(ctx.study, config["members"], saved, ctx.where, node, ctx.weights_dir)
 
     def report(metrics: dict[str, Any], with_checkpoint: member.PackRun | None) -> None:
         if with_checkpoint is None:
@@ -487,8 +490,9 @@ def _fit(
 ) -> StudyOutcome:
     global _current
     where = study_tracker.where()
+    weights_dir = weights.directory(experiment_path) if study.run.save_weights == "final" else None
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_fn, ctx=TrialContext(study, where)),
+        tune.with_parameters(_trial_fn, ctx=TrialContext(study, where, weights_dir)),
         {"cpu": study.resources.cpu, "gpu": study.resources.gpu},
     )
     restored = tune.ExperimentAnalysis(experiment_path).trials if resumed else []
@@ -544,7 +548,7 @@ def _fit(
     searcher.ledger.export(out_dir / "optuna.db")
     return collect.write_results(
         study, out_dir, histories, formats, study_tracker, resumed, len(searcher.lost),
-        len(searcher.ledger.retried), progress.started_at,
+        len(searcher.ledger.retried), progress.started_at, weights.directory(experiment_path),
     )  # fmt: skip
 
 

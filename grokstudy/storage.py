@@ -25,6 +25,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -234,6 +235,44 @@ def write_text(uri: str, text: str) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())
+
+
+def put_file(local: Path, uri: str) -> None:
+    """Copy a local file to a local path or URI whole: a reader never sees part of it (a local
+    copy is renamed into place; an object store shows an upload only once it completes)."""
+    if "://" not in uri:
+        with atomic_path(Path(uri)) as tmp:
+            shutil.copyfile(local, tmp)
+        return
+    fs, path = _fs(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pyarrow.fs.copy_files(str(local), path, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                          destination_filesystem=fs)  # fmt: skip
+
+
+def fetch_file(uri: str, local: Path) -> None:
+    """Copy the file at a local path or URI to `local`; FileNotFoundError when there is none."""
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"no file at {uri}")
+    pyarrow.fs.copy_files(path, str(local), source_filesystem=fs,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+
+
+def list_files(directory_uri: str, suffix: str) -> dict[str, int]:
+    """{file name: bytes} of the files named `*<suffix>` in a directory ({} when it does not exist)."""
+    fs, path = _fs(directory_uri)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return {
+        i.base_name: i.size or 0
+        for i in infos
+        if i.type == pyarrow.fs.FileType.File and i.base_name.endswith(suffix)
+    }
+
+
+def delete_file(uri: str) -> None:
+    fs, path = _fs(uri)
+    fs.delete_file(path)
 
 
 def has_file(directory_uri: str, prefix: str, suffix: str) -> bool:

@@ -175,9 +175,10 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     return _parse(data, source, overrides)
 
 
-def parse_study(data: dict[str, Any], source: str = "<study>") -> Study:
-    """Validate an already-parsed study mapping (the contents of a YAML file)."""
-    return _parse(data, source)
+def parse_study(data: dict[str, Any], source: str = "<study>", overrides: Sequence[str] = ()) -> Study:
+    """Validate an already-parsed study mapping (the contents of a YAML file), with `overrides`
+    as `load_study` takes them."""
+    return _parse(data, source, overrides)
 
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -321,6 +322,9 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
         key = getattr(study.diagram, axis)
         if key is not None and key not in TRIAL_KEYS:
             problems.append(_unknown(f"diagram.{axis}", key, TRIAL_KEYS, ANY_TRIAL_KEY))
+    for key in study.diagram.labels or {}:
+        if key not in TRIAL_KEYS:
+            problems.append(_unknown("diagram.labels", key, TRIAL_KEYS, ANY_TRIAL_KEY))
     if study.diagram.x == study.diagram.y:
         problems.append(StudyError("diagram.y", "the same key as diagram.x; a phase diagram needs two axes"))
     _cross_checks(base, {d.key: d for d in search.space}, problems, bad)
@@ -416,6 +420,12 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
         if isinstance(v, str) and v:
             return v
         raise _Bad(f"expected text (got {show(v)})")
+    if get_origin(hint) is dict:  # diagram.labels: {dotted key: text}
+        if isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, str) and t for k, t in v.items()):
+            return dict(v)
+        raise _Bad(
+            f"expected a mapping of dotted keys to labels, e.g. {{data.fraction: train share}} (got {show(v)})"
+        )
     if get_origin(hint) is tuple:  # optimizer.betas: tuple[float, float]
         n = len(get_args(hint))
         if isinstance(v, (list, tuple)) and len(v) == n:

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import grokstudy
-from grokstudy import compat, storage
+from grokstudy import compat, storage, weights
 from grokstudy.config import Study, TrialConfig, flatten, get_path, param_text, param_value, trial_from_dict
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import SEED
@@ -84,6 +84,9 @@ TUNE_EXPERIMENT_TAG = "grokstudy.tune_experiment"
 TRIAL_KEY_TAG = "grokstudy.trial_key"
 """A trial run's trial id (`<point_id>-s<seed>`); `find_trial_runs` maps it back to the run."""
 ERROR_TAG = "grokstudy.error"
+WEIGHTS_TAG = "grokstudy.weights_uri"
+"""A finished trial's weights file on the study's storage (`grokstudy.weights`); the run holds a
+copy as its artifact `weights/<trial_id>.pt`."""
 NOTE_TAG = "mlflow.note.content"
 """A run's description in the MLflow UI (markdown)."""
 """On a FAILED trial run: why it failed."""
@@ -267,6 +270,8 @@ class TrialEnd:
     error: str | None = None
     summary: dict[str, float] | None = None
     """Its outcome as metrics at its last step (`TrialRun.log_metrics`)."""
+    weights_uri: str | None = None
+    """Its weights file, stored as the run's artifact before the run ends (`grokstudy.weights`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +316,7 @@ class TrialRun:
         self._params = _param_dict(params)
         self._tags = _str_dict(tags) | {KIND_TAG: "trial", TRIAL_KEY_TAG: key}
         self._extra: list[tuple[int, dict[str, float]]] = []  # metrics beside the curve, by step
+        self._artifacts: list[tuple[str, str]] = []  # (local file, artifact directory)
         self._opened = False
         self._stored_step: int | None = None  # the run's last stored step, once known
         self._queued: list[EvalRecord] = []  # records past the stored step, in step order
@@ -341,6 +347,12 @@ class TrialRun:
                 self._extra.append((step, dict(values)))
             self._sender.wake()
 
+    def log_artifact(self, local: Path, artifact_path: str) -> None:
+        """Store a local file (kept until then) under `artifact_path`, before the run ends."""
+        with self._sender.lock:
+            self._artifacts.append((str(local), artifact_path))
+        self._sender.wake()
+
     def finish(self, status: str, error: str | None = None) -> None:
         """End the run as FINISHED, FAILED or KILLED once everything queued is stored."""
         if status not in RUN_STATUSES:
@@ -356,7 +368,7 @@ class TrialRun:
         """Nothing queued for this run (finished, if asked to)."""
         return (
             self._opened and not self._queued and not self._params and not self._tags and self._status is None
-            and not self._extra
+            and not self._extra and not self._artifacts
         )  # fmt: skip
 
     # -- on the sender's thread --
@@ -367,6 +379,7 @@ class TrialRun:
         with self._sender.lock:
             params, tags = self._params, self._tags
             records, status, extra = list(self._queued), self._status, list(self._extra)
+            artifacts = list(self._artifacts)
         requests = _requests(params, tags, records)
         for p, t, recs in requests:
             client.log_batch(self.run_id, metrics=_metrics(recs), params=_params(p), tags=_tags(t))
@@ -386,7 +399,11 @@ class TrialRun:
                 client.log_batch(self.run_id, metrics=metrics[i : i + MAX_METRICS_PER_BATCH])
             with self._sender.lock:
                 del self._extra[: len(extra)]  # only appended to since: the first ones were sent
-        if status is not None and not self._queued and not self._extra:
+        for local, artifact_path in artifacts:
+            client.log_artifact(self.run_id, local, artifact_path)
+            with self._sender.lock:
+                self._artifacts.remove((local, artifact_path))
+        if status is not None and not self._queued and not self._extra and not self._artifacts:
             client.set_terminated(self.run_id, status=status)
             with self._sender.lock:
                 if self._status == status:
@@ -691,14 +708,20 @@ class StudyTracker:
         raises TimeoutError unless all of it was stored within `timeout_s`."""
         sender = Sender(self.where(), interval_s=0.5)
         runs = []
-        for end in ends:
-            run = sender.open(end.trial_id, end.name, end.params, end.tags, run_id=end.run_id)
-            run.sync(end.records)
-            if end.summary and end.records:
-                run.log_metrics(end.records[-1].step, end.summary)
-            run.finish(end.status, end.error)
-            runs.append(run)
-        if not sender.close(timeout_s):
+        with tempfile.TemporaryDirectory(prefix="grokstudy-settle-") as scratch:
+            for end in ends:
+                run = sender.open(end.trial_id, end.name, end.params, end.tags, run_id=end.run_id)
+                run.sync(end.records)
+                if end.summary and end.records:
+                    run.log_metrics(end.records[-1].step, end.summary)
+                if end.weights_uri:
+                    local = Path(scratch) / end.weights_uri.rsplit("/", 1)[-1]
+                    storage.fetch_file(end.weights_uri, local)
+                    run.log_artifact(local, weights.ARTIFACT_PATH)
+                run.finish(end.status, end.error)
+                runs.append(run)
+            closed = sender.close(timeout_s)
+        if not closed:
             raise TimeoutError(
                 f"MLflow at {redact(self.tracking_uri)} did not store the ends of {len(ends)} trial runs "
                 f"within {timeout_s:g} s ({sender.last_error})"
@@ -1020,22 +1043,38 @@ def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[Tri
         tags = trial["tags"]
         cfg = trial_config_from_params(trial["params"])
         curve = tuple(records_from_metrics(trial["metrics"]))
+        ended = trial["status"] not in ("FAILED", "RUNNING", "SCHEDULED")
         histories.append(
             TrialHistory(
                 trial_id=tags.get(TRIAL_KEY_TAG) or trial["run_id"],
                 point={d.key: get_path(cfg, d.key) for d in study.search.space} | {SEED: cfg.train.seed},
                 cfg=cfg,
                 records=curve,
-                outcome=None
-                if trial["status"] in ("FAILED", "RUNNING", "SCHEDULED")
-                else _outcome_of(tags, cfg),
+                outcome=_outcome_of(tags, cfg) if ended else None,
                 node=tags.get("ray.node"),
                 run_id=trial["run_id"],
                 error=tags.get(ERROR_TAG),
                 running=trial["status"] in ("RUNNING", "SCHEDULED"),  # still training: no verdict
+                weights_uri=_weights_artifact(trial["run_id"], tags) if ended else None,
             )
         )
     return study, histories
+
+
+def _weights_artifact(run_id: str, tags: dict[str, str]) -> str | None:
+    """A finished trial run's weights as its artifact (`runs:/...`): the copy that travels with
+    MLflow, wherever the study's storage was."""
+    stored = tags.get(WEIGHTS_TAG)
+    if not stored:
+        return None
+    return f"runs:/{run_id}/{weights.ARTIFACT_PATH}/{stored.rsplit('/', 1)[-1]}"
+
+
+def download_artifact(uri: str, directory: Path, tracking_uri: str | None) -> Path:
+    """A `runs:/<run_id>/<path>` artifact, downloaded into `directory`: its local path."""
+    import mlflow.artifacts
+
+    return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(directory), tracking_uri=tracking_uri))
 
 
 def _outcome_of(tags: dict[str, str], cfg: TrialConfig) -> Outcome:

@@ -51,14 +51,18 @@ def artifacts_dir() -> Path:
 
 
 SLOWEST_FIRST = (
+    "test_runner.py",
+    "test_resume_mlflow.py",
     "test_local_cluster.py",
     "test_resume.py",
-    "test_resume_mlflow.py",
-    "test_runner.py",
-    "test_resume_checkpoints.py",
     "test_resume_workers.py",
+    "test_resume_checkpoints.py",
+    "test_watch.py",
     "test_cli.py",
+    "test_api.py",
+    "test_reproductions.py",
     "test_tracking.py",
+    "test_figures.py",
     "test_packed.py",
 )
 """Test files that take a minute or more (`pytest --durations`), slowest first."""

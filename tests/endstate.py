@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from grokstudy import points, search, train
+from grokstudy import points, search, storage, train, weights
 from grokstudy.config import Study
+from grokstudy.study import parse_study
 
 
 def expected_trials(study: Study) -> set[str]:
@@ -68,6 +69,7 @@ def problems(out: Path, study: Study, tracking_uri: str | None = None) -> list[s
     if set(keys) != expected or set(keys.values()) != {1}:
         found.append(f"MLflow: trial runs by key {dict(keys)} are not each trial once")
     by_id = {t["trial_id"]: t for t in trials}
+    keeps_weights = study_as_run(out).run.save_weights == "final"
     for run in children:
         tid = run.data.tags.get("grokstudy.trial_key")
         if run.info.status != "FINISHED":
@@ -78,7 +80,40 @@ def problems(out: Path, study: Study, tracking_uri: str | None = None) -> list[s
             found.append(f"MLflow: {tid} logged steps {_diff(sorted(logged), want)}")
         if tid in by_id and by_id[tid]["run_id"] != run.info.run_id:
             found.append(f"trials.parquet links {tid} to run {by_id[tid]['run_id']}, not {run.info.run_id}")
+        if keeps_weights and run.info.status == "FINISHED":
+            stored = [a.path for a in client.list_artifacts(run.info.run_id, weights.ARTIFACT_PATH)]
+            if stored != [f"{weights.ARTIFACT_PATH}/{weights.file_name(tid)}"]:
+                found.append(f"MLflow: {tid}'s run holds weights artifacts {stored}")
+    return found + weights_problems(out, trials)
+
+
+def weights_problems(out: Path, trials: list[dict]) -> list[str]:
+    """A weights file exists iff its trial finished, and trials.parquet names it, on the storage
+    the study ran with."""
+    ran = study_as_run(out)
+    experiment = storage.join(ran.run.storage or str(out / "ray"), ran.name)
+    directory = weights.directory(experiment)
+    files = set(storage.list_files(directory, weights.SUFFIX))
+    finished = {t["trial_id"] for t in trials if t["stop_reason"] not in (None, "error")}
+    if ran.run.save_weights == "none":
+        return [f"weights kept though run.save_weights is none: {sorted(files)}"] if files else []
+    found = []
+    if files != {weights.file_name(t) for t in finished}:
+        found.append(f"weights files {sorted(files)} are not one per finished trial {sorted(finished)}")
+    for t in trials:
+        want = (
+            storage.join(directory, weights.file_name(t["trial_id"])) if t["trial_id"] in finished else None
+        )
+        if t["weights_uri"] != want:
+            found.append(f"trials.parquet: {t['trial_id']}'s weights_uri is {t['weights_uri']}, not {want}")
     return found
+
+
+def study_as_run(out: Path) -> Study:
+    """The resolved study a run wrote to `<out>/study.yaml` (`--set` overrides included)."""
+    import yaml
+
+    return parse_study(yaml.safe_load((out / "study.yaml").read_text()))
 
 
 def _point(row: dict, study: Study) -> dict:

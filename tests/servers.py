@@ -169,19 +169,25 @@ def postgres_cluster() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
+"""Chromium without a screen, a sandbox (tests run as root) or any call home."""
+
+
 def chromium(url: str, profile: Path, *extra: str, timeout_s: float = 90.0) -> subprocess.CompletedProcess:
     """Run headless Chromium on `url` with `extra` flags (e.g. --dump-dom, --screenshot=...)."""
     cmd = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
+        *HEADLESS,
         f"--user-data-dir={profile}",
         *extra,
         url,

@@ -8,17 +8,20 @@ data never fits, and curves are labelled by the real `phases.classify`.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
-from grokstudy import figures
+from grokstudy import figures, results
+from grokstudy.cli import main
 from grokstudy.config import DiagramConfig, SearchConfig, SearchDim, Study, TrialConfig, with_overrides
 from grokstudy.errors import UsageError
 from grokstudy.phases import PHASES, TIE, vote
@@ -175,6 +178,11 @@ def is_solid(pixels: np.ndarray, colour: str | None = None) -> bool:
     return 0.2 <= share <= 1.01 and np.abs(share * target + (1 - share) - fill).max() < 0.03
 
 
+def column_headers(fig) -> list[str]:
+    """The learning-curves column headers, left to right."""
+    return [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "column header"]
+
+
 def tick_labels(ax, which: str) -> list[str]:
     ax.figure.canvas.draw()
     labels = ax.get_xticklabels() if which == "x" else ax.get_yticklabels()
@@ -229,9 +237,9 @@ def test_phase_diagram_shows_disagreement_missing_cells_and_log_axes(grid_study)
             if v.phase != TIE:  # (a tie is striped: one stripe per tied phase)
                 assert is_solid(pixels, figures.PHASE_COLORS[v.phase]), (i, j, v.phase)
     assert any(t in ("1/3", "2/3") for t in texts(fig))  # seeds disagree somewhere
-    assert "$10^{-3}$" in tick_labels(ax, "y") and "$10^{1}$" in tick_labels(ax, "y")
+    assert tick_labels(ax, "y") == ["0.001", "0.00464", "0.0215", "0.1", "0.464", "2.15", "10"]  # each cell
     assert "0.1" in tick_labels(ax, "x")  # fraction spans < 2 decades: linear
-    assert ax.get_ylabel() == "optimizer.weight_decay" and ax.get_xlabel() == "data.fraction"
+    assert ax.get_ylabel() == "weight decay" and ax.get_xlabel() == "training fraction"
     legend = fig.legends[0].get_texts()
     assert any(t.get_text().startswith("grokking: ") for t in legend)
     assert fig.get_suptitle() == "wd-vs-frac: phase diagram\n3 seeds per point, budget 20k steps"
@@ -270,11 +278,11 @@ def test_a_facet_draws_one_panel_per_value_with_shared_axes(artifacts_dir) -> No
     )
     fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay", facet="optimizer.name")
     panels = [ax for ax in fig.axes if ax.get_title()]
-    assert [ax.get_title() for ax in panels] == ["optimizer.name = adam", "optimizer.name = adamw"]
+    assert [ax.get_title() for ax in panels] == ["optimizer = adam", "optimizer = adamw"]
     assert panels[0].get_ylim() == panels[1].get_ylim()
     fig.savefig(artifacts_dir / "figures_facet_phase_diagram.png")
     delay = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", facet="optimizer.name")
-    assert [ax.get_title() for ax in delay.axes[:2]] == ["optimizer.name = adam", "optimizer.name = adamw"]
+    assert [ax.get_title() for ax in delay.axes[:2]] == ["optimizer = adam", "optimizer = adamw"]
 
 
 def test_delay_heatmap_marks_cells_that_never_generalized_and_labels_steps(grid_study) -> None:
@@ -302,7 +310,10 @@ def test_delay_heatmap_marks_cells_that_never_generalized_and_labels_steps(grid_
 def test_a_zero_on_a_log_axis_gets_its_own_tick() -> None:
     trials, _ = synthetic_study(seeds=1, wds=[0.0, 0.01, 0.1, 1.0], fractions=[0.3, 0.5], skip=frozenset())
     fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
-    assert tick_labels(fig.axes[0], "y") == ["0", "$10^{-2}$", "$10^{-1}$", "$10^{0}$"]
+    ax = fig.axes[0]
+    assert tick_labels(ax, "y") == ["0", "0.01", "0.1", "1"]
+    # The zero's slot is one grid step below 0.01: evenly spaced with the others.
+    np.testing.assert_allclose(ax.get_yticks(), [-3, -2, -1, 0])
 
 
 def test_uneven_grid_values_on_a_linear_axis_become_evenly_spaced_cells() -> None:
@@ -314,25 +325,54 @@ def test_uneven_grid_values_on_a_linear_axis_become_evenly_spaced_cells() -> Non
     assert ax.get_ylim() == (-0.5, 3.5)
 
 
+def test_an_axis_maps_values_to_positions_cells_and_spans() -> None:
+    log = figures.Axis.build("optimizer.weight_decay", [0.1, 0, 1, 0.01, 0.1])  # repeats and a zero
+    assert (log.kind, log.values) == ("log", [0, 0.01, 0.1, 1])
+    np.testing.assert_allclose(log.positions(), [-3, -2, -1, 0])  # the zero one median step below 0.01
+    np.testing.assert_allclose(log.cell(0), (-3.5, -2.5))
+    np.testing.assert_allclose(log.span(grid=True), (-3.5, 0.5))  # a grid's outer cell edges
+    np.testing.assert_allclose(log.span(grid=False), (-3.15, 0.15))  # a sample's values, 5% to spare
+    assert log.with_zero([(-3.0, "1e-3"), (-2.0, "1e-2")]) == [(log.zero_pos, "0"), (-2.0, "1e-2")]
+    # On a grid, linear values that are two or unevenly spaced are evenly spaced cells; a sample's stay.
+    assert figures.Axis.build("data.fraction", [0.3, 0.5], grid=True).kind == "category"
+    assert figures.Axis.build("data.fraction", [0.3, 0.5], grid=False).kind == "linear"
+    assert figures.Axis.build("data.fraction", [0.3, 0.5, 0.7], grid=True).kind == "linear"
+    uneven = figures.Axis.build("data.fraction", [0.1, 0.2, 0.7], grid=True)
+    assert uneven.kind == "category" and uneven.cell(0.7) == (1.5, 2.5)
+    # The study's scale wins over config.is_log_scale, a figure's log flag over both.
+    assert figures.Axis.build("w", [1, 10, 100, 1000], "linear").kind == "linear"
+    assert figures.Axis.build("w", [1, 2, 3], "log").kind == "log"
+    assert figures.Axis.build("w", [1, 2, 4, 8], "category").kind == "category"  # a study's choice axis
+    assert figures.Axis.build("w", [1, 2, 4, 8], True).kind == "log"
+    assert figures.Axis.build("w", [-1, 10, 1000], "log").kind == "linear"  # no log of a negative
+    one = figures.Axis.build("w", [0.5, 0.5])
+    assert (one.kind, one.cell(0.5), one.span(grid=False)) == ("category", (-0.5, 0.5), (-0.5, 0.5))
+    text = figures.Axis.build("optimizer.name", ["sgd", "adamw", "adam"])
+    assert (text.kind, text.values, text.positions()) == ("category", ["adam", "adamw", "sgd"], [0, 1, 2])
+
+
 def test_learning_curves_show_one_median_trial_per_phase(grid_study) -> None:
     trials, curves = grid_study
     fig = figures.learning_curves(trials, curves)
-    panels = [ax for ax in fig.axes if ax.get_visible()]
+    columns = len(column_headers(fig))
+    firsts = fig.axes[::columns]  # one row per trial: its first panel carries its title
     present = [p for p in PHASES if p in set(trials.column("phase").to_pylist())]
-    assert [ax.get_title(loc="left").split("}")[0].removeprefix("$\\bf{") for ax in panels] == present
-    grokking = panels[PHASES.index("grokking")]
-    assert grokking.get_xscale() == "symlog"
-    # The panel draws one grokking trial's train and validation curves and marks its t_train and
-    # t_val: find the trial by its curve and check the marks are its own.
-    drawn = {tuple(ln.get_ydata()): ln for ln in grokking.lines if len(ln.get_xdata()) > 2}
+    assert [ax.get_title(loc="left").split("}")[0].removeprefix("$\\bf{") for ax in firsts] == present
+    grokking = fig.axes[columns * PHASES.index("grokking") : columns * (PHASES.index("grokking") + 1)]
+    assert all(ax.get_xscale() == "symlog" for ax in grokking)
+    # The row draws one grokking trial's train and validation curves and marks its t_train and
+    # t_val in every panel: find the trial by its curve and check the marks are its own.
+    accuracy = grokking[0]
+    drawn = {tuple(ln.get_ydata()): ln for ln in accuracy.lines if len(ln.get_xdata()) > 2}
     rows = {r["trial_id"]: r for r in trials.to_pylist() if r["phase"] == "grokking"}
     curve_rows = curves.to_pylist()
     [trial] = [t for t in rows if tuple(c["val/acc"] for c in curve_rows if c["trial_id"] == t) in drawn]
     assert tuple(c["train/acc"] for c in curve_rows if c["trial_id"] == trial) in drawn
-    marks = sorted(ln.get_xdata()[0] for ln in grokking.lines if len(set(ln.get_xdata())) == 1)
-    assert marks == [rows[trial]["t_train"], rows[trial]["t_val"]]
+    for panel in grokking:
+        marks = sorted(ln.get_xdata()[0] for ln in panel.lines if len(set(ln.get_xdata())) == 1)
+        assert marks == [rows[trial]["t_train"], rows[trial]["t_val"]]
     fig = figures.learning_curves(trials, curves, trial_ids=["adamw-0.001-0.5-0"])
-    assert len([ax for ax in fig.axes if ax.get_visible()]) == 1
+    assert len(fig.axes) == columns
     with pytest.raises(UsageError, match="no trial 'nope'"):
         figures.learning_curves(trials, curves, trial_ids=["nope"])
 
@@ -431,3 +471,205 @@ def test_a_diverged_trial_has_its_own_colour_and_legend_line(tmp_path: Path) -> 
     assert len(set(figures.PHASE_COLORS.values())) == len(figures.PHASE_COLORS) == len(PHASES)
     paths = figures.render_study(diverged, curves, tmp_path, formats=("png",))
     assert {p.name for p in paths} >= {"phase_diagram.png", "learning_curves.png"}
+
+
+# ---- paper-ready figures: words on axes, ticks at cells, metric columns, chosen trials, comparisons ----
+
+
+def with_study_labels(trials: pa.Table, labels: dict[str, str]) -> pa.Table:
+    """`trials` as a study with `diagram.labels` writes it: the labels in the diagram's metadata."""
+    key = results.DIAGRAM_META.encode()
+    diagram = json.loads(trials.schema.metadata[key]) | {"labels": labels}
+    return trials.replace_schema_metadata(trials.schema.metadata | {key: json.dumps(diagram).encode()})
+
+
+def legend_texts(fig) -> list[str]:
+    return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+
+def test_axes_facets_and_legends_name_keys_in_words_unless_the_call_or_the_study_renames_them() -> None:
+    trials, curves = synthetic_study(
+        seeds=1, wds=[0.01, 0.1, 1.0], fractions=[0.3, 0.5], optimizers=("adamw", "adam"), skip=frozenset()
+    )
+    axes = ("data.fraction", "optimizer.weight_decay")
+    fig = figures.phase_diagram(trials, *axes, facet="optimizer.name")
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("training fraction", "weight decay")
+    assert fig.axes[1].get_title() == "optimizer = adamw"
+    one_fraction = trials.filter(pc.equal(trials["data.fraction"], 0.3))
+    sweep = figures.sweep(one_fraction, "optimizer.weight_decay", line="optimizer.name")
+    assert sweep.axes[0].get_xlabel() == "weight decay"
+    assert {"optimizer = adam", "optimizer = adamw"} <= set(legend_texts(sweep))
+    curve_fig = figures.learning_curves(trials, curves, trial_ids=["adam-0.1-0.5-0"])
+    title = curve_fig.axes[0].get_title(loc="left")
+    assert title.endswith("weight decay = 0.1, training fraction = 0.5, optimizer = adam, seed = 0")
+
+    # The study's diagram.labels win over the defaults, and a call's labels over the study's.
+    study = with_study_labels(trials, {"optimizer.weight_decay": "γ", "optimizer.name": "optimiser"})
+    fig = figures.phase_diagram(study, *axes, facet="optimizer.name")
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("training fraction", "γ")
+    assert fig.axes[1].get_title() == "optimiser = adamw"
+    fig = figures.delay_heatmap(study, *axes, labels={"optimizer.weight_decay": "λ", "data.fraction": "α"})
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("α", "λ")
+    assert figures.axis_label("optimizer.weight_decay", {"data.fraction": "α"}, study) == "γ"
+    assert figures.axis_label("model.kind_of_thing") == "model.kind_of_thing"  # no label: the key itself
+
+
+def test_a_log_grid_axis_is_ticked_at_its_cells_and_a_sampled_one_at_decades() -> None:
+    many = [float(f"{v:.3g}") for v in np.logspace(-4, 1, 12)]
+    trials, _ = synthetic_study(seeds=1, wds=many, fractions=[0.3, 0.5], skip=frozenset())
+    tall = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay").axes[0]
+    np.testing.assert_allclose(tall.get_yticks(), np.log10(many))  # a tick at every cell...
+    every_other = [f"{v:.3g}" if i % 2 == 0 else "" for i, v in enumerate(many)]
+    assert tick_labels(tall, "y") == every_other  # ...labelled every other one: 12 labels would crowd
+    wide = figures.phase_diagram(trials, "optimizer.weight_decay", "data.fraction").axes[0]
+    shown = [t for t in tick_labels(wide, "x") if t]
+    assert shown[0] == "0.0001" and len(shown) <= 4  # side by side, wide labels are thinned further
+    rng = np.random.default_rng(2)
+    points = [(float(10 ** rng.uniform(-3, 1)), float(rng.uniform(0.1, 0.7))) for _ in range(20)]
+    sampled, _ = synthetic_study(name="random", points=points, seeds=1)
+    ax = figures.phase_diagram(sampled, "data.fraction", "optimizer.weight_decay").axes[0]
+    lo, hi = ax.get_ylim()
+    decades = range(math.ceil(lo), math.floor(hi) + 1)
+    assert len(decades) >= 3 and tick_labels(ax, "y") == [f"$10^{{{k}}}$" for k in decades]
+
+
+def with_fourier(curves: pa.Table, trial_id: str) -> pa.Table:
+    """`curves` where one trial has a Fourier measure rising from 0.1 to 0.9."""
+    i = curves.schema.get_field_index("fourier/top_k_share")
+    ids = curves.column("trial_id").to_pylist()
+    values = [
+        0.1 + 0.8 * s / BUDGET if t == trial_id else None
+        for t, s in zip(ids, curves["step"].to_pylist(), strict=True)
+    ]
+    return curves.set_column(i, curves.schema.field(i), pa.array(values, pa.float64()))
+
+
+def test_learning_curves_draw_a_column_per_metric_and_the_fourier_one_only_where_measured(grid_study) -> None:
+    trials, curves = grid_study
+    ids = ["adamw-0.1-0.3-0", "adamw-10-0.3-0"]
+    fig = figures.learning_curves(trials, curves, trial_ids=ids)
+    assert column_headers(fig) == ["accuracy", "loss (log scale)", "weight norm (L2)"]
+    assert len(fig.axes) == 2 * 3
+    assert [ax.get_yscale() for ax in fig.axes[:3]] == ["linear", "log", "linear"]
+    assert [bool(ax.get_title(loc="left")) for ax in fig.axes] == [True, False, False] * 2  # a title per row
+    assert [ax.spines["top"].get_visible() for ax in fig.axes] == [True, False, False] * 2  # its phase colour
+    assert [ax.get_xlabel() for ax in fig.axes] == [""] * 3 + ["optimizer step"] * 3
+    # Each panel draws its own curves: the weight norm of the first trial, from its curve table.
+    norm = [r["weights/norm"] for r in curves.to_pylist() if r["trial_id"] == ids[0]]
+    assert [list(ln.get_ydata()) for ln in fig.axes[2].lines if len(ln.get_ydata()) > 2] == [norm]
+
+    measured = with_fourier(curves, ids[1])
+    fig = figures.learning_curves(trials, measured, trial_ids=ids)
+    assert column_headers(fig) == [
+        "accuracy",
+        "loss (log scale)",
+        "weight norm (L2)",
+        "Fourier share (top-k frequencies)",
+    ]
+    assert len(fig.axes) == 2 * 4 and fig.axes[3].get_ylim() == fig.axes[7].get_ylim() == (-0.03, 1.05)
+    fig = figures.learning_curves(trials, measured, trial_ids=ids[:1])  # the measured trial is not shown
+    assert len(column_headers(fig)) == len(fig.axes) == 3
+    fig = figures.learning_curves(trials, curves, trial_ids=ids[:1], metrics=["loss", "accuracy"])
+    assert column_headers(fig) == ["loss (log scale)", "accuracy"]
+    with pytest.raises(UsageError, match="^metrics: unknown metric 'norm'; choose from: accuracy, loss, "):
+        figures.learning_curves(trials, curves, metrics=["norm"])
+
+
+def test_select_trials_by_query_and_id_with_one_line_errors_naming_the_flag(grid_study) -> None:
+    trials, _ = grid_study
+    rows = trials.to_pylist()
+    where = '`optimizer.weight_decay` == 0.1 and `data.fraction` < 0.35 and phase != "confusion"'
+    expected = [
+        r["trial_id"]
+        for r in rows
+        if r["optimizer.weight_decay"] == 0.1 and r["data.fraction"] < 0.35 and r["phase"] != "confusion"
+    ]
+    assert 0 < len(expected) <= figures.MAX_CURVE_TRIALS
+    assert figures.select_trials(trials, where=where) == expected
+    named = [expected[-1], rows[0]["trial_id"]]
+    assert figures.select_trials(trials, trial_ids=named) == named  # in the order given
+    assert figures.select_trials(trials, trial_ids=named, where=where) == [expected[-1]]  # both must hold
+    grokking = sum(r["phase"] == "grokking" for r in rows)
+    assert grokking > figures.MAX_CURVE_TRIALS
+    bad = {
+        ("phase ==", None): "--where: cannot evaluate 'phase ==' (dotted columns go in backticks",
+        ("optimizer.weight_decay > 1", None): "--where: cannot evaluate",
+        ("`no.such` > 1", None): "--where: cannot evaluate",
+        ('phase == "nothing"', None): "--where: no trial matches 'phase == \"nothing\"'",
+        ('phase == "grokking"', None): f"--where: {grokking} trials match 'phase == \"grokking\"'; learning",
+        (None, ("nope",)): "--trials: no trial 'nope' in this study; ids look like 'adamw-0.001-0.1-0'",
+        (None, ()): "--trials: no trial matches the named trials",
+    }
+    for (query, ids), message in bad.items():
+        with pytest.raises(UsageError) as err:
+            figures.select_trials(trials, trial_ids=ids, where=query)
+        assert str(err.value).startswith(message), (query, str(err.value))
+        assert err.value.flag == message.split(":")[0] and "\n" not in str(err.value)
+
+
+def test_two_studies_compare_side_by_side_on_shared_axes_with_one_legend(artifacts_dir) -> None:
+    before, _ = synthetic_study(
+        name="before", seeds=1, wds=WDS[:4], fractions=FRACTIONS[:3], skip=frozenset()
+    )
+    after, _ = synthetic_study(name="after", seeds=2, wds=WDS[2:], fractions=FRACTIONS[:3], skip=frozenset())
+    fig = figures.compare_phase_diagrams([("before", before), ("after", after)])
+    fig.savefig(artifacts_dir / "figures_compare_phase_diagram.png")
+    left, right = fig.axes
+    assert (left.get_title(), right.get_title()) == ("before", "after")
+    assert tick_labels(left, "y") == [f"{w:.3g}" for w in WDS]  # the union of both studies' values
+    assert left.get_shared_y_axes().joined(left, right)  # the right panel's labels are the left's
+    assert list(right.get_yticks()) == list(left.get_yticks()) and right.get_ylim() == left.get_ylim()
+    assert tick_labels(left, "x") == tick_labels(right, "x") and left.get_xlim() == right.get_xlim()
+    assert len(fig.legends) == 1 and left.get_legend() is None and right.get_legend() is None
+    assert "no finished trial" in legend_texts(fig)  # each lacks the other's weight decays
+    # A weight decay only `after` has is missing on the left and drawn on the right.
+    top = len(WDS) - 1
+    assert is_missing(cell_pixels(left, 0, top, 3, len(WDS)))
+    assert is_solid(cell_pixels(right, 0, top, 3, len(WDS)))
+    assert fig.get_suptitle().startswith("before vs after: phase diagrams\nbefore: 1 seed per point")
+
+
+def write_study(directory: Path, **kwargs) -> Path:
+    trials, curves = synthetic_study(**kwargs)
+    results.write_tables(trials, curves, directory)
+    return directory
+
+
+def test_cli_plot_where_draws_only_the_chosen_learning_curves(tmp_path: Path, capsys) -> None:
+    study = write_study(tmp_path / "study", seeds=1, wds=[0.1, 1.0], fractions=[0.3, 0.5], skip=frozenset())
+    out = tmp_path / "out"
+    where = "`optimizer.weight_decay` == 0.1 and `data.fraction` == 0.5"
+    assert main(["plot", str(study), "--where", where, "--format", "svg", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"figure: {out / 'learning_curves.svg'}"]
+    assert [p.name for p in out.iterdir()] == ["learning_curves.svg"]
+    svg = (out / "learning_curves.svg").read_text()  # text stays text in SVGs
+    assert "weight decay = 0.1, training fraction = 0.5, seed = 0" in svg and "weight decay = 1," not in svg
+    assert main(["plot", str(study), "--trials", "adamw-1-0.3-0", "--format", "svg", "--out", str(out)]) == 0
+    assert "weight decay = 1, training fraction = 0.3" in (out / "learning_curves.svg").read_text()
+    for args, flag in (
+        (["--where", "phase =="], "--where"),
+        (["--trials", "adamw-1-0.3-9"], "--trials"),
+        ([str(study), str(study)], "SOURCE"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["plot", str(study), *args])
+        assert exc.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"grokstudy plot: error: {flag}: "), line
+
+
+def test_cli_plot_of_two_studies_draws_their_comparison(tmp_path: Path, capsys) -> None:
+    a = write_study(
+        tmp_path / "a", name="adamw", seeds=1, wds=[0.1, 1.0], fractions=[0.3, 0.5], skip=frozenset()
+    )
+    b = write_study(
+        tmp_path / "b", name="adam", seeds=1, wds=[1.0, 10.0], fractions=[0.3, 0.5], skip=frozenset()
+    )
+    assert main(["plot", str(a), str(b), "--format", "svg"]) == 0  # into the first study's figures/
+    path = a / "figures" / "compare_phase_diagram.svg"
+    assert capsys.readouterr().out.splitlines() == [f"figure: {path}"]
+    svg = path.read_text()
+    assert "adamw vs adam: phase diagrams" in svg and "weight decay" in svg
+    with pytest.raises(SystemExit):
+        main(["plot", str(a), str(b), "--where", "phase == 'grokking'"])
+    assert "--where: draws one study" in capsys.readouterr().err

@@ -35,6 +35,9 @@ NO_EXTERNALS = [  # the core, and the modules above it that need none of ray, op
     "grokstudy.progress",
     "grokstudy.footprint",
     "grokstudy.uris",
+    "grokstudy.weights",
+    "grokstudy.report",
+    "grokstudy.api",
 ]
 EXTERNAL_SYSTEMS = ("ray", "mlflow", "optuna")
 OWNERS = {
@@ -42,7 +45,7 @@ OWNERS = {
     "mlflow": {"tracking", "compat"},
     "optuna": {"search", "compat"},
     "matplotlib": {"figures"},
-    "grokstudy.runner": {"cli"},
+    "grokstudy.runner": {"cli", "api"},  # the two front doors: the command line and Python
     "grokstudy.cli": {"__main__"},
 }
 """Who may import what: an external system, or one of the package's top-level drivers."""

@@ -116,8 +116,8 @@ def study_rows() -> tuple[list[dict], list[dict]]:
 def test_trials_columns_are_the_config_fields_between_identity_and_verdict() -> None:
     names = TRIALS_SCHEMA.names
     hyper = list(flatten(TrialConfig()))
-    assert names[:4] == ["study", "trial_id", "point_id", "run_id"]
-    assert names[4 : 4 + len(hyper)] == hyper
+    assert names[:5] == ["study", "trial_id", "point_id", "run_id", "weights_uri"]
+    assert names[5 : 5 + len(hyper)] == hyper
     assert {"optimizer.weight_decay_form", "searched", "phase", "t_val", "delay", "status"} <= set(names)
 
 

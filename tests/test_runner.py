@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from endstate import problems
+import torch
+from endstate import problems, weights_problems
 from ray.tune.search import Searcher
 
+import grokstudy
 from grokstudy import collect, member, points, runner, search, tracking
 from grokstudy.checkpoints import SavedMember
 from grokstudy.config import ResourcesConfig, Study, TrialConfig, with_overrides
@@ -253,9 +255,11 @@ def test_a_one_axis_study_measured_by_loss_draws_its_sweeps_and_stops_only_once_
     spec["phases"] = {"confirm_steps": 100, "min_delay": 100, "early_stop": "accuracy_and_loss"}
     spec["search"] = {"sampler": "grid", "space": {"data.fraction": {"values": [0.3, 0.6, 0.9]}}, "seeds": 1}
     spec["diagram"] = {"x": "data.fraction"}
+    spec["run"] = {"save_weights": "none"}
     study = parse_study(spec)
     outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
-    assert outcome.failed == []
+    assert outcome.failed == [] and outcome.weights is None
+    assert weights_problems(outcome.out_dir, pq.read_table(outcome.trials_path).to_pylist()) == []
     figures = tmp_path / "out" / "figures"
     assert {"sweep.png", "sweep_loss.png"} <= {p.name for p in figures.iterdir()}
     trials = {t["data.fraction"]: t for t in pq.read_table(outcome.trials_path).to_pylist()}
@@ -311,7 +315,9 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(
 
 
 @pytest.mark.integration
-def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_path: Path, tiny_study) -> None:
+def test_a_packed_study_gives_the_unpacked_studys_tables_runs_phases_and_final_weights(
+    tmp_path: Path, tiny_study
+) -> None:
     import pyarrow.parquet as pq
     from mlflow import MlflowClient
 
@@ -338,6 +344,19 @@ def test_a_packed_study_gives_the_unpacked_studys_tables_runs_and_phases(tmp_pat
     for tid, row in single.items():
         assert {k: packed[tid][k] for k in same} == {k: row[k] for k in same}, tid
         assert packed[tid]["final_val_acc"] == pytest.approx(row["final_val_acc"], rel=1e-4, abs=1e-5)
+    # Each member's final weights, packed or not, reproduce its final accuracies on its own split
+    # (a pack member's forward is bit for bit its lone model's on CPU).
+    for pack, out in ((1, tiny_study[1].out_dir), (4, tmp_path / "pack4")):
+        results = grokstudy.load(out)
+        for tid, row in tables[pack].items():
+            model = results.model(tid)
+            assert not model.training and model.trial_id == tid and model.step == row["steps"]
+            assert model.config == tiny_study[0].trial(points.point_from_config(tiny_study[0], row))
+            with torch.no_grad():
+                data = model.data
+                val_acc = (model(data.val_x).argmax(-1) == data.val_y).double().mean().item()
+                train_acc = (model(data.train_x).argmax(-1) == data.train_y).double().mean().item()
+            assert (train_acc, val_acc) == (row["final_train_acc"], row["final_val_acc"]), (pack, tid)
 
 
 @pytest.mark.integration

@@ -331,3 +331,37 @@ def test_status_reads_a_cluster_studys_progress_from_s3(s3_bucket) -> None:
     assert read.snapshot == snap and read.alive is True  # a fresh heartbeat from another machine
     text = status.render(read)
     assert "trials 1/4: 1 done, 0 running, 0 failed, 3 pending" in text and "phases: grokking 1" in text
+
+
+# ---- a trial's weights file on any storage ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("place", ["local", "s3"])
+def test_a_weights_file_is_put_whole_read_back_and_pruned_once_its_trial_is_not_finished(
+    place: str, tmp_path: Path, s3_bucket
+) -> None:
+    import torch
+
+    from grokstudy import weights
+    from grokstudy.config import TrialConfig
+    from grokstudy.errors import UsageError
+    from grokstudy.models import build_model
+
+    cfg = TrialConfig()
+    model = build_model(cfg.model, 99, 97)
+    local = tmp_path / "w.pt"
+    weights.write_local(local, "abc-s0", 120, cfg, model.state_dict())
+    base = str(tmp_path / "exp") if place == "local" else s3_bucket[0].format("exp")
+    directory = weights.directory(base)
+    uri = storage.join(directory, weights.file_name("abc-s0"))
+    storage.put_file(local, uri)
+    storage.put_file(local, storage.join(directory, weights.file_name("lost-s1")))
+
+    read_cfg, state, meta = weights.load(uri)
+    assert read_cfg == cfg and meta == {"format": weights.FORMAT, "trial_id": "abc-s0", "step": 120}
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert weights.prune(directory, finished={"abc-s0"}) == (1, local.stat().st_size)
+    assert storage.list_files(directory, weights.SUFFIX) == {"abc-s0.pt": local.stat().st_size}
+    with pytest.raises(UsageError, match="^weights_uri: .*lost-s1"):
+        weights.load(storage.join(directory, weights.file_name("lost-s1")))

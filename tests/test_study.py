@@ -204,6 +204,21 @@ MALFORMED = {
         "run.tracking_uri",
         "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
     ),
+    "weights kept some of the time": (
+        ("resources: {cpu: 1}", "resources: {cpu: 1}\nrun: {save_weights: best}"),
+        "run.save_weights",
+        "allowed: final, none",
+    ),
+    "an axis label for a key that does not exist": (
+        ("y: optimizer.weight_decay}", "y: optimizer.weight_decay, labels: {optimizer.weight_decy: wd}}"),
+        "diagram.labels",
+        "unknown key 'optimizer.weight_decy'; did you mean 'optimizer.weight_decay'?",
+    ),
+    "axis labels as a list": (
+        ("y: optimizer.weight_decay}", "y: optimizer.weight_decay, labels: [wd, frac]}"),
+        "diagram.labels",
+        "expected a mapping of dotted keys to labels",
+    ),
     "repeated integer grid values": (
         ("  seeds: 2", "    model.width: {log: [1, 4], points: 9}\n  seeds: 2"),
         "search.space.model.width",

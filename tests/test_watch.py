@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pty
+import signal
 import subprocess
 import sys
 import threading
@@ -90,6 +91,10 @@ def test_a_study_is_watched_while_it_runs_and_after_its_driver_was_killed(tmp_pa
             and (out / "figures" / "phase_diagram.png").exists(),
             term.proc, what="a table with finished and running trials, and its figures",
         )  # fmt: skip
+        # The driver is paused while its study is read as running: otherwise its last trials may
+        # end, and the study with them, before `grokstudy status` has even started. Stopped, its
+        # process is alive and its snapshot stays as it was; the workers train on meanwhile.
+        os.kill(term.proc.pid, signal.SIGSTOP)
         rows = partial_rows(out)
         assert all(r["phase"] is None and r["t_val"] is None for r in rows if r["status"] == "RUNNING")
         assert all(r["phase"] for r in rows if r["status"] == "TERMINATED")
@@ -101,7 +106,7 @@ def test_a_study_is_watched_while_it_runs_and_after_its_driver_was_killed(tmp_pa
                                text=True, timeout=60)  # fmt: skip
         assert shown.returncode == 0 and "running (pid" in shown.stdout and "~" in shown.stdout, shown.stderr
     finally:
-        drivers.kill(term.proc)
+        drivers.kill(term.proc)  # SIGKILL ends a stopped process too
     term.reader.join(10)
 
     # Killed half-way: status says so, from what the driver wrote, and changes nothing.

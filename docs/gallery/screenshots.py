@@ -1,11 +1,13 @@
-"""The README's two screenshots, taken with headless Chromium (Debian's `chromium`):
+"""The README's screenshots, taken with headless Chromium (Debian's `chromium`):
 
     .venv/bin/python docs/gallery/screenshots.py status runs/quickstart docs/gallery/status.png
     .venv/bin/python docs/gallery/screenshots.py compare runs/quickstart docs/gallery/mlflow_compare.png
+    .venv/bin/python docs/gallery/screenshots.py report runs/quickstart docs/gallery/report.png
 
 `status` draws `grokstudy status DIR` as a terminal would (take it while the study runs);
 `compare` serves the study's MLflow store on a free loopback port and shoots the UI's compare
-view of its trial runs.
+view of its trial runs; `report` opens the study's report.html, hovers and clicks the grokking
+cell with the latest generalization (through the DevTools protocol, as tests/test_report.py does).
 """
 
 from __future__ import annotations
@@ -81,6 +83,34 @@ def compare(study_dir: str, out: Path) -> None:
         server.wait(30)
 
 
+def report(study_dir: str, out: Path) -> None:
+    import base64
+
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from cdp import browser  # the tests' DevTools client: standard library only
+
+    from grokstudy.points import point_label
+
+    d = Path(study_dir).resolve()
+    rows = [r for r in pq.read_table(d / "trials.parquet").to_pylist() if r["phase"] == "grokking"]
+    late = max(rows, key=lambda r: r["t_val"])
+    label = point_label({k: late[k] for k in ("data.fraction", "optimizer.weight_decay")}) + ":"
+    with tempfile.TemporaryDirectory() as profile, browser(Path(profile), "--window-size=1280,900") as chrome:
+        page = chrome.page()
+        page.open((d / "report.html").as_uri())
+        box = page.evaluate(
+            "(() => { const g = [...document.querySelectorAll('g.cell')].find(c => c.getAttribute('aria-label')"
+            f".startsWith({json.dumps(label)})); const r = g.getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
+        )
+        page.click(box["x"], box["y"])
+        page.mouse("mouseMoved", box["x"], box["y"])
+        time.sleep(0.5)  # the tooltip's fade-in: a picture, not a test
+        out.write_bytes(base64.b64decode(page.send("Page.captureScreenshot", format="png")["data"]))
+
+
 if __name__ == "__main__":
     what, study_dir, out = sys.argv[1:4]
-    {"status": status, "compare": compare}[what](study_dir, Path(out).resolve())
+    {"status": status, "compare": compare, "report": report}[what](study_dir, Path(out).resolve())
