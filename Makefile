@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup quickstart demo test test-fast lint format bench gallery papers ui clean
+.PHONY: setup quickstart demo test test-fast lint format bench gallery papers reference ui clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ lint: setup
 format: setup
 	$(BIN)/ruff format grokstudy tests bench
 	$(BIN)/ruff check --fix grokstudy tests bench
+
+reference: setup  ## docs/study-reference.md and studies/study.schema.json, generated from grokstudy/config.py
+	$(BIN)/python -m grokstudy.reference
 
 bench: setup  ## the quick benchmarks (not tests): see bench/README.md
 	$(BIN)/python bench/step_efficiency.py

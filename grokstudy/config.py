@@ -585,11 +585,14 @@ class RunConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiagramConfig:
-    x: str = "data.fraction"
-    y: str = "optimizer.weight_decay"
-    facet: str | None = None
-    labels: dict[str, str] | None = None
-    """{dotted key: axis label} over the figures' defaults ("weight decay", "training fraction", ...)."""
+    x: str = setting("data.fraction", "the phase diagram's x axis: a dotted trial key")
+    y: str = setting("optimizer.weight_decay", "its y axis: a dotted trial key")
+    facet: str | None = setting(None, "one panel per value of this dotted trial key (null: one panel)")
+    labels: dict[str, str] | None = setting(
+        None,
+        "axis labels by dotted key, over the figures' own words (weight decay, training fraction, ...)",
+        allowed="a mapping of dotted trial keys to text",
+    )
 
 
 @dataclass(frozen=True, slots=True)

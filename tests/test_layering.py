@@ -38,6 +38,7 @@ NO_EXTERNALS = [  # the core, and the modules above it that need none of ray, op
     "grokstudy.weights",
     "grokstudy.report",
     "grokstudy.api",
+    "grokstudy.reference",
 ]
 EXTERNAL_SYSTEMS = ("ray", "mlflow", "optuna")
 OWNERS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -133,3 +134,58 @@ def test_the_cluster_study_is_nandas_transformer_on_a_9_by_9_grid() -> None:
     assert (o.name, o.lr, o.betas, study.base.task.p) == ("adamw", 1e-3, (0.9, 0.98), 97)
     assert study.search.n_trials == 9 * 9 * 3 and study.resources.gpu == 0.25
     assert study.resources.pack * 4 >= study.search.n_trials  # four packs on one GPU hold it all
+
+
+# ---- the generated reference and JSON Schema ------------------------------------------------------
+
+
+def test_the_study_reference_and_schema_are_what_config_generates_now() -> None:
+    from grokstudy import reference
+
+    assert reference.stale(REPO) == [], "run `python -m grokstudy.reference` (make reference) and commit"
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.name for p in STUDIES])
+def test_every_shipped_study_names_the_schema_and_passes_it(path: Path) -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# yaml-language-server: $schema="), first
+    schema_file = (path.parent / first.split("=", 1)[1]).resolve()
+    assert schema_file == REPO / "studies" / "study.schema.json"
+    schema = json.loads(schema_file.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema, cls=jsonschema.Draft202012Validator)
+
+
+@pytest.mark.parametrize(
+    ("swap", "where"),
+    [
+        (("weight_decay: 1.0", "weight_decy: 1.0"), "weight_decy"),  # a typo'd key
+        (("weight_decay: 1.0", "weight_decay: -1"), "-1"),  # out of range
+        (("name: adamw", "name: adamx"), "adamx"),  # not a choice
+        (("data.fraction: {values", "data.fractoin: {values"), "data.fractoin"),  # no such axis
+        (("{values: [0.3, 0.45, 0.6, 0.8]}", "{values: [0.3], log: [0.1, 1]}"), "values"),  # two forms
+    ],
+)
+def test_the_schema_refuses_what_the_validator_refuses(swap: tuple[str, str], where: str) -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    from grokstudy.errors import StudyError
+
+    text = (REPO / "studies" / "quickstart.yaml").read_text()
+    assert swap[0] in text
+    bad = yaml.safe_load(text.replace(*swap, 1))
+    schema = json.loads((REPO / "studies" / "study.schema.json").read_text())
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema, cls=jsonschema.Draft202012Validator)
+    from grokstudy.study import parse_study
+
+    with pytest.raises(StudyError, match=re.escape(where)):
+        parse_study(bad)
