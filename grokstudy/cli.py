@@ -137,6 +137,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a study file and print the resolved study")
     p.add_argument("study", type=Path)
+    p.add_argument(
+        "--resolved",
+        action="store_true",
+        help="print the whole study as YAML, extends: merged and defaults filled in",
+    )
     _add_set(p)
 
     p = sub.add_parser(
@@ -240,9 +245,15 @@ def _formats(text: str) -> tuple[str, ...]:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from grokstudy.study import describe, load_study
+    from grokstudy.study import describe, load_study, study_to_dict
 
-    print(describe(load_study(args.study, args.overrides)))
+    study = load_study(args.study, args.overrides)
+    if args.resolved:
+        import yaml
+
+        print(yaml.safe_dump(study_to_dict(study), sort_keys=False), end="")
+    else:
+        print(describe(study))
     return EXIT_OK
 
 

@@ -56,6 +56,11 @@ def study_schema() -> dict[str, Any]:
                 "description": "the study's name: its output directory, Ray Tune experiment, Optuna "
                 "study and MLflow experiment",
             },
+            "extends": {
+                "type": "string",
+                "description": "a study file (relative to this one) whose sections this file's are merged "
+                "over, key by key",
+            },
             **sections,
         },
     }
@@ -151,6 +156,12 @@ def reference_markdown(papers: dict[str, set[str]]) -> str:
         "Every key is optional but `name`; `grokstudy validate STUDY` checks a file and prints it "
         "resolved. Editors that read JSON Schema complete and check keys from "
         "[`studies/study.schema.json`](../studies/study.schema.json).",
+        "",
+        "`extends: base.yaml` (a path relative to the file) starts from another study: its sections "
+        "are merged with this file's key by key, this file's winning (`search.space` is one key: "
+        "setting it replaces the base's axes), and the file must have its own `name`. An error in a "
+        "key the base set names the base file; `grokstudy validate --resolved STUDY` prints the "
+        "merged study.",
         "",
         "**Used by** names the paper studies in `studies/papers/` that set the key (or search it).",
         "",

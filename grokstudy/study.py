@@ -51,7 +51,7 @@ from grokstudy.config import (
     show,
     to_dict,
 )
-from grokstudy.errors import StudyError, one_line, raise_all
+from grokstudy.errors import StudyError, StudyErrors, one_line, raise_all
 from grokstudy.uris import STORAGE_SCHEMES, has_credentials
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
@@ -154,9 +154,26 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     `overrides` are `KEY=VALUE` strings as given to `--set` (the value is YAML:
     `train.max_steps=2000`, `optimizer.betas=[0.9,0.99]`, `train.batch_size=full`,
     `search.space.optimizer.weight_decay={log: [1e-3, 1], points: 5}`).
+    A file with `extends: base.yaml` (a path relative to it) is its base with this file's
+    sections merged over it key by key (`search.space` is one key: a file that sets it replaces
+    the base's axes); a problem with a key the base set names the base file.
     Raises `StudyError`/`StudyErrors` listing every problem found.
     """
-    path = Path(path)
+    data, origins = _read_extended(Path(path), ())
+    try:
+        return _parse(data, str(path), overrides)
+    except StudyErrors as e:
+        raise StudyErrors([_name_origin(err, origins, str(path)) for err in e.errors]) from None
+    except StudyError as e:
+        raise _name_origin(e, origins, str(path)) from None
+
+
+MAX_EXTENDS = 8
+"""How deep `extends:` may chain: deeper is a mistake, not a study."""
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """A study file's YAML mapping (unvalidated): StudyError naming the file for what cannot be read."""
     source = str(path)
     try:
         if path.stat().st_size > MAX_STUDY_BYTES:
@@ -172,7 +189,57 @@ def load_study(path: str | Path, overrides: Sequence[str] = ()) -> Study:
     data = _load_yaml(text, source)
     if data is None:
         raise StudyError(source, "the study file is empty; see studies/smoke.yaml for a complete example")
-    return _parse(data, source, overrides)
+    return data
+
+
+def _read_extended(path: Path, chain: tuple[Path, ...]) -> tuple[Any, dict[str, str]]:
+    """(the file's mapping with its `extends:` chain merged in, {section or section.key: the file
+    that set it})."""
+    data = _read_file(path)
+    if not isinstance(data, dict) or "extends" not in data:
+        keys = data.items() if isinstance(data, dict) else ()
+        return data, _origins(keys, str(path))
+    base_ref = data["extends"]
+    if not isinstance(base_ref, str) or not base_ref.strip():
+        raise StudyError(
+            f"{path}: extends",
+            f"expected the path of a study file, relative to this one (got {show(base_ref)})",
+        )
+    base_path = path.parent / base_ref
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise StudyError(f"{path}: extends", f"{base_ref} extends this file again: a cycle")
+    if len(chain) >= MAX_EXTENDS:
+        raise StudyError(f"{path}: extends", f"more than {MAX_EXTENDS} files extend one another")
+    if "name" not in data:
+        raise StudyError(f"{path}: name", "missing; a study that extends another needs its own name")
+    base, origins = _read_extended(base_path, (*chain, path))
+    if not isinstance(base, dict):
+        raise StudyError(str(base_path), f"a study file is a mapping of sections (got {show(base)})")
+    merged = dict(base)
+    for key, value in data.items():
+        if key == "extends":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged[key] | value
+        else:
+            merged[key] = value
+    return merged, origins | _origins(((k, v) for k, v in data.items() if k != "extends"), str(path))
+
+
+def _origins(items: Any, source: str) -> dict[str, str]:
+    out = {}
+    for key, value in items:
+        out[str(key)] = source
+        if isinstance(value, dict):
+            out |= {f"{key}.{sub}": source for sub in value}
+    return out
+
+
+def _name_origin(err: StudyError, origins: dict[str, str], source: str) -> StudyError:
+    """`err`, saying which file set its key when that is a base the study extends."""
+    parts = err.path.split(".")
+    where = next((origins[k] for n in (2, 1) if (k := ".".join(parts[:n])) in origins), source)
+    return err if where == source else StudyError(err.path, f"{err.msg} (set in {where})")
 
 
 def parse_study(data: dict[str, Any], source: str = "<study>", overrides: Sequence[str] = ()) -> Study:

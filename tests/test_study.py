@@ -455,3 +455,81 @@ def test_the_choices_study_accepts_are_the_registered_ones(key: str, module: str
         pytest.skip(f"{module} is not written yet")
     registered = getattr(importlib.import_module(module), registry)
     assert set(study_mod.CHOICES[key]) == set(registered)
+
+
+# ---- extends: a study over another ----------------------------------------------------------------
+
+
+def test_a_study_that_extends_another_is_its_base_with_its_own_keys_merged_over_it(tmp_path: Path) -> None:
+    from grokstudy.study import study_to_dict
+
+    (tmp_path / "base.yaml").write_text(STUDY)
+    child = tmp_path / "small.yaml"
+    child.write_text(
+        "extends: base.yaml\nname: small\ntrain: {max_steps: 200}\n"
+        "search: {space: {data.fraction: {values: [0.5]}}, seeds: 1}\n"
+    )
+    base, small = load_study(tmp_path / "base.yaml"), load_study(child, ["optimizer.lr=0.01"])
+    assert small.name == "small" and small.base.train.max_steps == 200
+    assert small.base.train.eval_every == base.base.train.eval_every  # the rest of train: the base's
+    assert [d.key for d in small.search.space] == ["data.fraction"]  # space is one key: replaced
+    assert small.search.seeds == 1 and small.search.sampler == base.search.sampler
+    assert small.base.optimizer.lr == 0.01  # --set applies to the merged study
+    expected = study_to_dict(base)
+    expected["name"], expected["train"]["max_steps"], expected["optimizer"]["lr"] = "small", 200, 0.01
+    expected["search"] |= {"seeds": 1, "space": {"data.fraction": {"values": [0.5]}}}
+    assert study_to_dict(small) == expected
+
+
+@pytest.mark.parametrize(
+    ("base_text", "child_text", "starts", "fragment"),
+    [
+        (
+            STUDY.replace("weight_decay: 1.0", "weight_decy: 1.0"),
+            "extends: base.yaml\nname: c\n",
+            "optimizer.weight_decy: ",
+            "(set in {tmp}/base.yaml)",
+        ),
+        (
+            STUDY,
+            "extends: base.yaml\nname: c\noptimizer: {weight_decy: 1.0}\n",
+            "optimizer.weight_decy: ",
+            "did you mean 'weight_decay'?",
+        ),
+        (STUDY, "extends: base.yaml\ntrain: {max_steps: 10}\n", "{tmp}/child.yaml: name: ", "its own name"),
+        (STUDY, "extends: nowhere.yaml\nname: c\n", "{tmp}/nowhere.yaml: ", "no such study file"),
+        (
+            "extends: child.yaml\n" + STUDY,
+            "extends: base.yaml\nname: c\n",
+            "{tmp}/base.yaml: extends: ",
+            "a cycle",
+        ),
+        (STUDY, "extends: [base.yaml]\nname: c\n", "{tmp}/child.yaml: extends: ", "expected the path"),
+    ],
+    ids=["a bad key in the base", "a bad key in the child", "no name", "no base", "a cycle", "not a path"],
+)
+def test_a_problem_in_an_extended_study_is_one_line_naming_its_file(
+    tmp_path: Path, base_text: str, child_text: str, starts: str, fragment: str
+) -> None:
+    (tmp_path / "base.yaml").write_text(base_text)
+    (tmp_path / "child.yaml").write_text(child_text)
+    with pytest.raises(StudyError) as exc:
+        load_study(tmp_path / "child.yaml")
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(starts.format(tmp=tmp_path)), lines[0]
+    assert fragment.format(tmp=tmp_path) in lines[0]
+
+
+def test_validate_resolved_prints_the_merged_study_as_a_study_file(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from grokstudy.cli import main
+    from grokstudy.study import parse_study
+
+    (tmp_path / "base.yaml").write_text(STUDY)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: c\nmodel: {width: 32}\n")
+    assert main(["validate", "--resolved", str(tmp_path / "child.yaml")]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "extends" not in printed and printed["model"]["width"] == 32
+    assert parse_study(printed) == load_study(tmp_path / "child.yaml")
