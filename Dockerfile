@@ -15,6 +15,8 @@ FROM ${RAY_IMAGE}
 ARG RAY_IMAGE
 # torch is not in the Ray image. PyPI's Linux wheels bring their own CUDA runtime (the
 # host needs only a recent NVIDIA driver); the CPU build sets TORCH_INDEX_URL instead.
+# install.sh installs TORCH_SPEC as given (TORCH_VARIANT=default): its auto choice looks
+# for nvidia-smi, which a docker build does not have, GPU image or not.
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX_URL=""
 # The Ray image's own lock. install.sh applies it to every package that
@@ -46,7 +48,7 @@ COPY --chown=ray:users pyproject.toml ./
 COPY --chown=ray:users cluster/install.sh cluster/constraints.txt cluster/
 RUN TORCH_SPEC="${TORCH_SPEC}${TORCH_INDEX_URL:+ --index-url ${TORCH_INDEX_URL}}" \
     EXTRA_CONSTRAINTS="$(if [ -n "${RAY_CONSTRAINTS}" ] && [ -f "${RAY_CONSTRAINTS}" ]; then echo "${RAY_CONSTRAINTS}"; fi)" \
-    PYTHON=python GROKSTUDY_PART=deps GROKSTUDY_EXTRAS=s3 GROKSTUDY_EDITABLE=0 \
+    TORCH_VARIANT=default PYTHON=python GROKSTUDY_PART=deps GROKSTUDY_EXTRAS=s3 GROKSTUDY_EDITABLE=0 \
     sh cluster/install.sh
 
 # 2. grokstudy itself, without touching the dependencies.

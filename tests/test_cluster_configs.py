@@ -6,7 +6,11 @@
   v1.7.0 CRD field reference. No network at test time.
 - Versions may not drift: Ray, Python and MLflow agree across the Dockerfile,
   cluster/constraints.txt and every image and rayVersion under cluster/.
-- The image installs with the same script as the Makefile (and so CI).
+- The image installs with the same script as the Makefile (and so CI), and the script's
+  choice of torch build (CPU index on a Linux machine without a GPU) is checked with stand-in
+  `uname` and `nvidia-smi`, installing nothing.
+- A RayJob runs the user's own study file from a ConfigMap: the upload is checked with Ray's
+  own packaging code on a directory laid out as the kubelet lays out a ConfigMap volume.
 - Security of the kit: MLflow runs its basic auth with credentials from Secrets or the
   environment, never gets the object store's root credentials, and NetworkPolicies let
   only the Ray pods reach it; `local.sh down` kills and deletes only what `up` started.
@@ -16,14 +20,17 @@ from __future__ import annotations
 
 import configparser
 import copy
+import http.server
 import importlib.util
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -301,6 +308,126 @@ def test_rayjob_runs_a_shipped_study_on_the_raycluster_with_mlflow_in_its_runtim
     assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI_IN_CLUSTER
 
 
+OWN_STUDY = "rayjob-own-study.yaml"
+
+
+def _own_study() -> tuple[dict, dict]:
+    """(the ConfigMap, the RayJob) of rayjob-own-study.yaml."""
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "k8s" / OWN_STUDY).read_text()) if d]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    return docs[0], docs[1]
+
+
+def _entrypoint_overrides(argv: list[str]) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv) if word == "--set"]
+
+
+def _configmap_volume(root: Path, data: dict[str, str]) -> Path:
+    """A directory laid out as the kubelet mounts a ConfigMap: the files in a timestamped
+    directory, `..data` linking to it, and one link per key through `..data`."""
+    root.mkdir()
+    stamp = root / "..2026_01_01_00_00_00.000000001"
+    stamp.mkdir()
+    for key, text in data.items():
+        (stamp / key).write_text(text)
+        (root / key).symlink_to(f"..data/{key}")
+    (root / "..data").symlink_to(stamp.name)
+    return root
+
+
+def test_own_study_rayjob_mounts_its_configmap_in_the_submitter_and_uploads_it_as_working_dir():
+    config_map, job = _own_study()
+    spec = job["spec"]
+    assert job["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "grokstudy"
+    assert spec["clusterSelector"] == {"ray.io/cluster": _doc("RayCluster", "grokstudy")["metadata"]["name"]}
+    # KubeRay (ray-operator/controllers/ray/common/job.go, BuildJobSubmitCommand) runs
+    # `ray job submit --runtime-env-json <runtimeEnvYAML as JSON>` in the submitter pod only in
+    # K8sJobMode; HTTPMode posts the runtime env to the dashboard without uploading anything.
+    assert spec["submissionMode"] == "K8sJobMode"
+    pod = spec["submitterPodTemplate"]["spec"]
+    # Exactly one volume, the ConfigMap, mounted read-only by the submitter container alone.
+    [volume] = pod["volumes"]
+    assert volume["configMap"] == {"name": config_map["metadata"]["name"]}
+    [container] = _containers(spec["submitterPodTemplate"])
+    [mount] = container["volumeMounts"]
+    assert mount["name"] == volume["name"] and mount["readOnly"] is True
+    # working_dir is that mount, a local path in the submitter pod, so `ray job submit`
+    # packages it there and uploads it; the ConfigMap volume's own ..data entries stay out.
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"] == mount["mountPath"]
+    assert runtime_env["excludes"] == ["..*"]
+    # The driver starts in the unpacked working_dir: the entrypoint runs the file by its key.
+    argv = spec["entrypoint"].split()
+    assert argv[:3] == ["grokstudy", "run", "study.yaml"] and "study.yaml" in config_map["data"]
+    assert "--out" not in argv  # default runs/<name> in the job's working dir; MLflow keeps the results
+    storages = [o for o in _entrypoint_overrides(argv) if o.startswith("run.storage=")]
+    assert len(storages) == 1 and re.fullmatch(r"run\.storage=(s3|gs)://.+", storages[0])
+
+
+def test_own_study_configmap_holds_a_study_that_grokstudy_accepts(tmp_path):
+    from grokstudy.study import load_study
+
+    config_map, job = _own_study()
+    argv = job["spec"]["entrypoint"].split()
+    for key, text in config_map["data"].items():
+        (tmp_path / key).write_text(text)
+    study = load_study(tmp_path / argv[2], _entrypoint_overrides(argv))
+    assert study.run.storage.startswith(("s3://", "gs://"))
+    # It runs on the GPU workers of raycluster.yaml.
+    assert study.resources.gpu > 0
+
+
+def test_own_study_upload_is_exactly_the_configmaps_files_with_rays_own_packaging(tmp_path):
+    """What `ray job submit` does in the submitter pod, with Ray's code: the runtime env as
+    KubeRay passes it (runtimeEnvYAML turned into JSON), parsed by the CLI's own parser, the
+    working_dir packaged as the Jobs SDK packages it before uploading, then unpacked where
+    the driver starts; the entrypoint's study loads from there."""
+    from ray._private.runtime_env.packaging import create_package
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+
+    from grokstudy.study import load_study
+
+    config_map, job = _own_study()
+    mount = _configmap_volume(tmp_path / "study", config_map["data"])
+    as_json = yaml.safe_load(job["spec"]["runtimeEnvYAML"]) | {"working_dir": str(mount)}
+    runtime_env = parse_runtime_env_args(runtime_env_json=json.dumps(as_json))
+    package = tmp_path / "package.zip"
+
+    def upload(working_dir: str, excludes: list[str], is_file: bool = False) -> None:
+        assert not is_file
+        create_package(working_dir, package, include_gitignore=True, excludes=excludes)
+
+    uploaded = upload_working_dir_if_needed(runtime_env, include_gitignore=True, upload_fn=upload)
+    assert uploaded["working_dir"].startswith("gcs://_ray_pkg_")
+    with zipfile.ZipFile(package) as zipped:
+        assert sorted(zipped.namelist()) == sorted(config_map["data"])
+        zipped.extractall(tmp_path / "head")
+    argv = job["spec"]["entrypoint"].split()
+    assert load_study(tmp_path / "head" / argv[2], _entrypoint_overrides(argv)).name
+
+
+def test_own_study_commands_in_the_readme_and_the_file_apply_the_rayjob_alone():
+    config_map, job = _own_study()
+    header = (CLUSTER / "k8s" / OWN_STUDY).read_text()
+    readme = (CLUSTER / "README.md").read_text()
+    apply = re.compile(rf"kubectl apply -f cluster/k8s/{re.escape(OWN_STUDY)} -l (\S+)=(\S+)")
+    selectors = {m.groups() for text in (header, readme) for m in apply.finditer(text)}
+    # Both name one selector, and it picks the RayJob, never the example ConfigMap, which
+    # would overwrite the user's study.
+    [(key, value)] = selectors
+    assert job["metadata"]["labels"][key] == value
+    assert config_map["metadata"]["labels"].get(key) != value
+    # The ConfigMap the user makes is the one the RayJob mounts, under the key it runs.
+    name, namespace = config_map["metadata"]["name"], config_map["metadata"]["namespace"]
+    create = f"kubectl -n {namespace} create configmap {name} --from-file=study.yaml="
+    assert create in header and create in readme
+    # KubeRay names the submitter's Kubernetes Job after the RayJob.
+    logs = f"kubectl -n {namespace} logs -f job/{job['metadata']['name']}"
+    assert logs in header and logs in readme
+    assert "grokstudy export --experiment " in readme
+
+
 def test_mlflow_manifest_serves_postgres_and_proxied_artifacts_to_in_cluster_names():
     service = _doc("Service", "mlflow")
     deployment = _doc("Deployment", "mlflow")
@@ -325,9 +452,8 @@ def test_kubernetes_manifests_reference_secrets_and_never_inline_them():
         text = yaml.safe_dump(doc)
         assert not re.search(r"(?<!sha256:)\b[0-9a-f]{64}\b", text)  # a token (digests aside)
         assert not PASSWORD_IN_URI.search(text), f"{label}: a URI carries a password"
-        spec = doc.get("spec", {})
-        pod = spec.get("template") or spec.get("headGroupSpec", {}).get("template")
-        for container in _containers(pod) if pod else []:
+    for label, pod in _pod_templates():
+        for container in _containers(pod):
             for name, var in _env(container).items():
                 if re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", name):
                     assert "valueFrom" in var and "value" not in var, f"{label}: {name} is inlined"
@@ -398,8 +524,12 @@ def test_ray_pods_log_to_mlflow_with_credentials_from_a_secret():
             assert {"name": "grokstudy-mlflow", "optional": True} in refs, container["name"]
             assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & set(_env(container))
     # Never in a RayJob's runtime env, which `ray job list` shows.
-    runtime_env = yaml.safe_load(_doc("RayJob", "grokstudy-quickstart")["spec"]["runtimeEnvYAML"])
-    assert not any(re.search(r"PASSWORD|TOKEN|SECRET", k) for k in runtime_env["env_vars"])
+    jobs = [doc for _, doc in _k8s_docs() if doc["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+        assert not any(re.search(r"PASSWORD|TOKEN|SECRET", k) for k in runtime_env["env_vars"])
+        assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == MLFLOW_URI_IN_CLUSTER
 
 
 def test_mlflow_on_kubernetes_gets_no_root_credentials_of_the_object_store():
@@ -519,7 +649,10 @@ def test_every_namespace_denies_by_default_and_rays_ports_open_only_to_its_own_p
         for p, (ns, labels) in pods.items()
         if any(_admits(f, "grokstudy", ns, labels) for f in dashboard["from"])
     }
-    assert from_pods == {"rayjob.yaml:RayJob/grokstudy-quickstart:submitter"}
+    assert from_pods == {
+        "rayjob.yaml:RayJob/grokstudy-quickstart:submitter",
+        "rayjob-own-study.yaml:RayJob/grokstudy-own-study:submitter",
+    }
     [operator] = [f for f in dashboard["from"] if "namespaceSelector" in f]
     assert operator == {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}
@@ -552,7 +685,7 @@ def _pod_templates() -> list[tuple[str, dict]]:
 
 def test_every_container_runs_unprivileged_with_no_capabilities():
     templates = _pod_templates()
-    assert len(templates) == 5
+    assert len(templates) == 6
     for label, template in templates:
         pod = template["spec"]["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["seccompProfile"] == {"type": "RuntimeDefault"}, label
@@ -720,6 +853,9 @@ def _image_tags() -> dict[str, str]:
             for pod in pods:
                 for c in _containers(pod):
                     images[f"{label}: {c['name']}"] = c["image"]
+        elif doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob":
+            for c in _containers(doc["spec"]["submitterPodTemplate"]):
+                images[f"{label}: {c['name']}"] = c["image"]
     [from_arg] = [
         a for op, a in _dockerfile(REPO / "Dockerfile") if op == "ARG" and a.startswith("RAY_IMAGE=")
     ]
@@ -822,6 +958,147 @@ def test_the_install_script_refuses_an_unknown_stage():
         text=True,
     )
     assert result.returncode == 2 and "GROKSTUDY_PART" in result.stderr
+
+
+# ---- install.sh's choice of torch build, with stand-ins -------------------------------------
+
+
+class _Index(http.server.BaseHTTPRequestHandler):
+    """A stand-in for PyTorch's CPU index that answers every request."""
+
+    asked: list[str] = []
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).asked.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def cpu_index():
+    """{"answers": the URL of a CPU index that answers, "silent": a URL where nothing listens}."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        silent_port = closed.getsockname()[1]
+    yield {
+        "answers": f"http://127.0.0.1:{server.server_address[1]}/whl/cpu",
+        "silent": f"http://127.0.0.1:{silent_port}/whl/cpu",
+    }
+    server.shutdown()
+
+
+def _install_sh(tmp_path: Path, system: str, gpu: bool, part: str = "torch-spec", **env: str):
+    """Run install.sh on a PATH of stand-ins: `uname -s` says `system`, `nvidia-smi` exists
+    only with `gpu`, and nothing else is on it but the few tools the script needs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("dirname", "mktemp", "rm", "cat", "awk"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "uname").write_text(f"#!/bin/sh\necho {system}\n")
+    (bin_dir / "uname").chmod(0o755)
+    if gpu:
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    return subprocess.run(
+        [shutil.which("sh"), str(CLUSTER / "install.sh")],
+        env={
+            "PATH": str(bin_dir),
+            "HOME": str(tmp_path),
+            "PYTHON": sys.executable,
+            "GROKSTUDY_PART": part,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    "system,gpu,env,index,expected",
+    [
+        # A Linux laptop without a GPU: the CPU build, not PyPI's multi-GB CUDA build.
+        ("Linux", False, {}, "answers", "torch==2.13.0 --index-url {url}"),
+        # Where the CPU index does not answer (offline mirrors, this CI's machines): the
+        # default index at once, instead of pip retrying the index and giving up.
+        ("Linux", False, {}, "silent", "torch==2.13.0"),
+        ("Linux", True, {}, "answers", "torch==2.13.0"),
+        ("Darwin", False, {}, "answers", "torch==2.13.0"),
+        ("Linux", False, {"TORCH_VARIANT": "cuda"}, "answers", "torch==2.13.0"),
+        ("Linux", True, {"TORCH_VARIANT": "cpu"}, "silent", "torch==2.13.0 --index-url {url}"),
+        ("Darwin", False, {"TORCH_VARIANT": "cpu"}, "answers", "torch==2.13.0 --index-url {url}"),
+        ("Linux", False, {"TORCH_VARIANT": "default"}, "answers", "torch==2.13.0"),
+        # TORCH_SPEC is the full override: installed as given.
+        ("Linux", False, {"TORCH_SPEC": "torch>=2.13 --pre"}, "answers", "torch>=2.13 --pre"),
+        (
+            "Linux",
+            False,
+            {"TORCH_SPEC": "torch", "TORCH_VARIANT": "cpu"},
+            "answers",
+            "torch --index-url {url}",
+        ),
+    ],
+)
+def test_install_sh_picks_torchs_cpu_build_on_linux_without_nvidia_smi(
+    tmp_path, cpu_index, system, gpu, env, index, expected
+):
+    url = cpu_index[index]
+    _Index.asked.clear()
+    result = _install_sh(tmp_path, system, gpu, TORCH_CPU_INDEX_URL=url, **env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [expected.format(url=url)]
+    # Only the automatic choice on Linux without nvidia-smi asks the index, and says why.
+    asks = system == "Linux" and not gpu and not env
+    assert _Index.asked == (["/whl/cpu/torch/"] if asks and index == "answers" else [])
+    assert ("without nvidia-smi" in result.stderr) == asks
+    if asks and index == "silent":
+        assert f"{url} does not answer" in result.stderr
+
+
+def test_install_sh_refuses_a_cuda_build_off_linux_and_an_unknown_variant(tmp_path):
+    cuda_on_mac = _install_sh(tmp_path / "mac", "Darwin", False, TORCH_VARIANT="cuda")
+    assert cuda_on_mac.returncode == 2 and "Linux" in cuda_on_mac.stderr and not cuda_on_mac.stdout
+    unknown = _install_sh(tmp_path / "any", "Linux", False, TORCH_VARIANT="rocm")
+    assert unknown.returncode == 2 and "TORCH_VARIANT must be" in unknown.stderr
+
+
+def test_install_sh_installs_torch_with_the_arguments_it_prints(tmp_path, cpu_index):
+    """The deps stage, with a stand-in Python that has no torch and records pip's arguments
+    (and runs the real Python for everything else): what it installs is what torch-spec says."""
+    log = tmp_path / "pip.log"
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -m ]; then echo "$*" >>{log}; exit 0; fi\n'
+        'if [ "$1" = -c ] && [ "$2" = "import torch" ]; then exit 1; fi\n'
+        'if [ "$1" = -c ]; then exit 0; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    python.chmod(0o755)
+    url = cpu_index["answers"]
+    result = _install_sh(
+        tmp_path / "run", "Linux", False, part="deps", PYTHON=str(python), TORCH_CPU_INDEX_URL=url
+    )
+    assert result.returncode == 0, result.stderr
+    pip = log.read_text().splitlines()
+    assert pip[0] == f"-m pip install --quiet torch==2.13.0 --index-url {url}"
+    assert pip[1].startswith("-m pip install --quiet -c cluster/constraints.txt -r ")
+    assert f"installing torch==2.13.0 --index-url {url}" in result.stdout
+
+
+def test_the_image_installs_the_torch_it_names_instead_of_guessing_from_the_build_machine():
+    # A docker build sees no nvidia-smi, GPU image or not: the automatic choice would put
+    # torch's CPU build into the GPU image.
+    steps = _dockerfile(REPO / "Dockerfile")
+    [deps] = [a for op, a in steps if op == "RUN" and "GROKSTUDY_PART=deps" in a]
+    assert "TORCH_VARIANT=default" in deps.split()
+    [spec] = [a for op, a in steps if op == "ARG" and a.startswith("TORCH_SPEC=")]
+    assert spec == 'TORCH_SPEC="torch==2.13.0"'
 
 
 def test_the_build_context_leaves_out_local_state_and_tokens():
