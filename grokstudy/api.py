@@ -135,7 +135,22 @@ class Results:
                 f"trial {trial_id!r} kept no weights (it did not finish, or its study ran with "
                 "run.save_weights: none or before grokstudy kept weights)",
             )
-        return model_from_weights(uri, device=device, tracking_uri=self.tracking_uri)
+        return model_from_weights(self._moved(uri), device=device, tracking_uri=self.tracking_uri)
+
+    def _moved(self, uri: str) -> str:
+        """A local weights path that no longer exists, found again under this study directory
+        (it was moved: `grokstudy run --fresh` archives, a copied `runs/NAME`)."""
+        if "://" in uri or uri.startswith("runs:/") or Path(uri).exists() or not Path(self.source).is_dir():
+            return uri
+        from grokstudy.weights import DIRECTORY
+
+        name = Path(uri).name  # an export keeps weights in <dir>/weights, a run beside its Tune experiment
+        found = [
+            p
+            for where in (DIRECTORY, f"ray/*/{DIRECTORY}")
+            for p in sorted(Path(self.source).glob(f"{where}/{name}"))
+        ]
+        return str(found[0]) if found else uri
 
 
 def load(source: str | os.PathLike[str], tracking_uri: str | None = None) -> Results:
@@ -188,9 +203,11 @@ def run(
     formats: Sequence[str] = ("png",),
     progress: bool = True,
     retry_failed: bool = False,
+    fresh: bool = False,
     **overrides: Any,
 ) -> Results:
-    """Run (or resume) a study and return its results. `study`: a study file or a `Study`;
+    """Run, resume or grow a study and return its results (`fresh`: start over, archiving the
+    earlier results, as `grokstudy run --fresh`). `study`: a study file or a `Study`;
     `overrides`: study keys with `__` for the dots (`search__seeds=1`, `train__max_steps=500`), as
     `--set` gives them. `progress` shows a bar (a widget in Jupyter, tqdm.auto). Raises what
     `grokstudy run` reports (StudyError, UsageError, runner.Interrupted, ...)."""
@@ -210,6 +227,7 @@ def run(
         outcome = runner.run_study(
             loaded, out_dir=out_dir, address=address, tracking_uri=tracking_uri, formats=tuple(formats),
             progress=view, num_cpus=num_cpus, retry_failed=retry_failed, quiet_libraries=True,
+            fresh=fresh,
         )  # fmt: skip
     finally:
         if view is not None:
@@ -227,9 +245,14 @@ def prepare_embedded_ray(address: str | None) -> None:
 
 def load_tables(source: str, tracking_uri: str | None, prefer_rebuild: bool = False) -> tuple[Any, Any, Path]:
     """(trials, curves, default figure directory) from any kind of source: a study output
-    directory, a trials.parquet, a Ray Tune experiment directory, or an MLflow experiment.
+    directory, a trials.parquet, a Ray Tune experiment directory or URI (`s3://`, `gs://`,
+    `file://`: `run.storage/<name>`), or an MLflow experiment.
     `prefer_rebuild`: rebuild a study directory's tables from its checkpoints."""
     path = Path(source)
+    if is_uri(source):  # Path() would fold its `//`; pyarrow.fs reads it
+        study, histories = read_tune_experiment(source)
+        trials, curves = results.build_tables(study, histories)
+        return trials, curves, Path("runs") / study.name / "figures"
     if path.exists():
         if path.is_dir() and (path / results.TRIALS_FILE).exists() and not prefer_rebuild:
             trials, curves = results.load_source(path)
@@ -238,9 +261,7 @@ def load_tables(source: str, tracking_uri: str | None, prefer_rebuild: bool = Fa
             trials, curves = results.load_source(path)
             return trials, curves, path.parent / "figures"
         if path.is_dir():
-            from grokstudy import runner
-
-            study, histories = runner.histories_from_tune_dir(path)
+            study, histories = read_tune_experiment(source)
             trials, curves = results.build_tables(study, histories)
             return trials, curves, path / "figures"
         raise UsageError(
@@ -258,6 +279,29 @@ def load_tables(source: str, tracking_uri: str | None, prefer_rebuild: bool = Fa
     study, histories = tracking.fetch_histories(uri, source)
     trials, curves = results.build_tables(study, histories)
     return trials, curves, Path("runs") / source / "figures"
+
+
+def is_uri(source: str) -> bool:
+    """Is `source` a `scheme://` URI (not a path, not an MLflow experiment name)?"""
+    scheme, sep, _ = source.partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
+def read_tune_experiment(source: str) -> tuple[Study, list[Any]]:
+    """(the study, its trial histories) of a grokstudy Ray Tune experiment: a directory, or a URI
+    pyarrow.fs opens (`uris.STORAGE_SCHEMES`); a one-line UsageError for another scheme."""
+    from grokstudy.uris import STORAGE_SCHEMES, redact
+
+    scheme = source.partition("://")[0] if is_uri(source) else ""
+    if scheme and scheme not in STORAGE_SCHEMES:
+        raise UsageError(
+            "SOURCE", f"{redact(source)}: a URI SOURCE is a Ray Tune experiment on "
+            f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}; an MLflow experiment goes by name "
+            "(with --tracking-uri)",
+        )  # fmt: skip
+    from grokstudy import runner
+
+    return runner.histories_from_tune_dir(source)  # type: ignore[arg-type]  # a str: it reads str(path)
 
 
 def _equals(table: pa.Table, column: str, value: str) -> Any:

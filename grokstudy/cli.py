@@ -35,7 +35,10 @@ RUN_EPILOG = """examples:
   grokstudy run studies/smoke.yaml --set train.max_steps=200 --out /tmp/smoke
   grokstudy run studies/wd_vs_frac_transformer.yaml --address 10.0.0.5:6379 --tracking-uri http://mlflow:5000
   ray job submit --working-dir . -- grokstudy run studies/quickstart.yaml --out /shared/runs/quickstart
-Re-running the same command resumes the study: finished trials are kept."""
+Re-running the same command resumes the study: finished trials are kept. A study may grow
+between runs (more search.seeds, more values on a grid axis, a larger search.budget or
+num_samples): only the new trials run. Any other change is refused; --fresh starts over,
+keeping the old results beside the new ones (<out>.archived-<time>)."""
 
 TRAIN_EPILOG = """examples:
   grokstudy train
@@ -127,6 +130,12 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run again, from the start, the trials a finished study recorded as FAILED (beyond run.max_failures)",
     )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the study over: its earlier results (output, Tune experiment, MLflow parent run) are "
+        "archived beside it, not resumed",
+    )
 
     p = sub.add_parser(
         "train", help="train one trial locally (no Ray, no MLflow)", epilog=TRAIN_EPILOG, formatter_class=fmt
@@ -165,11 +174,30 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
 
     p = sub.add_parser(
-        "export", help="rebuild trials.parquet and curves.parquet from MLflow or a Ray Tune experiment"
-    )
-    p.add_argument("source", help="MLflow experiment name/id, or a Ray Tune experiment directory")
-    p.add_argument("--out", type=_directory, required=True, help="directory for the two tables")
+        "export", help="bring a study home from MLflow or its Ray Tune experiment: tables, figures, report, "
+        "study file, weights", formatter_class=fmt,
+        epilog="examples:\n"
+        "  grokstudy export --experiment quickstart --tracking-uri http://mlflow:5000 --out runs/quickstart\n"
+        "  grokstudy export s3://bucket/grokstudy/ray/quickstart --out runs/quickstart   # run.storage/<name>\n"
+        "  grokstudy export runs/quickstart/ray/quickstart --out /tmp/quickstart --no-weights\n"
+        "The same study exported again into the same --out refreshes it.",
+    )  # fmt: skip
+    p.add_argument(
+        "source", nargs="?",
+        help="a Ray Tune experiment: directory or URI (s3://, gs://, file://; run.storage/<name>), or an "
+        "MLflow experiment name/id",
+    )  # fmt: skip
+    p.add_argument("--experiment", help="read the study from this MLflow experiment (name or id) instead")
+    p.add_argument(
+        "--out", type=_directory, required=True,
+        help="the study's new home, read by grokstudy.load, plot, report and status (e.g. runs/<name>)",
+    )  # fmt: skip
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--no-weights", action="store_true",
+        help="leave the trials' final weights where they are (weights_uri keeps naming them there)",
+    )  # fmt: skip
+    p.add_argument("--format", default="png,pdf", help="figure formats, comma-separated (png, svg, pdf)")
 
     p = sub.add_parser(
         "status", help="where a study stands, while it runs or after (read-only)", epilog=STATUS_EPILOG,
@@ -293,6 +321,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 stop_on_sigterm=True,
                 retry_failed=args.retry_failed,
                 quiet_libraries=True,
+                fresh=args.fresh,
             )
         finally:
             view.close()
@@ -360,6 +389,10 @@ def _print_summary(outcome) -> None:  # collect.StudyOutcome
             _print_trials(rows)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(outcome.phase_counts.items()))
     print(f"\nphases: {counts or 'none'}" + (" (resumed study)" if outcome.resumed else ""))
+    if outcome.grown:
+        print(
+            f"the study grew ({'; '.join(outcome.grown)}): its finished trials were kept, only new ones ran"
+        )
     if outcome.retried:
         print(f"ran again {outcome.retried} trial(s) that had failed")
     if outcome.lost:
@@ -568,14 +601,48 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from grokstudy import results
+    from grokstudy import export
     from grokstudy.storage import check_dir
 
+    formats = _formats(args.format)
     out = check_dir(args.out, "--out").resolve()
-    trials, curves, _ = _load_results(args.source, args.tracking_uri, prefer_rebuild=True)
-    trials_path, curves_path = results.write_tables(trials, curves, out)
-    print(f"trials table: {trials_path} ({trials.num_rows} trials)")
-    print(f"curves table: {curves_path} ({curves.num_rows} rows)")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    source = export.read(args.source, args.experiment, uri)
+    export.check_out(out, source.study.name)
+    print(f"grokstudy export: study {source.study.name!r} from {source.described} into {out}", flush=True)
+    done = export.export_study(source, out, copy_weights=not args.no_weights, formats=formats)
+    print(f"study file:    {done.study_file}")
+    print(f"trials table:  {done.tables[0]} ({done.n_trials} trials)")
+    print(f"curves table:  {done.tables[1]} ({done.n_curve_rows} rows)")
+    if len(done.tables) > 2:
+        print(f"cells table:   {done.tables[2]}")
+    if done.figures:
+        names = ", ".join(dict.fromkeys(p.stem for p in done.figures))
+        kinds = ", ".join(dict.fromkeys(p.suffix.lstrip(".") for p in done.figures))
+        print(f"figures:       {len(done.figures)} in {done.figures[0].parent} ({names}; {kinds})")
+    print(f"report:        {done.report}  (open it in a browser)")
+    print(f"progress:      {done.progress}  (grokstudy status reads it)")
+    (files, size), (away, about) = done.local_weights, done.remote_weights
+
+    def trials(n: int) -> str:
+        return f"{n} trial's" if n == 1 else f"{n} trials'"
+
+    def size_of(n: int) -> str:
+        return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+    if files:
+        print(f"weights:       {trials(files)} final weights, {size_of(size)}, in {out / 'weights'}")
+    elif not away:
+        print("weights:       none (no trial finished, or the study ran with run.save_weights: none)")
+    if away:
+        why = "could not be copied" if done.failed else "left at the source (--no-weights)"
+        print(f"weights:       {trials(away)} final weights, about {size_of(about)}, {why}")
+    if done.failed:
+        print(
+            redact(f"grokstudy export: warning: {trials(len(done.failed))} weights could not be copied "
+                   f"(weights_uri still names the source): {'; '.join(done.failed[:3])}"),
+            file=sys.stderr,
+        )  # fmt: skip
     return EXIT_OK
 
 

@@ -76,6 +76,8 @@ class StudyOutcome:
     """(files, bytes, directory) of the finished trials' weights; None: the study keeps none."""
     report: Path | None = None
     """The interactive report (`grokstudy.report`)."""
+    grown: tuple[str, ...] = ()
+    """How the study grew since its trials started (`study.compare`), when it did."""
 
 
 def histories(study: Study, trials: Sequence[Ended]) -> tuple[list[TrialHistory], int]:
@@ -110,6 +112,7 @@ def write_results(
     retried: int = 0,
     started_at: float | None = None,
     weights_dir: str | None = None,
+    grown: tuple[str, ...] = (),
 ) -> StudyOutcome:
     """Tables, cells and figures into `out_dir`; the parent run gets them and its end.
     `started_at`: when the study first started (Unix time), for its wall-clock. `weights_dir`:
@@ -154,6 +157,7 @@ def write_results(
         elapsed_s=None if started_at is None else time.time() - started_at,
         weights=kept,
         report=report,
+        grown=grown,
     )
 
 

@@ -1,6 +1,6 @@
-"""What is checked once Ray is up and before a study's trials start: the same study on resume,
-a GPU where cuda is asked for, and a node that can hold a trial (memory, CPUs, GPUs). Each
-refusal is a one-line StudyError; the checks that can run before Ray starts (versions, places,
+"""What is checked once Ray is up and before a study's trials start: the same study (or one that
+only grew) on resume, a GPU where cuda is asked for, and a node that can hold a trial (memory,
+CPUs, GPUs). Each refusal is a one-line StudyError; the checks that can run before Ray starts (versions, places,
 MLflow) are `compat.check`, `storage.check_dir`/`check_storage` and `tracking.check_reachable`."""
 
 from __future__ import annotations
@@ -24,29 +24,33 @@ LOOK_EVERY_S = 10.0
 """How often a study waiting for a node that fits asks Ray again."""
 
 
-def check_same_study(study: Study, study_yaml: str, experiment_path: str) -> bool:
-    """True when the experiment exists (a resume): then it must be the same study. Writes the
-    study beside the experiment."""
+def check_same_study(study: Study, study_yaml: str, experiment_path: str) -> tuple[bool, tuple[str, ...]]:
+    """(resumed, grown): whether the experiment exists (a resume), and how the study grew since
+    its trials started (`study.compare`: more seeds, axis values, budget). Any other change is
+    refused in one line naming the field. Writes the study beside the experiment."""
     import yaml
 
-    from grokstudy.study import changes, fingerprint, parse_study
+    from grokstudy.study import compare, parse_study
 
     file = storage.join(experiment_path, STUDY_FILE)
     # Resumable once Tune has saved an experiment snapshot; a driver killed before the first
     # one leaves nothing that needs keeping: its trials start afresh and re-attach to their runs.
     resumed = compat.has_experiment_snapshot(experiment_path)
     text = storage.read_text(file) if resumed else None
+    grown: tuple[str, ...] = ()
     if text is not None:
-        before = parse_study(yaml.safe_load(text), file)
-        diff = changes(fingerprint(before), fingerprint(study))
-        if diff:
+        growth = compare(parse_study(yaml.safe_load(text), file), study)
+        if growth.refused:
+            (key, why), *others = growth.refused
+            more = f" (also changed: {', '.join(k for k, _ in others)})" if others else ""
             raise StudyError(
-                "study",
-                f"changed since its trials started, so resuming would mislabel them: {diff}; "
-                "run the original study, or give the changed one a new name",
+                key,
+                f"{why}{more}; run it with --fresh to start over under this name (the old results "
+                "are kept beside the new ones), or give the study a new name",
             )
+        grown = growth.grown
     storage.write_text(file, study_yaml)
-    return resumed
+    return resumed, grown
 
 
 def check_devices(study: Study) -> None:

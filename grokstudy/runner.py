@@ -38,6 +38,7 @@ import pickle
 import secrets
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,13 @@ class LedgerSearcher(Searcher):
             self.__dict__.update(pickle.load(f))
         known = _current.known if _current is not None else {}
         self.lost = self.ledger.reconcile(known)
+        if _current is not None and _current.grown is not None:
+            # The study grew (more seeds, axis values, budget): the new study's ledger, holding
+            # every member Tune holds, hands out only what is new.
+            self.study = _current.grown
+            self.ledger = search.Ledger(self.study)
+            self.ledger.reconcile(known)
+            self.ledger.add_seeds()
         self.packs = {}
         for k in known.values():
             self.packs.setdefault(k.tune_trial_id, []).append(k.trial_id)
@@ -323,6 +331,9 @@ class _DriverRun:
     searcher: LedgerSearcher | None = None
     waiting: preflight.WaitForNodes | None = None
     """While a cluster has no node that fits a trial (`preflight.check_fits`)."""
+    grown: Study | None = None
+    """The study, when it grew since its trials started (the restored searcher still holds the
+    old one)."""
 
 
 _current: _DriverRun | None = None
@@ -395,6 +406,7 @@ def run_study(
     stop_on_sigterm: bool = False,
     retry_failed: bool = False,
     quiet_libraries: bool = False,
+    fresh: bool = False,
 ) -> StudyOutcome:
     """Run (or resume) a study to completion and write its tables and figures.
 
@@ -434,7 +446,11 @@ def run_study(
             if quiet_libraries
             else contextlib.nullcontext(),
         ):
-            resumed = preflight.check_same_study(study, study_yaml, experiment_path)
+            if fresh:
+                _start_afresh(study, out_dir, experiment_path, uri)
+                saved = {}
+            resumed, grown = preflight.check_same_study(study, study_yaml, experiment_path)
+
             started_ray = init_ray(address, num_cpus)
             if stop_on_sigterm:
                 _stop_on_sigterm()  # again: ray.init installs its own SIGTERM handler, which aborts
@@ -453,7 +469,7 @@ def run_study(
                 storage.write_atomic(out_dir / "study.yaml", study_yaml)
                 try:
                     return _fit(study, out_dir, storage_path, experiment_path, resumed, formats, progress,
-                                study_tracker, retry_failed, waiting)  # fmt: skip
+                                study_tracker, retry_failed, waiting, grown)  # fmt: skip
                 except (Interrupted, KeyboardInterrupt):
                     if lease.lost:  # the new holder owns the study now: touch nothing of it
                         raise storage.LeaseLost(lease.lost) from None
@@ -487,6 +503,7 @@ def _fit(
     study_tracker: tracking.StudyTracker,
     retry_failed: bool,
     waiting: preflight.WaitForNodes | None,
+    grown: tuple[str, ...] = (),
 ) -> StudyOutcome:
     global _current
     where = study_tracker.where()
@@ -510,7 +527,7 @@ def _fit(
             live.failed.add(t.trial_id)
         elif t.status == "TERMINATED":
             live.ended.add(t.trial_id)
-    _current = _DriverRun(progress, known, live, waiting=waiting)
+    _current = _DriverRun(progress, known, live, waiting=waiting, grown=study if grown else None)
     slots = _trial_slots(study)
     if resumed:
         # Failed trials stay failed in Tune's eyes: `--retry-failed` runs their members in new
@@ -548,7 +565,7 @@ def _fit(
     searcher.ledger.export(out_dir / "optuna.db")
     return collect.write_results(
         study, out_dir, histories, formats, study_tracker, resumed, len(searcher.lost),
-        len(searcher.ledger.retried), progress.started_at, weights.directory(experiment_path),
+        len(searcher.ledger.retried), progress.started_at, weights.directory(experiment_path), grown,
     )  # fmt: skip
 
 
@@ -657,6 +674,33 @@ def histories_from_tune_dir(path: Path) -> tuple[Study, list[TrialHistory]]:
 # ---- before anything runs ----------------------------------------------------------------------------
 
 
+def _start_afresh(study: Study, out_dir: Path, experiment_path: str, tracking_uri: str) -> None:
+    """`--fresh`: set the study's earlier results aside, beside where they were (`<out>.archived-
+    <time>`, `<experiment>.archived-<time>`), and mark its MLflow parent runs archived, so this
+    run starts over. The lock, the lease, this run's driver.log and an MLflow store kept in
+    `out_dir` (a database of every run, the archived ones included) stay."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    inside = None  # the experiment's path under out_dir, when storage is the default <out>/ray
+    if "://" not in experiment_path and Path(experiment_path).resolve().is_relative_to(out_dir):
+        inside = str(Path(experiment_path).resolve().relative_to(out_dir))
+    archived = f"{experiment_path}.archived-{stamp}"
+    if inside is None:
+        storage.move_aside(experiment_path, archived, lambda rel: rel.startswith(storage.LEASE_PREFIX))
+    else:
+        archived = str(Path(f"{out_dir}.archived-{stamp}", inside))
+    stays = (storage.LOCK_FILE, console.DRIVER_LOG, "mlartifacts")
+
+    def keep(rel: str) -> bool:
+        lease = inside is not None and rel.startswith(f"{inside}/{storage.LEASE_PREFIX}")
+        return lease or rel in stays or rel.startswith("mlflow.db")
+
+    moved = storage.move_aside(str(out_dir), f"{out_dir}.archived-{stamp}", keep)
+    runs = tracking.archive_study_runs(tracking_uri, study.name, experiment_path, archived)
+    if moved or runs:
+        print(f"grokstudy: --fresh: earlier results set aside in {out_dir}.archived-{stamp}"
+              + ("" if inside is not None else f" and {archived}"), flush=True)  # fmt: skip
+
+
 def _open_parent(
     study_tracker: tracking.StudyTracker, study: Study, study_yaml: str, experiment_path: str,
     parent_run_id: str | None,
@@ -714,7 +758,7 @@ def _study_yaml(study: Study) -> str:
 def _study_params(study: Study) -> dict[str, Any]:
     params = {f"base.{k}": v for k, v in flatten(study.base).items()}
     params |= {f"phases.{k}": v for k, v in to_dict(study.phases).items()}
-    params |= {"search.sampler": study.search.sampler, "search.seeds": study.search.seeds}
+    params |= {"search.sampler": study.search.sampler}  # seeds may grow: a tag, not a param
     return params
 
 

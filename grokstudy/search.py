@@ -403,7 +403,9 @@ class Ledger:
         """The next point x seed to run, or None when the sampler has nothing to propose
         now (`finished()` says whether it ever will)."""
         sampler = self.ot.sampler
-        for _ in range(1000):  # a sampler that keeps repeating held points is a bug; stop looking
+        # A sampler that keeps repeating held points is a bug; stop looking. (A grown study's
+        # random or Sobol sampler first proposes again every point it had: one per held trial.)
+        for _ in range(1000 + len(self.ot.get_trials(deepcopy=False))):
             waiting = any(t.state == TrialState.WAITING for t in self.ot.get_trials(deepcopy=False))
             if not waiting and (
                 sampler.next_cell(self.ot) is None if isinstance(sampler, LatticeSampler) else self.finished()
@@ -418,7 +420,7 @@ class Ledger:
                 continue
             trial.set_user_attr(TRIAL_ID, tid)
             return Member(tid, point)
-        raise RuntimeError(f"the {self.study.search.sampler} sampler proposed only held points 1000 times")
+        raise RuntimeError(f"the {self.study.search.sampler} sampler proposed only held points")
 
     def finished(self) -> bool:
         """True when every point x seed the study will ever run has been handed out."""
@@ -488,6 +490,25 @@ class Ledger:
             elif k.status == "failed":
                 self.fail(tid, "failed beyond run.max_failures retries")
         return lost
+
+    def add_seeds(self) -> None:
+        """Queue the seeds a grown study added to points already proposed. (A lattice sampler
+        has seeds as an axis and hands them out itself; the others enqueue a point's seeds only
+        when they first propose it.)"""
+        if self.space.seed_is_axis:
+            return
+        first: dict[str, FrozenTrial] = {}
+        seeds: dict[str, set[int]] = {}
+        for t in self.ot.get_trials(deepcopy=False):
+            tid = t.user_attrs.get(TRIAL_ID)
+            if tid is not None and holds(t):
+                pid, seed = tid.rsplit("-s", 1)
+                first.setdefault(pid, t)
+                seeds.setdefault(pid, set()).add(int(seed))
+        for pid, t in first.items():
+            for s in sorted(set(range(self.study.search.seeds)) - seeds[pid]):
+                params = {k: v for k, v in t.params.items() if k != SEED}
+                self.ot.enqueue_trial(params, user_attrs={SEED: s, REPLICATE_OF: t.number})
 
     def _retry(self, tid: str, point: dict[str, Any]) -> None:
         """A failed trial runs again: its FAIL is kept, and a new trial (the newest, so the one

@@ -275,6 +275,47 @@ def delete_file(uri: str) -> None:
     fs.delete_file(path)
 
 
+def move_aside(directory_uri: str, to_uri: str, keep: Callable[[str], bool]) -> int:
+    """Move the contents of a directory (local path or URI) into `to_uri`, except the entries
+    `keep(relative path)` names, which stay where they are (the directories holding them are
+    made again at the destination and searched); returns how many entries moved. Locally an
+    entry moves by rename (whole); on an object store by copy, then delete."""
+    fs, src = _fs(directory_uri)
+    _, dst = _fs(to_uri)
+    remote = "://" in directory_uri
+    moved = 0
+
+    def walk(rel: str) -> None:
+        nonlocal moved
+        here = f"{src}/{rel}" if rel else src
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(here, allow_not_found=True)):
+            sub = f"{rel}/{info.base_name}" if rel else info.base_name
+            if keep(sub):
+                continue
+            if info.type == pyarrow.fs.FileType.Directory and any_kept(sub):
+                walk(sub)
+                continue
+            target = f"{dst}/{sub}"
+            fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            if not remote:
+                fs.move(info.path, target)
+            elif info.type == pyarrow.fs.FileType.Directory:
+                fs.create_dir(target, recursive=True)  # copy_files makes files, not their directories
+                pyarrow.fs.copy_files(info.path, target, source_filesystem=fs, destination_filesystem=fs)
+                fs.delete_dir(info.path)
+            else:
+                fs.copy_file(info.path, target)
+                fs.delete_file(info.path)
+            moved += 1
+
+    def any_kept(rel: str) -> bool:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{src}/{rel}", recursive=True))
+        return any(keep(i.path.removeprefix(src + "/")) for i in infos)
+
+    walk("")
+    return moved
+
+
 def has_file(directory_uri: str, prefix: str, suffix: str) -> bool:
     """Does the directory hold a file named `<prefix>...<suffix>`?"""
     fs, path = _fs(directory_uri)

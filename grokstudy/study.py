@@ -52,6 +52,7 @@ from grokstudy.config import (
     to_dict,
 )
 from grokstudy.errors import StudyError, StudyErrors, one_line, raise_all
+from grokstudy.points import point_id
 from grokstudy.uris import STORAGE_SCHEMES, has_credentials
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
@@ -326,6 +327,72 @@ def changes(old: dict[str, str], new: dict[str, str], limit: int = 4) -> str | N
     shown = [f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}" for k in keys[:limit]]
     more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
     return "; ".join(shown) + more
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Growth:
+    """How a study differs from the one its trials started with (`compare`): what grew (more
+    seeds, more values on an axis, a larger budget or num_samples: every finished trial keeps
+    its meaning, and only new ones run) and what changed otherwise (a refusal)."""
+
+    grown: tuple[str, ...] = ()
+    """`key: old -> new` of each growth."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """(key, `old -> new ...; why`) of each change that would change what finished trials mean."""
+
+
+def compare(before: Study, after: Study) -> Growth:
+    """Sort the differences between two studies of one name into growth and refusals."""
+    old, new = fingerprint(before), fingerprint(after)
+    grown: list[str] = []
+    refused: list[tuple[str, str]] = []
+    for key in sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)):
+        shown = f"{old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+        why = _not_growth(key, before, after)
+        if why is None:
+            grown.append(f"{key}: {shown}")
+        else:
+            refused.append((key, f"{shown} since the study's trials started; {why}"))
+    refused.sort(key=lambda r: not r[1].endswith(CHANGES_MEANING))  # the gravest first
+    return Growth(tuple(grown), tuple(refused))
+
+
+def _not_growth(key: str, before: Study, after: Study) -> str | None:
+    """Why changing `key` from `before` to `after` is not growth (None: it is)."""
+    b, a = before.search, after.search
+    lattice = a.sampler in LATTICE_SAMPLERS and b.sampler == a.sampler
+    if key == "search.seeds":
+        return None if a.seeds > b.seeds else "a study can add seeds, not drop them"
+    if key == "search.budget":
+        if a.budget is None or (b.budget is not None and a.budget > b.budget):
+            return None
+        return "a study's budget can grow, not shrink"
+    if key == "search.num_samples":
+        if lattice or (
+            b.num_samples is not None and a.num_samples is not None and a.num_samples > b.num_samples
+        ):
+            return None  # a lattice sampler ignores num_samples
+        return "a study can sample more points, not fewer"
+    if key.startswith("search.space."):
+        axis = key.removeprefix("search.space.")
+        dims_b = {d.key: d for d in b.space}
+        dims_a = {d.key: d for d in a.space}
+        if axis not in dims_b or axis not in dims_a:
+            return "adding or removing an axis changes every finished trial's point"
+        if not lattice:
+            return f"the {a.sampler} sampler's space cannot grow (only a grid's or boundary's axes can)"
+        db, da = dims_b[axis], dims_a[axis]
+        if not (db.is_discrete and da.is_discrete):
+            return "an axis without a grid cannot grow"
+        kept = {point_id({axis: v}) for v in da.grid}
+        gone = [v for v in db.grid if point_id({axis: v}) not in kept]
+        if gone:
+            return f"an axis can gain values, not lose them ({', '.join(map(str, gone[:3]))} gone)"
+        return None
+    return CHANGES_MEANING
+
+
+CHANGES_MEANING = "that changes what its finished trials mean"
 
 
 def describe(study: Study) -> str:

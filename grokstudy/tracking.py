@@ -84,12 +84,14 @@ TUNE_EXPERIMENT_TAG = "grokstudy.tune_experiment"
 TRIAL_KEY_TAG = "grokstudy.trial_key"
 """A trial run's trial id (`<point_id>-s<seed>`); `find_trial_runs` maps it back to the run."""
 ERROR_TAG = "grokstudy.error"
+"""On a FAILED trial run: why it failed."""
 WEIGHTS_TAG = "grokstudy.weights_uri"
 """A finished trial's weights file on the study's storage (`grokstudy.weights`); the run holds a
 copy as its artifact `weights/<trial_id>.pt`."""
+ARCHIVED_TAG = "grokstudy.archived"
+"""On a parent run that `grokstudy run --fresh` set aside: when."""
 NOTE_TAG = "mlflow.note.content"
 """A run's description in the MLflow UI (markdown)."""
-"""On a FAILED trial run: why it failed."""
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 STUDY_ARTIFACT = "study.yaml"
 
@@ -870,6 +872,33 @@ def find_study_run(
     return runs[0].info.run_id if runs else None
 
 
+def archive_study_runs(tracking_uri: str, study_name: str, tune_experiment: str, archived_to: str) -> int:
+    """Mark the parent runs of an earlier execution of this study as archived (`run --fresh`):
+    they now name `archived_to` as their Ray Tune experiment, so no later run of the study
+    continues them, and a RUNNING one (its driver died) ends KILLED; their trial runs' weights
+    tags follow the move. Returns how many parent runs were archived."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is None or "'" in tune_experiment:
+        return 0
+    runs = _search_all(
+        client,
+        experiment.experiment_id,
+        f"tags.`{KIND_TAG}` = 'study' and tags.`{TUNE_EXPERIMENT_TAG}` = '{tune_experiment}'",
+    )
+    for run in runs:
+        run_id = run.info.run_id
+        client.set_tag(run_id, TUNE_EXPERIMENT_TAG, archived_to)
+        client.set_tag(run_id, ARCHIVED_TAG, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        for trial in _trial_runs(client, experiment.experiment_id, run_id).values():
+            uri = trial.data.tags.get(WEIGHTS_TAG, "")
+            if uri.startswith(tune_experiment + "/"):
+                client.set_tag(trial.info.run_id, WEIGHTS_TAG, archived_to + uri[len(tune_experiment) :])
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    return len(runs)
+
+
 def find_trial_runs(tracking_uri: str, experiment_id: str, parent_run_id: str | None) -> dict[str, str]:
     """{grokstudy.trial_key: run_id} of the trial runs under `parent_run_id`
     (or, without one, of the whole experiment), so a retried trial re-attaches
@@ -1027,6 +1056,12 @@ def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[Tri
     flattened TrialConfig), its curve from its metric histories, how it ended from its tags and
     status (a FAILED run has no outcome; a RUNNING one is still training, drawn as running).
     """
+    _, study, histories = fetch_study(tracking_uri, experiment)
+    return study, histories
+
+
+def fetch_study(tracking_uri: str, experiment: str) -> tuple[FetchedStudy, Study, list[TrialHistory]]:
+    """`fetch_histories`, with what was fetched (the study file's text, the parent run's times)."""
     import yaml
 
     from grokstudy.study import parse_study
@@ -1058,7 +1093,7 @@ def fetch_histories(tracking_uri: str, experiment: str) -> tuple[Study, list[Tri
                 weights_uri=_weights_artifact(trial["run_id"], tags) if ended else None,
             )
         )
-    return study, histories
+    return fetched, study, histories
 
 
 def _weights_artifact(run_id: str, tags: dict[str, str]) -> str | None:
@@ -1075,6 +1110,27 @@ def download_artifact(uri: str, directory: Path, tracking_uri: str | None) -> Pa
     import mlflow.artifacts
 
     return Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(directory), tracking_uri=tracking_uri))
+
+
+def download_run_artifact(uri: str, directory: Path, tracking_uri: str) -> Path:
+    """`download_artifact` through a client of its own, so several threads may download at once
+    (`mlflow.artifacts` swaps the process-wide tracking URI while it downloads)."""
+    run_id, _, path = uri.removeprefix("runs:/").partition("/")
+    return Path(_client(tracking_uri).download_artifacts(run_id, path, str(directory)))
+
+
+def check_readable(tracking_uri: str) -> None:
+    """Before a study is read back: a server answers, a sqlite store exists and is one (reading
+    a missing one would create it empty); a one-line UsageError naming --tracking-uri otherwise."""
+    try:
+        check_reachable(tracking_uri)
+        db = _sqlite_path(tracking_uri)
+        if db is not None:
+            if not db.is_file():
+                raise UsageError("--tracking-uri", f"no MLflow store at {db}")
+            check_store(db)
+    except (StudyError, UsageError) as err:
+        raise UsageError("--tracking-uri", err.msg) from None
 
 
 def _outcome_of(tags: dict[str, str], cfg: TrialConfig) -> Outcome:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,34 @@ def _local_copy(uri: str, tracking_uri: str | None) -> Iterator[Path]:
         except Exception as err:
             raise UsageError("weights_uri", f"cannot fetch {uri} ({one_line(err, 300)})") from None
         yield local
+
+
+def copy_to(uri: str, path: Path, tracking_uri: str | None = None) -> int:
+    """Copy the weights file at `uri` (what `load` reads) to the local `path`, atomically; its
+    bytes. Safe to call from several threads at once."""
+    if uri.startswith("runs:/") and not tracking_uri:
+        raise UsageError("weights_uri", f"{uri} is an MLflow artifact: give its tracking URI")
+    with storage.atomic_path(path) as tmp:
+        if uri.startswith("runs:/"):
+            from grokstudy import tracking
+
+            with tempfile.TemporaryDirectory(prefix="grokstudy-weights-") as d:
+                shutil.copyfile(tracking.download_run_artifact(uri, Path(d), str(tracking_uri)), tmp)
+        else:
+            storage.fetch_file(uri, tmp)
+    return path.stat().st_size
+
+
+FILE_OVERHEAD_BYTES = 3_500
+"""A weights file beyond its float32 parameters: torch.save's zip, the config, the names."""
+
+
+def estimated_bytes(cfg: TrialConfig) -> int:
+    """About how large a trial's weights file is, from its config alone (no torch, no download)."""
+    from grokstudy import footprint
+
+    n = footprint.parameters(cfg.model, footprint.vocabulary(cfg.task))
+    return n * footprint.FLOAT32 + FILE_OVERHEAD_BYTES
 
 
 def prune(weights_directory: str, finished: set[str]) -> tuple[int, int]:

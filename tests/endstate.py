@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from grokstudy import points, search, storage, train, weights
 from grokstudy.config import Study
 from grokstudy.study import parse_study
+from grokstudy.tracking import ARCHIVED_TAG, PARENT_TAG
 
 
 def expected_trials(study: Study) -> set[str]:
@@ -59,6 +60,9 @@ def problems(out: Path, study: Study, tracking_uri: str | None = None) -> list[s
     client = MlflowClient(tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(study.name)
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    # Runs of results that `grokstudy run --fresh` set aside are not this study's.
+    archived = {r.info.run_id for r in runs if ARCHIVED_TAG in r.data.tags}
+    runs = [r for r in runs if r.info.run_id not in archived and r.data.tags.get(PARENT_TAG) not in archived]
     parents = [r for r in runs if r.data.tags.get("grokstudy.kind") == "study"]
     if len(parents) != 1 or parents[0].info.status != "FINISHED":
         found.append(

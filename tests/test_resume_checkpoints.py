@@ -79,8 +79,10 @@ def test_a_running_study_refuses_a_second_driver_a_stopped_one_a_changed_study_a
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "driver.log"}
     line = refused(capsys, str(study_file), "--out", str(out), *storage_flag, "--set", "optimizer.lr=0.01",
                    "--set", "search.space.data.fraction={values: [0.3]}")  # fmt: skip
-    assert line.startswith("grokstudy run: error: study: changed since its trials started")
-    assert "optimizer.lr: 0.003 -> 0.01" in line and "search.space.data.fraction" in line
+    assert line.startswith(
+        "grokstudy run: error: optimizer.lr: 0.003 -> 0.01 since the study's trials started"
+    )
+    assert "also changed: search.space.data.fraction" in line and "--fresh" in line
     bookkeeping = (".grokstudy.lock", f"{LEASE_PREFIX}{1:010d}.json")  # a refused run takes, drops both
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "driver.log"}
     assert {p: t for p, t in after.items() if p.name not in bookkeeping} == {

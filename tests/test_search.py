@@ -230,3 +230,50 @@ def test_a_failed_member_tune_runs_again_gets_a_new_trial_that_its_result_comple
     assert restored.phases() == {m.trial_id: "grokking"}
     restored.reconcile(known([m.point], "done"))  # a later resume: nothing runs again
     assert restored.retried == []
+
+
+GROWTHS = {
+    "grid: a seed": ("grid", GRID_SPACE, {"seeds": 3}),
+    "grid: an axis value": (
+        "grid",
+        GRID_SPACE,
+        {"space": GRID_SPACE | {"optimizer.weight_decay": {"log": [1e-3, 10.0], "points": 5}}},
+    ),
+    "boundary: a budget": ("boundary", GRID_SPACE, {"budget": 30}),
+    "sobol: points and a seed": ("sobol", CONTINUOUS_SPACE, {"num_samples": 8, "seeds": 3}),
+    "random: points": ("random", CONTINUOUS_SPACE, {"num_samples": 8}),
+    "tpe: a seed": ("tpe", CONTINUOUS_SPACE, {"seeds": 3}),
+}
+
+
+@pytest.mark.parametrize("case", GROWTHS.values(), ids=GROWTHS.keys())
+def test_a_grown_studys_ledger_keeps_every_finished_member_and_hands_out_only_new_ones(case) -> None:
+    """What the runner's searcher does when a restored study grew: a ledger of the new study
+    adopts every member Tune holds (`reconcile`), queues the new seeds of points it has, and
+    then proposes only what the old study never ran."""
+    sampler, space, grow = case
+    old_extra = {"num_samples": 5} if sampler in ("sobol", "random", "tpe") else {}
+    if sampler == "boundary":
+        old_extra = {"budget": 12}
+    old = make_study(sampler, space, seeds=2, **old_extra)
+    ledger = search.Ledger(old)
+    before = run_ledger(ledger, at_once=False)
+    assert ledger.finished()
+    grow = dict(grow)
+    seeds = grow.pop("seeds", 2)
+    new = make_study(sampler, grow.pop("space", space), seeds=seeds, **(old_extra | grow))
+    grown = search.Ledger(new)
+    grown.reconcile(known(before, "done"))
+    grown.add_seeds()
+    added = run_ledger(grown, at_once=False)
+    assert added and grown.finished()
+    assert not {point_and_seed(p) for p in added} & {point_and_seed(p) for p in before}
+    everything = Counter(map(point_and_seed, before + added))
+    assert set(everything.values()) == {1}
+    by_point = Counter(pid for pid, _ in everything)
+    if sampler != "boundary":  # the boundary sampler runs every seed only where phases meet
+        assert set(by_point.values()) == {seeds}, "every point has every seed"
+    if new.search.n_trials is not None:
+        assert len(everything) == new.search.n_trials
+    else:
+        assert len(everything) <= new.search.budget

@@ -365,3 +365,31 @@ def test_a_weights_file_is_put_whole_read_back_and_pruned_once_its_trial_is_not_
     assert storage.list_files(directory, weights.SUFFIX) == {"abc-s0.pt": local.stat().st_size}
     with pytest.raises(UsageError, match="^weights_uri: .*lost-s1"):
         weights.load(storage.join(directory, weights.file_name("lost-s1")))
+
+
+@pytest.mark.parametrize(
+    "as_uri", [False, True], ids=["local path (renames)", "file:// URI (copies, deletes)"]
+)
+def test_move_aside_moves_everything_but_what_stays_and_keeps_the_tree(tmp_path: Path, as_uri: bool) -> None:
+    src = tmp_path / "out"
+    for rel in ["trials.parquet", ".grokstudy.lock", "figures/a.png", "ray/s/grokstudy-lease.0000000001.json",
+                "ray/s/trial_1/checkpoint/state.pt", "ray/s/tuner.pkl", "mlflow.db"]:  # fmt: skip
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(rel)
+    stays = {".grokstudy.lock", "mlflow.db", "ray/s/grokstudy-lease.0000000001.json"}
+    dest = tmp_path / "out.archived"
+    uri = (lambda p: p.as_uri()) if as_uri else str
+    moved = storage.move_aside(uri(src), uri(dest), lambda rel: rel in stays)
+
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    assert files(src) == stays
+    assert files(dest) == {
+        "trials.parquet",
+        "figures/a.png",
+        "ray/s/trial_1/checkpoint/state.pt",
+        "ray/s/tuner.pkl",
+    }
+    assert (dest / "ray/s/tuner.pkl").read_text() == "ray/s/tuner.pkl"
+    assert moved == 4  # trials.parquet, figures/, ray/s/trial_1/, ray/s/tuner.pkl

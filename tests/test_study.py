@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from grokstudy import study as study_mod
-from grokstudy.config import TrialConfig
+from grokstudy.config import Study, TrialConfig
 from grokstudy.errors import StudyError, StudyErrors
 from grokstudy.study import describe, load_study, parse_set, parse_study, study_to_dict, trial_from_overrides
 
@@ -533,3 +533,60 @@ def test_validate_resolved_prints_the_merged_study_as_a_study_file(tmp_path: Pat
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "extends" not in printed and printed["model"]["width"] == 32
     assert parse_study(printed) == load_study(tmp_path / "child.yaml")
+
+
+WD = {"log": [0.1, 10.0], "points": 3}
+FRAC = {"values": [0.3, 0.5]}
+
+
+def _study(sampler: str = "grid", seeds: int = 2, lr: float = 1e-3, **space_and_search) -> Study:
+    space = {"optimizer.weight_decay": WD, "data.fraction": FRAC} | space_and_search.pop("space", {})
+    search = {"sampler": sampler, "space": space, "seeds": seeds} | space_and_search
+    return parse_study(
+        {"name": "grows", "task": {"op": "x+y", "p": 23}, "optimizer": {"lr": lr}, "search": search}
+    )
+
+
+GROWTH = {
+    "a seed": (_study(), _study(seeds=3), None),
+    "an axis value": (_study(), _study(space={"data.fraction": {"values": [0.3, 0.4, 0.5]}}), None),
+    "a finer log axis": (_study(), _study(space={"optimizer.weight_decay": WD | {"points": 5}}), None),
+    "a larger budget": (_study("boundary", budget=10), _study("boundary", budget=20), None),
+    "no budget": (_study("boundary", budget=10), _study("boundary"), None),
+    "more sobol points": (_study("sobol", num_samples=4), _study("sobol", num_samples=8), None),
+    "fewer seeds": (_study(), _study(seeds=1), ("search.seeds", "add seeds, not drop them")),
+    "a smaller budget": (
+        _study("boundary", budget=10),
+        _study("boundary", budget=5),
+        ("search.budget", "not shrink"),
+    ),
+    "an axis value gone": (
+        _study(),
+        _study(space={"data.fraction": {"values": [0.3]}}),
+        ("search.space.data.fraction", "not lose them (0.5 gone)"),
+    ),
+    "a new axis": (
+        _study(),
+        _study(space={"optimizer.lr": {"values": [1e-3, 1e-2]}}),
+        ("search.space.optimizer.lr", "adding or removing an axis"),
+    ),
+    "a sobol axis": (
+        _study("sobol", num_samples=4),
+        _study("sobol", num_samples=4, space={"data.fraction": {"range": [0.2, 0.9]}}),
+        ("search.space.data.fraction", "space cannot grow"),
+    ),
+    "another sampler": (_study(), _study("sobol", num_samples=4), ("search.sampler", "finished trials mean")),
+    "a trial setting": (_study(), _study(seeds=3, lr=1e-2), ("optimizer.lr", "0.001 -> 0.01 since")),
+}
+
+
+@pytest.mark.parametrize("before, after, refusal", GROWTH.values(), ids=GROWTH.keys())
+def test_a_study_may_grow_but_not_change_what_its_finished_trials_mean(
+    before: Study, after: Study, refusal: tuple[str, str] | None
+) -> None:
+    growth = study_mod.compare(before, after)
+    if refusal is None:
+        assert growth.grown and not growth.refused
+        return
+    key, fragment = refusal
+    assert growth.refused[0][0] == key and fragment in growth.refused[0][1], growth.refused
