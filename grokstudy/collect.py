@@ -27,6 +27,7 @@ from grokstudy.config import Study, flatten
 from grokstudy.errors import one_line
 from grokstudy.points import point_label
 from grokstudy.records import TrialHistory
+from grokstudy.snapshot import MemberState
 from grokstudy.uris import redact
 
 log = logging.getLogger(__name__)
@@ -195,18 +196,21 @@ def write_files(
     return trials, tables, figure_paths, report_path
 
 
+def member_states(trials: Any) -> list[MemberState]:
+    """The trials table's rows as a progress snapshot's members."""
+    return [
+        MemberState(r["trial_id"], {k: r[k] for k in [*r["searched"], "train.seed"]},
+                    {"RUNNING": "running", "ERROR": "failed"}.get(r["status"], "done"), r["phase"])
+        for r in trials.to_pylist()
+    ]  # fmt: skip
+
+
 def description(study: Study, trials: Any, state: str) -> str:
     """The parent run's description (markdown): the study, its phases so far as a letter grid,
     what `phase_code` means, how to reproduce it."""
     from grokstudy import status
-    from grokstudy.snapshot import MemberState
 
-    rows = trials.to_pylist()
-    members = [
-        MemberState(r["trial_id"], {k: r[k] for k in [*r["searched"], "train.seed"]},
-                    {"RUNNING": "running", "ERROR": "failed"}.get(r["status"], "done"), r["phase"])
-        for r in rows
-    ]  # fmt: skip
+    members = member_states(trials)
     counts = Counter(m.phase for m in members if m.status == "done" and m.phase)
     total = study.search.n_trials
     done = sum(m.status != "running" for m in members)

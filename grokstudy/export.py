@@ -24,7 +24,7 @@ from grokstudy import results, storage, weights
 from grokstudy.config import Study
 from grokstudy.errors import UsageError, one_line
 from grokstudy.records import TrialHistory
-from grokstudy.snapshot import SNAPSHOT_FILE, MemberState, Snapshot
+from grokstudy.snapshot import SNAPSHOT_FILE, Snapshot
 from grokstudy.uris import redact
 
 DOWNLOADS = 8
@@ -210,12 +210,9 @@ def _bring_weights(
 
 def _snapshot(src: Source, trials: Any) -> Snapshot:
     """A progress snapshot from the exported trials table, for `grokstudy status <out>`."""
-    rows = trials.to_pylist()
-    members = [
-        MemberState(r["trial_id"], {k: r[k] for k in [*r["searched"], "train.seed"]},
-                    {"RUNNING": "running", "ERROR": "failed"}.get(r["status"], "done"), r["phase"])
-        for r in rows
-    ]  # fmt: skip
+    from grokstudy import collect
+
+    members = collect.member_states(trials)
     started, ended, state = src.run_times
     now = time.time()
     return Snapshot(

@@ -51,6 +51,7 @@ def artifacts_dir() -> Path:
 
 
 SLOWEST_FIRST = (
+    "test_grow.py",
     "test_runner.py",
     "test_resume_mlflow.py",
     "test_local_cluster.py",
@@ -58,8 +59,6 @@ SLOWEST_FIRST = (
     "test_resume_workers.py",
     "test_resume_checkpoints.py",
     "test_watch.py",
-    "test_grow.py",
-    "test_readme_cluster.py",
     "test_cli.py",
     "test_api.py",
     "test_export.py",

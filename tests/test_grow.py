@@ -53,7 +53,7 @@ def tune_trial_dirs(out) -> set[str]:
     return {p.name for p in (out / "ray" / "grows").glob("trial_*")}
 
 
-def test_a_finished_study_grows_by_a_seed_and_an_axis_value_running_only_the_new_trials(tmp_path, capsys):
+def test_a_finished_study_grows_by_a_seed_and_an_axis_value_running_only_the_new_trials(tmp_path):
     study_file = write_study(tmp_path, STUDY)
     out = tmp_path / "out"
     uri = f"sqlite:///{out / 'mlflow.db'}"
@@ -61,30 +61,24 @@ def test_a_finished_study_grows_by_a_seed_and_an_axis_value_running_only_the_new
     first_rows, first_runs, first_dirs = trial_rows(out), trial_runs(uri), tune_trial_dirs(out)
     assert len(first_rows) == 2 and set(first_runs) == set(first_rows)
 
-    # One more seed: the two finished trials are kept as they are, only their seed-1 twins run.
-    grown = finish(command(study_file, out, "--set", "search.seeds=2"))
-    assert_clean(grown)
-    assert "the study grew (search.seeds: 1 -> 2)" in grown.stdout
-    rows, runs = trial_rows(out), trial_runs(uri)
-    assert set(rows) == set(first_rows) | {t.replace("-s0", "-s1") for t in first_rows}
-    assert {t: rows[t] for t in first_rows} == first_rows, "a finished trial's row is the same"
-    assert {t: runs[t] for t in first_rows} == first_runs, "a finished trial's MLflow run is untouched"
-    assert len(tune_trial_dirs(out) - first_dirs) == 2, "two new Tune trials, the old ones kept"
-    assert problems(out, study_as_run(out), uri) == []
-
-    # One more value on the axis, with both seeds: two new trials, and the diagram shows the new column.
-    before_rows, before_runs, before_dirs = rows, runs, tune_trial_dirs(out)
+    # One more seed and one more axis value, at once: the two finished trials are kept as they
+    # are; only their seed-1 twins and both seeds of the new value run.
     wider = ("--set", "search.seeds=2", "--set", "search.space.data.fraction={values: [0.4, 0.6, 0.8]}")
     grown = finish(command(study_file, out, *wider))
     assert_clean(grown)
-    assert "search.space.data.fraction" in grown.stdout
+    assert "the study grew (search.seeds: 1 -> 2; search.space.data.fraction: " in grown.stdout
     rows, runs = trial_rows(out), trial_runs(uri)
-    new = set(rows) - set(before_rows)
-    assert len(new) == 2 and {rows[t]["data.fraction"] for t in new} == {0.6}
-    assert {rows[t]["train.seed"] for t in new} == {0, 1}
-    assert {t: rows[t] for t in before_rows} == before_rows
-    assert {t: runs[t] for t in before_rows} == before_runs
-    assert len(tune_trial_dirs(out) - before_dirs) == 2
+    new = set(rows) - set(first_rows)
+    assert {t for t in new if rows[t]["data.fraction"] != 0.6} == {
+        t.replace("-s0", "-s1") for t in first_rows
+    }
+    assert sorted((rows[t]["data.fraction"], rows[t]["train.seed"]) for t in new if t.endswith("-s0")) == [
+        (0.6, 0)
+    ]
+    assert len(new) == 4
+    assert {t: rows[t] for t in first_rows} == first_rows, "a finished trial's row is the same"
+    assert {t: runs[t] for t in first_rows} == first_runs, "a finished trial's MLflow run is untouched"
+    assert len(tune_trial_dirs(out) - first_dirs) == 4, "four new Tune trials, the old ones kept"
     cells = pq.read_table(out / "cells.parquet").to_pylist()
     assert sorted({c["data.fraction"] for c in cells}) == [0.4, 0.6, 0.8]
     assert yaml.safe_load((out / "study.yaml").read_text())["search"]["seeds"] == 2

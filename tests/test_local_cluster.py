@@ -2,13 +2,16 @@
 
 One cluster (head + 2 workers, token auth on) is brought up for the module; the tests
 talk to it only through its env file, as a user would after `source DIR/env`, and the
-last test tears it down and looks for stray processes.
+last test tears it down and looks for stray processes. The README's cluster lines run against
+it too, as written.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -17,7 +20,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import torch
+
+import grokstudy
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_SH = REPO / "cluster" / "local.sh"
@@ -254,8 +261,6 @@ def test_a_study_submitted_with_ray_job_submit_runs_trials_on_both_workers_and_l
     assert job.returncode == 0, output[-4000:]
     assert "succeeded" in output
 
-    import pyarrow.parquet as pq
-
     trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     assert sorted(t["data.fraction"] for t in trials) == [0.3, 0.4, 0.6, 0.8]
     nodes = _nodes(env)
@@ -311,6 +316,97 @@ def _kill_session(session: int) -> None:
                 pass
 
 
+# ---- README.md's "Running on a cluster" lines, run as written ------------------------------------
+# The submit block, then the "After the job" block that brings the study home. Only the
+# placeholders change (`PLACEHOLDERS`), so a README edit that breaks a command fails here.
+
+README = REPO / "README.md"
+
+PLACEHOLDERS = {
+    # the README's placeholder: what stands for it here ({...}: from the cluster's DIR/env)
+    "http://HEAD:8265": "{RAY_API_SERVER_ADDRESS}",  # the head's dashboard
+    "$HOME/.ray/HEAD.token": "{RAY_AUTH_TOKEN_PATH}",  # the cluster's token file (0600)
+    "http://mlflow:5000": "{MLFLOW_TRACKING_URI}",
+    "s3://bucket/grokstudy/ray": "file://{GROKSTUDY_STORAGE}",  # a URI, read through pyarrow.fs as s3:// is
+    "studies/wd_vs_frac_transformer.yaml": "studies/smoke.yaml",  # 4 trials of seconds, not 243 on GPUs
+    "wd-vs-frac-transformer": "smoke",  # the study's name: its MLflow experiment, runs/<name>
+}
+CLEAN_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH",
+             "MLFLOW_TRACKING_URI")  # fmt: skip
+"""What the snippets must set themselves: none of it comes from the test's environment."""
+
+
+def bash_block_after(text: str, heading: str) -> str:
+    """The first ```bash block after the line `heading`, within its `## ` section."""
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    found = re.search(r"\n```bash\n(.*?)\n```\n", text[start : end if end > 0 else None], re.S)
+    assert found, f"no bash block under {heading!r} in README.md"
+    return found.group(1)
+
+
+def snippets() -> tuple[str, str]:
+    text = README.read_text()
+    return bash_block_after(text, "## Running on a cluster"), bash_block_after(text, "### After the job")
+
+
+def test_the_snippet_keeps_the_dashboard_out_of_ray_address_and_turns_token_auth_on() -> None:
+    submit, after = snippets()
+    assert not re.search(r"RAY_ADDRESS=['\"]?https?://", submit + after), (
+        "ray.init() rejects an http RAY_ADDRESS"
+    )
+    assert re.search(r"^export RAY_AUTH_MODE=token\b", submit, re.M)
+    assert re.search(r"^export RAY_AUTH_TOKEN_PATH=", submit, re.M) and "RAY_AUTH_TOKEN=" not in submit
+    assert re.search(r"^export RAY_API_SERVER_ADDRESS=http://HEAD:8265\b", submit, re.M)
+    for placeholder in PLACEHOLDERS:  # the mapping below stays complete as the README changes
+        assert placeholder in submit + after, f"README.md's cluster snippets no longer use {placeholder!r}"
+
+
+def test_the_readme_submits_a_study_and_brings_its_tables_figures_report_and_weights_home(
+    cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, cluster_env = cluster
+    submit, after = snippets()
+    script = "\n".join(["set -euo pipefail", submit, after])
+    for placeholder, value in PLACEHOLDERS.items():
+        script = script.replace(placeholder, value.format(**cluster_env))
+    work = tmp_path / "work"  # `--working-dir .` uploads it: the study file, nothing else
+    (work / "studies").mkdir(parents=True)
+    shutil.copy(REPO / "studies" / "smoke.yaml", work / "studies" / "smoke.yaml")
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # ray, grokstudy
+    ran = subprocess.run(
+        ["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=480
+    )
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output[-5000:]
+    assert re.search(r"Job '\S+' succeeded", output), output[-3000:]
+    assert "study 'smoke' (runs/smoke): finished" in output  # `grokstudy status` on what came home
+
+    out = work / "runs" / "smoke"
+    for name in (
+        "study.yaml",
+        "trials.parquet",
+        "curves.parquet",
+        "report.html",
+        "figures/phase_diagram.png",
+    ):
+        assert (out / name).is_file(), name
+    trials = pq.read_table(out / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and all(t["phase"] for t in trials)
+    assert sorted(p.name for p in (out / "weights").iterdir()) == sorted(
+        f"{t['trial_id']}.pt" for t in trials
+    )
+    assert all(t["weights_uri"] == str(out / "weights" / f"{t['trial_id']}.pt") for t in trials)
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # offline: the files alone
+    row = trials[0]
+    model = grokstudy.load(out).model(row["trial_id"])
+    with torch.no_grad():
+        acc = (model(model.data.val_x).argmax(-1) == model.data.val_y).double().mean().item()
+    assert acc == pytest.approx(row["final_val_acc"])
+
+
 def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_other(cluster, tmp_path):
     # Runs after the other cluster tests, before `down`: it leaves one worker dead.
     cluster_dir, env = cluster
@@ -344,8 +440,6 @@ def test_trials_of_a_killed_worker_node_resume_from_their_checkpoints_on_the_oth
 
     output, _ = job.communicate(timeout=400)
     assert job.returncode == 0, output[-4000:]
-
-    import pyarrow.parquet as pq
 
     trials = pq.read_table(tmp_path / "out" / "trials.parquet").to_pylist()
     assert sorted(t["data.fraction"] for t in trials) == [0.4, 0.6]
