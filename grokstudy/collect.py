@@ -366,7 +366,7 @@ def settle_runs(
         summary = None
         if h.outcome is not None:
             tags |= member.final_tags(h.outcome, h.node or "")
-            summary = member.outcome_metrics(h.outcome, h.records[-1] if h.records else None)
+            summary = member.outcome_metrics(h.outcome, h.records)
         if h.weights_uri:
             tags[tracking.WEIGHTS_TAG] = h.weights_uri
         error = (h.error or "failed") if h.outcome is None else None

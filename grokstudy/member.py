@@ -169,10 +169,12 @@ def final_tags(outcome: Outcome, node: str) -> dict[str, str]:
     return {k: "" if values[k] is None else str(values[k]) for k in keys} | {"ray.node": node}
 
 
-def outcome_metrics(outcome: Outcome, last: EvalRecord | None) -> dict[str, float]:
+def outcome_metrics(outcome: Outcome, curve: Sequence[EvalRecord]) -> dict[str, float]:
     """How a trial ended as MLflow metrics (the UI's compare view plots metrics, not tags):
-    its timings, final accuracies and losses, and `phase_code` (the index of its phase in
-    `phases.PHASES`). A timing it never reached, or a non-finite loss, is left out."""
+    its timings, final accuracies and losses, validation accuracy when it fit, whether it was
+    censored (1: it spent its budget without generalizing), and `phase_code` (the index of its
+    phase in `phases.PHASES`). A timing it never reached, or a non-finite loss, is left out."""
+    last = curve[-1] if curve else None
     values: dict[str, float | None] = {
         "t_train": outcome.t_train,
         "t_val": outcome.t_val,
@@ -181,6 +183,8 @@ def outcome_metrics(outcome: Outcome, last: EvalRecord | None) -> dict[str, floa
         if outcome.t_val is None or outcome.t_train is None
         else outcome.t_val - outcome.t_train,
         "phase_code": phases.PHASES.index(outcome.phase) if outcome.phase in phases.PHASES else None,
+        "censored": float(outcome.stop_reason == "budget" and outcome.t_val is None),
+        "val_acc_at_fit": phases.val_acc_at(curve, outcome.t_train),
     }
     if last is not None:
         values |= {"final_train_acc": last.train_acc, "final_val_acc": last.val_acc,
@@ -289,7 +293,7 @@ class PackRun:
         self._keep_weights(i, record.step)
         self.trainer.retire(i)
         self.runs[tid].set_tags(final_tags(outcome, self.node))
-        self.runs[tid].log_metrics(record.step, outcome_metrics(outcome, record))
+        self.runs[tid].log_metrics(record.step, outcome_metrics(outcome, curve))
         self.runs[tid].finish("FINISHED")
         return True
 

@@ -150,6 +150,12 @@ class PhaseResult:
     """Highest validation accuracy seen: how close a memorizing run came."""
     t_val_loss: int | None = None
     """First step with validation loss < loss_threshold that holds (Nanda et al.'s measure)."""
+    val_acc_at_fit: float | None = None
+    """Validation accuracy at t_train (interpolated like it): near chance for a grokking run
+    that sat on a plateau, well above it for one that was already generalizing as it fit."""
+    censored: bool = False
+    """It reached its step budget without a holding t_val: its memorization (or confusion) is
+    "not within the budget", not "never"; it could still generalize later."""
 
 
 def classify(
@@ -201,6 +207,8 @@ def classify(
         final_val_acc=float(va[-1]),
         best_val_acc=float(va.max()),
         t_val_loss=t_val_loss,
+        val_acc_at_fit=None if t_train is None else float(np.interp(t_train, s, va)),
+        censored=t_val is None and int(s[-1]) >= max_steps,
     )
 
 
@@ -262,7 +270,15 @@ def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps:
     )
     if bad is None:
         return result
-    return dataclasses.replace(result, phase="diverged", steps=within[bad].step)
+    return dataclasses.replace(result, phase="diverged", steps=within[bad].step, censored=False)
+
+
+def val_acc_at(records: Sequence[EvalRecord], step: int | None) -> float | None:
+    """Validation accuracy at `step` (an interpolated timing such as t_train), read off the curve
+    as `classify` reads it; None without a step or a curve."""
+    if step is None or not records:
+        return None
+    return float(np.interp(step, [r.step for r in records], [r.val_acc for r in records]))
 
 
 def diverged(record: EvalRecord) -> bool:

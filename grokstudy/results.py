@@ -185,6 +185,29 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
             nullable=True,
         ),
         _field("best_val_acc", pa.float64(), "highest val/acc at any eval point", "fraction correct", True),
+        _field(
+            "val_acc_at_fit",
+            pa.float64(),
+            "val/acc at t_train (interpolated): near chance for a run that sat on a plateau before it "
+            "grokked, well above it for one already generalizing as it fit",
+            "fraction correct",
+            nullable=True,
+        ),
+        _field(
+            "censored",
+            pa.bool_(),
+            "it spent its step budget without a holding t_val: its memorization or confusion means "
+            "'not within max_steps', not 'never' (budget_decay_times says how short the budget was)",
+            nullable=True,
+        ),
+        _field(
+            "budget_decay_times",
+            pa.float64(),
+            "max_steps * lr * weight_decay: the budget in weight-decay time constants 1/(lr*wd), over "
+            "which decoupled decay (AdamW; SGD's L2 too) shrinks what the loss does not hold by 1/e; "
+            "grokking driven by decay needs a few; nominal only for coupled L2 under Adam; null at wd 0",
+            nullable=True,
+        ),
         _field("steps", pa.int64(), "last eval step taken into account (steps run)", steps),
         _field("max_steps", pa.int64(), "step budget the phase was judged against", steps),
         _field(
@@ -298,7 +321,7 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
     else:
         verdict = dict.fromkeys(f.name for f in dataclasses.fields(PhaseResult)) | {"steps": 0}
     if h.running:  # no verdict until it ends: a phase or t_val now could change
-        verdict |= dict.fromkeys(("phase", "t_val", "delay", "t_val_loss"))
+        verdict |= dict.fromkeys(("phase", "t_val", "delay", "t_val_loss", "censored"))
     last = h.records[-1] if h.records else None
     hyper = plain(flatten(h.cfg))
     return {
@@ -314,12 +337,22 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
         "final_train_loss": _finite_or_none(last.train_loss) if last else None,
         "final_val_loss": _finite_or_none(last.val_loss) if last else None,
         "max_steps": h.cfg.train.max_steps,
+        "budget_decay_times": _decay_times(h.cfg),
         "stop_reason": h.stop_reason,
         "wall_s": float(last.elapsed_s) if last else 0.0,
         "node": h.node,
         "status": "RUNNING" if h.running else "ERROR" if h.stop_reason == "error" else "TERMINATED",
         "error": h.error,
     }
+
+
+def _decay_times(cfg: Any) -> float | None:
+    """The step budget in weight-decay time constants 1/(lr*wd). Omnigrok (Liu, Michaud, Tegmark
+    2023) finds the delay scales as 1/wd, and arXiv 2603.13331 bounds it for SGD as
+    T_grok - T_mem = Θ(log(|θ_mem|² / |θ_post|²) / (lr*wd)): a budget of a few time constants or
+    less cannot tell "memorizes" from "groks later"."""
+    o = cfg.optimizer
+    return cfg.train.max_steps * o.lr * o.weight_decay if o.weight_decay > 0 else None
 
 
 def _finite_or_none(v: float) -> float | None:

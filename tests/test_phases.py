@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -260,3 +261,24 @@ def test_every_phase_has_a_definition_and_a_rule() -> None:
     assert set(PHASE_DEFINITIONS) == set(PHASES)
     assert set(PHASES) <= set(rules(CFG))
     assert "0.94" in rules(CFG)["t_val"]
+
+
+def test_validation_accuracy_at_the_fit_tells_a_plateau_from_a_run_already_generalizing() -> None:
+    plateau = classify(STEPS, ramp(300), ramp(6000, low=0.02), CFG, BUDGET)
+    assert plateau.phase == "grokking" and plateau.val_acc_at_fit == pytest.approx(0.02)
+    # Validation climbing linearly from 0 at step 0 to 0.99 at step 6000: 0.55 when it fits at 3300.
+    climbing = [min(0.99, 0.99 * s / 6000) for s in STEPS]
+    early = classify(STEPS, ramp(3300), climbing, CFG, BUDGET)
+    assert early.t_train == 3300 and early.val_acc_at_fit == pytest.approx(0.99 * 3300 / 6000)
+    assert classify(STEPS, ramp(None, low=0.5), ramp(None), CFG, BUDGET).val_acc_at_fit is None
+
+
+def test_a_trial_that_spends_its_budget_without_generalizing_is_censored() -> None:
+    assert classify(STEPS, ramp(300), ramp(None, low=0.3), CFG, BUDGET).censored  # memorization
+    assert classify(STEPS, ramp(None, low=0.6), ramp(None), CFG, BUDGET).censored  # confusion
+    assert not classify(STEPS, ramp(300), ramp(6000), CFG, BUDGET).censored  # grokked
+    # Stopped before its budget (it diverged, or the study stopped it): not censored by the budget.
+    assert not classify(STEPS[:50], ramp(300)[:50], ramp(None)[:50], CFG, BUDGET).censored
+    records = [EvalRecord(s, 0.1 if s < 5000 else math.inf, 1.0, 4.0, 0.01, 10.0) for s in STEPS]
+    diverged = classify_records(records, CFG, BUDGET)
+    assert diverged.phase == "diverged" and not diverged.censored

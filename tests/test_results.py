@@ -190,6 +190,13 @@ def test_tables_round_trip_through_parquet_with_schema_types_and_nulls(tmp_path:
     assert rows[0]["optimizer.weight_decay_form"] == "decoupled_to_zero"
     fourier = back_c.filter(pa.compute.equal(back_c["trial_id"], "t1"))["fourier/top_k_share"]
     assert fourier.null_count == 31
+    # The memorizing trial spent its 3,000 steps: censored, 3000 * lr 1e-3 * wd 1 = 3 decay times.
+    assert [r["censored"] for r in rows] == [False, False, True]
+    lr = STUDY.base.optimizer.lr
+    assert [r["budget_decay_times"] for r in rows] == pytest.approx(
+        [3000 * lr * wd for wd in (0.1, 1.0, 1.0)]
+    )
+    assert [r["val_acc_at_fit"] for r in rows] == pytest.approx([0.1] * 3)  # all fit near step 100
 
 
 def test_files_are_readable_with_plain_pyarrow_and_pandas(tmp_path: Path) -> None:

@@ -203,14 +203,16 @@ def test_a_study_runs_over_three_stand_in_nodes_with_token_auth_and_nothing_is_l
     assert sorted(nodes.values()) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"], (nodes, output[-3000:])
     assert len((ray_tmp / "sessions").read_text().splitlines()) == 3
 
-    # Every trial ran, on both workers (the head offers no CPUs).
+    # Every trial ran, on the workers (the head offers no CPUs). Which worker takes which trial
+    # is Tune's choice: it hands a finished trial's actor to the next pending trial, so short
+    # trials may all run on the first worker whose actor started (seen once in 23 runs).
     import pyarrow.parquet as pq
 
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert sorted(t["data.fraction"] for t in trials) == [0.3, 0.4, 0.6, 0.8]
     assert all(t["status"] == "TERMINATED" and t["phase"] for t in trials), trials
     trial_ips = {nodes.get(t["node"]) for t in trials}
-    assert trial_ips == {"127.0.0.3", "127.0.0.4"}, f"trials ran on {trial_ips}"
+    assert trial_ips and trial_ips <= {"127.0.0.3", "127.0.0.4"}, f"trials ran on {trial_ips}"
     # Tune's experiment went to the default run.storage, outside the job's own directory, so
     # the next submission finds it.
     assert (tmp_path / "runs" / "slurm-storage" / "slurm").is_dir()

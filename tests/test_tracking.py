@@ -714,7 +714,7 @@ def test_the_compare_view_offers_each_trials_outcome_as_metrics_beside_its_param
         curve = [synthetic_record(s, wd) for s in GRID]
         trial.log_records(curve)
         outcome = Outcome("grokking", 400, 800 + 100 * i, None, 800.0 + 100 * i, "generalized")
-        trial.run.log_metrics(curve[-1].step, member.outcome_metrics(outcome, curve[-1]))
+        trial.run.log_metrics(curve[-1].step, member.outcome_metrics(outcome, curve))
         trial.finish("FINISHED")
         run_ids.append(trial.run_id)
     study.finish("FINISHED")
@@ -722,6 +722,7 @@ def test_the_compare_view_offers_each_trials_outcome_as_metrics_beside_its_param
     run = client(uri).get_run(run_ids[2])
     assert run.data.metrics["t_val"] == 1000 and run.data.metrics["delay"] == 600
     assert run.data.metrics["phase_code"] == 1 and "t_val_loss" not in run.data.metrics  # never reached
+    assert run.data.metrics["censored"] == 0 and 0 <= run.data.metrics["val_acc_at_fit"] <= 1
     assert (
         run.data.params["optimizer.betas"] == "[0.9, 0.98]" and run.data.params["train.batch_size"] == "full"
     )
