@@ -450,7 +450,6 @@ def run_study(
                 _start_afresh(study, out_dir, experiment_path, uri)
                 saved = {}
             resumed, grown = preflight.check_same_study(study, study_yaml, experiment_path)
-
             started_ray = init_ray(address, num_cpus)
             if stop_on_sigterm:
                 _stop_on_sigterm()  # again: ray.init installs its own SIGTERM handler, which aborts
