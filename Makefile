@@ -61,7 +61,7 @@ papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reprod
 		$(BIN)/grokstudy run $$f --out runs/papers/$$n --format png || exit 1; \
 		mkdir -p docs/reproductions/$$n; \
 		cp runs/papers/$$n/figures/phase_diagram.png runs/papers/$$n/figures/learning_curves.png docs/reproductions/$$n/; \
-		for s in sweep sweep_loss; do [ ! -f runs/papers/$$n/figures/$$s.png ] || cp runs/papers/$$n/figures/$$s.png docs/reproductions/$$n/; done; \
+		for s in sweep sweep_loss circuit_heatmap; do [ ! -f runs/papers/$$n/figures/$$s.png ] || cp runs/papers/$$n/figures/$$s.png docs/reproductions/$$n/; done; \
 	done
 	$(BIN)/python studies/papers/summarize.py runs/papers > docs/reproductions/numbers.md
 

@@ -7,7 +7,7 @@ progress-measures-paper, `transformers.py`). This script trains both on the same
 (seed s: the split and the init both come from s) and compares the distributions.
 
     .venv/bin/python bench/nanda_reference.py [--device auto] [--p 113] [--fraction 0.5]
-        [--seeds 0,1,2,3,4,5,6,7] [--max-steps 3000] [--eval-every 25]
+        [--seeds 0-7] [--max-steps 3000] [--eval-every 25]
         [--impl both|nanda|grokstudy] [--variants swap|single|all|NAME,...]
         [--jobs 1] [--threads N] [--budget-s S] [--json out.json] [--check]
 
@@ -648,7 +648,12 @@ def floats(text: str) -> list[float]:
 
 
 def ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    """`0,1,5` or `0-11` (inclusive) or both: `0-3,8`."""
+    out: list[int] = []
+    for part in (v for v in text.split(",") if v):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi) + 1) if hi else [int(lo)]
+    return out
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from Python, a trial's trained model back as a module.
     res = grokstudy.load("runs/quickstart")          # a study directory, or an MLflow experiment
     res.trials, res.curves, res.cells                # pandas DataFrames (pyarrow-backed)
     res.phase_diagram()                              # a matplotlib Figure (Jupyter shows it)
+    res.relabel("liu2022").phase_diagram()           # the same curves read by another phase rule
     grokking = res.select(where='phase == "grokking"')
     res.learning_curves(grokking[:3])                # loss, accuracy, weight norm, Fourier share
     model = res.model(grokking[0])                   # torch.nn.Module, eval mode, on CPU
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +85,17 @@ class Results:
         from grokstudy.figures import select_trials
 
         return select_trials(self.trials_table, trial_ids, where, limit=None, allow_empty=True)
+
+    def relabel(self, rule: str) -> Results:
+        """This study with every trial read again by the named phase rule (`config.PHASE_RULES`:
+        default, liu2022) from its curve: phases, timings and cells under that rule, and figures
+        titled with it (`grokstudy.relabel`). Nothing trains; these results stay as they are.
+        `relabel.changed_cells(res.trials_table, other.trials_table)` lists what changed."""
+        from grokstudy import relabel
+
+        study = relabel.study_beside(self.source) if self.source else None
+        done = relabel.relabel(self.trials_table, self.curves_table, rule, study)
+        return replace(self, trials_table=done.trials, cells_table=done.cells, _frames={})
 
     def curves_for(self, trial_ids: Sequence[str] | None = None, where: str | None = None) -> pd.DataFrame:
         """The curves of the selected trials (`select`)."""

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grokstudy import __version__
+from grokstudy.config import PHASE_RULES
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.uris import redact
 
@@ -57,7 +58,8 @@ PLOT_EPILOG = """examples:
   grokstudy plot quickstart --tracking-uri sqlite:///$PWD/runs/quickstart/mlflow.db
   grokstudy plot runs/quickstart --where 'phase == "grokking" and `data.fraction` < 0.5'
   grokstudy plot runs/quickstart --trials 3f9c2a1b7e-s0,3f9c2a1b7e-s1 --format pdf   # ids: trials.parquet
-  grokstudy plot runs/wd_adamw runs/wd_adam --out figures/compare   # two studies side by side"""
+  grokstudy plot runs/wd_adamw runs/wd_adam --out figures/compare   # two studies side by side
+  grokstudy plot runs/quickstart --rule liu2022   # read by Liu et al.'s rule: figures/rule-liu2022/"""
 
 REPORT_EPILOG = """examples:
   grokstudy report runs/quickstart
@@ -172,6 +174,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="png,pdf", help="comma-separated: png, svg, pdf")
     p.add_argument("--out", type=_directory, help="where to write figures (default: <first source>/figures)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI when SOURCE is an experiment")
+    p.add_argument(
+        "--rule", metavar="NAME",
+        help=f"redraw under this phase rule ({', '.join(PHASE_RULES)}): every trial read again from its "
+        "curve, into <out>/rule-NAME/ (the study's own figures stay); prints the cells that changed",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "export", help="bring a study home from MLflow or its Ray Tune experiment: tables, figures, report, "
@@ -571,17 +578,27 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if comparing and (choosing or args.facet):
         flag = "--facet" if args.facet else "--trials" if trial_ids is not None else "--where"
         raise UsageError(flag, "draws one study; two SOURCEs draw their phase diagrams side by side")
+    if args.rule is not None:
+        from grokstudy.relabel import rule_phases
+
+        rule_phases(args.rule)  # a bad name is refused before anything is read
     if args.out is not None:
         check_dir(args.out, "--out")
     loaded = [_load_results(source, args.tracking_uri) for source in args.source]
-    trials, curves, default_out = loaded[0]
     cells_files = [Path(source) / results.CELLS_FILE for source in args.source]
     cells = [results.read_cells(f) if f.exists() else None for f in cells_files]
+    if args.rule is not None:  # into a directory of its own: the study's figures stay as they are
+        loaded, cells = _relabelled(args.rule, args.source, loaded)
+    trials, curves, default_out = loaded[0]
     out = check_dir(args.out or default_out, "--out").resolve()
+    if args.rule is not None:
+        out = out / f"rule-{args.rule}"
     if comparing:
         names = [", ".join(sorted(set(t.column("study").to_pylist()))) for t, _, _ in loaded]
         if names[0] == names[1]:  # two runs of one study: tell them apart by where they are
             names = list(args.source)
+        if args.rule is not None:
+            names = [f"{name} (rule {args.rule})" for name in names]
         studies = [(name, t) for name, (t, _, _) in zip(names, loaded, strict=True)]
         fig = figures.compare_phase_diagrams(studies, args.x, args.y, cells=cells)
         paths = figures.save_figure(fig, out, "compare_phase_diagram", formats)
@@ -644,6 +661,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )  # fmt: skip
     return EXIT_OK
+
+
+def _relabelled(rule: str, sources: Sequence[str], loaded: list) -> tuple[list, list]:
+    """(tables, cells) of each source read again by the phase rule `rule` (`relabel`), printing
+    how many trials and cells changed phase, and which cells."""
+    from grokstudy import relabel
+
+    tables, cells = [], []
+    for source, (trials, curves, default_out) in zip(sources, loaded, strict=True):
+        done = relabel.relabel(trials, curves, rule, relabel.study_beside(source))
+        print(
+            f"rule {rule}: {done.changed_trials} of {done.finished_trials} trials and {len(done.changes)} "
+            f"of {done.n_cells} cells changed phase ({source})"
+        )
+        for change in done.changes:
+            print(f"  {change.describe()}")
+        tables.append((done.trials, curves, default_out))
+        cells.append(done.cells)
+    return tables, cells
 
 
 def _load_results(source: str, tracking_uri: str | None, prefer_rebuild: bool = False):

@@ -302,6 +302,14 @@ class TrainConfig:
         hi=STEPS_MAX,
         unit="steps",
     )
+    measures_every: int = setting(
+        1,
+        "take Nanda et al.'s progress measures (restricted and excluded loss, key frequencies) at "
+        "every this many-th evaluation; 0 never (they cost two forward passes over the table)",
+        lo=0,
+        hi=STEPS_MAX,
+        unit="evaluations",
+    )
     checkpoint_every: int = setting(
         1000,
         "save the full training state every this many steps (a multiple of eval_every)",
@@ -353,6 +361,14 @@ class PhaseConfig:
     )
     margin: float = setting(
         0.05, "generalization holds while val accuracy stays >= threshold - margin", lo=0, hi=1, hi_open=True
+    )
+    plateau_max: float | None = setting(
+        None,
+        "grokking also needs val accuracy at t_train <= plateau_max (near chance when the training "
+        "set was fitted: a plateau, then the jump); a run that fails it is comprehension; null: off",
+        lo=0,
+        hi=1,
+        allowed="0 <= plateau_max <= 1, or null (off)",
     )
     confirm_steps: int = setting(
         1000,
@@ -596,6 +612,44 @@ class DiagramConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DecayTimeBudget:
+    """Each point's step budget is K weight-decay time constants 1/(lr * weight_decay), rounded up
+    to a whole evaluation and kept within [A, B] (B where lr * weight_decay is 0): the grokking
+    delay scales as 1/weight_decay (Omnigrok, Liu et al. 2023), so one fixed budget is long where
+    decay is large and censors points where it is small.
+
+    A study file's `train.max_steps: {auto: {per_decay_time: K, min: A, max: B}}`."""
+
+    per_decay_time: float = setting(
+        dataclasses.MISSING,
+        "K: steps per point = K / (lr * weight_decay); figures hatch memorization under 10",
+        lo=0,
+        hi=10**6,
+        lo_open=True,
+        unit="weight-decay time constants",
+    )
+    min: int = setting(
+        dataclasses.MISSING, "A: the fewest steps a point gets", lo=1, hi=STEPS_MAX, unit="steps"
+    )
+    max: int = setting(
+        dataclasses.MISSING,
+        "B: the most steps a point gets, and every point's where lr * weight_decay is 0",
+        lo=1,
+        hi=STEPS_MAX,
+        unit="steps",
+    )
+
+    def steps(self, lr: float, weight_decay: float, eval_every: int) -> int:
+        """clip(round_up(K / (lr * weight_decay), eval_every), min, max)."""
+        rate = lr * weight_decay
+        if rate <= 0 or self.per_decay_time / rate >= self.max:
+            return self.max
+        # A hair of tolerance: 10 / (1e-3 * 1) is 10000.000000000002, one evaluation too many.
+        evals = math.ceil(self.per_decay_time / rate / eval_every * (1 - 1e-9))
+        return min(max(evals * eval_every, self.min), self.max)
+
+
+@dataclass(frozen=True, slots=True)
 class Study:
     """A validated study file: a base trial, a search over it, and how to run it."""
 
@@ -606,21 +660,31 @@ class Study:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     run: RunConfig = field(default_factory=RunConfig)
     diagram: DiagramConfig = field(default_factory=DiagramConfig)
+    auto_max_steps: DecayTimeBudget | None = None
+    """`train.max_steps: {auto: ...}`: each trial's budget from its lr and weight decay (the base
+    trial holds the largest, `max`, which every check of a budget's upper end reads)."""
 
     def trial(self, point: dict[str, Any]) -> TrialConfig:
         """The base trial with a search point's dotted keys set (with `search.vary_split`,
-        replicate s also splits the data with data.split_seed + s)."""
+        replicate s also splits the data with data.split_seed + s; with `auto_max_steps`, its
+        budget follows its lr and weight decay)."""
         cfg = with_overrides(self.base, point)
         if self.search.vary_split:
             cfg = with_overrides(cfg, {"data.split_seed": cfg.data.split_seed + cfg.train.seed})
+        if self.auto_max_steps is not None:
+            o = cfg.optimizer
+            steps = self.auto_max_steps.steps(o.lr, o.weight_decay, cfg.train.eval_every)
+            cfg = with_overrides(cfg, {"train.max_steps": steps})
         return cfg
 
 
 TRIAL_SECTIONS: dict[str, type] = get_type_hints(TrialConfig)
 """The sections of a TrialConfig, by name (its fields): the one section-to-class map."""
+NOT_SECTIONS = ("name", "base", "auto_max_steps")
+"""A Study's fields that are no section of the study file (auto_max_steps is read from train.max_steps)."""
 STUDY_SECTIONS: dict[str, type] = {
     **TRIAL_SECTIONS,
-    **{name: cls for name, cls in get_type_hints(Study).items() if name not in ("name", "base")},
+    **{name: cls for name, cls in get_type_hints(Study).items() if name not in NOT_SECTIONS},
 }
 """Every section of a study file, by name: the trial's, then the rest of a Study's fields."""
 
@@ -753,6 +817,7 @@ PACK_KEYS: tuple[str, ...] = (
     "train.loss",
     "train.batch_size",
     "train.eval_every",
+    "train.measures_every",
     "train.device",
     "optimizer.name",
     "optimizer.nesterov",

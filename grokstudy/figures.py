@@ -17,6 +17,9 @@ Conventions shared by every figure:
   curve stopped for a reason other than the science. Trials still training (status RUNNING,
   in tables written while a study runs) are never drawn as a phase or a time: a point with one
   is drawn as running (`RUNNING_STYLE`, an open marker off the grid) until all its seeds end.
+- A verdict a longer budget could overturn is marked: a grid cell of memorization or confusion
+  whose budget was under `CENSORED_BELOW_DECAY_TIMES` time constants 1/(lr*wd) is cross-hatched
+  (the trials table's `censored` and `budget_decay_times`), and the legend says so.
 - Axes, facets and legend lines name a config key in words (`axis_label`: a
   figure call's `labels`, else the study's `diagram.labels`, else
   `AXIS_LABELS`, else the dotted key itself).
@@ -49,7 +52,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib as mpl
 import numpy as np
@@ -64,6 +67,7 @@ from matplotlib.patches import Patch, Rectangle
 from grokstudy.config import LATTICE_SAMPLERS, is_log_scale, value_key
 from grokstudy.errors import UsageError, one_line
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES, TIE, phase_order, vote
+from grokstudy.relabel import rule_of
 from grokstudy.results import table_info
 from grokstudy.storage import atomic_path
 
@@ -85,6 +89,18 @@ INFERRED_STYLE = dict(edgecolor="white", hatch="....", linewidth=0.8)
 RUNNING_STYLE = dict(facecolor="#EEF3F8", edgecolor="#5B7A99", hatch="\\\\", linewidth=0)
 """A point with a trial still training: no verdict yet."""
 RUNNING_LABEL = "still training: no verdict yet"
+CENSORED_BELOW_DECAY_TIMES = 10.0
+"""A memorization (or confusion) cell whose seeds spent a budget shorter than this many weight-decay
+time constants 1/(lr*wd) (`budget_decay_times`) is hatched: it could still grok. Decoupled decay
+shrinks what the loss does not hold by e^-k after k time constants, and the memorization-to-grokking
+delay is Θ(log(|θ_mem|²/|θ_post|²)/(lr*wd)) (arXiv 2603.13331; Omnigrok, arXiv 2210.01117: the
+delay scales as 1/wd). Nanda et al. 2023's run (AdamW lr 1e-3, wd 1, 30% of x+y mod 113) reaches
+test loss < 1e-2 at ~8.3k steps, 8.3 time constants: below 10, "memorizes" cannot be told from
+"groks later". At weight decay or lr 0 the time constant is infinite and any budget is short."""
+CENSORED_PHASES = ("memorization", "confusion")
+"""The verdicts a longer budget could overturn (`phases.PhaseResult.censored`)."""
+CENSORED_HATCH = "xx"
+RESTRICTED_COLOR, EXCLUDED_COLOR = "#0072B2", "#D55E00"  # Okabe–Ito blue and vermillion
 MEASURE_COLOR = "#4D4D4D"  # a curve that is neither train nor validation (weight norm, Fourier share)
 FORMATS = ("png", "svg", "pdf")
 MAX_DOTS = 5  # disagreeing seeds drawn as dots in a grid cell; more are only counted
@@ -138,6 +154,14 @@ def axis_label(key: str, labels: Mapping[str, str] | None = None, trials: pa.Tab
         if names and key in names:
             return names[key]
     return key
+
+
+def study_title(trials: pa.Table) -> str:
+    """The study's name as a figure's title starts, naming the phase rule when the table was
+    relabelled under another one (`relabel`): a redraw is never taken for the study's own."""
+    name = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
+    rule = rule_of(trials)
+    return name if rule is None else f"{name} (phases by rule {rule})"
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -194,7 +218,11 @@ def phase_diagram(
     Grid studies: a coloured cell per point, opacity = share of seeds in the
     majority phase, and where seeds disagree "k/n" plus one dot per other
     seed in that seed's phase colour. A tie between phases is drawn as one
-    stripe per tied phase and labelled "tie", never as one of them. Other
+    stripe per tied phase and labelled "tie", never as one of them. A
+    memorization or confusion cell whose seeds of that verdict spent a budget of
+    fewer than CENSORED_BELOW_DECAY_TIMES weight-decay time constants is
+    cross-hatched: censored, it could still grok (no hatching for a trials table
+    written before grokstudy recorded `censored` and `budget_decay_times`). Other
     searched keys not on an axis are pooled into the cell, and the title says
     so. With `cells` (a boundary study's cells.parquet), a cell that was not
     trained shows its inferred phase, lighter and dotted. A cell with fewer
@@ -267,18 +295,30 @@ def delay_heatmap(
     log_y: bool | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> Figure:
-    """Median over seeds of `delay` (t_val − t_train) or `t_val`, on a log10 colour scale in steps.
+    """Median over seeds of `delay` (t_val − t_train), `t_val`, or `circuit_lead` (t_val −
+    t_circuit: how long before validation generalized the key-frequency circuit was there,
+    Nanda et al. 2023; `phases.circuit_time`), on a log10 colour scale in steps.
 
     A seed that never generalized (no t_val) counts as infinitely late, so a
     cell shows a finite median only when most seeds generalized, and "k/n"
     when only k of n did. Cells whose median is infinite are grey with "×",
     never zero. Delays ≤ 0 (validation first) are clipped to the scale's
-    bottom; the colourbar then has an arrow at that end.
+    bottom; the colourbar then has an arrow at that end. A circuit lead without a t_circuit
+    (no progress measures, or the circuit never formed) is left out, like a delay without
+    t_train.
     """
-    if value not in ("delay", "t_val"):
-        raise UsageError("value", f"unknown heatmap value {value!r}; choose one of: delay, t_val")
+    if value not in HEATMAP_VALUES:
+        raise UsageError(
+            "value", f"unknown heatmap value {value!r}; choose one of: {', '.join(HEATMAP_VALUES)}"
+        )
+    if value == "circuit_lead" and "t_circuit" not in trials.column_names:
+        raise UsageError("value", "this trials table has no t_circuit (written before progress measures)")
     data = _Data(trials, x, y, facet, log_x, log_y, labels=labels)
-    values = np.array(data.column(value), dtype=float)  # None (a delay without t_train) -> NaN: left out
+    if value == "circuit_lead":
+        t_val = np.array(data.column("t_val"), dtype=float)
+        values = t_val - np.array(data.column("t_circuit"), dtype=float)
+    else:
+        values = np.array(data.column(value), dtype=float)  # None (a delay without t_train) -> NaN: left out
     values[[t is None for t in data.t_val]] = math.inf
     finite = values[np.isfinite(values)]
     positive = finite[finite > 0]
@@ -293,7 +333,7 @@ def delay_heatmap(
     for axis, fv in zip(axes, data.facet_values, strict=True):
         draw(axis, data, data.cells(fv), values, norm, cmap, fv)
         _finish_axes(axis, data, fv)
-    label = "t_val − t_train" if value == "delay" else "t_val"
+    label = HEATMAP_VALUES[value]
     fig.colorbar(
         mpl.cm.ScalarMappable(norm=norm, cmap=cmap),
         ax=axes,
@@ -312,9 +352,21 @@ def delay_heatmap(
     if data.grid and data.has_missing():
         handles.append(Patch(**MISSING_HATCH, label="no finished trial"))
     _legend(fig, axes, handles, title=None, own_axes=False)
-    what = "delay to generalize" if value == "delay" else "steps to generalize"
+    what = {
+        "delay": "delay to generalize",
+        "t_val": "steps to generalize",
+        "circuit_lead": "how long before the jump the circuit was there",
+    }[value]
     _suptitle(fig, f"{data.study}: {what}", data.seeds_text())
     return fig
+
+
+HEATMAP_VALUES: dict[str, str] = {
+    "delay": "t_val − t_train",
+    "t_val": "t_val",
+    "circuit_lead": "t_val − t_circuit",
+}
+"""What `delay_heatmap` can show, with its colourbar label."""
 
 
 # Long on purpose: one figure drawn top to bottom (points, medians, never-marks, budget, legend).
@@ -391,7 +443,7 @@ def sweep(
     if line:
         handles += ax.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
-    study = ", ".join(sorted(set(trials.column("study").to_pylist())))
+    study = study_title(trials)
     detail = (
         "generalized: validation accuracy holds above the phase threshold"
         if value == "t_val"
@@ -431,6 +483,18 @@ CURVE_PANELS: dict[str, CurvePanel] = {
     "fourier": CurvePanel(
         "Fourier share (top-k frequencies)", (("fourier/top_k_share", MEASURE_COLOR, 1.6),), share=True
     ),
+    # Their progress measures: the restricted loss falls while validation is still flat (the
+    # circuit forms), the excluded loss rises, then clean-up; validation loss drawn thin beside.
+    "progress": CurvePanel(
+        "restricted / excluded loss (log)",
+        (
+            ("val/loss", VAL_COLOR, 0.9),
+            ("progress/restricted_loss", RESTRICTED_COLOR, 1.6),
+            ("progress/excluded_loss", EXCLUDED_COLOR, 1.6),
+        ),
+        log_y=True,
+    ),
+    "gini": CurvePanel("Fourier Gini (embedding)", (("fourier/gini", MEASURE_COLOR, 1.6),), share=True),
 }
 """The columns `learning_curves` can draw, by the name its `metrics` take, in default order."""
 
@@ -446,13 +510,14 @@ def learning_curves(
 ) -> Figure:
     """Each trial's curves against optimizer steps: one row per trial, one column per metric.
 
-    `metrics` are names of CURVE_PANELS; by default accuracy, loss and weight norm, and the
-    Fourier share when a shown trial has one (it applies to modular operations only). By
+    `metrics` are names of CURVE_PANELS; by default accuracy, loss and weight norm, then the
+    progress measures (restricted/excluded loss, Fourier Gini; the top-k Fourier share where a
+    table has no Gini) when a shown trial has them (modular operations only). By
     default the trials are one representative per phase present, in `PHASES` order: the
     trial with the median delay (comprehension, grokking; t_val when a trial has no t_train)
     or the median best_val_acc (the other phases). A row's first panel names the trial's
     phase (its colour on the panel's top edge), t_train, t_val and point; dashed lines mark
-    t_train and t_val in every panel. The step axis is symlog (linear in [0, 1], log
+    t_train, t_val and t_circuit in every panel. The step axis is symlog (linear in [0, 1], log
     above), so step 0 is shown at its true value without shifting any step. `labels` names
     the config keys of each point in words (see `axis_label`).
     """
@@ -478,7 +543,9 @@ def learning_curves(
         for column in {"step"} | {c for panel in CURVE_PANELS.values() for c, _, _ in panel.lines}
     }
     if metrics is None:  # a measure no shown trial has would be a column of empty panels
-        metrics = [m for m, panel in CURVE_PANELS.items() if np.isfinite(values[panel.lines[0][0]]).any()]
+        metrics = [m for m, panel in CURVE_PANELS.items() if np.isfinite(values[panel.lines[-1][0]]).any()]
+        if "gini" in metrics:  # the Gini reads the same spectrum as the top-k share, without a k
+            metrics = [m for m in metrics if m != "fourier"]
     panels = [CURVE_PANELS[m] for m in metrics]
 
     label = partial(axis_label, labels=labels, trials=trials)
@@ -502,8 +569,13 @@ def learning_curves(
         Line2D([], [], color=VAL_COLOR, lw=2.0, label="validation"),
         Line2D([], [], color="#555555", lw=0.9, ls=(0, (4, 3)), label="t_train (black), t_val (green)"),
     ]
+    if "progress" in metrics:
+        handles += [
+            Line2D([], [], color=RESTRICTED_COLOR, lw=1.6, label="restricted loss; t_circuit (dashed)"),
+            Line2D([], [], color=EXCLUDED_COLOR, lw=1.6, label="excluded loss"),
+        ]
     fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
-    study = ", ".join(sorted(set(trials.column("study").to_pylist())))
+    study = study_title(trials)
     which = "selected trials" if chosen else "one representative trial per phase"
     fig.suptitle(f"{study}: learning curves ({which})")
     return fig
@@ -572,8 +644,9 @@ def render_study(
     cells: pa.Table | None = None,
     labels: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write phase_diagram, delay_heatmap, t_val_heatmap, learning_curves (and, for a study with one
-    numeric axis, sweep and sweep_loss) in each format; return the written paths.
+    """Write phase_diagram, delay_heatmap, t_val_heatmap, circuit_heatmap (when a trial has a
+    t_circuit), learning_curves (and, for a study with one numeric axis, sweep and sweep_loss)
+    in each format; return the written paths.
 
     `x`, `y` and `facet` default to the study's diagram axes (the table's metadata; else
     data.fraction and optimizer.weight_decay). `cells` (a grid study's cells.parquet) adds the
@@ -592,6 +665,8 @@ def render_study(
         ("delay_heatmap", delay_heatmap(trials, value="delay", **axes)),
         ("t_val_heatmap", delay_heatmap(trials, value="t_val", **axes)),
     ]
+    if "t_circuit" in trials.column_names and trials.column("t_circuit").null_count < trials.num_rows:
+        figures.append(("circuit_heatmap", delay_heatmap(trials, value="circuit_lead", **axes)))
     numeric = numeric_axes(trials)
     if len(numeric) == 1:  # a sweep over one axis (categorical axes become its lines)
         others = [k for k in table_info(trials)[1] if k not in numeric]
@@ -785,7 +860,7 @@ class _Data:
         _check_columns(trials, {"--x": x, "--y": y, "--facet": facet})
         sampler, scales, _ = table_info(trials)
         self.label: Callable[[str], str] = partial(axis_label, labels=labels, trials=trials)
-        self.study = ", ".join(sorted(set(trials.column("study").to_pylist()))) or "study"
+        self.study = study_title(trials)
         self.inferred: dict[tuple[Any, Any, Any], tuple[str, float]] = _inferred(cells, x, y, facet)
         """(x, y, facet) of a cell that was not trained -> (inferred phase, confidence)."""
         self.grid = sampler in (None, *LATTICE_SAMPLERS)
@@ -823,6 +898,9 @@ class _Data:
         self.xs, self.ys, self.fs = _keys(table, x), _keys(table, y), _keys(table, facet)
         self.phase: list[str] = table.column("phase").to_pylist()
         self.t_val = _keys(table, "t_val" if "t_val" in table.column_names else None)
+        self.short_budget = _short_budget(table)
+        """Per row: censored within fewer than CENSORED_BELOW_DECAY_TIMES decay time constants
+        (None: a table written before grokstudy recorded censoring: nothing is hatched)."""
         self.seeds = (
             len(set(trials.column("train.seed").to_pylist())) if "train.seed" in trials.column_names else 1
         )
@@ -876,6 +954,20 @@ def _finished(trials: pa.Table) -> pa.Table:
         return trials
     keep = pc.not_equal(trials.column("stop_reason"), "error")
     return trials.filter(pc.fill_null(keep, True))
+
+
+def _short_budget(table: pa.Table) -> list[bool] | None:
+    """Per row: it spent its budget without generalizing, and that budget was under
+    CENSORED_BELOW_DECAY_TIMES time constants 1/(lr*wd) (a null `budget_decay_times` is weight
+    decay 0: an infinite time constant). None when the table lacks either column."""
+    if not {"censored", "budget_decay_times"} <= set(table.column_names):
+        return None
+    return [
+        bool(censored) and (budget is None or budget < CENSORED_BELOW_DECAY_TIMES)
+        for censored, budget in zip(
+            table.column("censored").to_pylist(), table.column("budget_decay_times").to_pylist(), strict=True
+        )
+    ]
 
 
 def _running_keys(trials: pa.Table, x: str, y: str, facet: str | None) -> set[tuple[Any, Any, Any]]:
@@ -938,10 +1030,21 @@ def _finish_axes(axis: Any, data: _Data, facet_value: Any) -> None:
         axis.spines[["top", "right"]].set_visible(True)
 
 
-def _draw_phase_panel(axis: Any, data: _Data, facet_value: Any) -> tuple[bool, bool]:
-    """One panel of a phase diagram; (an inferred cell was drawn, a cell with fewer trials was)."""
+class _Marks(NamedTuple):
+    """What a phase panel drew besides its phases, for the legend to explain."""
+
+    inferred: bool = False
+    """A cell a boundary study did not train, inferred."""
+    fewer: bool = False
+    """A cell with fewer trials than the fullest (its count in a corner)."""
+    censored: frozenset[str] = frozenset()
+    """The phases of the cells hatched as censored within a short budget."""
+
+
+def _draw_phase_panel(axis: Any, data: _Data, facet_value: Any) -> _Marks:
+    """One panel of a phase diagram; what it drew besides phases."""
     cells = data.cells(facet_value)
-    drawn = (False, False)
+    drawn = _Marks()
     if data.grid:
         drawn = _draw_phase_cells(axis, data, cells, facet_value)
     else:
@@ -952,10 +1055,11 @@ def _draw_phase_panel(axis: Any, data: _Data, facet_value: Any) -> tuple[bool, b
 
 
 def _phase_legend(
-    fig: Figure, axes: list[Any], datas: Sequence[_Data], drawn: Sequence[tuple[bool, bool]], own_axes: bool
+    fig: Figure, axes: list[Any], datas: Sequence[_Data], drawn: Sequence[_Marks], own_axes: bool
 ) -> None:
     """One legend for the panels of one or more diagrams: the phases shown, then each mark drawn."""
-    drew_inferred, drew_fewer = any(i for i, _ in drawn), any(f for _, f in drawn)
+    drew_inferred, drew_fewer = any(m.inferred for m in drawn), any(m.fewer for m in drawn)
+    censored = frozenset().union(*(m.censored for m in drawn))
     shown = {p for d in datas for p in d.phase} | {p for d in datas for p, _ in d.inferred.values()}
     present = [p for p in PHASES if p in shown]
     handles = [Patch(facecolor=_color(p), label=f"{p}: {PHASE_DEFINITIONS[p]}") for p in present]
@@ -963,6 +1067,8 @@ def _phase_legend(
         handles.append(
             Patch(**INFERRED_STYLE, facecolor="#DDDDDD", label="not trained: inferred from its neighbours")
         )
+    if censored:
+        handles.append(_censored_handle(censored))
     running = [d for d in datas if d.running]
     handles += _running_handles(running[0]) if running else []
     grid = datas[0].grid
@@ -1024,11 +1130,12 @@ def _inferred(
     }
 
 
-def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> tuple[bool, bool]:
-    """Draw one panel's cells; (an inferred cell was drawn, a cell with fewer trials than the fullest was)."""
+def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> _Marks:
+    """Draw one panel's cells; what it drew besides phases."""
     ex, ey = data.x.edges(), data.y.edges()
     fs, fullest = _cell_fontsize(data), data.max_per_cell
     drew_inferred = drew_fewer = False
+    censored: set[str] = set()
     for i, xv in enumerate(data.x.values):
         for j, yv in enumerate(data.y.values):
             cx, w, h = (ex[i] + ex[i + 1]) / 2, ex[i + 1] - ex[i], ey[j + 1] - ey[j]
@@ -1064,6 +1171,10 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
                           color="#111111")  # fmt: skip
                 continue
             axis.add_patch(Rectangle(*box, facecolor=rgb, edgecolor="white", linewidth=0.8))
+            if _censored_cell(data, rows, phase):
+                axis.add_patch(Rectangle(*box, **_censored_style(rgb), gid="censored"))
+                axis.add_patch(Rectangle(*box, facecolor="none", edgecolor="white", linewidth=0.8))
+                censored.add(phase)
             if share < 1:
                 axis.text(
                     cx, ey[j] + 0.6 * h, f"{k}/{n}", ha="center", va="center", fontsize=fs, color=_ink(rgb)
@@ -1075,7 +1186,38 @@ def _draw_phase_cells(axis: Any, data: _Data, cells: dict, facet_value: Any) -> 
                     colors = [_color(o) for o in others]
                     axis.scatter(dots, np.full(len(others), ey[j] + 0.27 * h), s=16, c=colors,
                                  edgecolors="white", linewidths=0.6, zorder=3)  # fmt: skip
-    return drew_inferred, drew_fewer
+    return _Marks(drew_inferred, drew_fewer, frozenset(censored))
+
+
+def _censored_cell(data: _Data, rows: list[int], phase: str) -> bool:
+    """A memorization or confusion cell whose every seed of that verdict spent a short budget."""
+    if data.short_budget is None or phase not in CENSORED_PHASES:
+        return False
+    return all(data.short_budget[r] for r in rows if data.phase[r] == phase)
+
+
+def _censored_style(rgb: Sequence[float]) -> dict[str, Any]:
+    """Hatching in the cell's ink, mixed halfway into the cell's colour: visible on a light or a
+    dark cell, quiet enough to read "k/n" over, and opaque (the same in PNG, PDF and SVG)."""
+    ink = to_rgb(_ink(rgb))
+    return dict(
+        facecolor="none",
+        edgecolor=tuple(0.5 * a + 0.5 * b for a, b in zip(ink, rgb, strict=True)),
+        hatch=CENSORED_HATCH,
+        linewidth=0,
+    )
+
+
+def _censored_handle(phases: Iterable[str]) -> Patch:
+    """The legend line of censored hatching, naming the phases hatched."""
+    shown = sorted(phases, key=phase_order)
+    rgb = _blend(_color(shown[0]), 0.6)
+    label = (
+        f"censored: {' or '.join(shown)} in < {CENSORED_BELOW_DECAY_TIMES:g} decay times "
+        "1/(lr·wd); could still grok"
+    )
+    hatching = {k: v for k, v in _censored_style(rgb).items() if k != "facecolor"}
+    return Patch(facecolor=rgb, **hatching, label=label)
 
 
 def _draw_running(axis: Any, box: tuple, cx: float, cy: float, fs: float) -> None:
@@ -1247,8 +1389,14 @@ def _draw_curve_row(
     top = max(float(steps.max()) if steps.size else 1.0, row.get("max_steps") or 1)
     for axis, panel in zip(axes_row, panels, strict=True):
         for column, color, width in panel.lines:
-            axis.plot(steps, curve[column], color=color, lw=width)
-        for t, color in ((row["t_train"], TRAIN_COLOR), (row["t_val"], VAL_COLOR)):
+            taken = np.isfinite(curve[column])  # progress measures: every measures_every-th eval
+            axis.plot(steps[taken], curve[column][taken], color=color, lw=width)
+        marks = (
+            (row["t_train"], TRAIN_COLOR),
+            (row["t_val"], VAL_COLOR),
+            (row.get("t_circuit"), RESTRICTED_COLOR),
+        )
+        for t, color in marks:
             if t is not None:
                 axis.axvline(t, color=color, lw=0.9, ls=(0, (4, 3)), alpha=0.8)
         _step_axis(axis, top)

@@ -133,6 +133,7 @@ def judge(curve: Sequence[EvalRecord], cfg: TrialConfig, rule: PhaseConfig) -> O
         t_train=verdict.t_train,
         t_val=verdict.t_val,
         t_val_loss=verdict.t_val_loss,
+        t_circuit=verdict.t_circuit,
         objective=float(verdict.t_val if verdict.t_val is not None else cfg.train.max_steps),
         stop_reason="diverged" if diverged else ("generalized" if generalized else "budget"),
     )
@@ -164,7 +165,7 @@ def data_split(cfg: TrialConfig) -> tracking.DataSplit:
 
 def final_tags(outcome: Outcome, node: str) -> dict[str, str]:
     """Tags a trial run gets when its trial ends: its outcome, where it ran."""
-    keys = ("phase", "t_train", "t_val", "t_val_loss", "stop_reason")
+    keys = ("phase", "t_train", "t_val", "t_val_loss", "t_circuit", "stop_reason")
     values = outcome.to_dict()
     return {k: "" if values[k] is None else str(values[k]) for k in keys} | {"ray.node": node}
 
@@ -179,6 +180,7 @@ def outcome_metrics(outcome: Outcome, curve: Sequence[EvalRecord]) -> dict[str, 
         "t_train": outcome.t_train,
         "t_val": outcome.t_val,
         "t_val_loss": outcome.t_val_loss,
+        "t_circuit": outcome.t_circuit,
         "delay": None
         if outcome.t_val is None or outcome.t_train is None
         else outcome.t_val - outcome.t_train,

@@ -553,8 +553,9 @@ def _forward(state: PackState, params: dict[str, torch.Tensor], x: torch.Tensor)
 
 @torch.no_grad()
 def _evaluate(state: PackState, row_loss: LossFn) -> list[list[float]]:
-    """Per stacked member: [train loss, train acc, val loss, val acc, weights norm, Fourier share]
-    over its own split, as `train.evaluate` computes them; one host sync.
+    """Per stacked member: the values of its `EvalRecord` (train loss, train acc, val loss, val
+    acc, weights norm, Fourier share and Gini, progress measures) over its own split, as
+    `train.evaluate` computes them; one host sync.
 
     Forwards the full table once per member (its split is a mask), in blocks of at most
     `train.EVAL_CHUNK` member-rows that depend on the table alone (see the module docstring).
@@ -582,8 +583,31 @@ def _evaluate(state: PackState, row_loss: LossFn) -> list[list[float]]:
             sums[3, block] += (correct & ~in_train).sum(1)
     n_train, n_val = t["data.n_train"], t["data.n_val"]
     values = [sums[0] / n_train, sums[1] / n_train, sums[2] / n_val, sums[3] / n_val]
-    values += [_weights_norm(state), _fourier(state)]
-    return torch.stack(values, dim=1).tolist()
+    values += [_weights_norm(state), *_fourier(state).unbind(1)]
+    return torch.cat([torch.stack(values, dim=1), _progress(state, rows_per, members_per)], dim=1).tolist()
+
+
+def _progress(state: PackState, rows_per: int, members_per: int) -> torch.Tensor:
+    """`measures.progress_tensor` per stacked member [R, 3], in the same member blocks as
+    `_evaluate`; NaN rows for members whose schedule does not take them at this step."""
+    r = len(state.members)
+    out = torch.full((r, len(measures.PROGRESS_MEASURES)), math.nan, dtype=torch.float64, device=state.device)
+    due = [train.measures_due(state.cfgs[i].train, state.step) for i in state.members]
+    table = measures.cyclic_table(state.cfgs[0].task, state.inputs, state.labels) if any(due) else None
+    if table is None:
+        return out
+    for m in range(0, r, members_per):
+        block = slice(m, m + members_per)
+        params = {k: v[block] for k, v in state.views.items()}
+        size = len(state.members[block])
+        out[block] = measures.progress_tensor(
+            lambda x: _forward(state, params, x.expand(size, -1, -1)),  # noqa: B023 (used at once)
+            table,
+            state.inputs,
+            state.tensors["data.train_mask"][block],
+            rows_per,
+        )
+    return torch.where(torch.tensor(due, device=state.device).unsqueeze(1), out, math.nan)
 
 
 def _weights_norm(state: PackState) -> torch.Tensor:
@@ -593,21 +617,27 @@ def _weights_norm(state: PackState) -> torch.Tensor:
 
 
 class _Fourier(nn.Module):
-    """`measures.fourier_top_k_share_tensor` as a forward, so `functional_call` can bind weights."""
+    """`measures.fourier_top_k_share_tensor` and `fourier_gini_tensor` as a forward, so
+    `functional_call` can bind weights."""
 
     def __init__(self, model: nn.Module, task: TaskConfig) -> None:
         super().__init__()
         self.model, self.task = model, task
 
     def forward(self) -> torch.Tensor:
-        return measures.fourier_top_k_share_tensor(self.model, self.task)
+        return torch.stack(
+            [
+                measures.fourier_top_k_share_tensor(self.model, self.task),
+                measures.fourier_gini_tensor(self.model, self.task),
+            ]
+        )
 
 
 def _fourier(state: PackState) -> torch.Tensor:
-    """measures.fourier_top_k_share_tensor per member [R], vmapped over the stack (NaN where it does not apply)."""
+    """[top-k share, Gini] per member [R, 2], vmapped over the stack (NaN where they do not apply)."""
     template, task = state.template, state.cfgs[0].task
     if not measures.fourier_applies(task) or not hasattr(template, "operand_embeddings"):
-        return torch.full((len(state.members),), math.nan, dtype=torch.float64, device=state.device)
+        return torch.full((len(state.members), 2), math.nan, dtype=torch.float64, device=state.device)
     wrapper = _Fourier(template, task)
     params = {f"model.{k}": v.detach() for k, v in state.views.items()}
     return torch.func.vmap(lambda p: torch.func.functional_call(wrapper, p, ()))(params)

@@ -41,6 +41,12 @@ Phases, exactly one per curve (`PHASES`):
 - **grokking**: t_train and t_val exist, t_val ≥ F·max(t_train, 1) and
   delay ≥ D. Fitting at step 0 counts as t_train = 0, and max(·, 1) keeps the
   relative test meaningful there: grokking then needs t_val ≥ max(F, D).
+  With P = `plateau_max` set (off by default), grokking also needs the
+  validation accuracy at t_train (`val_acc_at_fit`, interpolated like t_train)
+  ≤ P: validation sat near chance when the training set was fitted, the
+  plateau-then-jump of Power et al. 2022, not a slow steady rise that merely
+  ends late. A run that passes the delay tests but fails this one is
+  comprehension.
 - **memorization**: t_train exists, no holding t_val, and validation never
   reached θ. A budget that ends in the middle of the jump (validation rising
   but still < θ at the last eval) is memorization too: the label says what
@@ -59,7 +65,8 @@ Rules (`PhaseConfig.rule`): `default` is the above with θ = 0.99, F = 5,
 D = 500, m = 0.05. `liu2022` is Liu et al.'s own: accuracy threshold 0.9,
 grokking when validation comes more than 1,000 steps after training
 (F = 1, D = 1001, no ratio), no hold required (m = 0.9: any fall stays above
-θ − m = 0). Each study says which rule it used (MLflow tags `phases.rule.*`).
+θ − m = 0). Neither sets P. Each study says which rule it used (MLflow tags
+`phases.rule.*`).
 
 Further decisions:
 
@@ -156,6 +163,9 @@ class PhaseResult:
     censored: bool = False
     """It reached its step budget without a holding t_val: its memorization (or confusion) is
     "not within the budget", not "never"; it could still generalize later."""
+    t_circuit: int | None = None
+    """First step from which the restricted loss (the key-frequency part of the logits alone,
+    Nanda et al. 2023) holds below loss_threshold: when the circuit was there (`circuit_time`)."""
 
 
 def classify(
@@ -182,12 +192,14 @@ def classify(
     t_val = _holding(s, va, cfg.threshold, cfg.threshold - cfg.margin, cfg.confirm_steps)
     t_val_loss = None if val_loss is None else _loss_holding(s, np.asarray(val_loss)[within], cfg)
     delay = t_val - t_train if t_val is not None and t_train is not None else None
+    val_acc_at_fit = None if t_train is None else float(np.interp(t_train, s, va))
 
     if t_val is not None:
         grokked = (
             t_train is not None
             and t_val >= cfg.grok_delay_factor * max(t_train, 1)
             and t_val - t_train >= cfg.min_delay
+            and (cfg.plateau_max is None or val_acc_at_fit <= cfg.plateau_max)
         )
         phase = "grokking" if grokked else "comprehension"
     elif (va >= cfg.threshold).any():
@@ -207,7 +219,7 @@ def classify(
         final_val_acc=float(va[-1]),
         best_val_acc=float(va.max()),
         t_val_loss=t_val_loss,
-        val_acc_at_fit=None if t_train is None else float(np.interp(t_train, s, va)),
+        val_acc_at_fit=val_acc_at_fit,
         censored=t_val is None and int(s[-1]) >= max_steps,
     )
 
@@ -268,9 +280,30 @@ def classify_records(records: Sequence[EvalRecord], cfg: PhaseConfig, max_steps:
         max_steps,
         val_loss=[r.val_loss for r in kept],
     )
+    result = dataclasses.replace(result, t_circuit=circuit_time(kept, cfg))
     if bad is None:
         return result
     return dataclasses.replace(result, phase="diverged", steps=within[bad].step, censored=False)
+
+
+def circuit_time(records: Sequence[EvalRecord], cfg: PhaseConfig) -> int | None:
+    """t_circuit: the first step (interpolated, in log-loss) from which the restricted loss holds
+    below `loss_threshold`, as t_val_loss holds for the validation loss; None when it never does
+    or the curve has no progress measures.
+
+    Why this: the restricted loss is the loss of the network's key-frequency terms alone, so
+    t_circuit is when the Fourier circuit by itself would pass the same test (Nanda et al.
+    2023's generalization criterion, test loss < 1e-2) that t_val_loss applies to the whole
+    network. In their runs it comes thousands of steps before the test loss falls: the
+    circuit forms on the plateau, and the clean-up phase that removes the memorizing terms
+    comes after. (The excluded loss's peak marks the same turn from formation to clean-up,
+    but a peak on a curve sampled every few evaluations is a poorer-defined step than a
+    crossing.) Only evaluations that took the measures count (`train.measures_every`)."""
+    measured = [r for r in records if math.isfinite(r.restricted_loss)]
+    if not measured:
+        return None
+    steps = np.asarray([r.step for r in measured], dtype=np.int64)
+    return _loss_holding(steps, [r.restricted_loss for r in measured], cfg)
 
 
 def val_acc_at(records: Sequence[EvalRecord], step: int | None) -> float | None:
@@ -290,6 +323,7 @@ def rules(cfg: PhaseConfig) -> dict[str, str]:
     """{name: the rule with this config's numbers}, for MLflow tags and reports."""
     th, lo = f"{cfg.threshold:g}", f"{cfg.threshold - cfg.margin:g}"
     dips = f"(dips recovering within {cfg.confirm_steps} steps forgiven)"
+    plateau = "" if cfg.plateau_max is None else f" and val/acc at t_train <= {cfg.plateau_max:g}"
     return {
         "rule": cfg.rule,
         "t_train": f"first step (interpolated) with train/acc >= {th}",
@@ -299,6 +333,7 @@ def rules(cfg: PhaseConfig) -> dict[str, str]:
         "comprehension": "t_val exists and not grokking",
         "grokking": (
             f"t_val >= {cfg.grok_delay_factor:g} * max(t_train, 1) and t_val - t_train >= {cfg.min_delay}"
+            f"{plateau}"
         ),
         "memorization": f"t_train exists; val/acc never reached {th}",
         "confusion": f"no t_train and no t_val; val/acc never reached {th}",

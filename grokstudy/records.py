@@ -29,8 +29,14 @@ METRIC_KEYS: tuple[str, ...] = (
     "val/acc",
     "weights/norm",
     "fourier/top_k_share",
+    "fourier/gini",
+    "progress/restricted_loss",
+    "progress/excluded_loss",
+    "progress/key_frequencies",
 )
-"""Every metric a curve may carry, in display order. Accuracies are in [0, 1]."""
+"""Every metric a curve may carry, in display order. Accuracies are in [0, 1]. The
+progress/* measures (Nanda et al. 2023; `measures.progress_tensor`) are taken every
+`train.measures_every`-th evaluation, NaN at the others."""
 ELAPSED_KEY = "time/elapsed_s"
 """Wall-clock seconds spent training up to a step: the same key in MLflow and Parquet."""
 CURVE_KEYS: tuple[str, ...] = (*METRIC_KEYS, ELAPSED_KEY)
@@ -49,6 +55,14 @@ class EvalRecord:
     """L2 norm of all parameters together."""
     fourier_top_k_share: float = math.nan
     """Share of the embedding's Fourier power in its top-k frequencies (modular ops only; NaN otherwise)."""
+    fourier_gini: float = math.nan
+    """Gini coefficient of the embedding's Fourier component norms (modular ops only)."""
+    restricted_loss: float = math.nan
+    """Cross-entropy of the logits' key-frequency part alone, on every pair (Nanda et al. 2023)."""
+    excluded_loss: float = math.nan
+    """Training cross-entropy of the logits with the key frequencies removed (Nanda et al. 2023)."""
+    key_frequencies: float = math.nan
+    """How many frequencies are key (`measures.key_frequencies`)."""
     elapsed_s: float = 0.0
     """Wall-clock seconds spent training (not evaluating) up to this step; a packed
     member's is its pack's."""
@@ -108,6 +122,8 @@ class Outcome:
     """What the sampler minimizes: t_val, or the step budget when it never generalized."""
     stop_reason: str
     """One of STOP_REASONS but "error" (a failed trial has no outcome)."""
+    t_circuit: int | None = None
+    """When the key-frequency circuit was there (`phases.circuit_time`); None without one."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

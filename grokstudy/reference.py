@@ -28,8 +28,16 @@ from typing import Any
 
 import yaml
 
-from grokstudy.config import SAMPLERS, STUDY_SECTIONS, TRIAL_SECTIONS, Spec, allowed_text, plain
-from grokstudy.study import DIM_KEYS, NAME, SPECS, TYPES
+from grokstudy.config import (
+    SAMPLERS,
+    STUDY_SECTIONS,
+    TRIAL_SECTIONS,
+    DecayTimeBudget,
+    Spec,
+    allowed_text,
+    plain,
+)
+from grokstudy.study import AUTO_STEPS_EXAMPLE, DIM_KEYS, NAME, SPECS, TYPES
 
 REFERENCE = Path("docs/study-reference.md")
 SCHEMA = Path("studies/study.schema.json")
@@ -79,6 +87,8 @@ def _field_schema(key: str, f: dataclasses.Field) -> dict[str, Any]:
     out = _type_schema(TYPES[key], spec)
     if key == "train.batch_size":  # null and "full" both mean the whole training set
         out = {"anyOf": [out, {"const": "full"}]}
+    if key == "train.max_steps":  # a number, or a budget per point (config.DecayTimeBudget)
+        out = {"anyOf": [out, _auto_steps_schema()]}
     if spec is not None:
         out["description"] = spec.doc + (f" ({spec.unit})" if spec.unit else "")
     default = _default(f)
@@ -108,6 +118,22 @@ def _type_schema(hint: Any, spec: Spec | None) -> dict[str, Any]:
             out["exclusiveMaximum" if spec.hi_open else "maximum"] = spec.hi
         return out
     return {}
+
+
+def _auto_steps_schema() -> dict[str, Any]:
+    """train.max_steps: {auto: {per_decay_time: K, min: A, max: B}}, every key required."""
+    hints = typing.get_type_hints(DecayTimeBudget)
+    props = {}
+    for f in dataclasses.fields(DecayTimeBudget):
+        spec = f.metadata["spec"]
+        props[f.name] = _type_schema(hints[f.name], spec) | {"description": spec.doc + f" ({spec.unit})"}
+    auto = {"type": "object", "additionalProperties": False, "required": list(props), "properties": props}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["auto"],
+        "properties": {"auto": auto},
+    }
 
 
 def _space_schema() -> dict[str, Any]:
@@ -177,6 +203,8 @@ def reference_markdown(papers: dict[str, set[str]]) -> str:
             lines.append(_row(key, f, papers.get(key, set())))
         if section == "search":
             lines += ["", _SPACE_DOC]
+        if section == "train":
+            lines += ["", _auto_steps_doc()]
         lines.append("")
     return "\n".join(lines)
 
@@ -188,6 +216,19 @@ _SPACE_DOC = (
     f"need `points` on every log or range axis. Samplers: {', '.join(SAMPLERS)}. Keys of a "
     f"dimension: {', '.join(DIM_KEYS)}."
 )
+
+
+def _auto_steps_doc() -> str:
+    parts = []
+    for f in dataclasses.fields(DecayTimeBudget):
+        spec, integer = f.metadata["spec"], f.type in (int, "int")
+        parts.append(f"`{f.name}` ({allowed_text(f.name, spec, integer)}): {spec.doc}")
+    return (
+        "`train.max_steps` also takes `{auto: {per_decay_time: K, min: A, max: B}}` (e.g. "
+        f"`{AUTO_STEPS_EXAMPLE}`). {_doc(DecayTimeBudget)} Every key is needed: {'; '.join(parts)}. "
+        "Each trial's budget is then its `max_steps` in `trials.parquet`, and `grokstudy validate` "
+        "lists them; `train.max_steps` cannot also be searched."
+    )
 
 
 def _section_doc(section: str, cls: type) -> str:
@@ -213,6 +254,8 @@ def _row(key: str, f: dataclasses.Field, used_by: set[str]) -> str:
     else:
         integer = hint is int or int in typing.get_args(hint)
         allowed = allowed_text(key.split(".")[-1], spec, integer) if spec else "any value"
+        if key == "train.max_steps":
+            allowed += ", or `{auto: ...}` (below)"
         if hint is bool:
             allowed = "true \\| false"
         if spec is not None and spec.choices:

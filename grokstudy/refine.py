@@ -23,6 +23,14 @@ cell between two different measured phases is always measured. A region narrower
 stride can be missed; tests/test_refine.py shows discs of radius 3 (> S/√2 on 17 × 17) are all found,
 and bench/refine_synthetic.py gives the cost.
 
+Resolution. Beyond 33 points an axis the finest trained stride is `finest_stride` (2 on 65, 4 on 129):
+the cells trained grow with a boundary's length in units of the axis while the grid's area grows with
+the resolution squared. A cell off that grid is never trained: between two agreeing cells it takes
+their phase (the line rule); between differing ones, the side of a local least-squares plane through
+the trained grid around it (`_local_fit`), coarser cells first so that finer ones can lean on them.
+On bench/refine_synthetic.py's maps, 65 × 65 costs 0.03-0.07 of the cells at 0.96-0.99 agreement;
+stride 1 at 33 × 33 costs 0.11-0.26 at 0.98-1.00, stride 2 there 0.06-0.12 at 0.92-0.97.
+
 Seeds where phases meet. A new cell is trained with its first seed only; its other seeds run once
 the cell meets another phase: when its seeds so far disagree, or when a stride-1 neighbour is measured
 or inferred as another phase (`seeds_to_add`); a neighbour still in conflict waits until it is located.
@@ -66,6 +74,7 @@ Cell = tuple[int, ...]
 
 COARSE_INTERVALS = 4  # the coarse grid keeps at least this many intervals per ordered axis
 SPECULATE_MIN_CHANCE = 0.5  # a speculative cell must be more likely needed than not
+FINE_PER_COARSE = 8  # levels trained below the coarse grid: strides S/2 ... S/4, at least stride 1
 
 _CONFLICT = "<conflict>"  # internal estimate: unmeasured, between different phases: measure it
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -110,6 +119,18 @@ def neighbours(lattice: Lattice, cell: Cell) -> tuple[Cell, ...]:
     return _plan(lattice).neighbours[cell]
 
 
+def finest_stride(n: int) -> int:
+    """The finest spacing at which cells are trained on an ordered axis of n points: 1 up to 64 points,
+    then doubling with the resolution (2 on 65, 4 on 129), so the cells trained grow with a boundary's
+    length in units of the axis, not with the resolution.
+
+    A cell off the finest trained grid is never trained: between two agreeing cells it is their phase
+    (the line rule), between differing ones the side of a local least-squares fit through the trained
+    grid around it (`_local_fit`).
+    """
+    return max(1, coarse_stride(n) // FINE_PER_COARSE)
+
+
 def coarse_stride(n: int) -> int:
     """The largest power of two that leaves at least COARSE_INTERVALS intervals on an axis of n points.
 
@@ -132,6 +153,10 @@ class _Plan:
     level: dict[Cell, int]
     pairs: dict[Cell, tuple[tuple[Cell, Cell], ...]]  # () for coarse cells
     neighbours: dict[Cell, tuple[Cell, ...]]  # stride-1 neighbours along the ordered axes
+    trainable: frozenset[Cell]  # cells on the finest trained grid (`finest_stride`): all when it is 1
+    fine_neighbours: dict[Cell, tuple[Cell, ...]]  # neighbours on that grid; stride-1 ones off it
+    fine_grid: tuple[tuple[int, ...] | None, ...]  # per axis: the finest trained grid; None if categorical
+    fine: tuple[int, ...]  # per axis: its stride (1 on a categorical axis)
     sources: dict[Cell, tuple[Cell, ...]]  # pair endpoints, or coarse-grid neighbours of a coarse cell
     order: tuple[Cell, ...]  # every cell, each after the cells its pairs refer to
     coarse: tuple[Cell, ...]  # coarse cells, spread out: any prefix covers the grid evenly
@@ -159,6 +184,7 @@ def _bisection_depths(k: int) -> list[int]:
 def _plan(lattice: Lattice) -> _Plan:
     dims = range(len(lattice.shape))
     strides = [coarse_stride(n) if o else 1 for n, o in zip(lattice.shape, lattice.ordered, strict=True)]
+    fines = [finest_stride(n) if o else 1 for n, o in zip(lattice.shape, lattice.ordered, strict=True)]
     top = max(strides)
     grid = {  # (axis, stride) -> its sorted grid points, the last index included, for strides 1, 2, 4 ...
         (ax, 1 << k): sorted({*range(0, n, 1 << k), n - 1})
@@ -182,8 +208,25 @@ def _plan(lattice: Lattice) -> _Plan:
     def moved(c: Cell, ax: int, i: int) -> Cell:
         return c[:ax] + (i,) + c[ax + 1 :]
 
+    def fine_moves(c: Cell) -> tuple[Cell, ...]:
+        out = []
+        for ax in dims:
+            if lattice.ordered[ax]:
+                g = grid[ax, fines[ax]]
+                k = g.index(c[ax])
+                out += [moved(c, ax, g[j]) for j in (k - 1, k + 1) if 0 <= j < len(g)]
+        return tuple(out)
+
     cells = lattice.cells()
-    level, pairs, neighbours, sources = {}, {}, {}, {}
+    trainable = frozenset(
+        c
+        for c in cells
+        if all(
+            not o or i in grid[ax, fines[ax]]
+            for ax, (i, o) in enumerate(zip(c, lattice.ordered, strict=True))
+        )
+    )
+    level, pairs, neighbours, sources, fine_neighbours = {}, {}, {}, {}, {}
     for c in cells:
         level[c] = lv = min(axis_level(ax, i) for ax, i in enumerate(c))
         if lv < top:
@@ -209,6 +252,7 @@ def _plan(lattice: Lattice) -> _Plan:
             for d in (-1, 1)
             if 0 <= c[ax] + d < lattice.shape[ax]
         )
+        fine_neighbours[c] = fine_moves(c) if c in trainable else neighbours[c]
 
     rank = {c: (k * _GOLDEN) % 1.0 for k, c in enumerate(cells)}
     depth = {}
@@ -225,7 +269,20 @@ def _plan(lattice: Lattice) -> _Plan:
     # coarse levels first; within a level, a pair's endpoints have fewer pairs than the cell itself
     order = tuple(sorted(cells, key=lambda c: (-level[c], len(pairs[c]))))
     coarse_index = {c: k for k, c in enumerate(coarse)}
-    return _Plan(level, pairs, neighbours, sources, order, coarse, coarse_index, rank)
+    return _Plan(
+        level,
+        pairs,
+        neighbours,
+        trainable,
+        fine_neighbours,
+        tuple(tuple(grid[ax, fines[ax]]) if o else None for ax, o in enumerate(lattice.ordered)),
+        tuple(fines),
+        sources,
+        order,
+        coarse,
+        coarse_index,
+        rank,
+    )
 
 
 def _cell(lattice: Lattice, c: Sequence[int]) -> Cell:
@@ -273,13 +330,13 @@ def _needed(
             continue
         if not plan.pairs[c]:
             out[c] = (0, 0, 0.0, plan.coarse_index[c])
-        elif est[c] == _CONFLICT:
+        elif est[c] == _CONFLICT and c in plan.trainable:
             votes = Counter(est[e] for e in plan.sources[c])
             agree = votes.most_common(1)[0][1] / sum(votes.values())
             out[c] = (1, -plan.level[c], agree, plan.rank[c])
     for c, share in shaky.items():
-        for nb in plan.neighbours[c]:
-            if nb in known or nb in skip:
+        for nb in plan.fine_neighbours[c]:
+            if nb in known or nb in skip or nb not in plan.trainable:
                 continue
             key = (1, -plan.level[nb], share, plan.rank[nb])
             out[nb] = min(out.get(nb, key), key)
@@ -329,7 +386,7 @@ def seeds_to_add(
         labs = labels.get(c)
         if not labs or c in pend or len(labs) >= seeds:
             continue
-        around = {est[nb] for nb in plan.neighbours[c]} - {None, _CONFLICT}
+        around = {est[nb] for nb in plan.fine_neighbours[c]} - {None, _CONFLICT}
         if len(set(labs)) > 1 or around - {known[c]}:
             out.append(c)
     return sorted(out, key=lambda c: (-plan.level[c], plan.rank[c]))
@@ -433,17 +490,22 @@ def infer(lattice: Lattice, observed: Mapping[Cell, Sequence[str]]) -> Inferred:
     phase = np.full(lattice.shape, None, dtype=object)
     measured = np.zeros(lattice.shape, dtype=bool)
     confidence = np.zeros(lattice.shape, dtype=float)
-    known = {}
+    known, observed_labels = {}, {}
     for c, labs in observed.items():
         c = _cell(lattice, c)
+        observed_labels[c] = labs
         v = vote(labs)
         known[c], share = v.phase, v.share
         phase[c], measured[c], confidence[c] = known[c], True, share
     est = _estimate(plan, known)
+    filled = _fill_untrainable(plan, est, observed_labels)
     for c in plan.order:
         if c in known:
             continue
         p = est[c]
+        if c in filled:
+            phase[c], confidence[c] = filled[c]
+            continue
         if p is None or p == _CONFLICT:
             phase[c], confidence[c] = _nearest_vote(lattice, c, known)
             continue
@@ -461,3 +523,63 @@ def _nearest_vote(lattice: Lattice, c: Cell, known: Mapping[Cell, str]) -> tuple
     d0 = min(dist.values())
     v = vote([known[k] for k in sorted(dist) if dist[k] == d0])
     return v.phase, 0.5 * v.share
+
+
+def _fill_untrainable(
+    plan: _Plan, est: dict[Cell, str | None], labels: Mapping[Cell, Sequence[str]]
+) -> dict[Cell, tuple[str, float]]:
+    """Untrainable cells between differing phases -> (phase, confidence) by the local fit, coarser
+    first; `est` takes each filled phase, so a finer cell's pairs can agree on it. A cell waits (stays
+    out) while a pair endpoint is unknown or still to be measured."""
+    filled: dict[Cell, tuple[str, float]] = {}
+    for c in plan.order:
+        if c in plan.trainable or est[c] != _CONFLICT and est[c] is not None:
+            continue
+        ends = [est[e] for pr in plan.pairs[c] for e in pr]
+        if not ends or any(v is None or v == _CONFLICT for v in ends):
+            continue
+        agreed = {a for a, b in zip(ends[::2], ends[1::2], strict=True) if a == b and a != TIE}
+        filled[c] = (agreed.pop(), 1.0) if len(agreed) == 1 else _local_fit(plan, c, est, labels)
+        est[c] = filled[c][0]
+    return filled
+
+
+def _local_fit(
+    plan: _Plan, c: Cell, est: Mapping[Cell, str | None], labels: Mapping[Cell, Sequence[str]]
+) -> tuple[str, float]:
+    """(phase, confidence) of an untrainable cell between differing phases, from the trained grid
+    within two strides: of the two phases with the most weight there, the side of the boundary that a
+    weighted least-squares plane through +1 (first phase) / -1 (second) puts the cell on. A plane, not
+    a vote, so that a boundary is placed between grid points: a nearest-cells vote at stride 2 was a
+    coin flip on every cell a boundary crosses. Weights exp(-d²/2), d in strides; a trained cell counts
+    its seeds' labels in proportion. Exactly on the plane's zero: TIE (confidence 0.5)."""
+    rows, shares = [], []
+    axes = [
+        [c[ax]] if g is None else [i for i in g if abs(i - c[ax]) <= 2 * plan.fine[ax]]
+        for ax, g in enumerate(plan.fine_grid)
+    ]
+    score: dict[str, float] = Counter()
+    for t in itertools.product(*axes):
+        if t in labels and labels[t]:
+            share = {p: n / len(labels[t]) for p, n in Counter(labels[t]).items()}
+        elif est.get(t) not in (None, _CONFLICT, TIE):
+            share = {est[t]: 1.0}
+        else:
+            continue
+        x = [(a - b) / f for a, b, f, g in zip(t, c, plan.fine, plan.fine_grid, strict=True) if g is not None]
+        w = math.exp(-sum(v * v for v in x) / 2)
+        rows.append((w, x))
+        shares.append(share)
+        for p, v in share.items():
+            score[p] += w * v
+    ranked = sorted(score, key=lambda p: (-score[p], p))
+    if len(ranked) < 2:
+        return (ranked[0], 1.0) if ranked else (TIE, 0.5)
+    first, second = ranked[:2]
+    sw = np.sqrt([w for w, _ in rows])
+    design = np.array([[1.0, *x] for _, x in rows]) * sw[:, None]
+    target = np.array([sh.get(first, 0.0) - sh.get(second, 0.0) for sh in shares]) * sw
+    level = float(np.linalg.lstsq(design, target, rcond=None)[0][0])
+    if abs(level) < 1e-9:
+        return TIE, 0.5
+    return (first if level > 0 else second), 0.5 * (1.0 + min(1.0, abs(level)))

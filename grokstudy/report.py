@@ -54,6 +54,8 @@ TEMPLATE = "report_template.html"
 DIGITS = 4
 """Significant digits of every float in the page's data: more than a curve on a screen can show."""
 CURVE_COLUMNS = ("train/acc", "val/acc", "train/loss", "val/loss")
+PROGRESS_COLUMNS = ("progress/restricted_loss", "progress/excluded_loss")
+"""Nanda et al.'s progress measures: the curves panel draws them where a study took them."""
 FAILED, RUNNING = "failed", "running"
 """A trial's verdict when it has no phase: it ended in an error, or it still trains."""
 STATE_COLORS = {FAILED: "#9E9E9E", RUNNING: "#5B7A99"}
@@ -564,6 +566,7 @@ def _payload(d: _Diagram, curves: pa.Table | None, tracking_uri: str | None) -> 
             "phase": verdict(r),
             "t_train": r.get("t_train"),
             "t_val": r.get("t_val"),
+            "t_circuit": r.get("t_circuit"),
             "val_acc": _round(r.get("final_val_acc")),
             "link": run_link(tracking_uri, r.get("run_id")),
             "curve": by_trial.get(r["trial_id"]),
@@ -578,6 +581,9 @@ def _curves(curves: pa.Table | None) -> dict[str, dict[str, list[Any]]]:
     if curves is None:
         return {}
     columns = [c for c in CURVE_COLUMNS if c in curves.column_names]
+    columns += [
+        c for c in PROGRESS_COLUMNS if c in curves.column_names and curves.column(c).null_count < len(curves)
+    ]
     data = curves.select(["trial_id", "step", *columns]).to_pydict()
     rows: dict[str, list[int]] = defaultdict(list)
     for i, trial_id in enumerate(data["trial_id"]):

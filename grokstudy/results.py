@@ -170,6 +170,14 @@ def trials_schema(trial_cls: type = TrialConfig) -> pa.Schema:
             steps,
             nullable=True,
         ),
+        _field(
+            "t_circuit",
+            pa.int64(),
+            "first step from which the restricted loss (the key-frequency part of the logits, Nanda "
+            "et al. 2023) holds below phases.loss_threshold: the circuit was there (phases.circuit_time)",
+            steps,
+            nullable=True,
+        ),
         _field("final_train_acc", pa.float64(), "train/acc at the last eval point", "fraction correct", True),
         _field("final_val_acc", pa.float64(), "val/acc at the last eval point", "fraction correct", True),
         _field(
@@ -321,7 +329,7 @@ def _trial_row(study: str, h: TrialHistory, searched: Sequence[str], config: Stu
     else:
         verdict = dict.fromkeys(f.name for f in dataclasses.fields(PhaseResult)) | {"steps": 0}
     if h.running:  # no verdict until it ends: a phase or t_val now could change
-        verdict |= dict.fromkeys(("phase", "t_val", "delay", "t_val_loss", "censored"))
+        verdict |= dict.fromkeys(("phase", "t_val", "delay", "t_val_loss", "t_circuit", "censored"))
     last = h.records[-1] if h.records else None
     hyper = plain(flatten(h.cfg))
     return {

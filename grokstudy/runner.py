@@ -756,6 +756,8 @@ def _study_yaml(study: Study) -> str:
 
 def _study_params(study: Study) -> dict[str, Any]:
     params = {f"base.{k}": v for k, v in flatten(study.base).items()}
+    if study.auto_max_steps is not None:  # the rule: the base trial's max_steps is only its upper end
+        params["base.train.max_steps"] = "auto " + json.dumps(to_dict(study.auto_max_steps))
     params |= {f"phases.{k}": v for k, v in to_dict(study.phases).items()}
     params |= {"search.sampler": study.search.sampler}  # seeds may grow: a tag, not a param
     return params

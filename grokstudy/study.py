@@ -36,6 +36,7 @@ from grokstudy.config import (
     PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
+    DecayTimeBudget,
     RunConfig,
     SearchConfig,
     SearchDim,
@@ -50,6 +51,7 @@ from grokstudy.config import (
     plain,
     show,
     to_dict,
+    with_overrides,
 )
 from grokstudy.errors import StudyError, StudyErrors, one_line, raise_all
 from grokstudy.points import point_id
@@ -81,6 +83,9 @@ REMOVED: dict[str, str] = {
     "(run.storage), so a resumed study finds it wherever it resumes; drop this key",
 }
 """Keys earlier versions accepted, with what to do instead."""
+AUTO_STEPS_EXAMPLE = "{auto: {per_decay_time: 10, min: 1000, max: 20000}}"
+"""`train.max_steps`'s other form (config.DecayTimeBudget), as error lines show it."""
+AUTO_STEPS_PREFIX = "train.max_steps.auto."
 
 
 SPECS: dict[str, Spec] = {
@@ -276,10 +281,11 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None) -> TrialConfig:
     """One validated trial for `grokstudy train`: the study's base trial (or the
     defaults) with `--set` keys of the trial applied (`task.op=x/y`, `optimizer.lr=1e-3`)."""
-    base = load_study(base_file).base if base_file is not None else TrialConfig()
-    raw = to_dict(base)
+    study = load_study(base_file) if base_file is not None else None
+    raw = to_dict(study.base if study is not None else TrialConfig())
     problems: list[StudyError] = []
-    for key, value in parse_set(overrides).items():
+    items = parse_set(overrides)
+    for key, value in items.items():
         if key in TRIAL_KEYS:
             section, name = key.split(".")
             raw[section][name] = value
@@ -287,6 +293,12 @@ def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None
             problems.append(_unknown(f"--set {key}", key, TRIAL_KEYS, "a trial key: " + ANY_TRIAL_KEY))
     bad: set[str] = set()
     trial = TrialConfig(**{s: cls(**_section(s, raw[s], problems, bad)) for s, cls in TRIAL_SECTIONS.items()})
+    auto = study.auto_max_steps if study is not None else None
+    if auto is not None and "train.max_steps" not in items:  # the study's budget at this lr and decay
+        o = trial.optimizer
+        trial = with_overrides(
+            trial, {"train.max_steps": auto.steps(o.lr, o.weight_decay, trial.train.eval_every)}
+        )
     _cross_checks(trial, {}, problems, bad)
     raise_all(problems)
     return trial
@@ -297,6 +309,8 @@ def study_to_dict(study: Study) -> dict[str, Any]:
     out: dict[str, Any] = {"name": study.name, **to_dict(study.base)}
     if out["train"]["batch_size"] is None:
         out["train"]["batch_size"] = "full"
+    if study.auto_max_steps is not None:  # as the file wrote it: the base trial's max is not the rule
+        out["train"]["max_steps"] = {"auto": to_dict(study.auto_max_steps)}
     s = study.search
     out["search"] = {f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
     out["search"]["space"] = {dim.key: _dim_to_dict(dim) for dim in s.space}
@@ -305,8 +319,9 @@ def study_to_dict(study: Study) -> dict[str, Any]:
     return out
 
 
-RESUMABLE_CHANGES = ("run.", "diagram.", "resources.cpu", "resources.gpu")
-"""Keys of the resolved study a resumed run may change: where and how it runs, not what."""
+RESUMABLE_CHANGES = ("run.", "diagram.", "resources.cpu", "resources.gpu", "train.measures_every")
+"""Keys of the resolved study a resumed run may change: where and how it runs, and what it
+measures on the side, not what it trains."""
 
 
 def fingerprint(study: Study) -> dict[str, str]:
@@ -399,7 +414,10 @@ def describe(study: Study) -> str:
     """A human summary for `grokstudy validate`: the resolved YAML, the axes and the trial count."""
     text = yaml.dump(study_to_dict(study), Dumper=_Dumper, sort_keys=False)
     s = study.search
-    lines = [text.rstrip(), "", f"search axes ({s.sampler}):"]
+    lines = [text.rstrip(), ""]
+    if study.auto_max_steps is not None:
+        lines += [*_describe_auto_steps(study), ""]
+    lines.append(f"search axes ({s.sampler}):")
     width = max((len(d.key) for d in s.space), default=0)
     for dim in s.space:
         lines.append(f"  {dim.key:<{width}}  {_describe_dim(dim, s.sampler)}")
@@ -421,6 +439,43 @@ def describe(study: Study) -> str:
     else:
         lines.append(f"{n} points ({s.sampler}) x {seeds} = {n * s.seeds} trials")
     return "\n".join(lines)
+
+
+def _describe_auto_steps(study: Study) -> list[str]:
+    """Each (lr, weight decay) pair's step budget; on a lattice, the model-steps of every trial
+    against the same trials at a fixed max."""
+    auto = study.auto_max_steps
+    assert auto is not None
+    dims = {d.key: d for d in study.search.space}
+
+    def values(key: str) -> list[Any]:  # a continuous axis: its two ends
+        dim = dims.get(key)
+        if dim is None:
+            return [get_path(study.base, key)]
+        return list(dim.grid) if dim.is_discrete else list(dim.log or dim.range or ())
+
+    pairs = [(lr, wd) for lr in values("optimizer.lr") for wd in values("optimizer.weight_decay")]
+    budgets = [
+        study.trial({"optimizer.lr": lr, "optimizer.weight_decay": wd}).train.max_steps for lr, wd in pairs
+    ]
+    rows = [
+        f"  lr {show(lr)}, weight_decay {show(wd)}: {n} steps"
+        for (lr, wd), n in zip(pairs, budgets, strict=True)
+    ]
+    rule = f"{show(auto.per_decay_time)} / (lr * weight_decay), rounded up to eval_every, within [{auto.min}, {auto.max}]"
+    lines = [f"step budgets (train.max_steps auto: {rule}):"]
+    lines += rows if len(rows) <= 12 else [*rows[:5], "  ...", *rows[-2:]]
+    s = study.search
+    gridded = all(dims[k].is_discrete for k in dims.keys() & {"optimizer.lr", "optimizer.weight_decay"})
+    if s.sampler in LATTICE_SAMPLERS and gridded and s.n_points:
+        spent = sum(budgets) * (s.n_points // len(pairs)) * s.seeds
+        fixed = auto.max * s.n_points * s.seeds
+        most = "at most " if s.sampler == "boundary" else ""
+        trials = f"{s.n_points * s.seeds} trials"
+        lines.append(
+            f"{most}{spent:,} model-steps over {trials} ({spent / fixed:.0%} of max_steps {auto.max} for all)"
+        )
+    return lines
 
 
 # ---- parsing -------------------------------------------------------------------------------------
@@ -446,12 +501,17 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
             )
         )
         name = "study"
+    auto, data = _auto_max_steps(data, problems, bad)
     sections = {s: _section(s, data.get(s), problems, bad) for s in STUDY_SECTIONS if s != "search"}
     search = _search(data.get("search"), problems, bad)
     sections["phases"] = PHASE_RULES.get(sections["phases"].get("rule", "default"), {}) | sections["phases"]
     configs = {s: STUDY_SECTIONS[s](**kwargs) for s, kwargs in sections.items()}
     base = TrialConfig(**{s: configs.pop(s) for s in TRIAL_SECTIONS})
-    study = Study(name=name, base=base, search=search, **configs)
+    study = Study(name=name, base=base, search=search, auto_max_steps=auto, **configs)
+    if auto is not None and any(d.key == "train.max_steps" for d in search.space):
+        problems.append(StudyError("search.space.train.max_steps", "searched while train.max_steps is auto "
+                                   "(each point's budget from its lr and weight decay); keep one: drop "
+                                   "this axis or give train.max_steps a number"))  # fmt: skip
     for axis in ("x", "y", "facet"):
         key = getattr(study.diagram, axis)
         if key is not None and key not in TRIAL_KEYS:
@@ -465,6 +525,72 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
     _check_places(study.run, problems)
     raise_all(problems)
     return study
+
+
+def _auto_max_steps(
+    data: dict[str, Any], problems: list[StudyError], bad: set[str]
+) -> tuple[DecayTimeBudget | None, dict[str, Any]]:
+    """`train.max_steps: {auto: {...}}` read: (its budget, the study mapping with the base trial's
+    max_steps set to the budget's max). A study without the form comes back as it is."""
+    train = data.get("train")
+    steps = train.get("max_steps") if isinstance(train, dict) else None
+    if not isinstance(train, dict) or not (isinstance(steps, dict) or steps == "auto"):
+        return None, data
+    auto = None
+    if steps == "auto":
+        problems.append(
+            StudyError("train.max_steps", f"auto takes its parameters, e.g. {AUTO_STEPS_EXAMPLE}")
+        )
+    else:
+        auto = _decay_time_budget(steps, problems)
+    rest = {k: v for k, v in train.items() if k != "max_steps"}
+    if auto is None:
+        bad.add("train.max_steps")  # already reported: no cross rule on it
+    else:
+        rest["max_steps"] = auto.max
+    return auto, data | {"train": rest}
+
+
+def _decay_time_budget(raw: dict[Any, Any], problems: list[StudyError]) -> DecayTimeBudget | None:
+    """`{auto: {per_decay_time: K, min: A, max: B}}` → its DecayTimeBudget; None (reported) if bad."""
+    path = "train.max_steps"
+    n_before = len(problems)
+    problems += [_unknown(f"{path}.{k}", str(k), ("auto",)) for k in raw if k != "auto"]
+    if "auto" not in raw:
+        if len(problems) == n_before:
+            problems.append(
+                StudyError(path, f"expected an integer or {AUTO_STEPS_EXAMPLE} (got {show(raw)})")
+            )
+        return None
+    auto = raw["auto"]
+    if not isinstance(auto, dict):
+        example = AUTO_STEPS_EXAMPLE.removeprefix("{auto: ").removesuffix("}")
+        problems.append(StudyError(f"{path}.auto", f"expected a mapping, e.g. {example} (got {show(auto)})"))
+        return None
+    fields = {f.name: f for f in dataclasses.fields(DecayTimeBudget)}
+    hints = get_type_hints(DecayTimeBudget)
+    kwargs: dict[str, Any] = {}
+    for key, value in auto.items():
+        where = f"{path}.auto.{key}"
+        if key not in fields:
+            problems.append(_unknown(where, str(key), list(fields)))
+            continue
+        try:
+            kwargs[key] = _coerce(where, hints[key], value)
+            message = check_value(key, fields[key].metadata["spec"], kwargs[key])
+            if message:
+                raise _Bad(message)
+        except _Bad as e:
+            problems.append(StudyError(where, str(e)))
+    for key in (k for k in fields if k not in auto):
+        problems.append(StudyError(f"{path}.auto.{key}", f"missing; e.g. max_steps: {AUTO_STEPS_EXAMPLE}"))
+    if len(problems) > n_before:
+        return None
+    if kwargs["min"] > kwargs["max"]:
+        got = f"got min {kwargs['min']}, max {kwargs['max']}"
+        problems.append(StudyError(f"{path}.auto.min", f"above max ({got}); allowed: 1 <= min <= max"))
+        return None
+    return DecayTimeBudget(**kwargs)
 
 
 def _check_places(run: RunConfig, problems: list[StudyError]) -> None:
@@ -798,6 +924,8 @@ def _apply_overrides(
         section, _, name = key.partition(".")
         if key == "name":
             data["name"] = value
+        elif key.startswith(AUTO_STEPS_PREFIX):
+            _set_auto_steps(data, key.removeprefix(AUTO_STEPS_PREFIX), value, path, problems)
         elif key.startswith("search.space."):
             _set_dim(data, key.removeprefix("search.space."), value, path, problems)
         elif key not in settable:
@@ -825,6 +953,22 @@ def _mapping(parent: dict[str, Any], where: str, path: str, problems: list[Study
         return parent[key]
     problems.append(StudyError(path, f"cannot set a key inside {where}, which is {show(parent[key])}"))
     return None
+
+
+def _set_auto_steps(
+    data: dict[str, Any], name: str, value: Any, path: str, problems: list[StudyError]
+) -> None:
+    """`train.max_steps.auto.NAME=VALUE` in a study whose train.max_steps is auto already."""
+    train = _mapping(data, "train", path, problems)
+    steps = train.get("max_steps") if train is not None else None
+    if train is None:
+        return
+    if not (isinstance(steps, dict) and isinstance(steps.get("auto"), dict)):
+        whole = f"--set 'train.max_steps={AUTO_STEPS_EXAMPLE}'"
+        problems.append(StudyError(path, f"train.max_steps is not auto (got {show(steps)}); set the whole form, "
+                                   f"e.g. {whole}"))  # fmt: skip
+        return
+    train["max_steps"] = steps | {"auto": steps["auto"] | {name: value}}  # copies: the file's data stays
 
 
 def _set_dim(data: dict[str, Any], rest: str, value: Any, path: str, problems: list[StudyError]) -> None:

@@ -1135,7 +1135,9 @@ def check_readable(tracking_uri: str) -> None:
 
 def _outcome_of(tags: dict[str, str], cfg: TrialConfig) -> Outcome:
     """A trial run's outcome from its final tags (`member.final_tags`)."""
-    steps = {k: int(tags[k]) if tags.get(k) else None for k in ("t_train", "t_val", "t_val_loss")}
+    steps = {
+        k: int(tags[k]) if tags.get(k) else None for k in ("t_train", "t_val", "t_val_loss", "t_circuit")
+    }
     return Outcome(
         phase=tags.get("phase") or "",
         **steps,

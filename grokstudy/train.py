@@ -132,8 +132,32 @@ def evaluate(cfg: TrialConfig, state: TrainState, loss_fn: LossFn) -> EvalRecord
     val_loss, val_acc = _loss_and_accuracy(model, data.val_x, data.val_y, loss_fn)
     norm = measures.weights_norm_tensor(model)
     fourier = measures.fourier_top_k_share_tensor(model, cfg.task)
-    values = torch.stack([train_loss, train_acc, val_loss, val_acc, norm, fourier]).tolist()
-    return EvalRecord(state.step, *values, elapsed_s=state.elapsed_s)
+    gini = measures.fourier_gini_tensor(model, cfg.task)
+    values = [train_loss, train_acc, val_loss, val_acc, norm, fourier, gini, *_progress(cfg, state)]
+    return EvalRecord(state.step, *torch.stack(values).tolist(), elapsed_s=state.elapsed_s)
+
+
+def measures_due(train: TrainConfig, step: int) -> bool:
+    """Does the evaluation at `step` take the progress measures? Every `measures_every`-th
+    evaluation (counting the one at step 0) and the one at max_steps."""
+    return step in _measured_steps(train)
+
+
+@functools.cache
+def _measured_steps(train: TrainConfig) -> frozenset[int]:
+    if train.measures_every == 0:
+        return frozenset()
+    steps = eval_steps(train)
+    return frozenset(steps[:: train.measures_every]) | {train.max_steps}
+
+
+def _progress(cfg: TrialConfig, state: TrainState) -> list[torch.Tensor]:
+    """`measures.model_progress_tensor` of the lone model (three NaNs where no group or not due)."""
+    due = measures_due(cfg.train, state.step)
+    values = measures.model_progress_tensor(state.model, cfg.task, state.data, EVAL_CHUNK) if due else None
+    if values is None:
+        return [torch.tensor(float("nan"), dtype=torch.float64, device=state.device)] * 3
+    return list(values)
 
 
 def save_state(state: TrainState, path: str | Path) -> None:

@@ -7,6 +7,7 @@ as a study's trials would get them; the maps are pure functions of the cell with
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -97,12 +98,48 @@ SYNTHETIC_MAPS: dict[str, Callable[[float, float], str]] = {
 }
 
 
-def synthetic_map(name: str, n: int = 17) -> Callable[[Cell], str]:
-    """The phase of each cell of an n x n grid for the map `name` (one of SYNTHETIC_MAPS)."""
-    if name not in SYNTHETIC_MAPS:
-        raise ValueError(f"unknown synthetic map {name!r}; choose one of: {', '.join(SYNTHETIC_MAPS)}")
-    draw, scale = SYNTHETIC_MAPS[name], 16 / max(1, n - 1)
-    return lambda c: draw(c[0] * scale, c[1] * scale)
+def _islands(u: float, v: float) -> str:
+    # Discs of radius 3, 3.5 and 5 in a memorization sea, the smallest 1.5 coarse strides across
+    # (the coarse stride is 4 of these 16 units at every 2^k + 1 resolution): none may be missed.
+    if (u - 3.5) ** 2 + (v - 12) ** 2 <= 3**2:
+        return "grokking"
+    if (u - 12.5) ** 2 + (v - 11.5) ** 2 <= 3.5**2:
+        return "comprehension"
+    if (u - 9) ** 2 + (v - 3) ** 2 <= 5**2:
+        return "grokking"
+    return "memorization"
+
+
+def _band_island(u: float, v: float) -> str:
+    # The band with a confusion island of radius 3 in its memorization side.
+    return "confusion" if (u - 12) ** 2 + (v - 3.5) ** 2 <= 3**2 else _band(u, v)
+
+
+GENERIC = (0.137, 0.291)
+"""A shift that puts no boundary exactly on a point of a 2^k + 1 grid (bench/refine_synthetic.py)."""
+
+ISLAND_MAPS: dict[str, Callable[[float, float], str]] = {"islands": _islands, "band_island": _band_island}
+"""Maps whose phase regions include islands 1.5 to 2.5 coarse strides across (bench/refine_synthetic.py)."""
+
+ISLANDS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "islands": ((3.5, 12, 3), (12.5, 11.5, 3.5), (9, 3, 5)),
+    "band_island": ((12, 3.5, 3),),
+}
+"""Each island map's discs as (u, v, radius), in the maps' 16-unit coordinates."""
+
+
+def synthetic_map(name: str, n: int = 17, shift: tuple[float, float] = (0.0, 0.0)) -> Callable[[Cell], str]:
+    """The phase of each cell of an n x n grid for the map `name` (of SYNTHETIC_MAPS or ISLAND_MAPS).
+
+    The maps' boundaries lie on the 17 x 17 grid's points; `shift` (in the maps' 16 units) moves the
+    picture off them, so that a finer grid's points do not sit exactly on a boundary either (GENERIC).
+    """
+    maps = SYNTHETIC_MAPS | ISLAND_MAPS
+    if name not in maps:
+        raise ValueError(f"unknown synthetic map {name!r}; choose one of: {', '.join(maps)}")
+    draw, scale = maps[name], 16 / max(1, n - 1)
+    du, dv = shift
+    return lambda c: draw(c[0] * scale + du, c[1] * scale + dv)
 
 
 def boundary_cells(lattice: Lattice, phase_of: Callable[[Cell], str]) -> set[Cell]:
@@ -128,3 +165,39 @@ def seeds_disagree_near_boundary(
         return out
 
     return labels
+
+
+def seeds_noisy(
+    lattice: Lattice, phase_of: Callable[[Cell], str], seeds: int, flip: float, salt: int = 0
+) -> Callable[[Cell], list[str]]:
+    """Seed noise where phases meet: each seed of a boundary cell independently takes the phase of a
+    differing neighbour (the first by name) with probability `flip`, drawn from (salt, cell, seed).
+
+    With 2 seeds and flip 0.2 a third of the boundary cells split 1-1, a tie in the dense grid's vote.
+    """
+    edge = boundary_cells(lattice, phase_of)
+    rng = random.Random(salt)
+    draws = {c: [rng.random() < flip for _ in range(seeds)] for c in sorted(edge)}
+
+    def labels(c: Cell) -> list[str]:
+        own = phase_of(c)
+        if c not in draws:
+            return [own] * seeds
+        other = min(phase_of(nb) for nb in neighbours(lattice, c) if phase_of(nb) != own)
+        return [other if flipped else own for flipped in draws[c]]
+
+    return labels
+
+
+def islands_missed(
+    name: str, n: int, phase: Callable[[Cell], str | None], shift: tuple[float, float] = (0.0, 0.0)
+) -> int:
+    """Islands of the map `name` (ISLANDS) of which no cell inside holds the island's phase in `phase`."""
+    draw, scale = ISLAND_MAPS[name], 16 / max(1, n - 1)
+    missed = 0
+    for u, v, r in ISLANDS[name]:
+        inside = [
+            (i, j) for i in range(n) for j in range(n) if (i * scale - u) ** 2 + (j * scale - v) ** 2 <= r**2
+        ]
+        missed += not any(phase((i, j)) == draw(i * scale, j * scale) for i, j in inside)
+    return missed

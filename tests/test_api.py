@@ -5,6 +5,7 @@ and the example notebook executed top to bottom on it."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 
 import grokstudy
-from grokstudy import runner
+from grokstudy import measures, runner
+from grokstudy.cli import main
 from grokstudy.errors import UsageError
 
 
@@ -75,6 +77,19 @@ def test_the_python_api_runs_a_study_and_the_example_notebook_reads_it_top_to_bo
     ids = res.select(where="`data.fraction` == 0.6")
     assert len(ids) == 1 and set(res.curves_for(ids)["trial_id"]) == set(ids)
     assert res.trials.set_index("trial_id").loc[ids[0], "phase"] == "grokking"
+    # Liu et al.'s rule calls grokking only a gap of more than 1,000 steps: within 400 steps, this
+    # is comprehension. The study's own results stay, and its redraw goes beside its figures.
+    liu = res.relabel("liu2022")
+    assert liu.trials.set_index("trial_id").loc[ids[0], "phase"] == "comprehension"
+    assert res.trials.set_index("trial_id").loc[ids[0], "phase"] == "grokking"
+    assert liu.phase_diagram().get_suptitle().startswith("resume (phases by rule liu2022)")
+    capsys.readouterr()
+    assert main(["plot", str(tmp_path / "out"), "--rule", "liu2022", "--format", "png"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    changed = (liu.trials["phase"] != res.trials["phase"]).sum()
+    assert printed[0].startswith(f"rule liu2022: {changed} of 2 trials and {changed} of 2 cells changed")
+    assert "  optimizer.weight_decay=1.0, data.fraction=0.6: grokking -> comprehension" in printed
+    assert (tmp_path / "out" / "figures" / "rule-liu2022" / "phase_diagram.png").is_file()
     # Read back from MLflow alone, a trial's model comes from its run's artifact.
     from_mlflow = grokstudy.load("resume", tracking_uri=res.tracking_uri)
     uri = from_mlflow.trials.set_index("trial_id").loc[ids[0], "weights_uri"]
@@ -93,3 +108,11 @@ def test_the_python_api_runs_a_study_and_the_example_notebook_reads_it_top_to_bo
     assert namespace["chosen"] and namespace["model"].trial_id == namespace["trial_id"]
     share = namespace["share"]
     assert share.shape == (11,) and abs(float(share.sum()) - 1) < 1e-9  # p = 23: frequencies 1..11
+    # ...and took Nanda et al.'s progress measures on it and on its initialisation, where no
+    # frequency stands out (the science is tests/test_measures.py's, on a transformer).
+    progress, at_start = namespace["progress"], namespace["at_start"]
+    assert set(progress) == set(at_start) == set(measures.PROGRESS_MEASURES)
+    assert all(math.isfinite(v) and v >= 0 for v in [*progress.values(), *at_start.values()])
+    assert at_start["key_frequencies"] == 0 and progress["key_frequencies"] == int(
+        progress["key_frequencies"]
+    )

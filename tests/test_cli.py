@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import yaml
 
 from grokstudy.cli import main
+from grokstudy.config import PHASE_RULES, PhaseConfig
+from grokstudy.phases import classify_records
+from grokstudy.records import from_dicts
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "studies" / "smoke.yaml"
@@ -36,6 +40,7 @@ BAD_INPUT = [
     (["train", "--set", "nonsense"], "--set"),
     (["validate", "no/such/study.yaml"], "no/such/study.yaml"),
     (["plot", "runs/never-ran", "--format", "png"], "SOURCE"),
+    (["plot", "runs/never-ran", "--rule", "liu"], "--rule"),
 ]
 
 
@@ -118,7 +123,7 @@ def test_help_of_every_subcommand_shows_examples() -> None:
 
 @pytest.mark.integration
 def test_run_of_the_smoke_study_prints_and_tracks_its_tables_and_figures_and_bad_input_loses_nothing(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "smoke"
     result = run_cli("run", str(SMOKE), "--out", str(out), "--num-cpus", "2")
@@ -174,6 +179,28 @@ def test_run_of_the_smoke_study_prints_and_tracks_its_tables_and_figures_and_bad
         for key, row in ran_curves.items():
             assert curves[key]["val/acc"] == pytest.approx(row["val/acc"]), (kind, key)
             assert curves[key]["train/loss"] == pytest.approx(row["train/loss"]), (kind, key)
+
+    # The same curves read by Liu et al.'s rule, drawn beside the study's own figures, which stay.
+    own = {p: p.read_bytes() for p in (out / "figures").iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(["plot", str(out), "--rule", "liu2022", "--format", "png"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    liu = PhaseConfig(**PHASE_RULES["liu2022"], rule="liu2022", confirm_steps=100)  # smoke.yaml's hold
+    ran_curves_by_trial = defaultdict(list)
+    for (trial_id, _), row in sorted(ran_curves.items()):
+        ran_curves_by_trial[trial_id].append(row)
+    relabelled = {
+        t: classify_records(from_dicts(ran_curves_by_trial[t]), liu, row["max_steps"]).phase
+        for t, row in ran.items()
+    }
+    n = sum(row["phase"] != relabelled[t] for t, row in ran.items())
+    assert printed[0] == f"rule liu2022: {n} of 4 trials and {n} of 4 cells changed phase ({out})"
+    for t, row in ran.items():  # one seed a cell: a trial's change is its cell's
+        wd, fraction = row["optimizer.weight_decay"], row["data.fraction"]
+        line = f"  optimizer.weight_decay={wd}, data.fraction={fraction}: {row['phase']} -> {relabelled[t]}"
+        assert (line in printed) == (row["phase"] != relabelled[t])
+    assert (out / "figures" / "rule-liu2022" / "phase_diagram.png").is_file()
+    assert {p: p.read_bytes() for p in (out / "figures").iterdir() if p.is_file()} == own
 
     # A typo on the next run is one line and exit 2, before anything is touched.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}

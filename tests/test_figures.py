@@ -8,6 +8,7 @@ data never fits, and curves are labelled by the real `phases.classify`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -92,9 +93,11 @@ def synthetic_study(
     optimizers: tuple[str, ...] = ("adamw",),
     skip: frozenset = frozenset({(0.1, 0.4), (10.0, 0.7)}),
     points: list[tuple[float, float]] | None = None,
+    progress: bool = False,
 ) -> tuple[pa.Table, pa.Table]:
     """Trials and curves tables of a grid (or of a random sample at `points`), built as a study's
-    are: `results.build_tables` on its trial histories."""
+    are: `results.build_tables` on its trial histories; with `progress`, curves carry progress
+    measures (`with_progress`)."""
     space = [
         SearchDim("optimizer.weight_decay", values=tuple(wds)),
         SearchDim("data.fraction", values=tuple(fractions)),
@@ -122,6 +125,8 @@ def synthetic_study(
                     "train.seed": seed,
                 }
                 records, _ = synthetic_curve(wd, frac, seed, opt)
+                if progress:
+                    records = with_progress(records)
                 histories.append(
                     TrialHistory(
                         trial_id=f"{opt}-{wd:g}-{frac:g}-{seed}",
@@ -132,6 +137,23 @@ def synthetic_study(
                     )
                 )
     return build_tables(study, histories)
+
+
+def with_progress(records: list[EvalRecord]) -> list[EvalRecord]:
+    """Progress measures taken at every other eval (measures_every: 2): a restricted loss a
+    tenth of the validation loss (so the circuit is there before validation generalizes), an
+    excluded loss that peaks mid-jump, and a Gini rising with validation accuracy."""
+    nan = math.nan
+    return [
+        dataclasses.replace(
+            r,
+            restricted_loss=0.1 * r.val_loss + 1e-4 if i % 2 == 0 else nan,
+            excluded_loss=1 + 20 * r.val_acc * (1 - r.val_acc) if i % 2 == 0 else nan,
+            key_frequencies=float(round(5 * r.val_acc)) if i % 2 == 0 else nan,
+            fourier_gini=0.1 + 0.5 * r.val_acc,
+        )
+        for i, r in enumerate(records)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +200,12 @@ def is_solid(pixels: np.ndarray, colour: str | None = None) -> bool:
     return 0.2 <= share <= 1.01 and np.abs(share * target + (1 - share) - fill).max() < 0.03
 
 
+def is_hatched(pixels: np.ndarray, colour: str) -> bool:
+    """A fill of `colour` (blended with white by any share) crossed by hatching lines."""
+    values, counts = np.unique(pixels.round(3), axis=0, return_counts=True)
+    return not is_solid(pixels) and is_solid(values[counts.argmax()][None, :], colour)
+
+
 def column_headers(fig) -> list[str]:
     """The learning-curves column headers, left to right."""
     return [t.get_text() for ax in fig.axes for t in ax.texts if t.get_gid() == "column header"]
@@ -195,7 +223,73 @@ def test_the_legend_names_every_phase_the_study_has_with_its_definition(grid_stu
     assert len(present) >= 5  # the synthetic study draws all but divergence
     fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == [f"{p}: {figures.PHASE_DEFINITIONS[p]}" for p in present] + ["no finished trial"]
+    censored = "censored: memorization in < 10 decay times 1/(lr·wd); could still grok"
+    phases = [f"{p}: {figures.PHASE_DEFINITIONS[p]}" for p in present]
+    assert legend == [*phases, censored, "no finished trial"]
+
+
+def hatched_cells(fig) -> set[tuple[float, float]]:
+    """(fraction, weight decay), as the nearest tick labels read, of every cell hatched as censored."""
+    [ax] = fig.axes
+    fig.canvas.draw()
+    xs = dict(zip(ax.get_xticks(), (float(t.get_text()) for t in ax.get_xticklabels()), strict=True))
+    ys = dict(zip(ax.get_yticks(), (float(t.get_text()) for t in ax.get_yticklabels()), strict=True))
+    out = set()
+    for patch in ax.patches:
+        if patch.get_gid() == "censored":
+            assert patch.get_hatch() == figures.CENSORED_HATCH
+            cx, cy = patch.get_x() + patch.get_width() / 2, patch.get_y() + patch.get_height() / 2
+            out.add((xs[min(xs, key=lambda t: abs(t - cx))], ys[min(ys, key=lambda t: abs(t - cy))]))
+    return out
+
+
+def majority_cells(trials: pa.Table, phase: str) -> set[tuple[float, float]]:
+    """(fraction, weight decay) of every cell whose seeds' majority is `phase`."""
+    by_cell: dict[tuple[float, float], list[str]] = {}
+    for r in trials.to_pylist():
+        by_cell.setdefault((r["data.fraction"], r["optimizer.weight_decay"]), []).append(r["phase"])
+    return {cell for cell, phases in by_cell.items() if vote(phases).phase == phase}
+
+
+def test_memorization_within_a_short_budget_is_hatched_as_censored_and_the_legend_says_so(grid_study) -> None:
+    trials, _ = grid_study
+    # 20k steps at lr 1e-3: 0.02 decay times at wd 0.001, 2 at wd 0.1, 200 at wd 10.
+    wds, budget = trials["optimizer.weight_decay"].to_pylist(), trials["budget_decay_times"].to_pylist()
+    budgets = dict(zip(wds, budget, strict=True))
+    assert budgets[0.001] == pytest.approx(0.02) and budgets[0.1] == pytest.approx(2) and budgets[10.0] == 200
+    memorized, confused = majority_cells(trials, "memorization"), majority_cells(trials, "confusion")
+    assert (0.1, 0.001) in memorized and (0.1, 10.0) in confused
+    fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
+    assert hatched_cells(fig) == memorized  # confusion at wd >= 2.15 had 43 and 200 decay times: not hatched
+
+    # The same curves with a budget of 20 decay times everywhere: nothing is short, nothing hatched.
+    long = trials.set_column(
+        trials.schema.get_field_index("budget_decay_times"), "budget_decay_times",
+        pa.array([20.0] * trials.num_rows),
+    )  # fmt: skip
+    fig = figures.phase_diagram(long, "data.fraction", "optimizer.weight_decay")
+    assert hatched_cells(fig) == set() and not any("censored" in t for t in legend_texts(fig))
+
+    # Weight decay 0 (a null budget_decay_times): an infinite time constant, so every censored
+    # verdict is short, confusion too, and the legend names both.
+    no_decay = trials.set_column(
+        trials.schema.get_field_index("budget_decay_times"), "budget_decay_times",
+        pa.nulls(trials.num_rows, pa.float64()),
+    )  # fmt: skip
+    fig = figures.phase_diagram(no_decay, "data.fraction", "optimizer.weight_decay")
+    assert hatched_cells(fig) == memorized | confused
+    assert (
+        "censored: memorization or confusion in < 10 decay times 1/(lr·wd); could still grok"
+        in legend_texts(fig)
+    )
+
+
+def test_a_table_from_before_censoring_was_recorded_is_drawn_without_hatching(grid_study, tmp_path) -> None:
+    trials, curves = grid_study
+    old = trials.drop_columns(["censored", "budget_decay_times", "val_acc_at_fit"])
+    fig = figures.phase_diagram(old, "data.fraction", "optimizer.weight_decay")
+    assert hatched_cells(fig) == set() and not any("censored" in t for t in legend_texts(fig))
+    assert figures.render_study(old, curves, tmp_path, formats=("png",))
 
 
 def test_render_study_writes_every_figure_in_every_format(grid_study, tmp_path: Path, artifacts_dir) -> None:
@@ -219,6 +313,8 @@ def test_phase_diagram_shows_disagreement_missing_cells_and_log_axes(grid_study)
     trials, _ = grid_study
     fig = figures.phase_diagram(trials, "data.fraction", "optimizer.weight_decay")
     ax = fig.axes[0]
+    hatched = hatched_cells(fig)
+    assert hatched
     skipped = {(FRACTIONS.index(f), WDS.index(w)) for w, f in ((0.1, 0.4), (10.0, 0.7))}
     rows = trials.to_pylist()
     for i, fraction in enumerate(FRACTIONS):
@@ -234,7 +330,9 @@ def test_phase_diagram_shows_disagreement_missing_cells_and_log_axes(grid_study)
                     if (r["data.fraction"], r["optimizer.weight_decay"]) == (fraction, wd)
                 ]
             )
-            if v.phase != TIE:  # (a tie is striped: one stripe per tied phase)
+            if (fraction, wd) in hatched:  # memorization within a short budget
+                assert is_hatched(pixels, figures.PHASE_COLORS[v.phase]), (i, j, v.phase)
+            elif v.phase != TIE:  # (a tie is striped: one stripe per tied phase)
                 assert is_solid(pixels, figures.PHASE_COLORS[v.phase]), (i, j, v.phase)
     assert any(t in ("1/3", "2/3") for t in texts(fig))  # seeds disagree somewhere
     assert tick_labels(ax, "y") == ["0.001", "0.00464", "0.0215", "0.1", "0.464", "2.15", "10"]  # each cell
@@ -416,10 +514,17 @@ def test_failed_trials_are_left_out_and_their_cells_show_as_missing() -> None:
     fig = figures.phase_diagram(failed, "data.fraction", "optimizer.weight_decay")
     xs, ys = FRACTIONS[:3], WDS[:3]
     failed_cell = (xs.index(rows[0]["data.fraction"]), ys.index(rows[0]["optimizer.weight_decay"]))
+    phase = {(r["data.fraction"], r["optimizer.weight_decay"]): r["phase"] for r in rows}
+    hatched = hatched_cells(fig)  # memorization within a short budget
     for i in range(3):
         for j in range(3):
             pixels = cell_pixels(fig.axes[0], i, j, 3, 3)
-            assert is_missing(pixels) if (i, j) == failed_cell else is_solid(pixels), (i, j)
+            if (i, j) == failed_cell:
+                assert is_missing(pixels), (i, j)
+            elif (xs[i], ys[j]) in hatched:
+                assert is_hatched(pixels, figures.PHASE_COLORS[phase[(xs[i], ys[j])]]), (i, j)
+            else:
+                assert is_solid(pixels), (i, j)
 
 
 def test_a_categorical_axis_is_labelled_by_its_values() -> None:
@@ -673,3 +778,42 @@ def test_cli_plot_of_two_studies_draws_their_comparison(tmp_path: Path, capsys) 
     with pytest.raises(SystemExit):
         main(["plot", str(a), str(b), "--where", "phase == 'grokking'"])
     assert "--where: draws one study" in capsys.readouterr().err
+
+
+def test_progress_measures_get_their_panels_marks_and_the_circuit_heatmap(tmp_path: Path) -> None:
+    trials, curves = synthetic_study(
+        seeds=2, wds=WDS[:3], fractions=FRACTIONS[:3], skip=frozenset(), progress=True
+    )
+    rows = [r for r in trials.to_pylist() if r["t_val"] is not None]
+    assert rows and all(r["t_circuit"] is not None and r["t_circuit"] < r["t_val"] for r in rows)
+    fig = figures.learning_curves(trials, curves)
+    headers = column_headers(fig)
+    assert headers[-2:] == ["restricted / excluded loss (log)", "Fourier Gini (embedding)"]
+    assert "Fourier share (top-k frequencies)" not in headers  # the Gini replaces it
+    row = next(r for r in trials.to_pylist() if r["phase"] == "grokking")
+    [tid] = figures.select_trials(trials, where=f'trial_id == "{row["trial_id"]}"')
+    fig = figures.learning_curves(trials, curves, trial_ids=[tid])
+    panel = fig.axes[headers.index("restricted / excluded loss (log)")]
+    drawn = [ln for ln in panel.lines if len(set(ln.get_xdata())) > 1]
+    measured = [
+        c
+        for c in curves.to_pylist()
+        if c["trial_id"] == tid and c["progress/restricted_loss"] is not None  # NaN is null in Parquet
+    ]
+    # The measures are drawn through the evals that took them, not broken by the NaNs between.
+    assert sorted(len(ln.get_xdata()) for ln in drawn)[:2] == [len(measured)] * 2
+    marks = sorted(ln.get_xdata()[0] for ln in panel.lines if len(set(ln.get_xdata())) == 1)
+    assert marks == sorted([row["t_train"], row["t_val"], row["t_circuit"]])
+    fig = figures.delay_heatmap(trials, "data.fraction", "optimizer.weight_decay", value="circuit_lead")
+    assert "t_val − t_circuit" in fig.axes[-1].get_ylabel()
+    paths = {p.name for p in figures.render_study(trials, curves, tmp_path, formats=("png",))}
+    assert "circuit_heatmap.png" in paths
+    without = {
+        p.name
+        for p in figures.render_study(
+            *synthetic_study(seeds=1, wds=WDS[:2], fractions=FRACTIONS[:2], skip=frozenset()),
+            tmp_path / "plain",
+            formats=("png",),
+        )
+    }
+    assert "circuit_heatmap.png" not in without

@@ -25,6 +25,8 @@ NO_EXTERNALS = [  # the core, and the modules above it that need none of ray, op
     "grokstudy.phases",
     "grokstudy.refine",
     "grokstudy.results",
+    "grokstudy.relabel",
+    "grokstudy.stats",
     "grokstudy.figures",
     "grokstudy.study",
     "grokstudy.storage",

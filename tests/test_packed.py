@@ -42,7 +42,8 @@ from grokstudy.tasks import build_dataset
 
 replace = dataclasses.replace
 RTOL, ATOL = 1e-4, 1e-5
-METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "weights_norm", "fourier_top_k_share")
+METRICS = tuple(f.name for f in dataclasses.fields(EvalRecord) if f.name not in ("step", "elapsed_s"))
+"""Every measure a record carries: the progress measures too, each member on its own stacked weights."""
 PHASES = PhaseConfig(min_delay=50, confirm_steps=50)
 
 MLP = ModelConfig(kind="mlp", embed_dim=16, width=64)

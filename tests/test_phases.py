@@ -12,6 +12,7 @@ from grokstudy.config import PhaseConfig
 from grokstudy.phases import (
     PHASE_DEFINITIONS,
     PHASES,
+    circuit_time,
     classify,
     classify_records,
     generalization_confirmed,
@@ -282,3 +283,50 @@ def test_a_trial_that_spends_its_budget_without_generalizing_is_censored() -> No
     records = [EvalRecord(s, 0.1 if s < 5000 else math.inf, 1.0, 4.0, 0.01, 10.0) for s in STEPS]
     diverged = classify_records(records, CFG, BUDGET)
     assert diverged.phase == "diverged" and not diverged.censored
+
+
+def test_plateau_max_makes_grokking_need_validation_near_chance_at_the_fit() -> None:
+    half_way = [0.99 if s >= 6000 else 0.5 if s >= 200 else 0.02 for s in STEPS]  # at 0.5 as it fits
+    plateau = ramp(6000, low=0.02)
+    near_chance = dataclasses.replace(CFG, plateau_max=0.1)
+    assert classify(STEPS, ramp(300), half_way, CFG, BUDGET).phase == "grokking"  # off by default
+    risen = classify(STEPS, ramp(300), half_way, near_chance, BUDGET)
+    assert (risen.phase, risen.t_train, risen.t_val) == ("comprehension", 300, 6000)
+    assert risen.val_acc_at_fit == pytest.approx(0.5)
+    assert classify(STEPS, ramp(300), plateau, near_chance, BUDGET).phase == "grokking"
+    # The bound is inclusive, and the other phases do not depend on it.
+    assert classify(STEPS, ramp(300), half_way, dataclasses.replace(CFG, plateau_max=0.5), BUDGET).phase == (
+        "grokking"
+    )
+    assert classify(STEPS, ramp(300), ramp(None, low=0.5), near_chance, BUDGET).phase == "memorization"
+    assert classify(STEPS, ramp(300), ramp(500), near_chance, BUDGET).phase == "comprehension"
+    assert "val/acc at t_train <= 0.1" in rules(near_chance)["grokking"]
+    assert "t_train <=" not in rules(CFG)["grokking"]
+
+
+def restricted_curve(losses: dict[int, float]) -> list[EvalRecord]:
+    """A fitted, not yet generalized curve whose progress measures were taken at `losses`' steps
+    (every other eval: NaN at the rest, as with measures_every: 2)."""
+    return [
+        EvalRecord(s, 0.01, 1.0, 4.0, 0.1, 10.0, restricted_loss=losses.get(s, math.nan))
+        for s in range(0, 3001, 50)
+    ]
+
+
+def test_t_circuit_is_where_the_restricted_loss_holds_below_the_loss_threshold() -> None:
+    cfg = PhaseConfig(confirm_steps=300)  # loss_threshold 1e-2
+    falling = {s: 10.0 ** (0.5 - (s - 400) / 200) if s > 400 else 4.0 for s in range(0, 3001, 100)}
+    # log10 loss falls 0.5 per 100 steps from 400: 10^-1.5 at 800, 10^-2 at 900 exactly.
+    assert circuit_time(restricted_curve(falling), cfg) == 900
+    assert classify_records(restricted_curve(falling), cfg, 3000).t_circuit == 900
+    # Between eval points the crossing is interpolated in log-loss: 1e-2 a third of the way.
+    coarse = {0: 1.0, 300: 10.0**-1.0, 600: 10.0**-4.0, 900: 10.0**-4.0}
+    assert circuit_time(restricted_curve(coarse), cfg) == 400
+    # A brief rise above 10x the threshold (shorter than confirm_steps) is forgiven; a long one is not.
+    brief = falling | {1200: 0.5}
+    assert circuit_time(restricted_curve(brief), cfg) == 900
+    long_rise = falling | {1200: 0.5, 1300: 0.5, 1400: 0.5, 1500: 0.5}
+    # ...counted again from the fall after it: log10 -0.3 at 1500 to -5.5 at 1600 crosses -2 at 1533.
+    assert circuit_time(restricted_curve(long_rise), cfg) == 1533
+    assert circuit_time(restricted_curve({0: 4.0, 1000: 1.0}), cfg) is None  # never there
+    assert circuit_time(restricted_curve({}), cfg) is None  # no measures taken

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from refine_sim import (
+    GENERIC,
     SYNTHETIC_MAPS,
     boundary_cells,
     seeds_agree,
     seeds_disagree_near_boundary,
+    seeds_noisy,
     simulate,
     synthetic_map,
 )
@@ -18,6 +20,7 @@ from grokstudy.refine import (
     Lattice,
     coarse_cells,
     coarse_stride,
+    finest_stride,
     infer,
     is_resolved,
     next_cells,
@@ -66,6 +69,69 @@ def test_coarse_cells_are_a_stride_4_grid_on_17x17_with_corners_first_and_any_pr
     assert len(coarse_cells(Lattice((9, 9), (True, True)))) == 25  # stride 2
     ten = coarse_cells(Lattice((3, 10), (True, True)))  # stride 2 on 10 points, the last index kept
     assert {c[1] for c in ten} == {0, 2, 4, 6, 8, 9}
+
+
+def test_the_finest_trained_stride_doubles_with_the_resolution_beyond_33_points():
+    assert [finest_stride(n) for n in (2, 9, 17, 33, 65, 129)] == [1, 1, 1, 1, 2, 4]
+
+
+def test_at_33x33_the_hierarchy_trains_an_eighth_of_the_cells_for_the_whole_diagram():
+    # Stride 8, 4, 2, 1 where labels differ: 123 of 1089 cells for a disc, every cell right.
+    lattice = Lattice((33, 33), (True, True))
+    truth = seeds_agree(synthetic_map("disc", 33, GENERIC), seeds=2)
+    sim = simulate(lattice, truth, seeds=2, batch=8)
+    assert is_resolved(lattice, sim.observed, (), seeds=2)
+    assert agreement(lattice, truth, sim.observed) == 1.0
+    assert sim.trained <= 0.12 * lattice.size
+
+
+@pytest.mark.parametrize("flip", [0.0, 0.1])
+def test_at_65x65_only_the_stride_2_grid_is_trained_and_the_rest_fitted_from_it(flip):
+    lattice = Lattice((65, 65), (True, True))
+    phase_of = synthetic_map("disc", 65, GENERIC)
+    truth = seeds_noisy(lattice, phase_of, seeds=2, flip=flip)
+    sim = simulate(lattice, truth, seeds=2, batch=8)
+    assert all(i % 2 == 0 and j % 2 == 0 for i, j in sim.observed)  # nothing below stride 2
+    assert is_resolved(lattice, sim.observed, (), seeds=2)
+    assert sim.trained <= 0.035 * lattice.size  # 122 (141 with noise) of 4225
+    assert agreement(lattice, truth, sim.observed) >= 0.98
+    # Untrained cells between two trained phases are fitted, never left unknown.
+    assert all(p is not None for p in infer(lattice, sim.observed).phase.flat)
+
+
+@pytest.mark.parametrize("n", [33, 65])
+@pytest.mark.parametrize("center", [(0.4, 0.3), (0.55, 0.7), (0.2, 0.8)])
+def test_an_island_one_and_a_half_coarse_strides_across_is_found_at_high_resolution(n, center):
+    # radius 0.75 S > S/sqrt(2): a coarse cell lies inside, and refinement keeps the island
+    radius, (u, v) = 0.75 * coarse_stride(n), (center[0] * (n - 1), center[1] * (n - 1))
+
+    def phase(c):
+        return "grokking" if (c[0] - u) ** 2 + (c[1] - v) ** 2 <= radius**2 else "memorization"
+
+    lattice = Lattice((n, n), (True, True))
+    truth = seeds_agree(phase, seeds=2)
+    sim = simulate(lattice, truth, seeds=2, batch=8)
+    inferred = infer(lattice, sim.observed).phase
+    assert any(inferred[c] == "grokking" for c in lattice.cells() if phase(c) == "grokking")
+    assert agreement(lattice, truth, sim.observed) >= 0.97
+
+
+def test_high_resolution_refinement_is_a_function_of_the_finished_labels_alone():
+    # What the ledger relies on to resume: the same labels, in any order, give the same proposals.
+    lattice = Lattice((65, 65), (True, True))
+    truth = seeds_noisy(lattice, synthetic_map("band", 65, GENERIC), seeds=2, flip=0.1)
+    full = simulate(lattice, truth, seeds=2, batch=8).observed
+    order = list(full)
+    observed = {c: full[c] for c in order[:80]}
+    running = order[80:90]
+    shuffled = dict(reversed(observed.items()))
+    for speculate in (False, True):
+        first = next_cells(lattice, observed, running, seeds=2, limit=16, speculate=speculate)
+        assert first == next_cells(lattice, shuffled, list(reversed(running)), 2, 16, speculate=speculate)
+        assert all(i % 2 == 0 and j % 2 == 0 for i, j in first)
+    assert seeds_to_add(lattice, observed, running, 2) == seeds_to_add(lattice, shuffled, running[::-1], 2)
+    a, b = infer(lattice, full), infer(lattice, dict(reversed(full.items())))
+    assert (a.phase == b.phase).all() and np.array_equal(a.confidence, b.confidence)
 
 
 @pytest.mark.parametrize("speculate", [False, True])

@@ -64,9 +64,12 @@ def curve(phase: str, seed: int) -> tuple[EvalRecord, ...]:
             val_loss=-math.log(max(b, 1e-4)),
             val_acc=b,
             weights_norm=30.0,
+            # progress measures at every other eval (measures_every: 2); NaN between
+            restricted_loss=0.1 * -math.log(max(b, 1e-4)) + 1e-4 if k % 2 == 0 else math.nan,
+            excluded_loss=1.0 + 4 * b * (1 - b) if k % 2 == 0 else math.nan,
             elapsed_s=s * 1e-3,
         )
-        for s, a, b in zip(STEPS, train, val, strict=True)
+        for k, (s, a, b) in enumerate(zip(STEPS, train, val, strict=True))
     )
 
 
@@ -338,13 +341,20 @@ def test_hovering_a_cell_names_its_seeds_and_clicking_it_draws_their_curves(
         assert tip.count("grokking") == 3 and tip.count("comprehension") == 1  # the verdict, then each seed
 
         page.click(box["x"], box["y"])
-        drawn = page.wait_for(f"(() => {{ const p = {CURVE_PATHS}; return p.length >= 12 && p; }})()")
+        drawn = page.wait_for(f"(() => {{ const p = {CURVE_PATHS}; return p.length >= 18 && p; }})()")
         data = page.evaluate(
             "JSON.parse(document.getElementById('report-data').textContent).trials.map(t => t.id)"
         )
+        keys = (*report.CURVE_COLUMNS, *report.PROGRESS_COLUMNS)
         assert {(data[int(i)], key) for i, key in drawn} == {
-            (r["trial_id"], key) for r in seeds for key in report.CURVE_COLUMNS
+            (r["trial_id"], key) for r in seeds for key in keys
         }
+        # A progress measure missing between the evals that took it does not break its line.
+        moves = page.evaluate(
+            "[...document.querySelectorAll('#curves path.curve')].filter(p => p.dataset.key.startsWith('progress/'))"
+            ".map(p => p.getAttribute('d').split('M').length - 1)"
+        )
+        assert moves and set(moves) == {1}
         assert sorted(page.evaluate(LINKS)) == sorted(
             f"{TRACKING_URI}/#/runs/{r['run_id']}" for r in seeds if r["run_id"]
         )

@@ -315,6 +315,35 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(
 
 
 @pytest.mark.integration
+def test_an_auto_budget_gives_each_trial_its_decay_time_steps_in_one_pack(
+    tmp_path: Path, embedded_ray: None
+) -> None:
+    import pyarrow.parquet as pq
+
+    spec = dict(TINY, name="tiny-auto", resources={"cpu": 1, "pack": 3}, run={"save_weights": "none"})
+    spec["train"] = {
+        "max_steps": {"auto": {"per_decay_time": 0.45, "min": 100, "max": 300}},
+        "eval_every": 50,
+    }
+    spec["search"] = {"sampler": "grid", "space": {"optimizer.weight_decay": {"values": [0.0, 1.0, 10.0]}}}
+    study = parse_study(spec)
+    outcome = runner.run_study(study, out_dir=tmp_path / "out", num_cpus=2)
+    assert outcome.failed == [] and problems(outcome.out_dir, study) == []
+    rows = {r["optimizer.weight_decay"]: r for r in pq.read_table(outcome.trials_path).to_pylist()}
+
+    def formula(lr: float, wd: float) -> int:
+        return 300 if wd == 0 else min(max(math.ceil(0.45 / (lr * wd) / 50) * 50, 100), 300)
+
+    # 0.45 / (0.003 * 1) = 150 steps; 0.45 / (0.003 * 10) = 15, rounded up to 50, raised to min 100.
+    assert {wd: r["max_steps"] for wd, r in rows.items()} == {0.0: 300, 1.0: 150, 10.0: 100}
+    for wd, row in rows.items():
+        assert row["max_steps"] == formula(row["optimizer.lr"], wd)
+        assert row["steps"] == row["max_steps"] or row["stop_reason"] == "generalized", row
+        assert row["steps"] <= row["max_steps"]
+    assert rows[1.0]["budget_decay_times"] == pytest.approx(0.45)
+
+
+@pytest.mark.integration
 def test_a_packed_study_gives_the_unpacked_studys_tables_runs_phases_and_final_weights(
     tmp_path: Path, tiny_study
 ) -> None:

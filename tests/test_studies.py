@@ -161,6 +161,20 @@ def test_every_shipped_study_names_the_schema_and_passes_it(path: Path) -> None:
     jsonschema.validate(yaml.safe_load(path.read_text()), schema, cls=jsonschema.Draft202012Validator)
 
 
+def test_the_schema_takes_max_steps_as_a_number_or_an_auto_budget() -> None:
+    import json
+
+    import jsonschema
+    import yaml
+
+    text = (REPO / "studies" / "quickstart.yaml").read_text()
+    auto = yaml.safe_load(
+        text.replace("max_steps: 3000", "max_steps: {auto: {per_decay_time: 10, min: 1000, max: 20000}}")
+    )
+    schema = json.loads((REPO / "studies" / "study.schema.json").read_text())
+    jsonschema.validate(auto, schema, cls=jsonschema.Draft202012Validator)
+
+
 @pytest.mark.parametrize(
     ("swap", "where"),
     [
@@ -169,6 +183,8 @@ def test_every_shipped_study_names_the_schema_and_passes_it(path: Path) -> None:
         (("name: adamw", "name: adamx"), "adamx"),  # not a choice
         (("data.fraction: {values", "data.fractoin: {values"), "data.fractoin"),  # no such axis
         (("{values: [0.3, 0.45, 0.6, 0.8]}", "{values: [0.3], log: [0.1, 1]}"), "values"),  # two forms
+        (("max_steps: 3000", "max_steps: {auto: {per_decay_time: 10, min: 1000}}"), "auto.max"),  # no max
+        (("max_steps: 3000", "max_steps: {auto: {per_decay_time: 10, min: 1, max: 9, mx: 9}}"), "auto.mx"),
     ],
 )
 def test_the_schema_refuses_what_the_validator_refuses(swap: tuple[str, str], where: str) -> None:

@@ -577,6 +577,12 @@ GROWTH = {
     ),
     "another sampler": (_study(), _study("sobol", num_samples=4), ("search.sampler", "finished trials mean")),
     "a trial setting": (_study(), _study(seeds=3, lr=1e-2), ("optimizer.lr", "0.001 -> 0.01 since")),
+    # Like every phase key: a boundary study chose where to train by the labels it saw.
+    "a phase rule setting": (
+        _study(),
+        parse_study(study_to_dict(_study()) | {"phases": {"plateau_max": 0.1}}),
+        ("phases.plateau_max", "null -> 0.1 since"),
+    ),
 }
 
 
@@ -590,3 +596,142 @@ def test_a_study_may_grow_but_not_change_what_its_finished_trials_mean(
         return
     key, fragment = refusal
     assert growth.refused[0][0] == key and fragment in growth.refused[0][1], growth.refused
+
+
+# ---- train.max_steps: {auto: ...} ------------------------------------------------------------------
+
+AUTO = "max_steps: {auto: {per_decay_time: 1, min: 100, max: 20000}}"
+AUTO_STUDY = STUDY.replace("max_steps: 300", AUTO)
+
+
+@pytest.mark.parametrize(
+    ("lr", "wd", "steps"),
+    [
+        (1e-3, 1e-3, 20000),  # 1 / (lr * wd) = 1e6 steps: clipped to max
+        (1e-3, 0.1, 10000),  # exactly 10000 (in floats 10000.000000000002): no evaluation more
+        (3e-3, 1.0, 350),  # 333.3 rounded up to eval_every 50
+        (1e-3, 10.0, 100),  # exactly min
+        (1e-2, 10.0, 100),  # 10 steps: raised to min
+        (1e-3, 0.0, 20000),  # no decay: max
+    ],
+)
+def test_an_auto_budget_is_its_points_decay_times_rounded_up_and_clipped(
+    tmp_path: Path, lr: float, wd: float, steps: int
+) -> None:
+    s = load_study(write(tmp_path, AUTO_STUDY))
+    assert s.base.train.max_steps == 20000  # the base trial holds max: every upper-end check reads it
+    point = {"optimizer.lr": lr, "optimizer.weight_decay": wd, "data.fraction": 0.5}
+    assert s.trial(point).train.max_steps == steps
+
+
+def test_an_auto_budget_round_trips_and_a_changed_rule_changes_what_trials_mean(tmp_path: Path) -> None:
+    s = load_study(write(tmp_path, AUTO_STUDY))
+    auto = s.auto_max_steps
+    assert auto is not None and (auto.per_decay_time, auto.min, auto.max) == (1.0, 100, 20000)
+    resolved = study_to_dict(s)
+    assert resolved["train"]["max_steps"] == {"auto": {"per_decay_time": 1.0, "min": 100, "max": 20000}}
+    assert load_study(write(tmp_path, yaml.safe_dump(resolved, sort_keys=False))) == s
+    longer = load_study(write(tmp_path, AUTO_STUDY), ["train.max_steps.auto.per_decay_time=10"])
+    assert longer.auto_max_steps.per_decay_time == 10.0
+    [(key, why)] = study_mod.compare(s, longer).refused
+    assert key == "train.max_steps" and why.endswith(study_mod.CHANGES_MEANING)
+    fixed = load_study(write(tmp_path, AUTO_STUDY), ["train.max_steps=300"])  # a number turns auto off
+    assert fixed.auto_max_steps is None
+    assert fixed.trial({"optimizer.weight_decay": 10.0}).train.max_steps == 300
+
+
+def test_describe_lists_each_points_auto_budget_and_the_model_steps(tmp_path: Path) -> None:
+    text = describe(load_study(write(tmp_path, AUTO_STUDY)))
+    assert "  lr 0.001, weight_decay 0.001: 20000 steps\n  lr 0.001, weight_decay 0.1: 10000 steps\n" in text
+    assert "  lr 0.001, weight_decay 10: 100 steps" in text
+    # 4 fractions x 2 seeds per weight decay: (20000 + 10000 + 100) * 8 of 20000 * 24.
+    assert "240,800 model-steps over 24 trials (50% of max_steps 20000 for all)" in text
+    assert text.endswith("12 points x 2 seeds = 24 trials")
+
+
+def test_a_single_trial_from_an_auto_study_gets_its_budget(tmp_path: Path) -> None:
+    path = write(tmp_path, AUTO_STUDY)
+    assert trial_from_overrides(["optimizer.weight_decay=0.1"], path).train.max_steps == 10000
+    given = trial_from_overrides(["optimizer.weight_decay=0.1", "train.max_steps=700"], path)
+    assert given.train.max_steps == 700
+
+
+# (replace AUTO in AUTO_STUDY with this, or --set these) → (the dotted path that leads the line, a fragment)
+AUTO_REFUSALS = {
+    "auto without its parameters": (("max_steps: auto",), "train.max_steps", "auto takes its parameters"),
+    "a mapping without auto": (("max_steps: {}",), "train.max_steps", "expected an integer or {auto:"),
+    "a typo of auto": (("max_steps: {atuo: {}}",), "train.max_steps.atuo", "did you mean 'auto'?"),
+    "auto not a mapping": (("max_steps: {auto: 10}",), "train.max_steps.auto", "expected a mapping"),
+    "a typo inside auto": (
+        ("max_steps: {auto: {per_decay_time: 1, mn: 100, min: 100, max: 200}}",),
+        "train.max_steps.auto.mn",
+        "did you mean 'min'?",
+    ),
+    "K of 0": (
+        ("max_steps: {auto: {per_decay_time: 0, min: 100, max: 200}}",),
+        "train.max_steps.auto.per_decay_time",
+        "(got 0); allowed: 0 < per_decay_time",
+    ),
+    "K not a number": (
+        ("max_steps: {auto: {per_decay_time: ten, min: 100, max: 200}}",),
+        "train.max_steps.auto.per_decay_time",
+        "expected a number (got 'ten')",
+    ),
+    "min of 0": (
+        ("max_steps: {auto: {per_decay_time: 1, min: 0, max: 200}}",),
+        "train.max_steps.auto.min",
+        "(got 0); allowed: an integer, 1 <= min <= 1e9",
+    ),
+    "max not an integer": (
+        ("max_steps: {auto: {per_decay_time: 1, min: 100, max: 250.5}}",),
+        "train.max_steps.auto.max",
+        "expected an integer (got 250.5)",
+    ),
+    "max beyond any budget": (
+        ("max_steps: {auto: {per_decay_time: 1, min: 100, max: 1e12}}",),
+        "train.max_steps.auto.max",
+        "1 <= max <= 1e9",
+    ),
+    "max missing": (
+        ("max_steps: {auto: {per_decay_time: 1, min: 100}}",),
+        "train.max_steps.auto.max",
+        "missing; e.g. max_steps: {auto:",
+    ),
+    "min above max": (
+        ("max_steps: {auto: {per_decay_time: 1, min: 500, max: 200}}",),
+        "train.max_steps.auto.min",
+        "above max (got min 500, max 200); allowed: 1 <= min <= max",
+    ),
+    "max with too many evaluations": (
+        (
+            "max_steps: {auto: {per_decay_time: 1, min: 100, max: 200000000}}",
+            *("--set", "train.eval_every=1", "--set", "train.checkpoint_every=1"),
+        ),
+        "train.eval_every",
+        "200000000 steps evaluated every 1",
+    ),
+    "auto and a searched max_steps": (
+        (AUTO, "--set", "search.space.train.max_steps={values: [100, 200]}"),
+        "search.space.train.max_steps",
+        "searched while train.max_steps is auto",
+    ),
+    "one auto key set where max_steps is a number": (
+        ("max_steps: 300", "--set", "train.max_steps.auto.min=5"),
+        "--set train.max_steps.auto.min",
+        "train.max_steps is not auto (got 300)",
+    ),
+}
+
+
+@pytest.mark.parametrize(("change", "path", "fragment"), AUTO_REFUSALS.values(), ids=AUTO_REFUSALS.keys())
+def test_grokstudy_validate_refuses_each_bad_auto_budget_in_one_line_exit_2(
+    tmp_path: Path, change: tuple[str, ...], path: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grokstudy.cli import main
+
+    text = AUTO_STUDY.replace(AUTO, change[0])
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(write(tmp_path, text)), *change[1:]])
+    assert exc.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"grokstudy validate: error: {path}: ") and fragment in line, line

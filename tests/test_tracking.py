@@ -54,6 +54,10 @@ def synthetic_record(step: int, wd: float = 1.0) -> EvalRecord:
         val_acc=min(1.0, max(0.0, (step - 500) / 300)),
         weights_norm=10.0 + step / 1000,
         fourier_top_k_share=0.1 + step / 2000,
+        fourier_gini=0.05 + step / 3000,
+        restricted_loss=4.0 / (1 + step),
+        excluded_loss=1.0 + step / 1000,
+        key_frequencies=float(min(5, step // 200)),
         elapsed_s=step / 1000,
     )
 
