@@ -23,13 +23,17 @@ cell between two different measured phases is always measured. A region narrower
 stride can be missed; tests/test_refine.py shows discs of radius 3 (> S/√2 on 17 × 17) are all found,
 and bench/refine_synthetic.py gives the cost.
 
-Resolution. Beyond 33 points an axis the finest trained stride is `finest_stride` (2 on 65, 4 on 129):
-the cells trained grow with a boundary's length in units of the axis while the grid's area grows with
-the resolution squared. A cell off that grid is never trained: between two agreeing cells it takes
-their phase (the line rule); between differing ones, the side of a local least-squares plane through
-the trained grid around it (`_local_fit`), coarser cells first so that finer ones can lean on them.
-On bench/refine_synthetic.py's maps, 65 × 65 costs 0.03-0.07 of the cells at 0.96-0.99 agreement;
-stride 1 at 33 × 33 costs 0.11-0.26 at 0.98-1.00, stride 2 there 0.06-0.12 at 0.92-0.97.
+Resolution. Beyond 64 points an axis the hierarchy stops at `finest_stride` (4 on 65, 8 on 129): the
+cells it trains grow with a boundary's length in units of the axis, not with the resolution squared.
+A cell off that grid between two agreeing cells takes their phase (the line rule); between differing
+ones, the side of a straight boundary fitted through the trained cells around it (`_local_fit`, a
+vote over lines weighted by how well each separates them), coarser cells first so that finer ones can
+lean on them. Where that fit is less sure than `PROBE_BELOW` (0.65) the cell is trained (a probe), and
+each probe sharpens the fit of the cells beside it: a boundary along the grid's rows or diagonals,
+where every in-between cell is a coin flip, costs a probe every few cells along it, not every cell.
+On bench/refine_synthetic.py's maps, 65 × 65 costs 0.033-0.066 of the cells at 0.981-1.000 agreement
+(stride 2 with a least-squares plane and no probes: 0.029-0.069 at 0.961-0.988). 33 × 33 keeps stride
+1 (0.11-0.26 at 0.98-1.00): stride 2 with probes there was worst 0.96 at up to 0.17 of the cells.
 
 Seeds where phases meet. A new cell is trained with its first seed only; its other seeds run once
 the cell meets another phase: when its seeds so far disagree, or when a stride-1 neighbour is measured
@@ -74,8 +78,10 @@ Cell = tuple[int, ...]
 
 COARSE_INTERVALS = 4  # the coarse grid keeps at least this many intervals per ordered axis
 SPECULATE_MIN_CHANCE = 0.5  # a speculative cell must be more likely needed than not
-FINE_PER_COARSE = 8  # levels trained below the coarse grid: strides S/2 ... S/4, at least stride 1
+FINE_PER_COARSE = 4  # beyond 64 points an axis the grid is trained down to stride S/4 (4 on 65 points)
 
+PROBE_BELOW = 0.65  # an untrained cell whose local fit is less sure than this is trained (a probe)
+FIT_SOFTNESS = 4.0  # the local fit's log-odds penalty for each trained cell on the wrong side of a line
 _CONFLICT = "<conflict>"  # internal estimate: unmeasured, between different phases: measure it
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -120,15 +126,15 @@ def neighbours(lattice: Lattice, cell: Cell) -> tuple[Cell, ...]:
 
 
 def finest_stride(n: int) -> int:
-    """The finest spacing at which cells are trained on an ordered axis of n points: 1 up to 64 points,
-    then doubling with the resolution (2 on 65, 4 on 129), so the cells trained grow with a boundary's
-    length in units of the axis, not with the resolution.
+    """The finest spacing of the hierarchy on an ordered axis of n points: 1 up to 64 points, then a
+    quarter of the coarse stride (4 on 65, 8 on 129), so that the cells it trains grow with a
+    boundary's length in units of the axis, not with the resolution.
 
-    A cell off the finest trained grid is never trained: between two agreeing cells it is their phase
-    (the line rule), between differing ones the side of a local least-squares fit through the trained
-    grid around it (`_local_fit`).
+    A cell off that grid is trained only as a probe: between two agreeing cells it is their phase (the
+    line rule), between differing ones the side of a boundary fitted through the trained cells around
+    it (`_local_fit`), and it is trained when that fit is less sure than `PROBE_BELOW`.
     """
-    return max(1, coarse_stride(n) // FINE_PER_COARSE)
+    return 1 if n <= 64 else coarse_stride(n) // FINE_PER_COARSE
 
 
 def coarse_stride(n: int) -> int:
@@ -153,7 +159,7 @@ class _Plan:
     level: dict[Cell, int]
     pairs: dict[Cell, tuple[tuple[Cell, Cell], ...]]  # () for coarse cells
     neighbours: dict[Cell, tuple[Cell, ...]]  # stride-1 neighbours along the ordered axes
-    trainable: frozenset[Cell]  # cells on the finest trained grid (`finest_stride`): all when it is 1
+    trainable: frozenset[Cell]  # the hierarchy's finest grid (`finest_stride`; all when 1): others are probes
     fine_neighbours: dict[Cell, tuple[Cell, ...]]  # neighbours on that grid; stride-1 ones off it
     fine_grid: tuple[tuple[int, ...] | None, ...]  # per axis: the finest trained grid; None if categorical
     fine: tuple[int, ...]  # per axis: its stride (1 on a categorical axis)
@@ -208,11 +214,12 @@ def _plan(lattice: Lattice) -> _Plan:
     def moved(c: Cell, ax: int, i: int) -> Cell:
         return c[:ax] + (i,) + c[ax + 1 :]
 
-    def fine_moves(c: Cell) -> tuple[Cell, ...]:
+    def grid_moves(c: Cell, stride: Sequence[int]) -> tuple[Cell, ...]:
+        """c's neighbours on the grid of each ordered axis's `stride` (c on those grids)."""
         out = []
         for ax in dims:
             if lattice.ordered[ax]:
-                g = grid[ax, fines[ax]]
+                g = grid[ax, stride[ax]]
                 k = g.index(c[ax])
                 out += [moved(c, ax, g[j]) for j in (k - 1, k + 1) if 0 <= j < len(g)]
         return tuple(out)
@@ -238,13 +245,7 @@ def _plan(lattice: Lattice) -> _Plan:
             sources[c] = tuple(e for pr in pairs[c] for e in pr)
         else:
             pairs[c] = ()
-            srcs = []
-            for ax in dims:
-                if lattice.ordered[ax]:
-                    g = grid[ax, strides[ax]]
-                    k = g.index(c[ax])
-                    srcs += [moved(c, ax, g[j]) for j in (k - 1, k + 1) if 0 <= j < len(g)]
-            sources[c] = tuple(srcs)
+            sources[c] = grid_moves(c, strides)
         neighbours[c] = tuple(
             moved(c, ax, c[ax] + d)
             for ax in dims
@@ -252,7 +253,7 @@ def _plan(lattice: Lattice) -> _Plan:
             for d in (-1, 1)
             if 0 <= c[ax] + d < lattice.shape[ax]
         )
-        fine_neighbours[c] = fine_moves(c) if c in trainable else neighbours[c]
+        fine_neighbours[c] = grid_moves(c, fines) if c in trainable else neighbours[c]
 
     rank = {c: (k * _GOLDEN) % 1.0 for k, c in enumerate(cells)}
     depth = {}
@@ -316,12 +317,18 @@ def _estimate(plan: _Plan, known: Mapping[Cell, str]) -> dict[Cell, str | None]:
 
 
 def _needed(
-    plan: _Plan, known: Mapping[Cell, str], shaky: Mapping[Cell, float], skip: Collection[Cell]
+    plan: _Plan,
+    known: Mapping[Cell, str],
+    shaky: Mapping[Cell, float],
+    skip: Collection[Cell],
+    labels: Mapping[Cell, Sequence[str]] | None = None,
 ) -> dict[Cell, tuple]:
     """The cells that must be measured given `known` -> a sort key, smallest first.
 
     Unmeasured coarse cells first, then coarser levels (they unblock more cells), then the least
-    agreement among the cells that made it needed.
+    agreement among the cells that made it needed. With `labels` (every observed cell's labels), also
+    the cells off the trained grid whose local fit is less sure than `PROBE_BELOW` (the probes); the
+    speculative look-ahead leaves them out.
     """
     est = _estimate(plan, known)
     out: dict[Cell, tuple] = {}
@@ -340,6 +347,10 @@ def _needed(
                 continue
             key = (1, -plan.level[nb], share, plan.rank[nb])
             out[nb] = min(out.get(nb, key), key)
+    if labels is not None and len(plan.trainable) < len(plan.level):
+        for c, (_, conf) in _fill_untrainable(plan, dict(est), labels).items():
+            if conf < PROBE_BELOW and c not in known and c not in skip:
+                out[c] = (1, -plan.level[c], conf, plan.rank[c])
     return out
 
 
@@ -417,7 +428,7 @@ def next_cells(
     pend = {_cell(lattice, c) for c in pending}
     known, shaky, labels = _finished(lattice, observed, pend)
     skip = set(labels) | pend
-    need = _needed(plan, known, shaky, skip)
+    need = _needed(plan, known, shaky, skip, labels)
     chosen = sorted(need, key=need.__getitem__)[:limit]
     waiting = sorted(pend - set(known))
     if len(chosen) == limit or not speculate or not waiting:
@@ -462,8 +473,8 @@ def is_resolved(
     `seeds`: the diagram is done."""
     if pending or seeds_to_add(lattice, observed, (), seeds):
         return False
-    known, shaky, _ = _finished(lattice, observed, ())
-    return not _needed(_plan(lattice), known, shaky, ())
+    known, shaky, labels = _finished(lattice, observed, ())
+    return not _needed(_plan(lattice), known, shaky, (), labels)
 
 
 @dataclass(frozen=True)
@@ -544,42 +555,73 @@ def _fill_untrainable(
     return filled
 
 
+@functools.lru_cache(maxsize=8)
+def _directions(d: int) -> np.ndarray:
+    """Unit normals of the lines (planes) that `_local_fit` weighs, evenly spread, both orientations:
+    every 4 degrees in 2 dimensions, 256 fixed random ones beyond."""
+    if d == 1:
+        return np.array([[1.0], [-1.0]])
+    if d == 2:
+        a = np.arange(90) * (2 * math.pi / 90)
+        return np.stack([np.cos(a), np.sin(a)], axis=1)
+    v = np.random.default_rng(0).normal(size=(256, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
 def _local_fit(
     plan: _Plan, c: Cell, est: Mapping[Cell, str | None], labels: Mapping[Cell, Sequence[str]]
 ) -> tuple[str, float]:
-    """(phase, confidence) of an untrainable cell between differing phases, from the trained grid
-    within two strides: of the two phases with the most weight there, the side of the boundary that a
-    weighted least-squares plane through +1 (first phase) / -1 (second) puts the cell on. A plane, not
-    a vote, so that a boundary is placed between grid points: a nearest-cells vote at stride 2 was a
-    coin flip on every cell a boundary crosses. Weights exp(-d²/2), d in strides; a trained cell counts
-    its seeds' labels in proportion. Exactly on the plane's zero: TIE (confidence 0.5)."""
-    rows, shares = [], []
+    """(phase, confidence) of an untrained cell between differing phases: the chance that it lies on
+    each side of a straight boundary through the cells around it.
+
+    The cells within two finest strides on every ordered axis that are trained (seeds' labels in
+    proportion) or lie on the trained grid with an inferred phase; of the two phases with the most
+    weight there, first = +1, second = -1, others 0. Every line (normal every 4 degrees, any offset
+    within the window) is weighted by exp(-FIT_SOFTNESS x the weight of the cells it puts on the wrong
+    side), a cell's weight exp(-d²/4), d in strides; the confidence is the weighted share of lines that
+    put the cell on the side it is given. A Bayesian vote over lines, not one least-squares plane: a
+    boundary along the grid's rows or diagonals leaves the cell a coin flip (0.5), which `_needed`
+    then trains, and a trained cell beside it settles the cells along the same line. Exactly even: TIE.
+    """
     axes = [
-        [c[ax]] if g is None else [i for i in g if abs(i - c[ax]) <= 2 * plan.fine[ax]]
-        for ax, g in enumerate(plan.fine_grid)
+        range(c[ax], c[ax] + 1) if g is None else range(c[ax] - 2 * f, c[ax] + 2 * f + 1)
+        for ax, (g, f) in enumerate(zip(plan.fine_grid, plan.fine, strict=True))
     ]
+    xs, shares = [], []
     score: dict[str, float] = Counter()
     for t in itertools.product(*axes):
         if t in labels and labels[t]:
             share = {p: n / len(labels[t]) for p, n in Counter(labels[t]).items()}
-        elif est.get(t) not in (None, _CONFLICT, TIE):
+        elif t in plan.trainable and est.get(t) not in (None, _CONFLICT, TIE):
             share = {est[t]: 1.0}
         else:
             continue
         x = [(a - b) / f for a, b, f, g in zip(t, c, plan.fine, plan.fine_grid, strict=True) if g is not None]
-        w = math.exp(-sum(v * v for v in x) / 2)
-        rows.append((w, x))
-        shares.append(share)
+        w = math.exp(-sum(v * v for v in x) / 4)
+        xs.append(x)
+        shares.append((w, share))
         for p, v in share.items():
             score[p] += w * v
     ranked = sorted(score, key=lambda p: (-score[p], p))
     if len(ranked) < 2:
         return (ranked[0], 1.0) if ranked else (TIE, 0.5)
     first, second = ranked[:2]
-    sw = np.sqrt([w for w, _ in rows])
-    design = np.array([[1.0, *x] for _, x in rows]) * sw[:, None]
-    target = np.array([sh.get(first, 0.0) - sh.get(second, 0.0) for sh in shares]) * sw
-    level = float(np.linalg.lstsq(design, target, rcond=None)[0][0])
-    if abs(level) < 1e-9:
+    x = np.array(xs)
+    w = np.array([w for w, _ in shares])
+    y = np.array([sh.get(first, 0.0) - sh.get(second, 0.0) for _, sh in shares])
+    normals = _directions(x.shape[1])
+    reach = 2.0 * math.sqrt(x.shape[1]) + 0.5  # offsets considered: the window's half-diagonal and a bit
+    ends = np.tile([0.0, -reach, reach], (len(normals), 1))  # the cell itself and the range's ends
+    proj = np.clip(np.concatenate([normals @ x.T, ends], axis=1), -reach, reach)
+    above = np.concatenate([w * np.maximum(y, 0), [0.0] * 3])  # weight wrong when below the line
+    below = np.concatenate([w * np.maximum(-y, 0), [0.0] * 3])  # weight wrong when above it
+    order = np.argsort(proj, axis=1, kind="stable")
+    q = np.take_along_axis(proj, order, 1)
+    # offset b between q[k] and q[k+1]: the cells up to k lie below the line, the rest above it
+    wrong = np.cumsum(above[order], 1)[:, :-1] + below.sum() - np.cumsum(below[order], 1)[:, :-1]
+    weight = np.diff(q, axis=1) * np.exp(-FIT_SOFTNESS * (wrong - wrong.min()))
+    total = float(weight.sum())
+    p_first = float(weight[q[:, 1:] <= 0].sum()) / total if total > 0 else 0.5
+    if abs(p_first - 0.5) < 1e-9:
         return TIE, 0.5
-    return (first if level > 0 else second), 0.5 * (1.0 + min(1.0, abs(level)))
+    return (first if p_first > 0.5 else second), max(p_first, 1.0 - p_first)

@@ -395,3 +395,22 @@ def test_the_claims_table_names_each_studys_differences_with_and_without_its_siz
         ("t_val: task.op x/y vs x+y", True),
     ]
     assert "liu2022" not in claims and "gromov2023" not in claims
+
+
+def test_each_study_says_which_grokking_trials_sat_on_a_plateau_and_what_the_other_rule_changes(
+    printed,
+) -> None:
+    # Nanda's synthetic 0.6 seeds fit at 100 with validation accuracy 0, and generalize at 900..1,300:
+    # grokking under the default rule with a plateau at chance; under Liu et al.'s rule (a gap over
+    # 1,000 steps) only seeds whose t_val - t_train > 1,000 stay grokking.
+    nanda = section(printed, "nanda2023-cpu")
+    plateau = [line for line in nanda if line.startswith("Plateau: ")]
+    assert plateau == [
+        "Plateau: 5 of 5 grokking trials had validation accuracy at most 2x chance when they fitted "
+        "(val_acc_at_fit: 0.00, 0.00, 0.00, 0.00, 0.00)."
+    ]
+    [rule] = [line for line in nanda if line.startswith("Under the liu2022 rule")]
+    assert rule.startswith(
+        "Under the liu2022 rule (`grokstudy plot nanda2023-cpu --rule liu2022`): 1 of 2 cells"
+    )
+    assert "data.fraction=0.6: grokking -> comprehension" in rule

@@ -9,6 +9,7 @@ then, for a study whose claim is a difference, each difference with its two-side
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -19,6 +20,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from grokstudy import relabel
+from grokstudy.config import PHASE_RULES
 from grokstudy.stats import Comparison, Median, compare, sign_test
 
 MEASURES = ("t_train", "t_val", "t_val_loss")
@@ -123,6 +126,46 @@ def claims(name: str, rows: list[dict[str, Any]], searched: list[str]) -> None:
             print(f"  - {FEW_SEEDS}")
 
 
+PLATEAU_SHARE = 2.0
+"""A grokking trial sat on a near-chance plateau when its validation accuracy at t_train was at
+most this many times chance (1 / classes): the plateau-then-jump of Power et al. 2022."""
+
+
+def plateaus(rows: list[dict[str, Any]]) -> None:
+    """Which grokking trials sat near chance when they fitted (`val_acc_at_fit`)."""
+    grokking = [r for r in rows if r["phase"] == "grokking" and r.get("val_acc_at_fit") is not None]
+    if not grokking:
+        return
+    near = [r for r in grokking if r["val_acc_at_fit"] <= PLATEAU_SHARE / chance_classes(r)]
+    shown = ", ".join(
+        f"{r['val_acc_at_fit']:.2f}" for r in sorted(grokking, key=lambda r: r["val_acc_at_fit"])
+    )
+    print(
+        f"\nPlateau: {len(near)} of {len(grokking)} grokking trials had validation accuracy at most "
+        f"{PLATEAU_SHARE:g}x chance when they fitted (val_acc_at_fit: {shown})."
+    )
+
+
+def chance_classes(row: dict[str, Any]) -> int:
+    """Classes of a trial's task: p for modular arithmetic, n! for S_n."""
+    return math.factorial(row["task.n"]) if row["task.op"] == "perm" else row["task.p"]
+
+
+def rule_sensitivity(study: Path) -> None:
+    """How many cells change phase when the study is read by each other named rule."""
+    trials = pq.read_table(study / "trials.parquet")
+    curves = pq.read_table(study / "curves.parquet") if (study / "curves.parquet").exists() else None
+    config = relabel.study_beside(str(study))
+    own = config.phases.rule if config is not None else "default"
+    for rule in (r for r in PHASE_RULES if r != own):
+        after = relabel.relabel(trials, curves, rule, config)
+        changes = "; ".join(c.describe() for c in after.changes) or "none"
+        print(
+            f"\nUnder the {rule} rule (`grokstudy plot {study.name} --rule {rule}`): {len(after.changes)} of "
+            f"{after.n_cells} cells change phase ({changes})."
+        )
+
+
 def main(root: Path) -> None:
     print(
         "Per point: its seeds (n), their phases, and the median step over seeds with its 95 % "
@@ -143,6 +186,8 @@ def main(root: Path) -> None:
             cells = [Median.of(m[k] for m in members).text() for k in MEASURES]
             print(f"| {' | '.join(point)} | {len(members)} | {phases} | {' | '.join(cells)} |")
         claims(study.name, rows, searched)
+        plateaus(rows)
+        rule_sensitivity(study)
         wall = sum(r["wall_s"] for r in every)
         left_out = (
             f" ({len(every) - len(rows)} failed or unfinished, left out)" if len(rows) < len(every) else ""
