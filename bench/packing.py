@@ -14,7 +14,12 @@ padded) and Nanda et al.'s transformer (x+y mod 113, d_model 128, 4 heads, MLP 5
 block, 30% of pairs; members differ in weight decay and seed). --designs also times the
 choices packed.py documents: batched bmm forward vs torch.func.vmap, padded index sets vs
 masks over the full table, compacting a retired member's rows vs masking them.
-The closing line is the headline ratio: the largest K of the last model.
+Each row also counts the pack's FLOPs per member-step analytically (forward + backward:
+`step_efficiency.step_flops`, each member at its own training-set size) and reports the
+achieved FLOP/s as a fraction of this device's own fp32 matmul rate, measured in the same run
+(a large square `torch.mm`: the limit a step made of GEMMs could reach).
+The closing line is the headline: the largest K of the last model, its pack/sequential ratio
+and its fraction of the matmul rate.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import functools
 import time
 
 import torch
+from step_efficiency import mm_rate, step_flops
 
 from grokstudy import packed, train
 from grokstudy.config import DataConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrialConfig
 from grokstudy.optim import LOSSES
+from grokstudy.tasks import build_dataset
 
 replace = dataclasses.replace
 
@@ -85,6 +92,21 @@ def sequential_rate(cfgs: list[TrialConfig], sample: int) -> float:
         last = list(train.run(cfgs[j]))[-1]
         steps, seconds = steps + last.step, seconds + last.elapsed_s
     return steps / seconds
+
+
+def flops_per_member_step(cfgs: list[TrialConfig]) -> float:
+    """Mean analytic FLOPs of one member's training step (forward + backward), each member at its
+    own training-set size (full batch, or its minibatch)."""
+    total = 0.0
+    for cfg in cfgs:
+        data = build_dataset(cfg.task, cfg.data)
+        n = (
+            data.train_x.shape[0]
+            if cfg.train.batch_size is None
+            else min(cfg.train.batch_size, data.train_x.shape[0])
+        )
+        total += step_flops(cfg, n, data.n_classes)
+    return total / len(cfgs)
 
 
 def pack_rate(cfgs: list[TrialConfig]) -> float:
@@ -211,8 +233,12 @@ def main() -> None:
         sequential_rate(warm[:1], 1)
         pack_rate(warm)
 
+    size = 8192 if gpu else 1024
+    limit = mm_rate(size, size, size, device=device)
+    print(f"fp32 matmul rate of this device: {limit / 1e9:.1f} GFLOP/s (torch.mm {size}^3, best of 3)")
     print(
-        f"{'model':<16}{'K':>5}{'steps':>7}{'sequential':>14}{'pack':>14}{'pack/seq':>10}   (model-steps/s)"
+        f"{'model':<16}{'K':>5}{'steps':>7}{'sequential':>14}{'pack':>14}{'pack/seq':>10}"
+        f"{'GFLOP/s':>10}{'of mm':>8}   (model-steps/s)"
     )
     headline = ""
     for name in names:
@@ -222,10 +248,16 @@ def main() -> None:
             cfgs = members(name, base, k, steps[name], device)
             seq = sequential_rate(cfgs, args.sequential or (4 if gpu else 2))
             pack = pack_rate(cfgs)
+            achieved = pack * flops_per_member_step(cfgs)
             print(
-                f"{label:<16}{k:>5}{steps[name]:>7}{seq:>14.1f}{pack:>14.1f}{pack / seq:>9.2f}x", flush=True
+                f"{label:<16}{k:>5}{steps[name]:>7}{seq:>14.1f}{pack:>14.1f}{pack / seq:>9.2f}x"
+                f"{achieved / 1e9:>10.1f}{achieved / limit:>8.1%}",
+                flush=True,
             )
-            headline = f"packing: {label} K={k} pack/sequential model-steps/s = {pack / seq:.2f}x"
+            headline = (
+                f"packing: {label} K={k} pack/sequential model-steps/s = {pack / seq:.2f}x, "
+                f"{achieved / limit:.1%} of the fp32 matmul rate"
+            )
         if gpu:
             torch.cuda.empty_cache()
     if args.designs:

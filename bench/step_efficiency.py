@@ -59,15 +59,23 @@ def step_flops(cfg: TrialConfig, n: int, n_classes: int) -> float:
     raise ValueError(m.kind)
 
 
-def mm_rate(rows: int, inner: int, cols: int, reps: int = 10) -> float:
-    """Best-of-3 fp32 GEMM rate (FLOP/s) of [rows, inner] @ [inner, cols]."""
-    a, b = torch.randn(rows, inner), torch.randn(inner, cols)
+def mm_rate(rows: int, inner: int, cols: int, reps: int = 10, device: str = "cpu") -> float:
+    """Best-of-3 fp32 GEMM rate (FLOP/s) of [rows, inner] @ [inner, cols] on `device` (at the
+    process's float32 matmul precision: "highest", the default, is true fp32 on a GPU too)."""
+    a, b = torch.randn(rows, inner, device=device), torch.randn(inner, cols, device=device)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     a @ b
+    sync()
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync()
         best = min(best, (time.perf_counter() - start) / reps)
     return 2.0 * rows * inner * cols / best
 
