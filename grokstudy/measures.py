@@ -152,8 +152,9 @@ KEY_FREQ_FLOOR_RATIO = 3.0
 Gaussian terms (C classes), within +-40% of the median even at p = 23, so none passes. A
 transformer's circuit frequencies stand thousands of times above the median; a ReLU MLP
 spreads its (a+b) structure over harmonics and sums of its frequencies, which lifts the
-median, and its circuit's frequencies stand 3-25x above it (x+y mod 47: the 6 above 3x carry
-the logits to a restricted loss of 0.005, the 4 above 10x only to 0.08)."""
+median, so its circuit's frequencies stand only a few to a few tens of times above it; a higher
+ratio would leave part of the MLP's circuit out of the key set (docs/reproductions.md, "On the
+MLP, the order differs")."""
 KEY_FREQ_MIN_SHARE = 0.01
 """...and at least this share of the strongest frequency's energy: after weight decay has
 cleaned the other frequencies up (Nanda et al.'s third phase) the median energy is near zero,

@@ -31,9 +31,8 @@ vote over lines weighted by how well each separates them), coarser cells first s
 lean on them. Where that fit is less sure than `PROBE_BELOW` (0.65) the cell is trained (a probe), and
 each probe sharpens the fit of the cells beside it: a boundary along the grid's rows or diagonals,
 where every in-between cell is a coin flip, costs a probe every few cells along it, not every cell.
-On bench/refine_synthetic.py's maps, 65 × 65 costs 0.033-0.066 of the cells at 0.981-1.000 agreement
-(stride 2 with a least-squares plane and no probes: 0.029-0.069 at 0.961-0.988). 33 × 33 keeps stride
-1 (0.11-0.26 at 0.98-1.00): stride 2 with probes there was worst 0.96 at up to 0.17 of the cells.
+33 × 33 keeps stride 1: a coarser one there lost more agreement than it saved cells (the figures of
+both sizes: bench/README.md, bench/refine_synthetic.py).
 
 Seeds where phases meet. A new cell is trained with its first seed only; its other seeds run once
 the cell meets another phase: when its seeds so far disagree, or when a stride-1 neighbour is measured
