@@ -32,7 +32,7 @@ import time
 import torch
 from step_efficiency import mm_rate, step_flops
 
-from grokstudy import packed, train
+from grokstudy import footprint, packed, packsize, train
 from grokstudy.config import DataConfig, ModelConfig, OptimConfig, TaskConfig, TrainConfig, TrialConfig
 from grokstudy.optim import LOSSES
 from grokstudy.tasks import build_dataset
@@ -58,7 +58,9 @@ MODELS: dict[str, TrialConfig] = {
 QUICKSTART_FRACTIONS = (0.3, 0.45, 0.6, 0.8)
 
 
-def members(name: str, base: TrialConfig, k: int, steps: int, device: str) -> list[TrialConfig]:
+def members(
+    name: str, base: TrialConfig, k: int, steps: int, device: str, precision: str = "highest"
+) -> list[TrialConfig]:
     """K points of a weight decay (x fraction, for the MLP) grid, one seed each, `steps` long."""
     out = []
     for i in range(k):
@@ -78,6 +80,7 @@ def members(name: str, base: TrialConfig, k: int, steps: int, device: str) -> li
                     checkpoint_every=steps,
                     seed=i,
                     device=device,
+                    matmul_precision=precision,
                 ),
             )
         )
@@ -211,6 +214,18 @@ def main() -> None:
     parser.add_argument(
         "--designs", action="store_true", help="also time the design choices (vmap, masks, compaction)"
     )
+    parser.add_argument(
+        "--matmul-precision",
+        choices=("highest", "high"),
+        default="highest",
+        help="train.matmul_precision of every run (high: TF32 on a GPU); the matmul rate the "
+        "fractions are of stays true fp32",
+    )
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="also print the pack size resources.pack: auto would choose for each model (packsize.py)",
+    )
     args = parser.parse_args()
     train.configure_process()
     torch.set_num_threads(args.threads)
@@ -229,11 +244,12 @@ def main() -> None:
 
     # Warm-up: allocator, kernels, cuBLAS handles, so the first timed row is not charged for them.
     for name in names:
-        warm = members(name, MODELS[name], 2, 3, device)
+        warm = members(name, MODELS[name], 2, 3, device, args.matmul_precision)
         sequential_rate(warm[:1], 1)
         pack_rate(warm)
 
     size = 8192 if gpu else 1024
+    torch.set_float32_matmul_precision("highest")  # the limit is true fp32 whatever the runs use
     limit = mm_rate(size, size, size, device=device)
     print(f"fp32 matmul rate of this device: {limit / 1e9:.1f} GFLOP/s (torch.mm {size}^3, best of 3)")
     print(
@@ -244,8 +260,14 @@ def main() -> None:
     for name in names:
         base = MODELS[name]
         label = f"{name} p={base.task.p}"
+        if args.auto:
+            cfg = members(name, base, 1, steps[name], device, args.matmul_precision)[0]
+            memory = torch.cuda.mem_get_info()[0] if gpu else footprint.machine_bytes()
+            print(
+                f"{label}: resources.pack: auto -> {packsize.auto(cfg, max(ks), memory, device).describe()}"
+            )
         for k in ks:
-            cfgs = members(name, base, k, steps[name], device)
+            cfgs = members(name, base, k, steps[name], device, args.matmul_precision)
             seq = sequential_rate(cfgs, args.sequential or (4 if gpu else 2))
             pack = pack_rate(cfgs)
             achieved = pack * flops_per_member_step(cfgs)
@@ -255,7 +277,7 @@ def main() -> None:
                 flush=True,
             )
             headline = (
-                f"packing: {label} K={k} pack/sequential model-steps/s = {pack / seq:.2f}x, "
+                f"packing ({args.matmul_precision}): {label} K={k} pack/sequential model-steps/s = {pack / seq:.2f}x, "
                 f"{achieved / limit:.1%} of the fp32 matmul rate"
             )
         if gpu:

@@ -307,9 +307,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     n = study.search.n_trials
     count = f"{study.search.n_points} points x {study.search.seeds} seeds = {n} trials" if n else "adaptive"
+    pack = runner.pack_size(study)
+    packs = "pack size measured" if pack == "auto" else f"packs of up to {pack}"
     print(
-        f"grokstudy: study {study.name!r}: {count} ({study.search.sampler}, packs of up to "
-        f"{runner.pack_size(study)}); output in {out_dir} (Ray, MLflow and Tune log to {console.DRIVER_LOG})",
+        f"grokstudy: study {study.name!r}: {count} ({study.search.sampler}, {packs}); output in "
+        f"{out_dir} (Ray, MLflow and Tune log to {console.DRIVER_LOG})",
         flush=True,
     )
     view = console.ProgressView(sys.stdout)

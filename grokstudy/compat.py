@@ -20,13 +20,17 @@ Checked against ray 2.60.0, optuna 5.0.0, mlflow 3.17.2:
   the searcher in a `SearchGenerator` that clears that flag when restored; the searcher says
   FINISHED again at once when it has nothing.
 - `TUNE_MAX_PENDING_TRIALS_PG` (how many trials Tune starts at once with a searcher; it keeps one
-  pending otherwise) and `RAY_AIR_NEW_OUTPUT=0` (the legacy reporter, silent at verbose=0; the new
-  one prints its own table): environment knobs Tune reads internally (`ENV_KNOBS`).
+  pending otherwise), `RAY_AIR_NEW_OUTPUT=0` (the legacy reporter, silent at verbose=0; the new
+  one prints its own table) and `TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1` (only the loggers the run
+  config names: Tune would add a TensorBoard one, whose tensorboardX imports torch into the
+  driver): environment knobs Tune reads internally (`ENV_KNOBS`).
 - Optuna has no public setter for a trial's system attribute from a sampler's `before_trial`, nor
   for a finished (frozen) trial's user attribute: `study._storage` and `trial._trial_id`, as
   Optuna's own GridSampler does (`set_system_attr`, `set_user_attr`, `storage_of`).
 - MLflow builds a new sqlite store's schema in `mlflow.store.tracking.sqlalchemy_store.SqlAlchemyStore`
-  (`create_sqlite_store`).
+  (`create_sqlite_store`); a fresh store holds one row, the Default experiment (id 0) in table
+  `experiments`, whose `artifact_location` names the store's artifact root: a copy of an empty
+  store is a new store once that row is pointed at the copy's root.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ SUPPORTED = {"ray": ">=2.59,<2.61", "optuna": ">=4.0,<5.1", "mlflow": ">=3.7,<3.
 ALLOW_UNTESTED = "GROKSTUDY_ALLOW_UNTESTED_VERSIONS"
 EXPERIMENT_SNAPSHOT = ("experiment_state-", ".json")
 ENV_KNOBS = {"TUNE_MAX_PENDING_TRIALS_PG": "ray.tune.constants:TUNE_ENV_VARS",
+             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "ray.tune.constants:TUNE_ENV_VARS",
              "RAY_AIR_NEW_OUTPUT": "ray.air.constants:AIR_ENV_VARS"}  # fmt: skip
 """Environment variables Ray reads internally, and the set that lists each in the version checked."""
 
@@ -105,12 +110,69 @@ def storage_of(study: Any) -> Any:
 # ---- MLflow ------------------------------------------------------------------------------------
 
 
+STORE_TEMPLATE_DIR = "GROKSTUDY_CACHE_DIR"
+"""Environment variable: where the empty-store template lives (default
+$XDG_CACHE_HOME/grokstudy or ~/.cache/grokstudy); an unwritable one means no template."""
+
+
 def create_sqlite_store(db: Path, artifacts: Path) -> None:
+    """A new, empty MLflow sqlite store at `db` (which must not exist), its Default experiment's
+    artifacts under `artifacts`.
+
+    MLflow builds a store's schema through ~60 Alembic migrations, 2-3 s of CPU: every study
+    paid it, and so did every test that runs one. So the schema is built once per installed
+    MLflow/SQLAlchemy/Alembic into a template beside the user's caches, and each new store is a
+    copy of it with the Default experiment (the one row a fresh store holds; its artifact
+    location and times are the only store-specific values) pointed at `artifacts`."""
+    import shutil
+    import sqlite3
+    import time
+
+    template = _store_template()
+    if template is None:
+        _build_sqlite_store(db, artifacts)
+        return
+    shutil.copyfile(template, db)
+    now_ms = int(time.time() * 1000)
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ? "
+            "WHERE experiment_id = 0",
+            ((artifacts / "0").as_posix(), now_ms, now_ms),
+        )
+    conn.close()
+
+
+def _build_sqlite_store(db: Path, artifacts: Path) -> None:
     """Build MLflow's schema in a new sqlite file `db` (all its migrations), then close it."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     store = SqlAlchemyStore(f"sqlite:///{db}", str(artifacts))
     store.engine.dispose()
+
+
+def _store_template() -> Path | None:
+    """The empty store for the installed versions, built on first use (atomically: processes
+    racing build their own and the last rename wins, every one whole); None where the cache
+    cannot be written."""
+    import tempfile
+
+    versions = "-".join(importlib.metadata.version(p) for p in ("mlflow", "sqlalchemy", "alembic"))
+    root = os.environ.get(STORE_TEMPLATE_DIR) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "grokstudy"
+    )
+    template = Path(root) / f"mlflow-store-{versions}.db"
+    if template.is_file():
+        return template
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=template.parent) as scratch:
+            built = Path(scratch) / template.name
+            _build_sqlite_store(built, Path(scratch) / "mlartifacts")
+            os.replace(built, template)
+    except OSError:
+        return None
+    return template
 
 
 # ---- the check -----------------------------------------------------------------------------------
@@ -183,8 +245,20 @@ def _optuna_storage() -> bool:
 
 
 def _mlflow_sqlite_store() -> bool:
+    import contextlib
+    import sqlite3
+
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
+    template = _store_template()
+    if template is not None:
+        with contextlib.closing(sqlite3.connect(f"file:{template}?mode=ro", uri=True)) as conn:
+            [(n,)] = conn.execute(
+                "SELECT count(*) FROM experiments WHERE experiment_id = 0 AND artifact_location "
+                "IS NOT NULL AND creation_time IS NOT NULL AND last_update_time IS NOT NULL"
+            ).fetchall()
+        if n != 1:
+            return False
     return hasattr(SqlAlchemyStore, "__init__")
 
 

@@ -318,6 +318,13 @@ class TrainConfig:
         unit="steps",
     )
     device: str = setting("auto", "auto | cpu | cuda", choices=("auto", "cpu", "cuda"))
+    matmul_precision: str = setting(
+        "highest",
+        "float32 matmuls on a GPU: highest (true fp32) or high (TF32 tensor cores on Ampere and "
+        "later: 10-bit mantissa products, several times the fp32 rate); the logits stay float32 "
+        "and the loss float64 either way; no effect on CPUs",
+        choices=("highest", "high"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,13 +541,15 @@ class ResourcesConfig:
         whole_above_one=True,
         allowed="0 <= gpu <= 64; a fraction below 1 or a whole number",
     )
-    pack: int | None = setting(
+    pack: int | str | None = setting(
         None,
-        "trials trained together as one stacked model in one process (packed.py); null: "
-        "16 where trials use a GPU, 1 (no packing) on CPUs",
+        "trials trained together as one stacked model in one process (packed.py); auto: the "
+        "smallest K within 5% of the best member-steps/s measured at K = 1, 2, 4, ... on the "
+        "trials' device before the study starts (packsize.py); null: auto where trials use a "
+        "GPU, 1 (no packing) on CPUs",
         lo=1,
         hi=4096,
-        allowed="an integer, 1 <= pack <= 4096, or null for the default",
+        allowed="an integer, 1 <= pack <= 4096, auto, or null for the default",
     )
 
 
@@ -819,6 +828,7 @@ PACK_KEYS: tuple[str, ...] = (
     "train.eval_every",
     "train.measures_every",
     "train.device",
+    "train.matmul_precision",
     "optimizer.name",
     "optimizer.nesterov",
     "optimizer.decay_to",

@@ -37,7 +37,7 @@ OUTCOMES = "outcomes"
 """Report key: the outcome of every member finished so far (Tune keeps "done" for itself)."""
 REPORT_EVERY_S = 30.0
 """A trial reports at least this often (progress, MLflow health) even between checkpoints."""
-FLUSH_BEFORE_CHECKPOINT_S = 10.0
+OPEN_BEFORE_CHECKPOINT_S = 10.0
 CLOSE_TIMEOUT_S = 30.0
 
 Report = Callable[[dict[str, Any], "PackRun | None"], None]
@@ -260,7 +260,12 @@ class PackRun:
                 step = group[0][1].step
                 finished_now = any([self._record(i, record) for i, record in group])
                 everyone = len(self.outcomes) == len(self.ids)
-                checkpoint_due = everyone or step % self.cfgs[0].train.checkpoint_every == 0
+                # Not at step 0 (a fresh start is as good, and its checkpoint would wait for
+                # the runs' creation), nor at the step a restore began from.
+                periodic = step % self.cfgs[0].train.checkpoint_every == 0 and step > max(
+                    0, self.restored_step
+                )
+                checkpoint_due = everyone or periodic
                 if checkpoint_due or finished_now or time.monotonic() - last_report > REPORT_EVERY_S:
                     self._log_gpu(step)
                     report(self.metrics(step), self._checkpointed() if checkpoint_due else None)
@@ -343,8 +348,11 @@ class PackRun:
         }
 
     def _checkpointed(self) -> PackRun:
-        if self.sender.down_s == 0:  # while MLflow is down, checkpoints do not wait for it
-            self.sender.flush(FLUSH_BEFORE_CHECKPOINT_S)
+        # The checkpoint keeps each member's run id: wait for the runs to exist, not for every
+        # record to be stored (the curve in the checkpoint replays those); while MLflow is down,
+        # checkpoints do not wait for it.
+        if self.sender.down_s == 0:
+            self.sender.wait_opened(OPEN_BEFORE_CHECKPOINT_S)
         return self
 
     def write_checkpoint(self, directory: Path) -> None:

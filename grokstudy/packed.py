@@ -181,6 +181,7 @@ def init_pack(cfgs: Sequence[TrialConfig]) -> PackState:
                 f"not {dict(first).get(path)!r}"
             )
     device = resolve_device(cfgs[0].train.device)
+    train.set_matmul_precision(cfgs[0].train)
     table = build_table(cfgs[0].task)
     models = []
     for cfg in cfgs:
@@ -314,12 +315,7 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
             return
         target = min(schedules[i][bisect.bisect_right(schedules[i], state.last_eval[i])] for i in live)
         assert target >= state.step, (target, state.step)  # every live member yielded every step so far
-        if state.step < target:
-            _compact(state)
-            with train.training_clock(state):
-                while state.step < target:
-                    _train_step(state, row_loss)
-                    state.step += 1
+        _advance(state, target, row_loss)
         values = dict(zip(state.members, _evaluate(state, row_loss), strict=True))
         for i in live:
             state.failed[i] |= not math.isfinite(values[i][0])
@@ -330,6 +326,28 @@ def run_pack(state: PackState) -> Iterator[tuple[int, EvalRecord]]:
             if target >= cfgs[i].train.max_steps:
                 state.retire(i)
             yield i, EvalRecord(target, *values[i], elapsed_s=state.elapsed_s)
+
+
+def _advance(state: PackState, target: int, row_loss: LossFn) -> None:
+    """Steps of every active member up to `target`, on the training clock."""
+    if state.step >= target:
+        return
+    _compact(state)
+    with train.training_clock(state):
+        while state.step < target:
+            _train_step(state, row_loss)
+            state.step += 1
+
+
+def seconds_per_step(cfgs: Sequence[TrialConfig], steps: int, warmup: int = 2) -> float:
+    """Wall-clock seconds of one step of a fresh pack of `cfgs`, over `steps` steps after `warmup`
+    untimed ones (`packsize`)."""
+    state = init_pack(cfgs)
+    row_loss = functools.partial(LOSSES[cfgs[0].train.loss], reduction="none")
+    _advance(state, warmup, row_loss)
+    state.elapsed_s = 0.0
+    _advance(state, warmup + steps, row_loss)
+    return state.elapsed_s / steps
 
 
 def _train_step(state: PackState, row_loss: LossFn) -> None:

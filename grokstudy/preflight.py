@@ -134,9 +134,14 @@ class WaitForNodes:
 
 
 def largest_trial_bytes(study: Study, pack: int = 1) -> int:
-    """The estimate (`footprint.trial_bytes`) of the study's largest trial (or pack): each
-    searched axis set, in turn, to its value that needs the most (a grid's values, a range's
-    ends)."""
+    """The estimate (`footprint.trial_bytes`) of the study's largest trial (or pack)."""
+    return footprint.trial_bytes(study.trial(largest_point(study)), pack)
+
+
+def largest_point(study: Study) -> dict[str, Any]:
+    """The point whose trial needs the most memory (and compute: the largest training set):
+    each searched axis set, in turn, to its value that needs the most (a grid's values, a
+    range's ends)."""
     point: dict[str, Any] = {}
     for dim in study.search.space:
         candidates = list(dim.grid) if dim.is_discrete else list(dim.log or dim.range or ())
@@ -146,4 +151,4 @@ def largest_trial_bytes(study: Study, pack: int = 1) -> int:
             point[dim.key] = max(
                 candidates, key=lambda v: footprint.trial_bytes(study.trial(point | {dim.key: v}))
             )  # noqa: B023
-    return footprint.trial_bytes(study.trial(point))
+    return point

@@ -87,6 +87,8 @@ def _field_schema(key: str, f: dataclasses.Field) -> dict[str, Any]:
     out = _type_schema(TYPES[key], spec)
     if key == "train.batch_size":  # null and "full" both mean the whole training set
         out = {"anyOf": [out, {"const": "full"}]}
+    if key == "resources.pack":  # a number, or measured (packsize.py)
+        out = {"anyOf": [out, {"const": "auto"}]}
     if key == "train.max_steps":  # a number, or a budget per point (config.DecayTimeBudget)
         out = {"anyOf": [out, _auto_steps_schema()]}
     if spec is not None:

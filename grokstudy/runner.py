@@ -46,6 +46,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.search import Searcher
 
 from grokstudy import (
@@ -53,7 +54,9 @@ from grokstudy import (
     collect,
     compat,
     console,
+    footprint,
     member,
+    packsize,
     phases,
     preflight,
     search,
@@ -62,7 +65,7 @@ from grokstudy import (
     weights,
 )
 from grokstudy.collect import ENDED_WITHOUT_OUTCOME, FAILED_BEYOND_RETRIES, Ended, StudyOutcome
-from grokstudy.config import Study, flatten, pack_key, plain, to_dict
+from grokstudy.config import Study, TrialConfig, flatten, pack_key, plain, to_dict
 from grokstudy.errors import StudyError, UsageError, one_line
 from grokstudy.points import point_from_config
 from grokstudy.progress import Progress, StudyProgress, TrackingUnavailable
@@ -71,7 +74,9 @@ from grokstudy.snapshot import SNAPSHOT_FILE, STORAGE_SNAPSHOT_FILE, MemberState
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GPU_PACK = 16
+PACK_FILE = "pack.json"
+PACK_CHOICE_TAG = "grokstudy.pack_choice"
+"""`resources.pack: auto`'s measurement and choice, kept in the output directory for a resume."""
 
 __all__ = ["Interrupted", "Progress", "StudyOutcome", "TrackingUnavailable", "pack_size", "run_study"]
 
@@ -387,11 +392,54 @@ def ensure_ray_token() -> Path:
     return token
 
 
-def pack_size(study: Study) -> int:
-    """`resources.pack`, or its default: DEFAULT_GPU_PACK where trials use a GPU, 1 on CPUs."""
+def pack_size(study: Study) -> int | str:
+    """`resources.pack` as the study asks: an integer, or "auto" (measured by `resolve_pack`),
+    its default where trials use a GPU; 1 on CPUs, where a lone trial was measured fastest."""
     if study.resources.pack is not None:
         return study.resources.pack
-    return DEFAULT_GPU_PACK if study.resources.gpu > 0 else 1
+    return "auto" if study.resources.gpu > 0 else 1
+
+
+def resolve_pack(study: Study, out_dir: Path, slots: int) -> tuple[int, packsize.Choice | None]:
+    """The pack size this run uses, and the measurement behind it under auto: the choice saved
+    in `<out>/pack.json` by an earlier run of the study (a resume packs as it began), else
+    `packsize.auto` run in a Ray task with a trial's resources, on the trials' device, then saved."""
+    wanted = pack_size(study)
+    if wanted != "auto":
+        return int(wanted), None
+    saved = storage.read_json(out_dir / PACK_FILE, "STUDY_DIR")
+    if saved:
+        choice = packsize.Choice.from_dict(saved)
+    else:
+        r = study.resources
+        trials = (study.search.n_points or packsize.MAX_K) * study.search.seeds
+        measure = ray.remote(num_cpus=r.cpu, num_gpus=r.gpu, max_retries=0)(_measure_pack)
+        cfg = study.trial(preflight.largest_point(study))
+        choice = packsize.Choice.from_dict(ray.get(measure.remote(cfg, math.ceil(trials / slots), slots)))
+        storage.write_atomic(out_dir / PACK_FILE, json.dumps(choice.to_dict()))
+    print(f"grokstudy: {choice.describe()}", flush=True)
+    return choice.k, choice
+
+
+def _measure_pack(cfg: TrialConfig, max_k: int, slots: int) -> dict[str, Any]:
+    """`packsize.auto` where a trial would run, within its memory: the GPU share Ray gave this
+    task of the GPU's free memory, or on CPUs the node's memory over the trials running at once."""
+    import torch
+
+    from grokstudy import train
+
+    train.configure_process()
+    resources = ray.get_runtime_context().get_assigned_resources()
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    device = train.resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        memory = int(free * min(1.0, resources.get("GPU", 1.0)))
+    else:
+        memory = footprint.machine_bytes() // max(1, slots)
+    return packsize.auto(
+        cfg, max_k, memory, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    ).to_dict()
 
 
 def run_study(
@@ -433,6 +481,7 @@ def run_study(
     state_file = out_dir / "study-state.json"
     saved = storage.read_json(state_file, "STUDY_DIR")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # compat.ENV_KNOBS
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # _run_config's loggers only
     experiment_path = storage.join(storage_path, study.name)
     study_yaml = _study_yaml(study)
     previous_sigterm = _stop_on_sigterm() if stop_on_sigterm else None
@@ -456,19 +505,24 @@ def run_study(
             try:
                 preflight.check_devices(study)
                 embedded = not (address or os.environ.get("RAY_ADDRESS"))  # this machine: no autoscaler
-                waiting = preflight.check_fits(study, pack_size(study), embedded)
+                pack, choice = resolve_pack(study, out_dir, _trial_slots(study))
+                waiting = preflight.check_fits(study, pack, embedded)
                 study_tracker = tracking.StudyTracker(uri)
                 # A resume continues its parent run; a fresh start continues one only if a
                 # driver died before it could record it (it is still RUNNING).
                 parent_run_id = saved.get("parent_run_id") or tracking.find_study_run(
                     uri, study.name, experiment_path, running_only=not resumed
                 )
-                parent_run_id = _open_parent(study_tracker, study, study_yaml, experiment_path, parent_run_id)
+                pack_tags = {"resources.pack": str(pack)} | (
+                    {PACK_CHOICE_TAG: choice.describe()} if choice is not None else {}
+                )
+                parent_run_id = _open_parent(study_tracker, study, study_yaml, experiment_path, parent_run_id,
+                                             pack_tags)  # fmt: skip
                 storage.write_atomic(state_file, json.dumps({"parent_run_id": parent_run_id}))
                 storage.write_atomic(out_dir / "study.yaml", study_yaml)
                 try:
                     return _fit(study, out_dir, storage_path, experiment_path, resumed, formats, progress,
-                                study_tracker, retry_failed, waiting, grown)  # fmt: skip
+                                study_tracker, retry_failed, waiting, pack, grown)  # fmt: skip
                 except (Interrupted, KeyboardInterrupt):
                     if lease.lost:  # the new holder owns the study now: touch nothing of it
                         raise storage.LeaseLost(lease.lost) from None
@@ -502,6 +556,7 @@ def _fit(
     study_tracker: tracking.StudyTracker,
     retry_failed: bool,
     waiting: preflight.WaitForNodes | None,
+    pack: int,
     grown: tuple[str, ...] = (),
 ) -> StudyOutcome:
     global _current
@@ -534,7 +589,7 @@ def _fit(
         # (resume_errored) was seen to end it after one report, its member never trained.
         tuner = tune.Tuner.restore(experiment_path, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        _current.searcher = LedgerSearcher(study, pack_size(study), slots)
+        _current.searcher = LedgerSearcher(study, pack, slots)
         tuner = tune.Tuner(trainable, tune_config=_tune_config(study, _current.searcher),
                            run_config=_run_config(study, storage_path))  # fmt: skip
     # Samplers that ignore results may run ahead (pending trials also make an
@@ -634,7 +689,9 @@ def _run_config(study: Study, storage_path: str) -> tune.RunConfig:
         failure_config=tune.FailureConfig(max_failures=study.run.max_failures),
         # Tune keeps every checkpoint and deletes none: trials prune their own (`checkpoints`).
         checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
-        callbacks=[_Callback()],
+        # Tune's CSV and JSON loggers (ExperimentAnalysis reads them), not its TensorBoard one:
+        # MLflow is the dashboard, and tensorboardX imports torch into the driver (2-3 s).
+        callbacks=[_Callback(), CSVLoggerCallback(), JsonLoggerCallback()],
         verbose=0,
     )
 
@@ -702,7 +759,7 @@ def _start_afresh(study: Study, out_dir: Path, experiment_path: str, tracking_ur
 
 def _open_parent(
     study_tracker: tracking.StudyTracker, study: Study, study_yaml: str, experiment_path: str,
-    parent_run_id: str | None,
+    parent_run_id: str | None, pack_tags: dict[str, str],
 ) -> str:  # fmt: skip
     """Open the study's parent run (its id); StudyError when MLflow cannot be reached."""
     try:
@@ -710,7 +767,7 @@ def _open_parent(
             study.name,
             study_yaml=study_yaml,
             params=_study_params(study),
-            tags=_study_tags(study) | {tracking.TUNE_EXPERIMENT_TAG: experiment_path},
+            tags=_study_tags(study) | pack_tags | {tracking.TUNE_EXPERIMENT_TAG: experiment_path},
             parent_run_id=parent_run_id,
         )[1]
     except StudyError:
@@ -770,5 +827,4 @@ def _study_tags(study: Study) -> dict[str, str]:
         "search.points": str(study.search.n_points or "adaptive"),
         "search.seeds": str(study.search.seeds),
         "search.axes": ",".join(d.key for d in study.search.space),
-        "resources.pack": str(pack_size(study)),
     } | {f"phases.rule.{k}": v for k, v in phases.rules(study.phases).items()}

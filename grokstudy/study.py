@@ -657,6 +657,8 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
     """Types with safe coercion only: int → float, an integral float → int, a list → tuple."""
     if key == "train.batch_size" and (v is None or v == "full"):
         return None
+    if key == "resources.pack" and v == "auto":
+        return v
     if get_origin(hint) in (Union, types.UnionType):
         if v is None:
             return None
@@ -670,7 +672,7 @@ def _coerce(key: str, hint: Any, v: Any) -> Any:
             return v
         if isinstance(v, float) and v.is_integer():
             return int(v)
-        extra = " or full" if key == "train.batch_size" else ""
+        extra = {"train.batch_size": " or full", "resources.pack": " or auto"}.get(key, "")
         raise _Bad(f"expected an integer{extra} (got {show(v)})")
     if hint is float:
         if is_number(v) and math.isfinite(v):

@@ -333,7 +333,8 @@ class TrialRun:
             if last is None:
                 last = -1
             self._queued += [r for r in records if r.step > last]
-        self._sender.wake()
+        # No wake: records go out on the sender's interval, a few per request, so a fast trial
+        # does not pay one store transaction (an fsync with sqlite) per evaluation.
 
     def set_tags(self, tags: dict[str, str]) -> None:
         with self._sender.lock:
@@ -443,8 +444,9 @@ class TrialRun:
 class Sender:
     """One background thread that keeps a process's trial runs in step with the store.
 
-    `open` a run per trial (member), feed them through their `TrialRun`; `flush`
-    before a checkpoint and `close` at the end, both bounded by a timeout. Never
+    `open` a run per trial (member), feed them through their `TrialRun`; `wait_opened`
+    before a checkpoint and `close` at the end, both bounded by a timeout. What is queued goes
+    out every `interval_s`, or at once on `wake` (a tag, a finish, an artifact, a flush). Never
     raises into the caller for a store that cannot be reached: see `down_s`.
     """
 
@@ -499,6 +501,20 @@ class Sender:
         self.wake()
         with self.lock:
             while not all(r.idle or r._done for r in self._runs):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.5))
+        return True
+
+    def wait_opened(self, timeout_s: float) -> bool:
+        """Wait until every run exists in the store, so its id can go into a checkpoint (True),
+        or `timeout_s` passes (False). Records still queued are not waited for: the checkpoint's
+        curve replays them on resume (`TrialRun.sync`)."""
+        deadline = time.monotonic() + timeout_s
+        with self.lock:
+            while not all(r._opened or r._done for r in self._runs):
+                self._wake.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

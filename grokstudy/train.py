@@ -80,6 +80,12 @@ def eval_steps(train: TrainConfig) -> list[int]:
     return sorted({0, train.max_steps, *(s for s in early if s < train.max_steps), *regular})
 
 
+def set_matmul_precision(train: TrainConfig) -> None:
+    """`train.matmul_precision` for this process (torch's setting is process-wide: a pack's
+    members share it, `config.PACK_KEYS`)."""
+    torch.set_float32_matmul_precision(train.matmul_precision)
+
+
 def init_state(cfg: TrialConfig) -> TrainState:
     """A fresh run: split, model initialised from `train.seed`, optimizer, all on `train.device`.
 
@@ -88,6 +94,7 @@ def init_state(cfg: TrialConfig) -> TrainState:
     """
     validate_trial(cfg)
     device = resolve_device(cfg.train.device)
+    set_matmul_precision(cfg.train)
     data = build_dataset(cfg.task, cfg.data).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
@@ -106,22 +113,42 @@ def run(cfg: TrialConfig, state: TrainState | None = None) -> Iterator[EvalRecor
     """
     state = init_state(cfg) if state is None else state
     loss_fn = build_loss(cfg.train.loss)
-    model, optimizer, data = state.model, state.optimizer, state.data
-    batch = _batches(cfg.train, data, state.device)
-    model.train()
+    batch = _batches(cfg.train, state.data, state.device)
+    state.model.train()
     for target in (s for s in eval_steps(cfg.train) if s > state.last_eval):
-        if state.step < target:
-            with training_clock(state):
-                while state.step < target:
-                    x, y = batch(state.step)
-                    loss = loss_fn(model(x), y)  # float32 logits, float64 loss
-                    loss.backward()
-                    optimizer.step(state.step)
-                    optimizer.zero_grad()
-                    state.step += 1
+        _advance(state, target, batch, loss_fn)
         record = evaluate(cfg, state, loss_fn)
         state.last_eval = state.step
         yield record
+
+
+def _advance(state: TrainState, target: int, batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+             loss_fn: LossFn) -> None:  # fmt: skip
+    """Optimizer steps up to `target`, on the training clock."""
+    if state.step >= target:
+        return
+    model, optimizer = state.model, state.optimizer
+    with training_clock(state):
+        while state.step < target:
+            x, y = batch(state.step)
+            loss = loss_fn(model(x), y)  # float32 logits, float64 loss
+            loss.backward()
+            optimizer.step(state.step)
+            optimizer.zero_grad()
+            state.step += 1
+
+
+def seconds_per_step(cfg: TrialConfig, steps: int, warmup: int = 2) -> float:
+    """Wall-clock seconds of one training step of a fresh `cfg` run, over `steps` steps after
+    `warmup` untimed ones (`packsize`: what a pack of one costs)."""
+    state = init_state(cfg)
+    loss_fn = build_loss(cfg.train.loss)
+    batch = _batches(cfg.train, state.data, state.device)
+    state.model.train()
+    _advance(state, warmup, batch, loss_fn)
+    state.elapsed_s = 0.0
+    _advance(state, warmup + steps, batch, loss_fn)
+    return state.elapsed_s / steps
 
 
 @torch.no_grad()

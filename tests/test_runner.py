@@ -15,7 +15,7 @@ from endstate import problems, weights_problems
 from ray.tune.search import Searcher
 
 import grokstudy
-from grokstudy import collect, member, points, runner, search, tracking
+from grokstudy import collect, footprint, member, packsize, points, runner, search, tracking
 from grokstudy.checkpoints import SavedMember
 from grokstudy.config import ResourcesConfig, Study, TrialConfig, with_overrides
 from grokstudy.errors import StudyError
@@ -79,12 +79,61 @@ def test_an_outcome_survives_the_report_and_the_checkpoint_as_the_same_value() -
     assert member.outcomes_of({}) == [] and member.outcomes_of({member.OUTCOMES: ""}) == []
 
 
-def test_packs_are_on_by_default_where_trials_use_a_gpu_only() -> None:
+def test_packs_are_measured_by_default_where_trials_use_a_gpu_only() -> None:
     study = parse_study(TINY)
     assert runner.pack_size(study) == 1
     gpu = with_overrides(study, {"resources": ResourcesConfig(gpu=0.5)})
-    assert runner.pack_size(gpu) == runner.DEFAULT_GPU_PACK
+    assert runner.pack_size(gpu) == "auto"
     assert runner.pack_size(with_overrides(study, {"resources": ResourcesConfig(pack=4)})) == 4
+    assert runner.pack_size(parse_study(dict(TINY, resources={"pack": "auto"}))) == "auto"
+
+
+def test_auto_packs_take_the_smallest_k_near_the_best_rate_and_stop_past_the_knee() -> None:
+    cfg = parse_study(TINY).trial({})
+    timed: list[int] = []
+
+    def timer(rate_of: dict[int, float]):
+        def seconds(members: list[TrialConfig]) -> float:
+            assert [m.train.seed for m in members] == list(range(len(members)))  # one pack, seeds apart
+            timed.append(len(members))
+            return len(members) / rate_of[len(members)]
+
+        return seconds
+
+    # Rates rise to a knee at 8, flatten (16 within 5%), then fall twice: measuring stops there.
+    knee = {1: 100, 2: 190, 4: 350, 8: 600, 16: 610, 32: 500, 64: 400, 128: 1000}
+    rates, stopped = packsize.measure(cfg, 128, 2**40, seconds_per_step=timer(knee))
+    assert timed == [1, 2, 4, 8, 16, 32, 64] and "fell 2 Ks in a row" in stopped
+    assert packsize.choose(rates) == 8  # 16 is faster, by less than 5%
+    # The memory estimate bounds the packs tried; K = 1 is always measured.
+    timed.clear()
+    memory = footprint.trial_bytes(cfg, 4)
+    rates, stopped = packsize.measure(cfg, 128, memory, seconds_per_step=timer(knee))
+    assert timed == [1, 2, 4] and "would need" in stopped and packsize.choose(rates) == 4
+    assert packsize.candidates(12) == [1, 2, 4, 8, 12] and packsize.candidates(1) == [1]
+    choice = packsize.Choice(8, tuple(rates), "cpu", stopped)
+    assert packsize.Choice.from_dict(json.loads(json.dumps(choice.to_dict()))) == choice
+    assert "packs of 8" in choice.describe() and "K=2 190" in choice.describe()
+
+
+@pytest.mark.integration
+def test_auto_packs_are_measured_once_where_trials_run_and_kept_for_a_resume(tmp_path: Path) -> None:
+    import ray
+
+    study = parse_study(dict(TINY, resources={"cpu": 1, "pack": "auto"}))
+    runner.init_ray(None, num_cpus=2)
+    try:
+        k, choice = runner.resolve_pack(study, tmp_path, slots=2)
+        # 8 trials on 2 slots: packs of at most 4; every K up to it measured on this CPU.
+        assert [r.k for r in choice.rates] == [1, 2, 4] or "fell" in choice.stopped
+        assert k == packsize.choose(choice.rates) and choice.device == "cpu"
+        assert all(r.member_steps_per_s > 0 for r in choice.rates)
+        saved = json.loads((tmp_path / runner.PACK_FILE).read_text())
+        assert packsize.Choice.from_dict(saved) == choice
+    finally:
+        ray.shutdown()
+    # A resume packs as the study began: the saved choice, not a new measurement (Ray is down).
+    assert runner.resolve_pack(study, tmp_path, slots=2) == (k, choice)
 
 
 def test_the_searcher_hands_out_each_member_once_then_says_finished() -> None:

@@ -156,6 +156,30 @@ def test_checkpoint_is_one_weights_only_file_with_config_json_beside_it(tmp_path
     assert trial_from_dict(saved) == SMALL
 
 
+def test_matmul_precision_is_set_per_run_and_packs_never_mix_it() -> None:
+    from grokstudy import packed
+    from grokstudy.config import pack_key, with_overrides
+    from grokstudy.train import seconds_per_step
+
+    tf32 = with_overrides(SMALL, {"train.matmul_precision": "high"})
+    try:
+        init_state(tf32)
+        assert torch.get_float32_matmul_precision() == "high"
+        init_state(SMALL)
+        assert torch.get_float32_matmul_precision() == "highest"
+        packed.init_pack([tf32, with_overrides(tf32, {"train.seed": 1})])
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert pack_key(tf32) != pack_key(SMALL)
+    with pytest.raises(ValueError, match="train.matmul_precision"):
+        packed.init_pack([SMALL, tf32])
+    # On a CPU `high` changes nothing: the same run, bit for bit.
+    for a, b in zip(run(tf32), run(SMALL), strict=True):
+        assert dataclasses.replace(a, elapsed_s=0) == dataclasses.replace(b, elapsed_s=0)
+    assert seconds_per_step(SMALL, steps=3) > 0
+
+
 def test_bad_train_values_raise_study_error_at_their_path() -> None:
     for key, value in (("eval_every", 0), ("batch_size", 0), ("device", "tpu"), ("loss", "hinge")):
         cfg = dataclasses.replace(SMALL, train=dataclasses.replace(SMALL.train, **{key: value}))
