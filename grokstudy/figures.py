@@ -898,7 +898,7 @@ class _Data:
         self.xs, self.ys, self.fs = _keys(table, x), _keys(table, y), _keys(table, facet)
         self.phase: list[str] = table.column("phase").to_pylist()
         self.t_val = _keys(table, "t_val" if "t_val" in table.column_names else None)
-        self.short_budget = _short_budget(table)
+        self.short_budget = short_budget(table)
         """Per row: censored within fewer than CENSORED_BELOW_DECAY_TIMES decay time constants
         (None: a table written before grokstudy recorded censoring: nothing is hatched)."""
         self.seeds = (
@@ -956,7 +956,7 @@ def _finished(trials: pa.Table) -> pa.Table:
     return trials.filter(pc.fill_null(keep, True))
 
 
-def _short_budget(table: pa.Table) -> list[bool] | None:
+def short_budget(table: pa.Table) -> list[bool] | None:
     """Per row: it spent its budget without generalizing, and that budget was under
     CENSORED_BELOW_DECAY_TIMES time constants 1/(lr*wd) (a null `budget_decay_times` is weight
     decay 0: an infinite time constant). None when the table lacks either column."""

@@ -41,7 +41,14 @@ import yaml
 from grokstudy import __version__, results
 from grokstudy.config import LATTICE_SAMPLERS, is_number, value_key
 from grokstudy.errors import UsageError
-from grokstudy.figures import PHASE_COLORS, Axis, axis_label
+from grokstudy.figures import (
+    CENSORED_BELOW_DECAY_TIMES,
+    CENSORED_PHASES,
+    PHASE_COLORS,
+    Axis,
+    axis_label,
+    short_budget,
+)
 from grokstudy.phases import PHASE_DEFINITIONS, PHASES, TIE, phase_order, vote
 from grokstudy.points import SEED, point_label, value_text
 from grokstudy.storage import atomic_path
@@ -222,7 +229,8 @@ class _Diagram:
         self.sampler = sampler
         self.grid = sampler in (None, *LATTICE_SAMPLERS)
         self.cells = self._group(cells)
-        self.looks = [cell_look(self.verdicts(c), c.inferred) for c in self.cells]
+        self.short_budget = short_budget(trials)
+        self.looks = [cell_look(self.verdicts(c), c.inferred, self._censored(c)) for c in self.cells]
         keys = [c.key for c in self.cells]
         self.x = Axis.build(self.x_name, [k[0] for k in keys], scales.get(self.x_name), self.grid)
         self.y = Axis.build(self.y_name, [k[1] for k in keys], scales.get(self.y_name), self.grid)
@@ -278,6 +286,17 @@ class _Diagram:
     def verdicts(self, cell: _Cell) -> list[str]:
         return [verdict(self.rows[i]) for i in cell.trials]
 
+    def _censored(self, cell: _Cell) -> bool:
+        """The cell's majority is memorization or confusion, and every seed of that verdict spent a
+        budget under CENSORED_BELOW_DECAY_TIMES weight-decay time constants (the figures' rule)."""
+        phases = [v for v in self.verdicts(cell) if v not in (FAILED, RUNNING)]
+        if self.short_budget is None or not phases:
+            return False
+        v = vote(phases)
+        return v.phase in CENSORED_PHASES and all(
+            self.short_budget[i] for i in cell.trials if verdict(self.rows[i]) == v.phase
+        )
+
 
 # ---- the diagram as SVG --------------------------------------------------------------------------
 
@@ -292,11 +311,14 @@ class _Look:
     mark: str  # text drawn in the cell: "k/n", "tie", "…"
     summary: str  # the cell's verdict in words (tooltip and aria-label)
     overlay: str | None = None  # a pattern drawn over the fill
+    censored: bool = False  # hatched: its verdict could still change with a longer budget
 
 
-def cell_look(verdicts: Sequence[str], inferred: tuple[str, float] | None = None) -> _Look:
+def cell_look(
+    verdicts: Sequence[str], inferred: tuple[str, float] | None = None, censored: bool = False
+) -> _Look:
     """A cell's look from its trials' verdicts: the seeds' vote (`phases.vote`) unless a trial
-    still runs (no verdict yet) or none finished."""
+    still runs (no verdict yet) or none finished; a `censored` verdict is hatched."""
     phases = [v for v in verdicts if v not in (FAILED, RUNNING)]
     failed = verdicts.count(FAILED)
     also = f", {failed} failed" if failed else ""
@@ -316,7 +338,13 @@ def cell_look(verdicts: Sequence[str], inferred: tuple[str, float] | None = None
         summary = f"tie: {' / '.join(v.tied)} ({v.count} of {n} each){also}"
         return _Look("tie", tuple(_color(p) for p in v.tied), 1.0, "tie", summary)
     kind, mark = ("partial", f"{v.count}/{n}") if v.count < n else ("phase", "")
-    return _Look(kind, (_color(v.phase),), 0.35 + 0.65 * v.share, mark, f"{v.phase} {v.count}/{n}{also}")
+    summary = f"{v.phase} {v.count}/{n}{also}"
+    if censored:
+        summary += f"; censored: its budget ended within {CENSORED_BELOW_DECAY_TIMES:g} weight-decay times 1/(lr wd), it could still grok"
+        return _Look(
+            kind, (_color(v.phase),), 0.35 + 0.65 * v.share, mark, summary, "url(#report-censored)", True
+        )
+    return _Look(kind, (_color(v.phase),), 0.35 + 0.65 * v.share, mark, summary)
 
 
 def _color(phase: str) -> str:
@@ -500,6 +528,10 @@ LEGEND_KINDS = {
     "missing": ("missing", "no finished trial"),
 }
 """The legend's lines for the cells that are not one plain phase, in this order."""
+CENSORED_LEGEND = (
+    f"hatched: memorization or confusion whose every such seed spent its budget within "
+    f"{CENSORED_BELOW_DECAY_TIMES:g} weight-decay time constants 1/(lr wd): not yet, rather than never"
+)
 
 
 def _legend_html(d: _Diagram) -> str:
@@ -508,6 +540,8 @@ def _legend_html(d: _Diagram) -> str:
     shown = {v for c in d.cells for v in d.verdicts(c)} | {c.inferred[0] for c in d.cells if c.inferred}
     items = [(f'style="background:{_color(p)}"', p, PHASE_DEFINITIONS[p]) for p in PHASES if p in shown]
     items += [(f'data-kind="{k}"', *LEGEND_KINDS[k]) for k in LEGEND_KINDS if k in kinds]
+    if any(look.censored for look in d.looks):
+        items.append(('data-kind="censored"', "censored", CENSORED_LEGEND))
     rows = "".join(
         f'<li><span class="swatch" {swatch}></span><span><b>{html.escape(name)}</b>: {html.escape(text)}</span></li>'
         for swatch, name, text in items

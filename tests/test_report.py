@@ -153,10 +153,31 @@ def test_cells_show_their_seeds_vote_ties_and_failed_trials(study) -> None:
     assert len(labels) == 9
     assert "frac=0.5 wd=0.1: grokking 2/3" in labels
     assert "frac=0.7 wd=1: tie: comprehension / grokking / memorization (1 of 3 each)" in labels
-    assert "frac=0.3 wd=0.01: memorization 2/2, 1 failed" in labels
+    assert (
+        "frac=0.3 wd=0.01: memorization 2/2, 1 failed; censored: its budget ended within 10 weight-decay "
+        "times 1/(lr wd), it could still grok" in labels
+    )
     assert ">2/3</text>" in text and ">tie</text>" in text
     assert "<b>grokking</b>: fits, then generalizes only after a long delay</span>" in text
     assert "<b>tie</b>" in text and "<b>k/n</b>" in text
+
+
+def test_memorization_within_a_short_budget_is_hatched_as_censored_and_the_legend_says_so(study) -> None:
+    # 12k steps at lr 1e-3: 0.12 decay times 1/(lr wd) at wd 0.01, 1.2 at 0.1 (both under 10: the
+    # memorization there could still grok), 12 at wd 1 (its confusion is no longer "not yet").
+    text = report.build_report_html(*study)
+    censored = {label.split(":")[0] for label in cell_labels(text) if "censored" in label}
+    assert censored == {"frac=0.3 wd=0.01", "frac=0.3 wd=0.1"}
+    assert text.count('fill="url(#report-censored)"') == 2 and "<b>censored</b>" in text
+    assert "frac=0.3 wd=1: confusion 3/3" in cell_labels(text)
+    # The same trials with 20 decay times each: nothing is short, nothing hatched.
+    trials, curves = study
+    long = trials.set_column(
+        trials.schema.get_field_index("budget_decay_times"), "budget_decay_times",
+        pa.array([20.0] * trials.num_rows),
+    )  # fmt: skip
+    text = report.build_report_html(long, curves)
+    assert "report-censored)" not in text and "<b>censored</b>" not in text
 
 
 def test_the_page_data_holds_each_trial_with_its_link_and_rounded_curve(study) -> None:
