@@ -205,6 +205,16 @@ class ModelConfig:
         hi=1e6,
         lo_open=True,
     )
+    embed_std: float | None = setting(
+        None,
+        "standard deviation of the token embeddings at init, before init_scale (null: the model's "
+        "own: 1/sqrt(embed_dim) in the transformer, as Nanda et al.'s; 1 in the mlp, torch's "
+        "nn.Embedding; 1.0 in a transformer is Grokfast's code); gromov has no embedding",
+        lo=0,
+        hi=1e3,
+        lo_open=True,
+        allowed="0 < embed_std <= 1000, or null for the model's own",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,6 +741,12 @@ def cross_problems(
 
     def ok(*keys: str) -> bool:
         return not skip.intersection(keys)
+
+    if ok("model.kind", "model.embed_std") and "gromov" in values("model.kind", False):
+        if any(v is not None for v in values("model.embed_std", True) or ()):
+            out.append(
+                ("model.embed_std", "model.kind gromov has no embedding (one-hot operands): leave it out")
+            )
 
     if ok("task.op", "task.p") and "x/y" in values("task.op", False):
         ps = values("task.p", False)

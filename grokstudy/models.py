@@ -162,8 +162,12 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def build_model(model: ModelConfig, n_tokens: int, n_classes: int) -> nn.Module:
-    """A freshly initialised model (uses the global torch RNG), every weight times `init_scale`."""
+    """A freshly initialised model (uses the global torch RNG), its token embeddings redrawn at
+    `embed_std` when set, then every weight times `init_scale`."""
     net = MODELS[model.kind](model, n_tokens, n_classes)
+    if model.embed_std is not None:  # drawn last: every other weight is as without it
+        with torch.no_grad():
+            net.embed.weight.normal_(0.0, model.embed_std)
     if model.init_scale != 1.0:
         # Omnigrok's alpha (Liu et al. 2023): scale every initial weight, LayerNorm gains included.
         with torch.no_grad():

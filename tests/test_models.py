@@ -76,6 +76,22 @@ def test_init_scale_multiplies_every_initial_weight(kind: str) -> None:
         assert torch.equal(a * 8.0, b)
 
 
+def test_embed_std_redraws_the_embeddings_alone_at_that_scale() -> None:
+    from grokstudy.config import trial_from_dict, validate_trial
+    from grokstudy.errors import StudyError
+
+    kw = dict(kind="transformer", embed_dim=64, width=32, heads=2)
+    nanda, grokfast = built(seed=3, **kw), built(seed=3, **kw, embed_std=1.0)
+    for (name, a), b in zip(nanda.named_parameters(), grokfast.parameters(), strict=True):
+        assert torch.equal(a, b) == (name != "embed.weight"), name
+    # Nanda's N(0, 1/d) against torch's N(0, 1): 8x apart at d = 64.
+    assert nanda.embed.weight.std().item() == pytest.approx(1 / 8, rel=0.25)
+    assert grokfast.embed.weight.std().item() == pytest.approx(1.0, rel=0.25)
+    with pytest.raises(StudyError, match="model.kind gromov has no embedding") as err:
+        validate_trial(trial_from_dict({"model": {"kind": "gromov", "embed_std": 1.0}}))
+    assert "model.embed_std" in str(err.value)
+
+
 def test_gromov_lookup_equals_the_one_hot_matmul_of_the_paper() -> None:
     net = built(kind="gromov", width=32)
     x = torch.randint(0, 11, (20, 2))
