@@ -1,9 +1,8 @@
 """How many trials to pack (`resources.pack: auto`): measured, not guessed.
 
 A pack of K trials trains as one stacked model (`packed.py`). Its member-steps per second grow
-with K while the device has capacity to spare and flatten, or fall, once it is saturated (on the
-2-core dev CPU a pack of one already wins; on an H200, Nanda's transformer peaked near K = 64).
-A bigger pack than the knee buys nothing and costs much: results come later (the boundary
+with K while the device has capacity to spare and flatten, or fall, once it is saturated (where,
+depends on the device and the model: bench/README.md has the measured packs). A bigger pack than the knee buys nothing and costs much: results come later (the boundary
 sampler decides from them), fewer packs than slots leave devices idle, and a pack runs as long
 as its slowest member. So `choose` takes the smallest K within `TOLERANCE` of the best rate.
 

@@ -78,3 +78,34 @@ def test_an_experiment_snapshot_is_recognised_by_tunes_file_name(tmp_path: Path)
     assert not compat.has_experiment_snapshot(str(tmp_path))
     (tmp_path / "experiment_state-2026-12-07_03-00-00.json").write_text("{}")
     assert compat.has_experiment_snapshot(str(tmp_path))
+
+
+def test_new_sqlite_stores_are_copies_of_one_template_each_its_own_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow import MlflowClient
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(compat.STORE_TEMPLATE_DIR, str(cache))
+    stores = {}
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        compat.create_sqlite_store(root / "mlflow.db", root / "mlartifacts")
+        stores[name] = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    assert len(list(cache.glob("mlflow-store-*.db"))) == 1  # built once, copied twice
+    # Each copy's Default experiment points at its own artifact root; what one logs, the other lacks.
+    for name, client in stores.items():
+        assert (
+            client.get_experiment("0").artifact_location == (tmp_path / name / "mlartifacts" / "0").as_posix()
+        )
+    run = stores["a"].create_run(stores["a"].create_experiment("x")).info.run_id
+    stores["a"].log_metric(run, "loss", 0.5)
+    assert stores["a"].get_run(run).data.metrics == {"loss": 0.5}
+    assert [e.name for e in stores["b"].search_experiments()] == ["Default"]
+    # A cache that cannot be written: the store is built in place, as before the template.
+    monkeypatch.setenv(compat.STORE_TEMPLATE_DIR, str(tmp_path / "a" / "mlflow.db" / "not-a-dir"))
+    root = tmp_path / "c"
+    root.mkdir()
+    compat.create_sqlite_store(root / "mlflow.db", root / "mlartifacts")
+    assert MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_experiment("0").name == "Default"
