@@ -198,6 +198,12 @@ class ModelConfig:
         choices=("relu", "gelu", "quadratic"),
     )
     layer_norm: bool = setting(False, "pre-LN blocks in the transformer; Nanda et al.'s model has none")
+    bias: bool = setting(
+        True,
+        "biases in the mlp's layers and the transformer's FFN (its attention and unembedding have "
+        "none either way, as Nanda et al.'s); false as Power et al.'s transformer and Prieto et "
+        "al.'s MLP; gromov has none either way",
+    )
     init_scale: float = setting(
         1.0,
         "multiplier on every initial weight (Omnigrok's alpha; > 1 induces grokking)",
@@ -295,6 +301,14 @@ class TrainConfig:
         hi=2**24,
         unit="examples",
         allowed="an integer, 1 <= batch_size <= 2**24, or full",
+    )
+    batch_fraction: float | None = setting(
+        None,
+        "a batch holds at most ceil(batch_fraction * n_train) pairs (null: no such cap); Power et "
+        "al.'s rule min(512, ceil(n_train / 2)) is batch_size 512 with batch_fraction 0.5",
+        lo=0,
+        hi=1,
+        lo_open=True,
     )
     loss: str = setting(
         "cross_entropy",
@@ -669,6 +683,20 @@ class DecayTimeBudget:
 
 
 @dataclass(frozen=True, slots=True)
+class Conditional:
+    """Settings for the trials whose point matches `when`: a study file's `conditional` entry,
+    for arms that differ in more than their axis (e.g. StableMax trained with its own beta2)."""
+
+    when: tuple[tuple[str, Any], ...]
+    """(searched key, one of its values) pairs; all must match."""
+    set: tuple[tuple[str, Any], ...]
+    """(dotted trial key, value) pairs set on the matching trials; no searched key."""
+
+    def matches(self, point: dict[str, Any]) -> bool:
+        return all(key in point and point[key] == value for key, value in self.when)
+
+
+@dataclass(frozen=True, slots=True)
 class Study:
     """A validated study file: a base trial, a search over it, and how to run it."""
 
@@ -682,12 +710,18 @@ class Study:
     auto_max_steps: DecayTimeBudget | None = None
     """`train.max_steps: {auto: ...}`: each trial's budget from its lr and weight decay (the base
     trial holds the largest, `max`, which every check of a budget's upper end reads)."""
+    conditional: tuple[Conditional, ...] = ()
+    """Settings of the trials whose point matches, applied in order after the point's own."""
 
     def trial(self, point: dict[str, Any]) -> TrialConfig:
-        """The base trial with a search point's dotted keys set (with `search.vary_split`,
-        replicate s also splits the data with data.split_seed + s; with `auto_max_steps`, its
-        budget follows its lr and weight decay)."""
+        """The base trial with a search point's dotted keys set, then the `conditional`
+        settings its point matches (with `search.vary_split`, replicate s also splits the data
+        with data.split_seed + s; with `auto_max_steps`, its budget follows its lr and weight
+        decay)."""
         cfg = with_overrides(self.base, point)
+        for c in self.conditional:
+            if c.matches(point):
+                cfg = with_overrides(cfg, dict(c.set))
         if self.search.vary_split:
             cfg = with_overrides(cfg, {"data.split_seed": cfg.data.split_seed + cfg.train.seed})
         if self.auto_max_steps is not None:
@@ -699,8 +733,9 @@ class Study:
 
 TRIAL_SECTIONS: dict[str, type] = get_type_hints(TrialConfig)
 """The sections of a TrialConfig, by name (its fields): the one section-to-class map."""
-NOT_SECTIONS = ("name", "base", "auto_max_steps")
-"""A Study's fields that are no section of the study file (auto_max_steps is read from train.max_steps)."""
+NOT_SECTIONS = ("name", "base", "auto_max_steps", "conditional")
+"""A Study's fields that are no section of the study file (auto_max_steps is read from
+train.max_steps; conditional is a list, read by `study._conditional`)."""
 STUDY_SECTIONS: dict[str, type] = {
     **TRIAL_SECTIONS,
     **{name: cls for name, cls in get_type_hints(Study).items() if name not in NOT_SECTIONS},
@@ -839,8 +874,10 @@ PACK_KEYS: tuple[str, ...] = (
     "model.heads",
     "model.activation",
     "model.layer_norm",
+    "model.bias",
     "train.loss",
     "train.batch_size",
+    "train.batch_fraction",
     "train.eval_every",
     "train.measures_every",
     "train.device",
@@ -855,6 +892,16 @@ PACK_KEYS: tuple[str, ...] = (
 """Dotted paths every member of a pack shares (plus optimizer.grokfast_window under grokfast: ma):
 what fixes the table, the model's shape and the optimizer's structure. Everything else a pack
 holds per member (packed.py)."""
+
+
+def batch_rows(train: TrainConfig, n_train: int) -> int:
+    """Training rows in each step's batch for `n_train` training pairs: batch_size (all of them
+    when full), at most ceil(batch_fraction * n_train), at most n_train. The one rule of a
+    batch's size: the trainers, packs and memory estimates read it here."""
+    rows = n_train if train.batch_size is None else min(train.batch_size, n_train)
+    if train.batch_fraction is not None:
+        rows = min(rows, math.ceil(train.batch_fraction * n_train))
+    return max(rows, 1)
 
 
 def pack_key(cfg: TrialConfig) -> tuple:

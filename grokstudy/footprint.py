@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 
-from grokstudy.config import ModelConfig, TaskConfig, TrialConfig
+from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, batch_rows
 
 FLOAT32, FLOAT64, INT64 = 4, 8, 8
 OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "rmsprop": 1, "sgd": 1}
@@ -67,7 +67,7 @@ def trial_bytes(cfg: TrialConfig, pack: int = 1) -> int:
     state = pack * params * FLOAT32 * (slots + grokfast)
     pairs = vocab * vocab
     data = pairs * (2 * INT64 + INT64) + (pack * pairs if pack > 1 else 0)  # + a bool mask each
-    train_rows = pack * (cfg.train.batch_size or math.ceil(pairs * cfg.data.fraction))
+    train_rows = pack * batch_rows(cfg.train, math.ceil(pairs * cfg.data.fraction))
     per_row = _activations_per_row(cfg.model, vocab) * FLOAT32 + 2 * vocab * FLOAT64  # float64 loss
     activations = max(train_rows, min(pack * pairs, EVAL_ROWS)) * per_row
     return state + data + activations

@@ -34,8 +34,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[model.activation]
         self.embed = nn.Embedding(n_tokens, model.embed_dim)
         widths = [2 * model.embed_dim] + [model.width] * model.depth
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
-        self.unembed = nn.Linear(widths[-1], n_classes)
+        self.hidden = nn.ModuleList(nn.Linear(a, b, bias=model.bias) for a, b in itertools.pairwise(widths))
+        self.unembed = nn.Linear(widths[-1], n_classes, bias=model.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x).flatten(1)  # (B, 2) -> (B, 2, E) -> (B, 2E): [emb(a), emb(b)]
@@ -77,8 +77,8 @@ class Block(nn.Module):
         self.ln_attn = nn.LayerNorm(d) if model.layer_norm else nn.Identity()
         self.attn = Attention(d, model.heads)
         self.ln_mlp = nn.LayerNorm(d) if model.layer_norm else nn.Identity()
-        self.mlp_in = nn.Linear(d, model.width)
-        self.mlp_out = nn.Linear(model.width, d)
+        self.mlp_in = nn.Linear(d, model.width, bias=model.bias)
+        self.mlp_out = nn.Linear(model.width, d, bias=model.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_attn(x))  # (B, T, C)

@@ -71,7 +71,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from grokstudy import measures, tasks, train
-from grokstudy.config import ModelConfig, TaskConfig, TrialConfig, pack_key, to_dict, validate_trial
+from grokstudy.config import (
+    ModelConfig,
+    TaskConfig,
+    TrialConfig,
+    batch_rows,
+    pack_key,
+    to_dict,
+    validate_trial,
+)
 from grokstudy.models import ACTIVATIONS, build_model, decay_groups
 from grokstudy.optim import LOSSES, LossFn
 from grokstudy.records import EvalRecord
@@ -216,10 +224,7 @@ def _data(state: PackState, n: int) -> dict[str, torch.Tensor]:
     device, cfgs = state.device, state.cfgs
     splits = [tasks.split(n, cfg.data)[0] for cfg in cfgs]  # `tasks.build_dataset`'s split, to the row
     state.train_rows = [rows.to(device) for rows in splits]
-    sizes = [
-        len(r) if train.full_batch(c.train, len(r)) else c.train.batch_size
-        for c, r in zip(cfgs, splits, strict=True)
-    ]
+    sizes = [batch_rows(c.train, len(r)) for c, r in zip(cfgs, splits, strict=True)]
     weight = torch.zeros(len(cfgs), max(sizes), dtype=torch.float64)
     padded = torch.zeros(len(cfgs), max(sizes), dtype=torch.long)
     mask = torch.zeros(len(cfgs), n, dtype=torch.bool)
@@ -500,8 +505,8 @@ def _mlp(model: ModelConfig, p: dict[str, torch.Tensor], x: torch.Tensor, n_toke
     act = ACTIVATIONS[model.activation]
     h = _embed(p["embed.weight"], x).flatten(2)  # (R, B, 2E)
     for i in range(model.depth):
-        h = act(_linear(h, p[f"hidden.{i}.weight"], p[f"hidden.{i}.bias"]))  # (R, B, width)
-    return _linear(h, p["unembed.weight"], p["unembed.bias"])  # (R, B, C)
+        h = act(_linear(h, p[f"hidden.{i}.weight"], p.get(f"hidden.{i}.bias")))  # (R, B, width)
+    return _linear(h, p["unembed.weight"], p.get("unembed.bias"))  # (R, B, C)
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -536,8 +541,8 @@ def _transformer(
         y = _causal_attention(q, k, v).transpose(1, 2).reshape(r, b * 3, d)
         h = h + _linear(y, p[pre + "attn.out.weight"])
         m = _layer_norm(h, p, pre + "ln_mlp", model)
-        m = act(_linear(m, p[pre + "mlp_in.weight"], p[pre + "mlp_in.bias"]))
-        h = h + _linear(m, p[pre + "mlp_out.weight"], p[pre + "mlp_out.bias"])
+        m = act(_linear(m, p[pre + "mlp_in.weight"], p.get(pre + "mlp_in.bias")))
+        h = h + _linear(m, p[pre + "mlp_out.weight"], p.get(pre + "mlp_out.bias"))
     last = _layer_norm(h.view(r, b, 3, d)[:, :, -1], p, "ln_final", model)  # (R, B, C), read at "="
     return _linear(last, p["unembed.weight"])
 

@@ -32,12 +32,13 @@ from grokstudy.config import (
     SAMPLERS,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
+    Conditional,
     DecayTimeBudget,
     Spec,
     allowed_text,
     plain,
 )
-from grokstudy.study import AUTO_STEPS_EXAMPLE, DIM_KEYS, NAME, SPECS, TYPES
+from grokstudy.study import AUTO_STEPS_EXAMPLE, CONDITIONAL_EXAMPLE, DIM_KEYS, NAME, SPECS, TRIAL_KEYS, TYPES
 
 REFERENCE = Path("docs/study-reference.md")
 SCHEMA = Path("studies/study.schema.json")
@@ -70,8 +71,21 @@ def study_schema() -> dict[str, Any]:
                 "over, key by key",
             },
             **sections,
+            "conditional": _conditional_schema(),
         },
     }
+
+
+def _conditional_schema() -> dict[str, Any]:
+    """conditional: [{when: {searched key: value}, set: {trial key: value}}, ...]."""
+    keys = {"type": "object", "minProperties": 1, "propertyNames": {"enum": list(TRIAL_KEYS)}}
+    entry = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["when", "set"],
+        "properties": {"when": keys, "set": keys},
+    }
+    return {"type": "array", "items": entry, "description": _doc(Conditional)}
 
 
 def _section_schema(section: str, cls: type) -> dict[str, Any]:
@@ -208,7 +222,18 @@ def reference_markdown(papers: dict[str, set[str]]) -> str:
         if section == "train":
             lines += ["", _auto_steps_doc()]
         lines.append("")
+    lines += ["## `conditional`", "", _CONDITIONAL_DOC, ""]
     return "\n".join(lines)
+
+
+_CONDITIONAL_DOC = (
+    "A list of `{when: {searched key: value, ...}, set: {trial key: value, ...}}` entries (e.g. "
+    f"`{CONDITIONAL_EXAMPLE}`): a trial whose point has every `when` value takes the `set` values too, "
+    "entry by entry in order, after its point's own (the arms of a paper that differ in more than "
+    "their axis). `when` names axes with listed values (or grid points) and one of those values; "
+    "`set` names keys the search leaves alone (not `train.seed`). The trial's id and point stay the "
+    "axis values; its MLflow params hold what it ran with."
+)
 
 
 _SPACE_DOC = (

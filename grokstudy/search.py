@@ -160,6 +160,8 @@ class LatticeSampler(optuna.samplers.BaseSampler):
         self._cells = list(itertools.product(*space.values()))
         self._index = {cell: i for i, cell in enumerate(self._cells)}
         self._seed = seed
+        self._last_held: list[tuple] | None = None
+        self._last_next: int | None = None
 
     # -- Optuna's sampler interface --
 
@@ -180,8 +182,15 @@ class LatticeSampler(optuna.samplers.BaseSampler):
 
     def next_cell(self, study: Any) -> int | None:
         """The next point x seed to run, or None when there is none now."""
-        taken = self.taken(study)
-        return next((i for i in self.order(study, taken) if i not in taken), None)
+        # Asked twice per trial (the ledger checks there is one, then Optuna's ask assigns it)
+        # over the same held trials: an adaptive order is worth computing once (a 33 x 33
+        # boundary study's dry run: 23 s -> 14 s).
+        held = [(t.number, cell, t.state, t.user_attrs.get(PHASE)) for t, cell in self.held(study)]
+        if held != self._last_held:
+            taken = {cell for _, cell, _, _ in held}
+            self._last_held = held
+            self._last_next = next((i for i in self.order(study, taken) if i not in taken), None)
+        return self._last_next
 
     def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
         cell = trial.system_attrs[CELL_ATTR]

@@ -36,6 +36,7 @@ from grokstudy.config import (
     PHASE_RULES,
     STUDY_SECTIONS,
     TRIAL_SECTIONS,
+    Conditional,
     DecayTimeBudget,
     RunConfig,
     SearchConfig,
@@ -59,7 +60,7 @@ from grokstudy.uris import STORAGE_SCHEMES, has_credentials
 
 # ---- the schema (read off config.py) ---------------------------------------------------------------
 
-TOP_LEVEL = ("name", *STUDY_SECTIONS)
+TOP_LEVEL = ("name", *STUDY_SECTIONS, "conditional")
 DIM_FORMS = ("log", "range", "values", "choice")
 DIM_KEYS = (*DIM_FORMS, "points", "integer")
 MAX_POINTS = 10_000
@@ -316,6 +317,11 @@ def study_to_dict(study: Study) -> dict[str, Any]:
     out["search"]["space"] = {dim.key: _dim_to_dict(dim) for dim in s.space}
     for section in ("phases", "resources", "run", "diagram"):
         out[section] = to_dict(getattr(study, section))
+    if study.conditional:  # only when used: older studies keep their fingerprints
+        out["conditional"] = [
+            {"when": {k: plain(v) for k, v in c.when}, "set": {k: plain(v) for k, v in c.set}}
+            for c in study.conditional
+        ]
     return out
 
 
@@ -330,6 +336,8 @@ def fingerprint(study: Study) -> dict[str, str]:
     data = study_to_dict(study)
     data["search.space"] = data["search"].pop("space")  # one key per axis
     flat = {"name": json.dumps(data.pop("name"))}
+    if "conditional" in data:
+        flat["conditional"] = json.dumps(data.pop("conditional"), sort_keys=True)
     flat |= {f"{s}.{k}": json.dumps(v, sort_keys=True) for s, part in data.items() for k, v in part.items()}
     return {k: v for k, v in flat.items() if not k.startswith(RESUMABLE_CHANGES)}
 
@@ -507,7 +515,10 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
     sections["phases"] = PHASE_RULES.get(sections["phases"].get("rule", "default"), {}) | sections["phases"]
     configs = {s: STUDY_SECTIONS[s](**kwargs) for s, kwargs in sections.items()}
     base = TrialConfig(**{s: configs.pop(s) for s in TRIAL_SECTIONS})
-    study = Study(name=name, base=base, search=search, auto_max_steps=auto, **configs)
+    conditional = _conditional(data.get("conditional"), search, auto is not None, problems, bad)
+    study = Study(
+        name=name, base=base, search=search, auto_max_steps=auto, conditional=conditional, **configs
+    )
     if auto is not None and any(d.key == "train.max_steps" for d in search.space):
         problems.append(StudyError("search.space.train.max_steps", "searched while train.max_steps is auto "
                                    "(each point's budget from its lr and weight decay); keep one: drop "
@@ -521,10 +532,77 @@ def _parse(data: Any, source: str, overrides: Sequence[str] = ()) -> Study:
             problems.append(_unknown("diagram.labels", key, TRIAL_KEYS, ANY_TRIAL_KEY))
     if study.diagram.x == study.diagram.y:
         problems.append(StudyError("diagram.y", "the same key as diagram.x; a phase diagram needs two axes"))
-    _cross_checks(base, {d.key: d for d in search.space}, problems, bad)
+    _cross_checks(base, {d.key: d for d in search.space}, problems, bad, conditional)
     _check_places(study.run, problems)
     raise_all(problems)
     return study
+
+
+CONDITIONAL_EXAMPLE = "[{when: {train.loss: stablemax}, set: {optimizer.betas: [0.9, 0.999]}}]"
+
+
+def _conditional(
+    raw: Any, search: SearchConfig, auto_steps: bool, problems: list[StudyError], bad: set[str]
+) -> tuple[Conditional, ...]:
+    """`conditional: [{when: {searched key: value}, set: {trial key: value}}, ...]` read and
+    checked: `when` names searched keys and values on their lists, `set` trial keys nobody
+    searches; entries with a problem are reported and left out."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(
+            StudyError("conditional", f"a list of {{when, set}} entries, e.g. {CONDITIONAL_EXAMPLE}")
+        )
+        return ()
+    dims = {d.key: d for d in search.space}
+    out = []
+    for i, entry in enumerate(raw):
+        path = f"conditional[{i}]"
+        n_before = len(problems)
+        if not isinstance(entry, dict) or set(entry) != {"when", "set"}:
+            problems.append(StudyError(path, f"an entry has exactly when and set (got {show(entry)})"))
+            continue
+        parts: dict[str, list[tuple[str, Any]]] = {"when": [], "set": []}
+        for part in ("when", "set"):
+            items = entry[part]
+            if not isinstance(items, dict) or not items:
+                problems.append(
+                    StudyError(f"{path}.{part}", f"a non-empty mapping of dotted keys (got {show(items)})")
+                )
+                continue
+            for key, value in items.items():
+                where = f"{path}.{part}.{key}"
+                if key not in TRIAL_KEYS:
+                    problems.append(_unknown(where, str(key), TRIAL_KEYS, ANY_TRIAL_KEY))
+                    continue
+                dim = dims.get(key)
+                if part == "when" and (dim is None or not dim.is_discrete):
+                    problems.append(StudyError(where, "not an axis with listed values in search.space; "
+                                               "conditional settings follow a searched value"))  # fmt: skip
+                    continue
+                if part == "set" and (dim is not None or key == "train.seed"):
+                    problems.append(StudyError(where, "searched (its value comes from the point); "
+                                               "set only keys the search leaves alone"))  # fmt: skip
+                    continue
+                if part == "set" and key == "train.max_steps" and auto_steps:
+                    problems.append(StudyError(where, "train.max_steps is auto here (each point's budget "
+                                               "from its lr and weight decay); keep one"))  # fmt: skip
+                    continue
+                try:
+                    typed = _check(key, _coerce(key, TYPES[key], value))
+                except _Bad as e:
+                    problems.append(StudyError(where, str(e)))
+                    continue
+                if part == "when" and typed not in dim.grid:
+                    problems.append(StudyError(where, f"{show(value)} is not one of the axis's values "
+                                               f"({', '.join(show(v) for v in dim.grid[:8])})"))  # fmt: skip
+                    continue
+                parts[part].append((key, typed))
+        if len(problems) == n_before:
+            out.append(Conditional(tuple(parts["when"]), tuple(parts["set"])))
+        else:
+            bad.update(k for k, _ in parts["set"])
+    return tuple(out)
 
 
 def _auto_max_steps(
@@ -891,14 +969,19 @@ def _describe_dim(dim: SearchDim, sampler: str) -> str:
 
 
 def _cross_checks(
-    base: TrialConfig, dims: dict[str, SearchDim], problems: list[StudyError], bad: set[str]
+    base: TrialConfig,
+    dims: dict[str, SearchDim],
+    problems: list[StudyError],
+    bad: set[str],
+    conditional: Sequence[Conditional] = (),
 ) -> None:
-    """`config.cross_problems` over every value a key can take (base or searched)."""
+    """`config.cross_problems` over every value a key can take (base, searched or set by a
+    `conditional` entry)."""
 
     def values(key: str, ends: bool) -> list[Any] | None:
         dim = dims.get(key)
         if dim is None:
-            return [get_path(base, key)]
+            return [get_path(base, key), *(v for c in conditional for k, v in c.set if k == key)]
         if dim.is_discrete:
             return list(dim.grid)
         return list(dim.log or dim.range or ()) if ends else None

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from grokstudy import measures
-from grokstudy.config import TrainConfig, TrialConfig, to_dict, validate_trial
+from grokstudy.config import TrainConfig, TrialConfig, batch_rows, to_dict, validate_trial
 from grokstudy.errors import StudyError
 from grokstudy.models import build_model
 from grokstudy.optim import LossFn, Optimizer, build_loss, build_optimizer
@@ -266,15 +266,15 @@ def _batches(
 
 
 def full_batch(train: TrainConfig, n: int) -> bool:
-    """Does every step train on all n training pairs (`batch_size` null, or not below n)?"""
-    return train.batch_size is None or train.batch_size >= n
+    """Does every step train on all n training pairs (`config.batch_rows`)?"""
+    return batch_rows(train, n) >= n
 
 
 def minibatch(train: TrainConfig, n: int, step: int, generator: torch.Generator) -> torch.Tensor:
-    """Rows of the training set in step's minibatch: `batch_size` distinct ones, drawn from a
+    """Rows of the training set in step's minibatch: `batch_rows` distinct ones, drawn from a
     generator seeded by (train.seed, step) alone, so a restore needs no RNG state."""
     generator.manual_seed(((train.seed << 32) + step) % 2**64)
-    return torch.randperm(n, generator=generator, device=generator.device)[: train.batch_size]
+    return torch.randperm(n, generator=generator, device=generator.device)[: batch_rows(train, n)]
 
 
 @contextlib.contextmanager

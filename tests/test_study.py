@@ -735,3 +735,76 @@ def test_grokstudy_validate_refuses_each_bad_auto_budget_in_one_line_exit_2(
     assert exc.value.code == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"grokstudy validate: error: {path}: ") and fragment in line, line
+
+
+# ---- conditional settings ----------------------------------------------------------------------
+
+CONDITIONAL_STUDY = STUDY.replace(
+    "    data.fraction: {range: [0.2, 0.8], points: 4}",
+    "    data.fraction: {range: [0.2, 0.8], points: 4}\n    train.loss: {choice: [cross_entropy, stablemax]}",
+) + (
+    "conditional:\n"
+    "  - when: {train.loss: stablemax}\n"
+    "    set: {optimizer.betas: [0.9, 0.999], model.bias: false}\n"
+    "  - when: {train.loss: stablemax, optimizer.weight_decay: 10.0}\n"
+    "    set: {optimizer.betas: [0.9, 0.99]}\n"
+)
+
+
+def test_conditional_settings_apply_to_the_matching_points_in_order_and_round_trip(tmp_path: Path) -> None:
+    s = load_study(write(tmp_path, CONDITIONAL_STUDY))
+    point = {"optimizer.weight_decay": 0.1, "data.fraction": 0.4, "train.loss": "stablemax"}
+    assert (s.trial(point).optimizer.betas, s.trial(point).model.bias) == ((0.9, 0.999), False)
+    later = s.trial(point | {"optimizer.weight_decay": 10.0})  # the second entry wins where both match
+    assert (later.optimizer.betas, later.model.bias) == ((0.9, 0.99), False)
+    other = s.trial(point | {"train.loss": "cross_entropy"})
+    assert (other.optimizer.betas, other.model.bias) == (s.base.optimizer.betas, True)
+    resolved = study_to_dict(s)
+    assert resolved["conditional"][0] == {
+        "when": {"train.loss": "stablemax"},
+        "set": {"optimizer.betas": [0.9, 0.999], "model.bias": False},
+    }
+    assert load_study(write(tmp_path, yaml.safe_dump(resolved, sort_keys=False))) == s
+    assert "conditional" not in study_to_dict(load_study(write(tmp_path, STUDY)))  # old fingerprints stay
+    changed = load_study(write(tmp_path, CONDITIONAL_STUDY.replace("[0.9, 0.999]", "[0.9, 0.98]")))
+    [(key, why)] = study_mod.compare(s, changed).refused
+    assert key == "conditional" and why.endswith(study_mod.CHANGES_MEANING)
+
+
+CONDITIONAL_REFUSALS = {
+    "a list of mappings": ("  - when: {train.loss: stablemax}\n", "  - stablemax\n  - when: {train.loss: stablemax}\n", "conditional[0]", "exactly when and set"),
+    "an unsearched when": ("when: {train.loss: stablemax}\n", "when: {optimizer.lr: 0.001}\n", "conditional[0].when.optimizer.lr", "follow a searched value"),
+    "a value off the axis": ("when: {train.loss: stablemax}\n", "when: {train.loss: mse}\n", "conditional[0].when.train.loss", "not one of the axis's values"),
+    "a searched set": ("model.bias: false}", "data.fraction: 0.5}", "conditional[0].set.data.fraction", "searched"),
+    "a bad value": ("model.bias: false}", "model.bias: 3}", "conditional[0].set.model.bias", "expected true or false"),
+    "an unknown key": ("model.bias: false}", "model.biass: false}", "conditional[0].set.model.biass", "did you mean 'model.bias'?"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "fragment"), CONDITIONAL_REFUSALS.values(), ids=CONDITIONAL_REFUSALS.keys()
+)
+def test_each_bad_conditional_entry_is_one_line_naming_its_key_exit_2(
+    tmp_path: Path, old: str, new: str, path: str, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from grokstudy.cli import main
+
+    assert old in CONDITIONAL_STUDY
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(write(tmp_path, CONDITIONAL_STUDY.replace(old, new, 1)))])
+    assert exc.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"grokstudy validate: error: {path}: ") and fragment in line, line
+
+
+def test_a_batch_holds_batch_size_rows_at_most_batch_fraction_of_the_training_set(tmp_path: Path) -> None:
+    from grokstudy.config import TrainConfig, batch_rows
+
+    power = TrainConfig(batch_size=512, batch_fraction=0.5)  # Power et al.'s min(512, ceil(n / 2))
+    assert [batch_rows(power, n) for n in (1, 101, 1024, 1025, 9409)] == [1, 51, 512, 512, 512]
+    assert [batch_rows(TrainConfig(batch_size=b), 100) for b in (None, 32, 500)] == [100, 32, 100]
+    assert batch_rows(TrainConfig(batch_fraction=0.25), 101) == 26  # full, capped
+    s = load_study(write(tmp_path, STUDY), ["train.batch_size=512", "train.batch_fraction=0.5"])
+    assert (s.base.train.batch_size, s.base.train.batch_fraction) == (512, 0.5)
+    [line] = error_lines(tmp_path, STUDY, ("train.batch_fraction=1.5",))
+    assert line == "train.batch_fraction: out of range (got 1.5); allowed: 0 < batch_fraction <= 1"
