@@ -198,6 +198,13 @@ class ModelConfig:
         choices=("relu", "gelu", "quadratic"),
     )
     layer_norm: bool = setting(False, "pre-LN blocks in the transformer; Nanda et al.'s model has none")
+    inputs: str = setting(
+        "embed",
+        "how the mlp reads its operands: embed (one embedding table for both, concatenated) or "
+        "onehot (one-hot(a) ‖ one-hot(b) into the first layer, nn.Linear's init, as Prieto et "
+        "al.'s MLP; embed_dim unused); the transformer embeds, gromov reads one-hot, either way",
+        choices=("embed", "onehot"),
+    )
     bias: bool = setting(
         True,
         "biases in the mlp's layers and the transformer's FFN (its attention and unembedding have "
@@ -783,6 +790,14 @@ def cross_problems(
                 ("model.embed_std", "model.kind gromov has no embedding (one-hot operands): leave it out")
             )
 
+    onehot = "onehot" in values("model.inputs", False)
+    if ok("model.kind", "model.inputs") and onehot and "mlp" not in values("model.kind", False):
+        out.append(("model.inputs", "onehot is an input of model.kind mlp (the transformer embeds, gromov "
+                    "reads one-hot either way): leave it out"))  # fmt: skip
+    if ok("model.inputs", "model.embed_std") and onehot:
+        if any(v is not None for v in values("model.embed_std", True) or ()):
+            out.append(("model.embed_std", "model.inputs onehot has no embedding table: leave it out"))
+
     if ok("task.op", "task.p") and "x/y" in values("task.op", False):
         ps = values("task.p", False)
         if ps is None:
@@ -875,6 +890,7 @@ PACK_KEYS: tuple[str, ...] = (
     "model.activation",
     "model.layer_norm",
     "model.bias",
+    "model.inputs",
     "train.loss",
     "train.batch_size",
     "train.batch_fraction",

@@ -30,14 +30,15 @@ def vocabulary(task: TaskConfig) -> int:
 
 def parameters(model: ModelConfig, vocab: int) -> int:
     """Trainable parameters of `models.build_model(model, vocab, vocab)`, counted exactly."""
-    e, w, depth = model.embed_dim, model.width, model.depth
+    e, w, depth, b = model.embed_dim, model.width, model.depth, int(model.bias)
     if model.kind == "mlp":
-        widths = [2 * e] + [w] * depth
-        hidden = sum(a * b + b for a, b in zip(widths, widths[1:], strict=False))
-        return vocab * e + hidden + widths[-1] * vocab + vocab
+        onehot = model.inputs == "onehot"
+        widths = [2 * vocab if onehot else 2 * e] + [w] * depth
+        hidden = sum(i * o + b * o for i, o in zip(widths, widths[1:], strict=False))
+        return (0 if onehot else vocab * e) + hidden + widths[-1] * vocab + b * vocab
     if model.kind == "transformer":
         norm = 2 * e if model.layer_norm else 0
-        block = 2 * norm + 3 * e * e + e * e + (e * w + w) + (w * e + e)
+        block = 2 * norm + 3 * e * e + e * e + (e * w + b * w) + (w * e + b * e)
         return (vocab + 1) * e + 3 * e + depth * block + norm + e * vocab
     if model.kind == "gromov":
         return 2 * vocab * w + w * vocab
@@ -48,7 +49,7 @@ def _activations_per_row(model: ModelConfig, vocab: int) -> int:
     """float32 values one input row keeps for the backward pass (generously)."""
     e, w, depth = model.embed_dim, model.width, model.depth
     if model.kind == "mlp":
-        per_row = 2 * e + 2 * w * depth
+        per_row = (2 * vocab if model.inputs == "onehot" else 2 * e) + 2 * w * depth
     elif model.kind == "transformer":
         per_row = 3 * depth * (8 * e + 2 * w) + 3 * e
     else:

@@ -27,24 +27,39 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """Shared operand embedding, concatenated, `depth` hidden layers, unembedding."""
+    """Shared operand embedding, concatenated, `depth` hidden layers, unembedding; or, with
+    `inputs: onehot`, one-hot(a) ‖ one-hot(b) straight into the first hidden layer (Prieto et
+    al. 2025's MLP), computed as two row lookups of its weight as in `Gromov`."""
 
     def __init__(self, model: ModelConfig, n_tokens: int, n_classes: int) -> None:
         super().__init__()
         self.act = ACTIVATIONS[model.activation]
-        self.embed = nn.Embedding(n_tokens, model.embed_dim)
-        widths = [2 * model.embed_dim] + [model.width] * model.depth
+        self.n_tokens = n_tokens
+        self.onehot = model.inputs == "onehot"
+        self.embed = None if self.onehot else nn.Embedding(n_tokens, model.embed_dim)
+        widths = [2 * n_tokens if self.onehot else 2 * model.embed_dim] + [model.width] * model.depth
         self.hidden = nn.ModuleList(nn.Linear(a, b, bias=model.bias) for a, b in itertools.pairwise(widths))
         self.unembed = nn.Linear(widths[-1], n_classes, bias=model.bias)
+        self.register_buffer("offset", torch.tensor([0, n_tokens]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x).flatten(1)  # (B, 2) -> (B, 2, E) -> (B, 2E): [emb(a), emb(b)]
-        for layer in self.hidden:
+        layers = iter(self.hidden)
+        if self.onehot:
+            first = next(layers)
+            h = F.embedding(x + self.offset, first.weight.t()).sum(1)  # (B, 2, width) -> (B, width)
+            h = self.act(h if first.bias is None else h + first.bias)
+        else:
+            h = self.embed(x).flatten(1)  # (B, 2) -> (B, 2, E) -> (B, 2E): [emb(a), emb(b)]
+        for layer in layers:
             h = self.act(layer(h))  # (B, width)
         return self.unembed(h)  # (B, n_classes)
 
     def operand_embeddings(self) -> list[torch.Tensor]:
-        """[n_tokens, E] per operand (shared here), for the Fourier measure."""
+        """[n_tokens, E] per operand (one shared table, or the first layer's halves), for the
+        Fourier measure."""
+        if self.onehot:
+            w = self.hidden[0].weight.t()  # (2n, width)
+            return [w[: self.n_tokens], w[self.n_tokens :]]
         return [self.embed.weight]
 
 

@@ -503,8 +503,15 @@ def _layer_norm(h: torch.Tensor, p: dict[str, torch.Tensor], name: str, model: M
 def _mlp(model: ModelConfig, p: dict[str, torch.Tensor], x: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """models.MLP with every weight batched over members."""
     act = ACTIVATIONS[model.activation]
-    h = _embed(p["embed.weight"], x).flatten(2)  # (R, B, 2E)
-    for i in range(model.depth):
+    first = 0
+    if model.inputs == "onehot":  # models.MLP's two lookups of the first layer's weight
+        offset = torch.tensor([0, n_tokens], device=x.device)
+        h = _embed(p["hidden.0.weight"].transpose(1, 2), x + offset).sum(2)  # (R, B, width)
+        bias = p.get("hidden.0.bias")
+        h, first = act(h if bias is None else h + bias.unsqueeze(1)), 1
+    else:
+        h = _embed(p["embed.weight"], x).flatten(2)  # (R, B, 2E)
+    for i in range(first, model.depth):
         h = act(_linear(h, p[f"hidden.{i}.weight"], p.get(f"hidden.{i}.bias")))  # (R, B, width)
     return _linear(h, p["unembed.weight"], p.get("unembed.bias"))  # (R, B, C)
 

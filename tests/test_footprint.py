@@ -14,10 +14,14 @@ MODELS = [
     ModelConfig(kind="transformer", embed_dim=32, width=64, depth=1, heads=4),
     ModelConfig(kind="transformer", embed_dim=16, width=48, depth=2, heads=2, layer_norm=True),
     ModelConfig(kind="gromov", width=40),
+    ModelConfig(kind="mlp", width=24, depth=2, bias=False, inputs="onehot"),
+    ModelConfig(kind="transformer", embed_dim=16, width=48, depth=2, heads=2, bias=False),
 ]
 
 
-@pytest.mark.parametrize("model", MODELS, ids=lambda m: f"{m.kind}-d{m.depth}-ln{int(m.layer_norm)}")
+@pytest.mark.parametrize(
+    "model", MODELS, ids=lambda m: f"{m.kind}-d{m.depth}-ln{int(m.layer_norm)}-b{int(m.bias)}-{m.inputs}"
+)
 @pytest.mark.parametrize("task", [TaskConfig(op="x+y", p=13), TaskConfig(op="perm", n=4)], ids=["p13", "S4"])
 def test_the_parameter_count_is_torchs(model: ModelConfig, task: TaskConfig) -> None:
     vocab = footprint.vocabulary(task)

@@ -139,6 +139,9 @@ CURVES = {
     ),
     # p = 11, weight decay 0.1: 43x under the tolerance here (at p = 13, 1.0 one member trains
     # through a chaotic stretch, 7e-4 by step 200, as above).
+    "mlp-onehot-no-bias": trial(
+        13, replace(MLP, inputs="onehot", bias=False, depth=2), OptimConfig(lr=1e-2, betas=(0.9, 0.99))
+    ),
     "transformer-no-bias": trial(
         11, replace(TRANSFORMER, bias=False), OptimConfig(lr=3e-3, weight_decay=0.1), 200
     ),
@@ -484,7 +487,14 @@ def test_checkpoint_is_one_weights_only_file_for_exactly_its_members(tmp_path: P
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's loop over CPU flash attention
 @pytest.mark.parametrize(
     "model",
-    [MLP, replace(MLP, bias=False), GROMOV, TRANSFORMER, replace(TRANSFORMER, layer_norm=True, bias=False)],
+    [
+        MLP,
+        replace(MLP, bias=False),
+        replace(MLP, inputs="onehot", depth=2),
+        GROMOV,
+        TRANSFORMER,
+        replace(TRANSFORMER, layer_norm=True, bias=False),
+    ],
 )
 def test_batched_forward_equals_each_members_module(
     model: ModelConfig, monkeypatch: pytest.MonkeyPatch

@@ -82,7 +82,8 @@ def cost_s(study) -> float:
         if m.kind == "gromov":
             params, tokens = m.width * vocab, 1
         elif m.kind == "mlp":
-            params, tokens = 2 * m.embed_dim * m.width + (m.depth - 1) * m.width**2 + m.width * vocab, 1
+            inputs = 2 * vocab if m.inputs == "onehot" else 2 * m.embed_dim
+            params, tokens = inputs * m.width + (m.depth - 1) * m.width**2 + m.width * vocab, 1
         else:
             d = m.embed_dim
             params, tokens = m.depth * (4 * d * d + 2 * d * m.width) + d * vocab, 3

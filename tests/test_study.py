@@ -219,6 +219,22 @@ MALFORMED = {
         "diagram.labels",
         "expected a mapping of dotted keys to labels",
     ),
+    "one-hot inputs to a transformer": (
+        (
+            "model: {kind: mlp, embed_dim: 16, width: 64}",
+            "model: {kind: transformer, embed_dim: 16, width: 64, inputs: onehot}",
+        ),
+        "model.inputs",
+        "onehot is an input of model.kind mlp",
+    ),
+    "an embedding std without an embedding": (
+        (
+            "model: {kind: mlp, embed_dim: 16, width: 64}",
+            "model: {kind: mlp, width: 64, inputs: onehot, embed_std: 1.0}",
+        ),
+        "model.embed_std",
+        "model.inputs onehot has no embedding table",
+    ),
     "repeated integer grid values": (
         ("  seeds: 2", "    model.width: {log: [1, 4], points: 9}\n  seeds: 2"),
         "search.space.model.width",
