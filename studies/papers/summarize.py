@@ -55,10 +55,13 @@ class Contrast:
         return f"{self.measure}: {sides[0]} vs {sides[1]}" + (f", at {same}" if same else "")
 
 
-def adjacent(measure: str, key: str, values: list[Any], at: dict[str, Any] | None = None) -> list[Contrast]:
-    """Each value of `key` against the next one up, as independent groups."""
+def adjacent(
+    measure: str, key: str, values: list[Any], at: dict[str, Any] | None = None, paired: bool = False
+) -> list[Contrast]:
+    """Each value of `key` against the next one up: independent groups, or `paired` (each seed
+    against itself at the same values of the other searched keys)."""
     at = at or {}
-    return [Contrast(measure, {**at, key: lo}, {**at, key: hi}) for lo, hi in pairwise(values)]
+    return [Contrast(measure, {**at, key: lo}, {**at, key: hi}, paired) for lo, hi in pairwise(values)]
 
 
 PLAIN_FLOAT32 = {LOSS: "cross_entropy_float32", ORTHOGRAD: False}
@@ -69,9 +72,11 @@ PLAIN_FLOAT32 = {LOSS: "cross_entropy_float32", ORTHOGRAD: False}
 CLAIMS: dict[str, Callable[[dict[str, list[Any]]], list[Contrast]]] = {
     # time to generalize (loss) rises steeply as the fraction falls
     "nanda2023": lambda v: adjacent("t_val_loss", FRACTION, v[FRACTION]),
-    # the same in accuracy, for each operation; harder operations need more (same seed and fraction)
+    # the same in accuracy, every operation at once (each seed of each operation against itself
+    # at the next fraction: more pairs than one operation's seeds); harder operations need more
+    # (same seed and fraction)
     "power2022": lambda v: [
-        *(c for op in v[OP] for c in adjacent("t_val", FRACTION, v[FRACTION], {OP: op})),
+        *adjacent("t_val", FRACTION, v[FRACTION], paired=True),
         *(Contrast("t_val", {OP: op}, {OP: "x+y"}, paired=True) for op in v[OP] if op != "x+y"),
     ],
     # weight decay is the strongest lever: the largest against each smaller, same seed and fraction
