@@ -232,7 +232,8 @@ _CONDITIONAL_DOC = (
     "entry by entry in order, after its point's own (the arms of a paper that differ in more than "
     "their axis). `when` names axes with listed values (or grid points) and one of those values; "
     "`set` names keys the search leaves alone (not `train.seed`). The trial's id and point stay the "
-    "axis values; its MLflow params hold what it ran with."
+    "axis values; its MLflow params hold what it ran with. `grokstudy train --study` applies them "
+    "too, where the trial's own values match (a key given with `--set` stays as given)."
 )
 
 

@@ -281,7 +281,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None) -> TrialConfig:
     """One validated trial for `grokstudy train`: the study's base trial (or the
-    defaults) with `--set` keys of the trial applied (`task.op=x/y`, `optimizer.lr=1e-3`)."""
+    defaults) with `--set` keys of the trial applied (`task.op=x/y`, `optimizer.lr=1e-3`), then
+    the study's `conditional` settings its values match (a key set with `--set` stays)."""
     study = load_study(base_file) if base_file is not None else None
     raw = to_dict(study.base if study is not None else TrialConfig())
     problems: list[StudyError] = []
@@ -294,6 +295,9 @@ def trial_from_overrides(overrides: Sequence[str], base_file: Path | None = None
             problems.append(_unknown(f"--set {key}", key, TRIAL_KEYS, "a trial key: " + ANY_TRIAL_KEY))
     bad: set[str] = set()
     trial = TrialConfig(**{s: cls(**_section(s, raw[s], problems, bad)) for s, cls in TRIAL_SECTIONS.items()})
+    for c in study.conditional if study is not None else ():  # as a study's trial, but --set wins
+        if all(get_path(trial, key) == value for key, value in c.when):
+            trial = with_overrides(trial, {key: value for key, value in c.set if key not in items})
     auto = study.auto_max_steps if study is not None else None
     if auto is not None and "train.max_steps" not in items:  # the study's budget at this lr and decay
         o = trial.optimizer

@@ -782,6 +782,11 @@ def test_conditional_settings_apply_to_the_matching_points_in_order_and_round_tr
     }
     assert load_study(write(tmp_path, yaml.safe_dump(resolved, sort_keys=False))) == s
     assert "conditional" not in study_to_dict(load_study(write(tmp_path, STUDY)))  # old fingerprints stay
+    path = write(tmp_path, CONDITIONAL_STUDY)  # `grokstudy train` takes them too; --set wins
+    assert trial_from_overrides(["train.loss=stablemax"], path).optimizer.betas == (0.9, 0.999)
+    mine = trial_from_overrides(["train.loss=stablemax", "optimizer.betas=[0.9, 0.95]"], path)
+    assert (mine.optimizer.betas, mine.model.bias) == ((0.9, 0.95), False)
+    assert trial_from_overrides([], path).optimizer.betas == s.base.optimizer.betas
     changed = load_study(write(tmp_path, CONDITIONAL_STUDY.replace("[0.9, 0.999]", "[0.9, 0.98]")))
     [(key, why)] = study_mod.compare(s, changed).refused
     assert key == "conditional" and why.endswith(study_mod.CHANGES_MEANING)
