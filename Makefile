@@ -55,7 +55,7 @@ gallery: setup  ## docs/gallery/: the quickstart's figures and report (runs the 
 	[ -f runs/quickstart/report.html ] || $(BIN)/grokstudy report runs/quickstart
 	$(BIN)/python docs/gallery/screenshots.py report runs/quickstart docs/gallery/report.png  # needs chromium
 
-papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about 30 minutes on 2 cores)
+papers: setup  ## every studies/papers/*-cpu.yaml reproduction, then docs/reproductions/'s figures and numbers (about 35 minutes on 2 cores)
 	for f in studies/papers/*-cpu.yaml; do \
 		n=$$(basename $$f .yaml); \
 		$(BIN)/grokstudy run $$f --out runs/papers/$$n --format png || exit 1; \
