@@ -820,7 +820,7 @@ class Axis:
         set_lim(lo, hi)
         if self.kind == "category":
             set_ticks(range(len(self.values)), [_fmt(v) for v in self.values])
-        elif self.kind == "log" and grid:  # the zero slot's value formats as "0"
+        elif grid:  # a cell per value, ticked at its value (a log grid's zero slot reads "0")
             labels = [_fmt(v) for v in self.values]
             every = math.ceil(len(labels) / MAX_TICK_LABELS)
             if which == "x":  # side by side, labels also need their width
@@ -934,7 +934,8 @@ class _Data:
             text = f"{self.seeds} seed{'s' if self.seeds != 1 else ''} per point"
         elif counts:
             lo, hi = min(counts), max(counts)
-            text = f"{lo}{'' if lo == hi else f'–{hi}'} trials per {'cell' if self.grid else 'point'}"
+            trials = "trial" if lo == hi == 1 else "trials"
+            text = f"{lo}{'' if lo == hi else f'–{hi}'} {trials} per {'cell' if self.grid else 'point'}"
         else:
             text = "no finished trials"
         if self.aggregated:
