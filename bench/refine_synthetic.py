@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the simulator is test code
@@ -40,7 +41,7 @@ from refine_sim import (  # noqa: E402
 )
 
 from grokstudy.phases import vote  # noqa: E402
-from grokstudy.refine import Lattice, finest_stride, infer  # noqa: E402
+from grokstudy.refine import Lattice, coarse_cells, finest_stride, infer  # noqa: E402
 
 SEEDS = 2
 
@@ -87,14 +88,78 @@ def dense(lattice: Lattice, truth) -> tuple[int, int, float]:
     return len(observed), sum(map(len, observed.values())), agree
 
 
-def fine_table(sizes: list[int], flips: list[float], batch: int) -> tuple[dict[int, tuple], int]:
+def gp_level_set(lattice: Lattice, truth, budget: int, batch: int = 8) -> dict:
+    """The Gaussian-process baseline at a trial budget: cell -> phase for every cell.
+
+    Active learning of a level set with one GP regression per phase on its +1/-1 indicator over
+    the cells' coordinates in [0, 1]^2 (scikit-learn, an optional bench dependency: a constant
+    times an RBF kernel plus white noise, its hyperparameters fitted at each round). It starts
+    from refine's own coarse lattice, then adds `batch` cells a round where the two likeliest
+    phases are closest relative to their uncertainty, |m1 - m2| / sqrt(s1^2 + s2^2) (the
+    straddle idea of Bryan et al. 2005, for several classes), until `budget` trials are spent.
+    Each cell trains every seed, labelled by their vote (a tie is a label of its own, as the
+    dense grid's vote makes it); unmeasured cells take the phase of the highest mean.
+    """
+    import numpy as np
+
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.gaussian_process import GaussianProcessRegressor
+        from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
+    except ImportError as err:  # a bench dependency only: `pip install scikit-learn`
+        raise SystemExit(f"refine_synthetic.py --gp needs scikit-learn ({err})") from None
+    # A phase whose indicator is nearly flat drives its length scale to the bound: expected.
+    warnings.simplefilter("ignore", ConvergenceWarning)
+
+    cells = lattice.cells()
+    scale = np.array([max(1, n - 1) for n in lattice.shape], dtype=float)
+    xy = np.array(cells, dtype=float) / scale
+    index = {c: k for k, c in enumerate(cells)}
+    labels: dict = {}
+
+    def measure(c) -> None:
+        labels[c] = vote(truth(c)).phase
+
+    for c in coarse_cells(lattice):
+        measure(tuple(c))
+    while True:
+        phases = sorted(set(labels.values()))
+        known = [index[c] for c in labels]
+        rest = np.array([k for k in range(len(cells)) if cells[k] not in labels])
+        means = np.zeros((len(cells), len(phases)))
+        stds = np.zeros_like(means)
+        for j, phase in enumerate(phases):
+            y = np.array([1.0 if labels[cells[k]] == phase else -1.0 for k in known])
+            kernel = ConstantKernel(1.0) * RBF(0.1, (0.01, 1.0)) + WhiteKernel(0.01, (1e-5, 1.0))
+            gp = GaussianProcessRegressor(kernel, normalize_y=False).fit(xy[known], y)
+            means[:, j], stds[:, j] = gp.predict(xy, return_std=True)
+        spent = len(labels) * len(truth(cells[0]))
+        room = (budget - spent) // len(truth(cells[0]))
+        if room <= 0 or len(rest) == 0 or len(phases) < 2:
+            break
+        order = np.argsort(-means[rest], axis=1)
+        rows = np.arange(len(rest))
+        m1, m2 = means[rest, order[:, 0]], means[rest, order[:, 1]]
+        s1, s2 = stds[rest, order[:, 0]], stds[rest, order[:, 1]]
+        score = np.abs(m1 - m2) / np.sqrt(s1**2 + s2**2 + 1e-12)
+        for k in rest[rows[np.argsort(score)][: min(batch, room)]]:
+            measure(cells[k])
+    return {c: labels.get(c, phases[int(np.argmax(means[index[c]]))]) for c in cells}
+
+
+def fine_table(
+    sizes: list[int], flips: list[float], batch: int, gp: bool = False
+) -> tuple[dict[int, tuple], int, dict[int, tuple[float, int]]]:
     """Print one row per size, map and seed noise; return (size -> worst (agreement, trained share,
-    trial share, dense agreement, dense share)), islands missed over all rows)."""
+    trial share, dense agreement, dense share)), islands missed over all rows, and with `gp` the
+    Gaussian-process baseline's size -> (worst agreement, islands missed) at refine's budget)."""
     worst: dict[int, tuple] = {}
+    gp_worst: dict[int, tuple[float, int]] = {}
     missed_all = 0
     print(
         f"{'grid':>5} {'stride':>6} {'map':>11} {'flip':>4}   dense: trained  agree"
         "   refine: trained share trials  agree  islands missed"
+        + ("   GP, same trials: agree  missed" if gp else "")
     )
     for n in sizes:
         lattice = Lattice((n, n), (True, True))
@@ -119,11 +184,26 @@ def fine_table(sizes: list[int], flips: list[float], batch: int) -> tuple[dict[i
                     min(da, d_agree),
                     max(ds, d_cells / n**2),
                 )
+                extra = ""
+                if gp:
+                    gp_phase = gp_level_set(lattice, truth, sim.runs, batch)
+                    gp_agree = (
+                        sum(gp_phase[c] == vote(truth(c)).phase for c in lattice.cells()) / lattice.size
+                    )
+                    gp_missed = (
+                        islands_missed(name, n, lambda c, p=gp_phase: p[c], GENERIC)
+                        if name in ISLAND_MAPS
+                        else 0
+                    )
+                    lo, miss = gp_worst.get(n, (1.0, 0))
+                    gp_worst[n] = (min(lo, gp_agree), miss + gp_missed)
+                    extra = f"   {gp_agree:>20.3f}  {gp_missed:>6}"
                 print(
                     f"{n:>2}x{n:<2} {finest_stride(n):>6} {name:>11} {flip:>4.2f}   {d_cells:>6d}/{n * n} {d_agree:.3f}"
                     f"   {sim.trained:>6d}/{n * n} {share:.3f} {trials:6.3f}  {agree:.3f}  {missed:>2}"
+                    + extra
                 )
-    return worst, missed_all
+    return worst, missed_all, gp_worst
 
 
 def main() -> None:
@@ -132,10 +212,16 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32", help="cluster sizes, comma-separated (default 1,8,32)")
     parser.add_argument("--fine-sizes", default="33,65", help="high-resolution grid sizes (default 33,65)")
     parser.add_argument("--flip", type=float, default=0.1, help="seed noise: a boundary seed's flip chance")
+    parser.add_argument(
+        "--gp", action="store_true", help="also the Gaussian-process level-set baseline (needs scikit-learn)"
+    )
+    parser.add_argument("--skip-coarse", action="store_true", help="only the high-resolution table")
     args = parser.parse_args()
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
 
+    if args.skip_coarse:
+        sizes = []
     print(f"seeds disagree on every boundary cell ({SEEDS} seeds):")
     noisy = table(sizes, batches, noisy=True)
     for n, (agree, share, trial_share) in noisy.items():
@@ -161,7 +247,7 @@ def main() -> None:
     print(
         f"\nhigh resolution, maps off the grid points, 8 workers, {SEEDS} seeds, seed noise flip 0 and {args.flip}:"
     )
-    fine, missed = fine_table(fine_sizes, flips, batch=8)
+    fine, missed, gp = fine_table(fine_sizes, flips, batch=8, gp=args.gp)
     rows = len(SYNTHETIC_MAPS) + len(ISLAND_MAPS)
     print(
         f"refine at high resolution, worst of {rows} maps x {len(flips)} noise levels, against the dense grid: "
@@ -170,6 +256,10 @@ def main() -> None:
             for n, (a, s, t, da, _) in fine.items()
         )
         + f"; islands missed {missed}"
+        + "".join(
+            f"; Gaussian process at the same trials {n}x{n}: agreement {a:.3f}, islands missed {m}"
+            for n, (a, m) in gp.items()
+        )
     )
 
 
