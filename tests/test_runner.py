@@ -38,6 +38,9 @@ TINY = {
     },
     "resources": {"cpu": 1},
     "diagram": {"x": "data.fraction", "y": "optimizer.weight_decay"},
+    # An arm's own setting (one that leaves training as it is, so packs still match lone runs
+    # bit for bit): the weight decay 1 trials take the progress measures every second evaluation.
+    "conditional": [{"when": {"optimizer.weight_decay": 1.0}, "set": {"train.measures_every": 2}}],
 }
 
 
@@ -274,7 +277,10 @@ def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_cur
     assert problems(outcome.out_dir, study) == []
     # Each row's phase and stop reason are what its own whole curve says, and the summary counts them.
     rows = pq.read_table(outcome.trials_path).to_pylist()
-    curves = [EvalRecord.from_values(r["step"], r) for r in pq.read_table(outcome.curves_path).to_pylist()]
+    curves = [  # a measure not taken at an evaluation is null in the table
+        EvalRecord.from_values(r["step"], {k: math.nan if v is None else v for k, v in r.items()})
+        for r in pq.read_table(outcome.curves_path).to_pylist()
+    ]
     trial_of = pq.read_table(outcome.curves_path).column("trial_id").to_pylist()
     for row in rows:
         curve = [c for c, t in zip(curves, trial_of, strict=True) if t == row["trial_id"]]
@@ -287,6 +293,20 @@ def test_a_tiny_grid_study_runs_every_point_and_seed_exactly_once_with_whole_cur
         )
     assert outcome.phase_counts == dict(Counter(r["phase"] for r in rows))
     assert {r["phase"] for r in rows} <= set(PHASES)
+    # The conditional setting reached the trials that match it, in the table and in MLflow.
+    from mlflow import MlflowClient
+
+    every = {r["trial_id"]: r["train.measures_every"] for r in rows}
+    assert {(r["optimizer.weight_decay"], r["train.measures_every"]) for r in rows} == {(0.0, 1), (1.0, 2)}
+    client = MlflowClient(f"sqlite:///{outcome.out_dir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    params = {
+        r.data.tags["grokstudy.trial_key"]: r.data.params
+        for r in runs
+        if "grokstudy.trial_key" in r.data.tags
+    }
+    assert set(params) == set(every)
+    assert all(int(params[t]["train.measures_every"]) == e for t, e in every.items())
 
 
 @pytest.mark.integration
@@ -295,7 +315,7 @@ def test_a_one_axis_study_measured_by_loss_draws_its_sweeps_and_stops_only_once_
 ) -> None:
     import pyarrow.parquet as pq
 
-    spec = dict(TINY, name="tiny-sweep")
+    spec = {k: v for k, v in TINY.items() if k != "conditional"} | {"name": "tiny-sweep"}  # its own axes
     # Gromov's quadratic MLP with MSE fits p = 23 in tens of steps: memorizes at 30 %,
     # groks at 60 % (accuracy ~150 steps, loss < 1e-2 ~190), comprehends at 90 %.
     spec["model"] = {"kind": "gromov", "width": 128}
@@ -325,7 +345,7 @@ def test_a_boundary_study_runs_through_the_runner_and_writes_the_whole_grid(
 ) -> None:
     import pyarrow.parquet as pq
 
-    spec = dict(TINY, name="tiny-boundary")
+    spec = {k: v for k, v in TINY.items() if k != "conditional"} | {"name": "tiny-boundary"}  # its own axes
     spec["search"] = {
         "sampler": "boundary",
         "space": {
